@@ -1,0 +1,139 @@
+"""Audio I/O without a system ffmpeg: soundfile (libsndfile) first, PyAV (bundled FFmpeg) as the fallback.
+
+Shapes follow audiocraft: a waveform is a float32 tensor `[C, T]` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("wav", "mp3")
+
+
+class AudioDecodeError(ValueError):
+    """A file is not audio we can decode; the message names the file."""
+
+
+def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Decode any common audio file to `([C, T] float32, sample_rate)`, whatever its name or extension says."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioDecodeError(f"{path}: no such file")
+    try:
+        import soundfile as sf
+
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [T, C]
+        wav = torch.from_numpy(np.ascontiguousarray(data.T))
+    except Exception as sf_error:  # noqa: BLE001 - any libsndfile failure means "try FFmpeg"
+        try:
+            wav, sr = _load_with_av(path)
+        except Exception as av_error:  # noqa: BLE001
+            raise AudioDecodeError(
+                f"{path.name}: not a decodable audio file (soundfile: {sf_error}; PyAV: {av_error})"
+            ) from None
+    if wav.numel() == 0:
+        raise AudioDecodeError(f"{path.name}: the file holds no audio samples")
+    if not torch.isfinite(wav).all():
+        raise AudioDecodeError(f"{path.name}: the audio holds NaN or infinite samples")
+    return wav, int(sr)
+
+
+def _load_with_av(path: Path) -> tuple[torch.Tensor, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        streams = container.streams.audio
+        if not streams:
+            raise ValueError("no audio stream")
+        stream = streams[0]
+        sr = stream.codec_context.sample_rate or stream.rate
+        channels = stream.codec_context.channels or 1
+        # Resample to planar float32 at the native rate so every codec gives one layout.
+        resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=sr)
+        chunks: list[np.ndarray] = []
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        raise ValueError("no audio frames decoded")
+    data = np.concatenate(chunks, axis=1).astype(np.float32)
+    if data.shape[0] != channels and channels > 0:
+        data = data[:channels]
+    return torch.from_numpy(np.ascontiguousarray(data)), int(sr)
+
+
+def resample(wav: torch.Tensor, from_sr: int, to_sr: int) -> torch.Tensor:
+    """`[C, T]` at `from_sr` to `to_sr` (julius' windowed-sinc: the resampler audiocraft itself uses)."""
+    if from_sr == to_sr:
+        return wav
+    import julius
+
+    return julius.resample_frac(wav, int(from_sr), int(to_sr))
+
+
+def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
+    """`[C, T]` to `[channels, T]`: mean to mono, duplicate mono to stereo, first channels otherwise."""
+    if wav.shape[0] == channels:
+        return wav
+    if channels == 1:
+        return wav.mean(dim=0, keepdim=True)
+    if wav.shape[0] == 1:
+        return wav.expand(channels, -1).contiguous()
+    if wav.shape[0] > channels:
+        return wav[:channels]
+    raise ValueError(f"cannot convert {wav.shape[0]} channels to {channels}")
+
+
+def save_audio(path: str | Path, wav: torch.Tensor, sample_rate: int, fmt: str | None = None) -> Path:
+    """Write `[C, T]` as 16-bit WAV (soundfile) or 320 kbps MP3 (lameenc). Returns the path written."""
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".") or "wav").lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
+    data = wav.detach().to(torch.float32).cpu().clamp(-1.0, 1.0).numpy().T  # [T, C]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "wav":
+        import soundfile as sf
+
+        sf.write(str(path), data, sample_rate, subtype="PCM_16", format="WAV")
+    else:
+        path.write_bytes(encode_mp3(data, sample_rate))
+    return path
+
+
+def encode_mp3(data: np.ndarray, sample_rate: int, bitrate_kbps: int = 320) -> bytes:
+    """`[T, C]` float in [-1, 1] to MP3 bytes with lameenc (mono or stereo)."""
+    import lameenc
+
+    channels = data.shape[1]
+    if channels > 2:
+        data = data[:, :2]
+        channels = 2
+    pcm = (data * 32767.0).round().astype("<i2")
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(bitrate_kbps)
+    encoder.set_in_sample_rate(int(sample_rate))
+    encoder.set_channels(channels)
+    encoder.set_quality(2)
+    buffer = io.BytesIO()
+    buffer.write(encoder.encode(pcm.tobytes()))
+    buffer.write(encoder.flush())
+    return buffer.getvalue()
+
+
+def duration_seconds(wav: torch.Tensor, sample_rate: int) -> float:
+    return wav.shape[-1] / float(sample_rate)
+
+
+def peak_dbfs(wav: torch.Tensor) -> float:
+    peak = float(wav.abs().max()) if wav.numel() else 0.0
+    return -float("inf") if peak <= 0 else 20.0 * float(np.log10(peak))

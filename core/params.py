@@ -1,0 +1,193 @@
+"""One definition per command: a frozen dataclass whose fields are both the Cog inputs and the CLI flags.
+
+Cog needs literal `Input(...)` defaults in the `predict`/`train` signature (its schema is read statically), so
+the signature is written out by hand in `predict.py`/`train.py`; `signature_mismatches` lets a test prove that it
+agrees with the dataclass field by field (name, default, choices, bounds, description), and `build_parser` makes
+the CLI from the same dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import types
+import typing as tp
+
+__all__ = [
+    "InputError",
+    "param",
+    "build_parser",
+    "from_args",
+    "from_kwargs",
+    "check_bounds",
+    "signature_mismatches",
+]
+
+
+class InputError(ValueError):
+    """A user input is invalid. The message names the input and says how to fix it."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"Invalid input '{name}': {message}")
+        self.name = name
+
+
+def param(
+    default: tp.Any,
+    description: str,
+    *,
+    ge: float | None = None,
+    le: float | None = None,
+    choices: tp.Sequence[str | int] | None = None,
+    file: bool = False,
+) -> tp.Any:
+    """A dataclass field carrying the metadata Cog's `Input()` carries. `file=True`: a Cog `Path` input
+    (a local path or URL string on the command line)."""
+    meta = {"description": description, "ge": ge, "le": le, "choices": list(choices) if choices else None}
+    meta["file"] = file
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(annotation: tp.Any) -> tuple[type, bool]:
+    """(`int`, optional?) from `int | None` and the like; annotations may be strings (PEP 563)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"tp": tp})  # noqa: S307 - our own annotations only
+    optional = False
+    args = tp.get_args(annotation)
+    if tp.get_origin(annotation) in (tp.Union, types.UnionType):
+        optional = type(None) in args
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0]
+    return annotation, optional
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(convert: tp.Callable[[str], tp.Any]) -> tp.Callable[[str], tp.Any]:
+    def parse(text: str) -> tp.Any:
+        return None if text.strip().lower() in ("", "none", "null") else convert(text)
+
+    return parse
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one `--name` flag per field, same names and defaults as the Cog inputs."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for f in dataclasses.fields(cls):
+        base, optional = _base_type(f.type)
+        convert: tp.Callable[[str], tp.Any] = parse_bool if base is bool else base
+        if optional:
+            convert = _optional(convert)
+        meta = f.metadata
+        help_text = meta.get("description", "")
+        if meta.get("ge") is not None or meta.get("le") is not None:
+            help_text += f" [range {meta.get('ge')}..{meta.get('le')}]"
+        parser.add_argument(
+            f"--{f.name}",
+            type=convert,
+            default=f.default,
+            choices=meta.get("choices"),
+            help=help_text.replace("%", "%%"),
+            metavar=None if meta.get("choices") else base.__name__.upper(),
+        )
+    return parser
+
+
+def from_kwargs(cls: type, **kwargs: tp.Any) -> tp.Any:
+    """Build the dataclass from keyword inputs (Cog's or the CLI's), checking choices and bounds first.
+
+    Unknown names are refused with the list of valid ones; `None` for a non-optional input falls back to the
+    default (the Cog server without a schema passes missing inputs as None).
+    """
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise InputError(unknown[0], f"unknown input; valid inputs are: {', '.join(known)}")
+    values = {}
+    for name, f in known.items():
+        value = kwargs.get(name, f.default)
+        base, optional = _base_type(f.type)
+        if value is None and not optional:
+            value = f.default
+        if value is not None:
+            value = _coerce(name, value, base)
+        values[name] = value
+    obj = cls(**values)
+    check_bounds(obj)
+    return obj
+
+
+def from_args(cls: type, argv: tp.Sequence[str] | None = None, **parser_kwargs: tp.Any) -> tp.Any:
+    namespace = build_parser(cls, **parser_kwargs).parse_args(argv)
+    return from_kwargs(cls, **vars(namespace))
+
+
+def _coerce(name: str, value: tp.Any, base: type) -> tp.Any:
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return parse_bool(value)
+            except argparse.ArgumentTypeError as e:
+                raise InputError(name, str(e)) from None
+        raise InputError(name, f"expected true or false, got {value!r}")
+    if base in (int, float):
+        if isinstance(value, bool):
+            raise InputError(name, f"expected a number, got {value!r}")
+        try:
+            converted = base(value)
+        except (TypeError, ValueError):
+            raise InputError(name, f"expected {'an integer' if base is int else 'a number'}, got {value!r}") from None
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise InputError(name, f"expected an integer, got {value!r}")
+        return converted
+    if base is str:
+        return str(value)
+    return value
+
+
+def check_bounds(obj: tp.Any) -> None:
+    """Choices and ge/le of every field, with a message naming the input."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise InputError(f.name, f"{value!r} is not one of: {', '.join(map(str, meta['choices']))}")
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise InputError(f.name, f"{value} is below the minimum {meta['ge']}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise InputError(f.name, f"{value} is above the maximum {meta['le']}")
+
+
+def signature_mismatches(func: tp.Callable[..., tp.Any], cls: type, skip: tp.Iterable[str] = ("self",)) -> list[str]:
+    """Differences between a Cog `predict`/`train` signature made of `Input(...)` defaults and `cls`."""
+    params = {n: p for n, p in inspect.signature(func).parameters.items() if n not in set(skip)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems = []
+    if list(params) != list(fields):
+        problems.append(f"names/order differ: cog={list(params)} dataclass={list(fields)}")
+    for name in set(params) & set(fields):
+        info, f = params[name].default, fields[name]
+        for attr in ("default", "description", "ge", "le", "choices"):
+            cog_value = getattr(info, attr, None)
+            ours = f.default if attr == "default" else f.metadata.get(attr)
+            if cog_value != ours:
+                problems.append(f"{name}.{attr}: cog={cog_value!r} dataclass={ours!r}")
+        annotation = params[name].annotation
+        is_file = "Path" in str(annotation)
+        if is_file != bool(f.metadata.get("file")):
+            problems.append(f"{name}: cog annotation {annotation!r} vs dataclass file={f.metadata.get('file')}")
+    return problems

@@ -1,0 +1,300 @@
+"""Tiny MusicGen models, built deterministically from config in audiocraft's own checkpoint format.
+
+They exist so that everything (loading through `MusicGen.get_pretrained`, generation, training, export, the Cog
+server) runs offline on a CPU in seconds. Each is a folder holding `state_dict.bin` (`xp.cfg` + `best_state`) and
+`compression_state_dict.bin`, exactly like a `facebook/musicgen-*` snapshot, built once and cached under
+`$MGFT_CACHE/models/` (default `~/.cache/musicgen-ft/models/`).
+
+- `tiny`: mono, LUT text conditioner (`tokenizer='noop'`: no download), delay pattern over 4 codebooks.
+- `tiny-stereo`: 2 channels with interleaved codebooks (8 = 2 x 4, delays [0, 0, 1, 1, 2, 2, 3, 3]) like the real
+  stereo models, on the same mono compression model.
+- `tiny-melody`: adds audiocraft's chroma conditioner (`self_wav`, prepended). That conditioner loads demucs'
+  `htdemucs` in its constructor, so the folder also carries a small HTDemucs under `torch_home/`, which
+  `demucs_torch_home()` exposes for the duration of a load (the user's real torch cache is never touched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import typing as tp
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TINY_VERSIONS = ("tiny", "tiny-stereo", "tiny-melody")
+SEED = 1234
+# Bump when a change to this file changes the weights it builds: the cache key includes it.
+BUILDER_VERSION = 1
+SAMPLE_RATE = 32000
+CARD = 256  # >= the default top_k (250), so the Replicate defaults work on tiny models too.
+N_Q = 4
+HTDEMUCS_SIG = "955717e8"
+HTDEMUCS_HUB_FILE = "955717e8-8726e21a.th"  # the name demucs' remote repo looks for in $TORCH_HOME
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MGFT_CACHE", Path.home() / ".cache" / "musicgen-ft"))
+
+
+def compression_cfg() -> dict:
+    """A small 32 kHz EnCodec: same ratios as facebook/encodec_32khz (hop 640 -> 50 Hz), far fewer filters."""
+    return {
+        "compression_model": "encodec",
+        "device": "cpu",
+        "dtype": "float32",
+        "encodec": {
+            "autoencoder": "seanet",
+            "quantizer": "rvq",
+            "sample_rate": SAMPLE_RATE,
+            "channels": 1,
+            "causal": False,
+            "renormalize": False,
+        },
+        "seanet": {
+            "dimension": 32,
+            "channels": 1,
+            "causal": False,
+            "n_filters": 4,
+            "n_residual_layers": 1,
+            "ratios": [8, 5, 4, 4],
+            "activation": "ELU",
+            "activation_params": {"alpha": 1.0},
+            "norm": "weight_norm",
+            "norm_params": {},
+            "kernel_size": 7,
+            "last_kernel_size": 7,
+            "residual_kernel_size": 3,
+            "dilation_base": 2,
+            "pad_mode": "constant",
+            "true_skip": True,
+            "compress": 2,
+            "lstm": 0,
+            "disable_norm_outer_blocks": 0,
+            "encoder": {},
+            "decoder": {},
+        },
+        "rvq": {
+            "n_q": N_Q,
+            "bins": CARD,
+            "decay": 0.99,
+            "kmeans_init": False,
+            "kmeans_iters": 50,
+            "threshold_ema_dead_code": 2,
+            "orthogonal_reg_weight": 0.0,
+            "orthogonal_reg_active_codes_only": False,
+            "q_dropout": False,
+        },
+    }
+
+
+def lm_cfg(name: str) -> dict:
+    """The LM config, with the keys and values audiocraft's MusicGen configs use (small dims)."""
+    if name not in TINY_VERSIONS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_VERSIONS}")
+    stereo = name == "tiny-stereo"
+    n_q = 2 * N_Q if stereo else N_Q
+    delays = [d for d in range(N_Q) for _ in range(2)] if stereo else list(range(N_Q))
+    dim = 64
+    cfg: dict = {
+        "lm_model": "transformer_lm",
+        "device": "cpu",
+        "dtype": "float32",
+        "sample_rate": SAMPLE_RATE,
+        "channels": 2 if stereo else 1,
+        "dataset": {"segment_duration": 30.0},
+        "codebooks_pattern": {
+            "modeling": "delay",
+            "delay": {"delays": delays, "flatten_first": 0, "empty_initial": 0},
+        },
+        "transformer_lm": {
+            "n_q": n_q,
+            "card": CARD,
+            "dim": dim,
+            "num_heads": 4,
+            "num_layers": 2,
+            "hidden_scale": 4,
+            "dropout": 0.0,
+            "emb_lr": None,
+            "activation": "gelu",
+            "norm_first": True,
+            "bias_ff": False,
+            "bias_attn": False,
+            "bias_proj": False,
+            "past_context": None,
+            "causal": True,
+            "custom": False,
+            "memory_efficient": True,
+            "attention_as_float32": False,
+            "layer_scale": None,
+            "positional_embedding": "sin",
+            "xpos": False,
+            "checkpointing": "none",
+            "weight_init": "gaussian",
+            "depthwise_init": "current",
+            "zero_bias_init": True,
+            "norm": "layer_norm",
+            "cross_attention": False,
+            "qk_layer_norm": False,
+            "qk_layer_norm_cross": False,
+            "attention_dropout": None,
+            "kv_repeat": 1,
+            "two_step_cfg": False,
+        },
+        "classifier_free_guidance": {"training_dropout": 0.3, "inference_coef": 3.0},
+        "attribute_dropout": {},
+        "fuser": {
+            "cross_attention_pos_emb": False,
+            "cross_attention_pos_emb_scale": 1,
+            "sum": [],
+            "prepend": [],
+            "cross": ["description"],
+            "input_interpolate": [],
+        },
+        "conditioners": {
+            "description": {"model": "lut", "lut": {"n_bins": 4096, "dim": dim, "tokenizer": "noop", "pad_idx": 0}}
+        },
+    }
+    if stereo:
+        cfg["interleave_stereo_codebooks"] = {"use": True, "per_timestep": False}
+    if name == "tiny-melody":
+        cfg["fuser"]["prepend"] = ["self_wav"]
+        cfg["conditioners"]["self_wav"] = {
+            "model": "chroma_stem",
+            "chroma_stem": {
+                "sample_rate": SAMPLE_RATE,
+                "n_chroma": 12,
+                "radix2_exp": 12,
+                "argmax": True,
+                "match_len_on_eval": False,
+                "eval_wavs": None,
+                "n_eval_wavs": 0,
+                "cache_path": None,
+            },
+        }
+    return cfg
+
+
+def htdemucs_kwargs() -> dict:
+    """A ~1 M parameter HTDemucs with htdemucs' interface (4 sources, stereo 44.1 kHz): fast enough for tests."""
+    return {
+        "sources": ["drums", "bass", "other", "vocals"],
+        "audio_channels": 2,
+        "samplerate": 44100,
+        "segment": 10,
+        "channels": 16,
+        "t_layers": 0,
+    }
+
+
+def _fingerprint(name: str) -> str:
+    blob = json.dumps(
+        {
+            "lm": lm_cfg(name),
+            "compression": compression_cfg(),
+            "seed": SEED,
+            "builder": BUILDER_VERSION,
+            "htdemucs": htdemucs_kwargs() if name == "tiny-melody" else None,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def tiny_dir(name: str) -> Path:
+    return cache_root() / "models" / f"{name}-{_fingerprint(name)}"
+
+
+def save_htdemucs_repo(folder: Path, seed: int = SEED) -> Path:
+    """Write a small random HTDemucs as a demucs *local repo* (`htdemucs.yaml` + `955717e8.th`).
+
+    `demucs.pretrained.get_model('htdemucs', repo=folder)` and `demucs.api.Separator(model='htdemucs',
+    repo=folder)` load it through demucs' real loading code.
+    """
+    from demucs.htdemucs import HTDemucs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    kwargs = htdemucs_kwargs()
+    model = HTDemucs(**kwargs)
+    package = {"klass": HTDemucs, "args": (), "kwargs": kwargs, "state": model.state_dict()}
+    torch.save(package, folder / f"{HTDEMUCS_SIG}.th")
+    (folder / "htdemucs.yaml").write_text(f"models: ['{HTDEMUCS_SIG}']\n")
+    return folder
+
+
+@contextlib.contextmanager
+def demucs_torch_home(model_dir: Path) -> tp.Iterator[None]:
+    """Point `TORCH_HOME` at a tiny model's own torch cache while a chroma conditioner is being built."""
+    home = model_dir / "torch_home"
+    if not (home / "hub" / "checkpoints" / HTDEMUCS_HUB_FILE).is_file():
+        yield
+        return
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_HOME", None)
+        else:
+            os.environ["TORCH_HOME"] = previous
+
+
+def _build(name: str, folder: Path) -> None:
+    import audiocraft
+    from audiocraft.models import builders
+    from omegaconf import OmegaConf
+
+    version = audiocraft.__version__
+    torch.manual_seed(SEED)
+    ccfg = compression_cfg()
+    compression = builders.get_compression_model(OmegaConf.create(ccfg))
+    torch.save(
+        {"xp.cfg": ccfg, "best_state": compression.state_dict(), "version": version, "exported": True},
+        folder / "compression_state_dict.bin",
+    )
+    if name == "tiny-melody":
+        repo = save_htdemucs_repo(folder / "htdemucs_repo")
+        hub = folder / "torch_home" / "hub" / "checkpoints"
+        hub.mkdir(parents=True)
+        shutil.copyfile(repo / f"{HTDEMUCS_SIG}.th", hub / HTDEMUCS_HUB_FILE)
+    cfg = lm_cfg(name)
+    torch.manual_seed(SEED + 1)
+    with demucs_torch_home(folder):
+        lm = builders.get_lm_model(OmegaConf.create(copy.deepcopy(cfg)))
+    torch.save(
+        {"xp.cfg": cfg, "best_state": lm.state_dict(), "version": version, "exported": True},
+        folder / "state_dict.bin",
+    )
+    (folder / "README.txt").write_text(
+        f"{name}: a tiny random-weight MusicGen built by musicgen-fine-tuner (core/tiny.py) for offline use.\n"
+    )
+
+
+def ensure_tiny(name: str) -> Path:
+    """The cached folder of tiny model `name`, built on first use (atomically: safe under torchrun)."""
+    folder = tiny_dir(name)
+    if (folder / "state_dict.bin").is_file() and (folder / "compression_state_dict.bin").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("Building tiny model %s in %s", name, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        _build(name, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "state_dict.bin").is_file():  # someone else won the race: theirs is identical
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,120 @@
+"""Model versions: the facebook/musicgen-* checkpoints, the tiny offline models, and local folders.
+
+Everything loads through audiocraft's real `MusicGen.get_pretrained`; this module only decides *what* to hand it
+and turns a missing checkpoint into one clear message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import tiny
+
+logger = logging.getLogger(__name__)
+
+PRETRAINED: dict[str, str] = {
+    "small": "facebook/musicgen-small",
+    "medium": "facebook/musicgen-medium",
+    "large": "facebook/musicgen-large",
+    "melody": "facebook/musicgen-melody",
+    "melody-large": "facebook/musicgen-melody-large",
+    "stereo-small": "facebook/musicgen-stereo-small",
+    "stereo-medium": "facebook/musicgen-stereo-medium",
+    "stereo-large": "facebook/musicgen-stereo-large",
+    "stereo-melody": "facebook/musicgen-stereo-melody",
+    "stereo-melody-large": "facebook/musicgen-stereo-melody-large",
+}
+MODEL_VERSIONS: tuple[str, ...] = (*PRETRAINED, *tiny.TINY_VERSIONS)
+CHECKPOINT_FILES = ("state_dict.bin", "compression_state_dict.bin")
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model's checkpoint could not be found or read; the message says where we looked and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model version's checkpoint lives.
+
+    `kind` is `hf` (a Hugging Face repo id), `tiny` (a cached tiny model folder) or `folder` (a local folder).
+    """
+
+    name: str
+    location: str
+    kind: str
+
+
+def resolve(model_version: str) -> ModelSource:
+    """Map a `model_version` input (a choice, a facebook/* id or a local folder) to where it is loaded from."""
+    if model_version in PRETRAINED:
+        return ModelSource(model_version, PRETRAINED[model_version], "hf")
+    if model_version in tiny.TINY_VERSIONS:
+        return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
+    path = Path(model_version).expanduser()
+    if path.is_dir():
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if missing:
+            raise ModelUnavailableError(
+                f"Model folder {path} lacks {', '.join(missing)}. A model folder must hold both "
+                f"{' and '.join(CHECKPOINT_FILES)} (audiocraft's checkpoint format)."
+            )
+        return ModelSource(str(path), str(path), "folder")
+    if model_version.startswith("facebook/musicgen"):
+        return ModelSource(model_version, model_version, "hf")
+    raise ModelUnavailableError(
+        f"Unknown model_version {model_version!r}: choose one of {', '.join(MODEL_VERSIONS)}, "
+        "or give a local folder holding state_dict.bin and compression_state_dict.bin."
+    )
+
+
+def hf_cache_hint() -> str:
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    hub = os.environ.get("HF_HUB_CACHE", str(Path(home) / "hub"))
+    return hub
+
+
+def load_musicgen(model_version: str, device: str | None = None):
+    """Load a MusicGen (audiocraft's `MusicGen`) by model version, local folder or HF id.
+
+    Raises `ModelUnavailableError` with the model, where it looked and the fix, instead of a hub stack trace.
+    """
+    from audiocraft.models import MusicGen
+
+    source = resolve(model_version)
+    device = device or default_device()
+    logger.info("Loading MusicGen %s from %s on %s", source.name, source.location, device)
+    try:
+        with tiny.demucs_torch_home(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
+            model = MusicGen.get_pretrained(source.location, device=device)
+    except ModelUnavailableError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turned into one actionable message below
+        raise ModelUnavailableError(describe_load_failure(source, e)) from None
+    model.name = source.name
+    return model
+
+
+def describe_load_failure(source: ModelSource, error: Exception) -> str:
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if source.kind == "hf":
+        return (
+            f"Could not load model_version {source.name!r} ({source.location}): {reason}. "
+            f"Looked in the Hugging Face cache {hf_cache_hint()} and on the network. Fix: connect to the "
+            f"network so it can be downloaded, or download it once (`huggingface-cli download "
+            f"{source.location}`) and point HF_HOME at that cache, or pass a local folder holding "
+            f"{' and '.join(CHECKPOINT_FILES)}. Melody models also need demucs' htdemucs weights in the torch cache."
+        )
+    return (
+        f"Could not load model {source.name!r} from {source.location}: {reason}. The folder must hold "
+        f"{' and '.join(CHECKPOINT_FILES)} in audiocraft's format (see README, 'Weights format')."
+    )
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Build (or reuse) the project's virtual environment and link it as ./.venv.
+#
+# The venv lives outside the clone, keyed by a hash of the pinned requirement files and the Python version,
+# so a second clone (or CI run) on the same machine reuses it; a fresh machine builds it from nothing
+# (~8 GB, ~5 minutes: torch's CUDA wheels, which also run on the CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {
+  echo "error: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+key=$(cat requirements.txt requirements-nodeps.txt requirements-dev.txt | "$PYTHON" -c \
+  'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read() + sys.version.encode()).hexdigest()[:16])')
+root="${MGFT_VENV_ROOT:-$HOME/.cache/musicgen-ft}"
+venv="$root/venv-$key"
+
+if [ ! -f "$venv/.complete" ]; then
+  echo "Building the virtual environment in $venv (first time on this machine: several minutes)"
+  rm -rf "$venv"
+  mkdir -p "$root"
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade "pip==25.3"
+  "$venv/bin/python" -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+  # audiocraft's own pins do not resolve on Python 3.11; everything its import needs is pinned above.
+  "$venv/bin/python" -m pip install --quiet --no-deps -r requirements-nodeps.txt
+  "$venv/bin/python" -c 'import audiocraft.models, demucs.api, essentia, cog' 
+  touch "$venv/.complete"
+else
+  echo "Reusing the virtual environment $venv"
+fi
+ln -sfn "$venv" .venv
+echo "Ready: .venv -> $venv"
