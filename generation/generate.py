@@ -1,0 +1,347 @@
+"""Text-to-music, melody, continuation, stereo and long outputs on audiocraft's MusicGen.
+
+`Generator` owns the loaded model (swapped only when the requested weights change) and turns `PredictParams`
+into audio: validate → pick the model → build conditions → sample tokens (windowed beyond the model's 30 s) →
+decode (EnCodec or MultiBand Diffusion) → normalize.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core import audio, versions, weights
+from core.params import InputError
+from generation.params import DEFAULT_BASE, FINE_TUNED, PredictParams
+
+logger = logging.getLogger(__name__)
+
+EXTEND_STRIDE = 18.0  # seconds of new audio per window beyond the first; audiocraft's default
+SampleFn = tp.Callable[..., torch.Tensor]
+
+
+@dataclass
+class GenerationResult:
+    wav: torch.Tensor  # [C, T] float32, normalized
+    sample_rate: int
+    seed: int
+    tokens: torch.Tensor  # [K, T_frames]
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """What to load: `kind` is `weights` (a trained_model.tar path/URL) or `version` (a model_version/folder)."""
+
+    kind: str
+    ref: str
+
+
+def model_key(params: PredictParams, setup_weights: str | None) -> ModelKey:
+    if params.replicate_weights:
+        if params.model_version != FINE_TUNED:
+            logger.warning(
+                "replicate_weights is set: using those weights; model_version=%s is ignored", params.model_version
+            )
+        return ModelKey("weights", params.replicate_weights)
+    if params.model_version == FINE_TUNED:
+        if setup_weights:
+            return ModelKey("weights", setup_weights)
+        logger.warning("model_version=%s but no fine-tuned weights were given: using %s", FINE_TUNED, DEFAULT_BASE)
+        return ModelKey("version", DEFAULT_BASE)
+    return ModelKey("version", params.model_version)
+
+
+def resolve_seed(seed: int | None) -> int:
+    if seed is None or seed == -1:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        logger.info("Random seed: %d", seed)
+    return seed
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
+    if not params.input_audio:
+        return None
+    try:
+        return audio.load_audio(params.input_audio)
+    except audio.AudioDecodeError as e:
+        raise InputError("input_audio", f"{e}. Give a wav, mp3, flac, ogg, m4a or aiff file.") from None
+
+
+def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int] | None) -> None:
+    """Checks that need no model (run before any loading)."""
+    if params.continuation and input_audio is None:
+        raise InputError("continuation", "continuation=true needs an input_audio to continue")
+    if input_audio is None:
+        for name in ("continuation_end",):
+            if getattr(params, name) is not None:
+                logger.warning("%s is ignored without input_audio", name)
+        return
+    wav, sr = input_audio
+    length = wav.shape[-1] / sr
+    if params.continuation:
+        end = params.continuation_end if params.continuation_end is not None else length
+        if params.continuation_end is not None and params.continuation_end > length + 1e-6:
+            raise InputError(
+                "continuation_end",
+                f"{params.continuation_end} s is past the end of input_audio ({length:.2f} s); use at most "
+                f"{int(length)} or leave it empty",
+            )
+        if params.continuation_start >= end:
+            raise InputError(
+                "continuation_start",
+                f"{params.continuation_start} s must be before continuation_end ({end:.2f} s)",
+            )
+        if end - params.continuation_start >= params.duration:
+            raise InputError(
+                "duration",
+                f"{params.duration} s must be longer than the continued section of input_audio "
+                f"({end - params.continuation_start:.2f} s): raise duration or shorten the section",
+            )
+    elif params.continuation_end is not None or params.continuation_start:
+        logger.warning("continuation_start/continuation_end are ignored when continuation=false")
+
+
+def is_melody_model(model) -> bool:
+    return "self_wav" in model.lm.condition_provider.conditioners
+
+
+def validate_for_model(params: PredictParams, model, input_audio: tuple[torch.Tensor, int] | None) -> None:
+    """Checks that depend on the loaded model (still before any generation)."""
+    card = model.lm.card
+    if params.top_k > card:
+        raise InputError("top_k", f"{params.top_k} exceeds this model's codebook size ({card}); use at most {card}")
+    if input_audio is not None and not params.continuation and not is_melody_model(model):
+        raise InputError(
+            "input_audio",
+            f"melody conditioning needs a melody model (melody, melody-large, stereo-melody, ...), and {model.name} "
+            "is not one: set continuation=true to continue the audio instead, or pick a melody model_version",
+        )
+    if params.duration > model.max_duration and model.max_duration <= EXTEND_STRIDE:
+        raise InputError(
+            "duration",
+            f"this model generates at most {model.max_duration:.0f} s per window, too short for windowed "
+            f"generation; use duration <= {int(model.max_duration)}",
+        )
+
+
+class Generator:
+    """Loads models on demand (one at a time) and generates."""
+
+    def __init__(self, device: str | None = None, setup_weights: str | None = None):
+        self.device = device or versions.default_device()
+        self.setup_weights = setup_weights
+        self._key: ModelKey | None = None
+        self._model = None
+        self._mbd = None
+
+    def model_for(self, key: ModelKey):
+        if key != self._key:
+            self._model = None  # free the previous model before loading the next one
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if key.kind == "weights":
+                self._model = weights.load_trained_model(key.ref, device=self.device)
+            else:
+                self._model = versions.load_musicgen(key.ref, device=self.device)
+            self._key = key
+        return self._model
+
+    def preload(self) -> None:
+        """Load what `setup()` should: the COG_WEIGHTS fine-tune (failing loudly: the deployment is unusable
+        without it), else the default base (`MGFT_PRELOAD`, default stereo-melody-large; empty: none), which
+        may be unavailable offline: then models load on the first request."""
+        if self.setup_weights:
+            self.model_for(ModelKey("weights", self.setup_weights))
+            return
+        base = os.environ.get("MGFT_PRELOAD", DEFAULT_BASE)
+        if not base:
+            return
+        try:
+            self.model_for(ModelKey("version", base))
+        except versions.ModelUnavailableError as e:
+            logger.warning("Could not preload %s; models will load on the first request. %s", base, e)
+
+    def mbd(self, model):
+        compression = model.compression_model
+        per_channel_q = compression.num_codebooks // compression.channels
+        if compression.cardinality != 2048 or per_channel_q != 4 or compression.sample_rate != 32000:
+            raise InputError(
+                "multi_band_diffusion",
+                "MultiBand Diffusion is trained for the 32 kHz EnCodec of the facebook/musicgen-* models (4 codebooks "
+                f"of 2048); this model has {per_channel_q} codebooks of {compression.cardinality}: set "
+                "multi_band_diffusion=false",
+            )
+        if self._mbd is None:
+            from audiocraft.models import MultiBandDiffusion
+
+            try:
+                self._mbd = MultiBandDiffusion.get_mbd_musicgen(device=self.device)
+            except Exception as e:  # noqa: BLE001 - one actionable message instead of a hub stack trace
+                raise InputError(
+                    "multi_band_diffusion",
+                    f"the MultiBand Diffusion weights (facebook/multiband-diffusion, with facebook/musicgen-small's "
+                    f"EnCodec) could not be loaded ({type(e).__name__}). Connect to the network or put them in the "
+                    f"Hugging Face cache ({versions.hf_cache_hint()}), or set multi_band_diffusion=false",
+                ) from None
+        return self._mbd
+
+    def generate(
+        self, params: PredictParams, *, sample_fn: SampleFn | None = None, progress: bool = True
+    ) -> GenerationResult:
+        input_audio = load_input_audio(params)
+        validate_request(params, input_audio)
+        model = self.model_for(model_key(params, self.setup_weights))
+        validate_for_model(params, model, input_audio)
+        mbd = self.mbd(model) if params.multi_band_diffusion else None
+
+        seed = resolve_seed(params.seed)
+        seed_everything(seed)
+        tokens = generate_tokens(model, params, input_audio, sample_fn=sample_fn, progress=progress)
+        wav = decode(model, tokens, mbd)[0]
+        wav = normalize(wav, params.normalization_strategy, model.sample_rate)
+        return GenerationResult(wav=wav.cpu(), sample_rate=model.sample_rate, seed=seed, tokens=tokens[0].cpu())
+
+
+def build_conditions(model, params: PredictParams, input_audio: tuple[torch.Tensor, int] | None):
+    """(attributes, prompt_tokens `[1, K, T]` or None) for one sample, as audiocraft's MusicGen builds them."""
+    from audiocraft.data.audio_utils import convert_audio
+
+    description = params.prompt if params.prompt and params.prompt.strip() else None
+    if input_audio is None:
+        return model._prepare_tokens_and_attributes([description], None)
+    wav, sr = input_audio
+    if params.continuation:
+        start = int(params.continuation_start * sr)
+        end = int(params.continuation_end * sr) if params.continuation_end is not None else wav.shape[-1]
+        prompt = convert_audio(wav[:, start:end], sr, model.sample_rate, model.audio_channels)
+        return model._prepare_tokens_and_attributes([description], prompt[None])
+    melody = convert_audio(wav, sr, model.sample_rate, model.audio_channels)
+    return model._prepare_tokens_and_attributes([description], None, melody_wavs=[melody])
+
+
+def _lm_generate(lm, prompt_tokens, attributes, *, max_gen_len: int, callback, **gen_params) -> torch.Tensor:
+    return lm.generate(prompt_tokens, attributes, max_gen_len=max_gen_len, callback=callback, **gen_params)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    params: PredictParams,
+    input_audio: tuple[torch.Tensor, int] | None,
+    *,
+    sample_fn: SampleFn | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample `[B, K, T]` tokens for `params.duration` seconds, prompt tokens included.
+
+    Beyond the model's window (`max_duration`, 30 s) each new window is conditioned on the last
+    `max_duration - EXTEND_STRIDE` seconds of what came before; a melody is tiled to follow the window.
+    """
+    from audiocraft.modules.conditioners import WavCondition
+
+    sample_fn = sample_fn or _lm_generate
+    gen_params = {
+        "use_sampling": True,
+        "temp": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "cfg_coef": params.classifier_free_guidance,
+        "two_step_cfg": False,
+    }
+    attributes, prompt_tokens = build_conditions(model, params, input_audio)
+    frame_rate, window = model.frame_rate, model.max_duration
+    total_len = int(params.duration * frame_rate)
+    bar = tqdm(total=total_len, desc="generating", unit="step", disable=not progress, leave=False)
+    offset = 0  # frames of final output before the current window's prompt
+
+    def callback(generated: int, _to_generate: int) -> None:
+        bar.n = min(total_len, offset + generated)
+        bar.refresh()
+
+    try:
+        if params.duration <= window:
+            with model.autocast:
+                return sample_fn(
+                    model.lm, prompt_tokens, attributes, max_gen_len=total_len, callback=callback, **gen_params
+                )
+        melodies = [attr.wav.get("self_wav") for attr in attributes]
+        pieces: list[torch.Tensor] = []
+        stride = int(EXTEND_STRIDE * frame_rate)
+        prompt_len = 0 if prompt_tokens is None else prompt_tokens.shape[-1]
+        if prompt_tokens is not None:
+            pieces.append(prompt_tokens)
+        while offset + prompt_len < total_len:
+            window_len = int(min(params.duration - offset / frame_rate, window) * frame_rate)
+            for attr, melody in zip(attributes, melodies, strict=True):
+                if melody is None or int(melody.length.item()) == 0:
+                    continue
+                # The chroma conditioner sees one window: tile the melody from this window's start.
+                start = int(offset / frame_rate * model.sample_rate)
+                target = int(window * model.sample_rate)
+                positions = torch.arange(start, start + target, device=melody.wav.device) % int(melody.length.item())
+                attr.wav["self_wav"] = WavCondition(
+                    melody.wav[..., positions],
+                    torch.full_like(melody.length, target),
+                    melody.sample_rate,
+                    [None],
+                    [0.0],
+                )
+            with model.autocast:
+                out = sample_fn(
+                    model.lm, prompt_tokens, attributes, max_gen_len=window_len, callback=callback, **gen_params
+                )
+            pieces.append(out if prompt_tokens is None else out[..., prompt_tokens.shape[-1] :])
+            prompt_tokens = out[..., stride:]
+            prompt_len = prompt_tokens.shape[-1]
+            offset += stride
+        return torch.cat(pieces, dim=-1)[..., :total_len]
+    finally:
+        bar.close()
+
+
+@torch.no_grad()
+def decode(model, tokens: torch.Tensor, mbd=None) -> torch.Tensor:
+    """`[B, K, T]` tokens to `[B, C, T_samples]` audio; MultiBand Diffusion decodes each stereo channel alone."""
+    if mbd is None:
+        return model.compression_model.decode(tokens, None)
+    compression = model.compression_model
+    if compression.channels == 2:
+        left, right = compression.get_left_right_codes(tokens)
+        return torch.cat([mbd.tokens_to_wav(left), mbd.tokens_to_wav(right)], dim=1)
+    return mbd.tokens_to_wav(tokens)
+
+
+def normalize(wav: torch.Tensor, strategy: str, sample_rate: int) -> torch.Tensor:
+    """audiocraft's output normalization (`loudness` with its soft compressor, as Replicate's MusicGen does)."""
+    from audiocraft.data.audio_utils import normalize_audio
+
+    wav = wav.float()
+    if wav.abs().max() == 0:
+        return wav  # nothing to scale; loudness of silence is undefined
+    return normalize_audio(
+        wav,
+        strategy=strategy,
+        sample_rate=sample_rate,
+        loudness_compressor=True,
+        peak_clip_headroom_db=1,
+        rms_headroom_db=18,
+        loudness_headroom_db=14,
+    )
+
+
+def write_output(result: GenerationResult, out_dir: str | Path, fmt: str) -> Path:
+    return audio.save_audio(Path(out_dir) / f"output.{fmt}", result.wav, result.sample_rate, fmt)

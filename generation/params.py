@@ -1,0 +1,71 @@
+"""`PredictParams`: the inputs of `predict.py`, as Cog inputs and as CLI flags (one definition)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.params import param
+from core.versions import MODEL_VERSIONS
+
+FINE_TUNED = "fine-tuned"
+DEFAULT_BASE = "stereo-melody-large"
+NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
+MAX_DURATION = 300
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    model_version: str = param(
+        FINE_TUNED,
+        "Model to use. `fine-tuned`: the weights this model was trained into (or `replicate_weights`); "
+        f"without any fine-tuned weights it falls back to `{DEFAULT_BASE}`. The `tiny*` models are small random "
+        "models for offline tests.",
+        choices=(FINE_TUNED, *MODEL_VERSIONS),
+    )
+    prompt: str | None = param(None, "A description of the music you want to generate. Empty: unconditional.")
+    input_audio: str | None = param(
+        None,
+        "An audio file that will influence the generated music. If `continuation` is true, the generated music "
+        "continues the audio file. Otherwise it follows the audio file's melody (melody models only).",
+        file=True,
+    )
+    duration: int = param(
+        8,
+        "Duration of the generated audio in seconds. Beyond the model's 30 s window, generation continues in "
+        "overlapping windows.",
+        ge=1,
+        le=MAX_DURATION,
+    )
+    continuation: bool = param(
+        False,
+        "If true, the generated music continues `input_audio`. Otherwise it mimics `input_audio`'s melody.",
+    )
+    continuation_start: int = param(0, "Start time of the audio file to use for continuation (seconds).", ge=0)
+    continuation_end: int | None = param(
+        None,
+        "End time of the audio file to use for continuation (seconds). Empty: the end of the file.",
+        ge=0,
+    )
+    multi_band_diffusion: bool = param(
+        False, "Decode the tokens with MultiBand Diffusion instead of EnCodec (needs its weights; slower)."
+    )
+    normalization_strategy: str = param(
+        "loudness", "Strategy for normalizing the output audio.", choices=NORMALIZATION_STRATEGIES
+    )
+    top_k: int = param(250, "Reduces sampling to the k most likely tokens.", ge=0)
+    top_p: float = param(
+        0.0, "Reduces sampling to tokens with cumulative probability of p. When set to 0, top_k is used.", ge=0, le=1
+    )
+    temperature: float = param(
+        1.0, "Controls the 'conservativeness' of the sampling process. Higher is more diverse.", ge=0
+    )
+    classifier_free_guidance: float = param(
+        3.0, "Increases the influence of inputs on the output. Higher: closer to the inputs, less diverse.", ge=0
+    )
+    output_format: str = param("wav", "Output format for the generated audio.", choices=("wav", "mp3"))
+    seed: int | None = param(None, "Seed for the random number generator. Empty or -1: a random seed.", ge=-1)
+    replicate_weights: str | None = param(
+        None,
+        "URL or path of a trained_model.tar (the output of a training). Empty: the weights this model was "
+        "started with (COG_WEIGHTS), if any.",
+    )

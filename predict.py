@@ -1,0 +1,181 @@
+"""Cog predictor (`cog predict`) and command line (`python predict.py --help`): generate music with MusicGen.
+
+The inputs are defined once, in `generation.params.PredictParams`; the signature below repeats them as literal
+`Input(...)`s because Cog reads it statically (tests/test_predict_cli.py checks that both agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path as _Path
+
+from cog import BasePredictor, Input, Path
+
+from core.params import build_parser, from_kwargs
+from generation.generate import Generator, write_output
+from generation.params import PredictParams
+
+logger = logging.getLogger("predict")
+
+
+class Predictor(BasePredictor):
+    def setup(self, weights: str | None = None) -> None:
+        """`weights` is COG_WEIGHTS (a URL or path of a trained_model.tar): the `fine-tuned` model."""
+        weights = str(weights) if weights else None
+        self.generator = Generator(setup_weights=weights)
+        self.generator.preload()
+
+    def predict(
+        self,
+        model_version: str = Input(
+            description="Model to use. `fine-tuned`: the weights this model was trained into (or "
+            "`replicate_weights`); without any fine-tuned weights it falls back to `stereo-melody-large`. The "
+            "`tiny*` models are small random models for offline tests.",
+            default="fine-tuned",
+            choices=[
+                "fine-tuned",
+                "small",
+                "medium",
+                "large",
+                "melody",
+                "melody-large",
+                "stereo-small",
+                "stereo-medium",
+                "stereo-large",
+                "stereo-melody",
+                "stereo-melody-large",
+                "tiny",
+                "tiny-stereo",
+                "tiny-melody",
+            ],
+        ),
+        prompt: str = Input(
+            description="A description of the music you want to generate. Empty: unconditional.", default=None
+        ),
+        input_audio: Path = Input(
+            description="An audio file that will influence the generated music. If `continuation` is true, the "
+            "generated music continues the audio file. Otherwise it follows the audio file's melody (melody models "
+            "only).",
+            default=None,
+        ),
+        duration: int = Input(
+            description="Duration of the generated audio in seconds. Beyond the model's 30 s window, generation "
+            "continues in overlapping windows.",
+            default=8,
+            ge=1,
+            le=300,
+        ),
+        continuation: bool = Input(
+            description="If true, the generated music continues `input_audio`. Otherwise it mimics `input_audio`'s "
+            "melody.",
+            default=False,
+        ),
+        continuation_start: int = Input(
+            description="Start time of the audio file to use for continuation (seconds).", default=0, ge=0
+        ),
+        continuation_end: int = Input(
+            description="End time of the audio file to use for continuation (seconds). Empty: the end of the file.",
+            default=None,
+            ge=0,
+        ),
+        multi_band_diffusion: bool = Input(
+            description="Decode the tokens with MultiBand Diffusion instead of EnCodec (needs its weights; slower).",
+            default=False,
+        ),
+        normalization_strategy: str = Input(
+            description="Strategy for normalizing the output audio.",
+            default="loudness",
+            choices=["loudness", "clip", "peak", "rms"],
+        ),
+        top_k: int = Input(description="Reduces sampling to the k most likely tokens.", default=250, ge=0),
+        top_p: float = Input(
+            description="Reduces sampling to tokens with cumulative probability of p. When set to 0, top_k is used.",
+            default=0.0,
+            ge=0,
+            le=1,
+        ),
+        temperature: float = Input(
+            description="Controls the 'conservativeness' of the sampling process. Higher is more diverse.",
+            default=1.0,
+            ge=0,
+        ),
+        classifier_free_guidance: float = Input(
+            description="Increases the influence of inputs on the output. Higher: closer to the inputs, less diverse.",
+            default=3.0,
+            ge=0,
+        ),
+        output_format: str = Input(
+            description="Output format for the generated audio.", default="wav", choices=["wav", "mp3"]
+        ),
+        seed: int = Input(
+            description="Seed for the random number generator. Empty or -1: a random seed.", default=None, ge=-1
+        ),
+        replicate_weights: str = Input(
+            description="URL or path of a trained_model.tar (the output of a training). Empty: the weights this "
+            "model was started with (COG_WEIGHTS), if any.",
+            default=None,
+        ),
+    ) -> Path:
+        params = from_kwargs(
+            PredictParams,
+            model_version=model_version,
+            prompt=prompt,
+            input_audio=str(input_audio) if input_audio else None,
+            duration=duration,
+            continuation=continuation,
+            continuation_start=continuation_start,
+            continuation_end=continuation_end,
+            multi_band_diffusion=multi_band_diffusion,
+            normalization_strategy=normalization_strategy,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            classifier_free_guidance=classifier_free_guidance,
+            output_format=output_format,
+            seed=seed,
+            replicate_weights=replicate_weights,
+        )
+        result = self.generator.generate(params)
+        out = write_output(result, tempfile.mkdtemp(prefix="musicgen-"), params.output_format)
+        logger.info("Wrote %s (seed %d)", out, result.seed)
+        return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python predict.py --model_version tiny --prompt "lofi beat" --duration 2 --output out.wav`"""
+    from core.params import InputError
+    from core.versions import ModelUnavailableError
+    from core.weights import WeightsError
+
+    parser = build_parser(
+        PredictParams, prog="predict.py", description="Generate music with MusicGen (the inputs of `cog predict`)."
+    )
+    parser.add_argument("--output", default="output.wav", help="Where to write the audio (CLI only).")
+    parser.add_argument("--weights", default=None, help="CLI only: like COG_WEIGHTS, the weights setup() loads.")
+    args = vars(parser.parse_args(argv))
+    output, setup_weights = _Path(args.pop("output")), args.pop("weights")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = from_kwargs(PredictParams, **args)
+        generator = Generator(setup_weights=setup_weights)
+        result = generator.generate(params)
+    except (InputError, ModelUnavailableError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fmt = output.suffix.lstrip(".").lower()
+    if fmt not in ("wav", "mp3"):
+        fmt = params.output_format
+        output = output.with_name(output.name + f".{fmt}")
+    elif fmt != params.output_format:
+        logger.info("Writing %s as %s (from its extension; output_format=%s)", output, fmt, params.output_format)
+    from core.audio import save_audio
+
+    save_audio(output, result.wav, result.sample_rate, fmt)
+    print(f"Wrote {output} ({result.wav.shape[-1] / result.sample_rate:.2f} s, seed {result.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

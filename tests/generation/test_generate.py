@@ -1,0 +1,182 @@
+"""Generation with the tiny models through audiocraft's real loaders (offline, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from core.params import InputError, from_kwargs
+from generation.generate import Generator, generate_tokens
+from generation.params import PredictParams
+from tests.helpers import write_wav
+
+SR = 32000
+FRAME = SR // 50  # samples per EnCodec frame of the tiny models
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator(device="cpu")
+
+
+def params(**kw) -> PredictParams:
+    kw.setdefault("prompt", "lofi beat")
+    kw.setdefault("duration", 1)
+    kw.setdefault("seed", 7)
+    return from_kwargs(PredictParams, **kw)
+
+
+@pytest.mark.parametrize("version,channels", [("tiny", 1), ("tiny-stereo", 2), ("tiny-melody", 1)])
+def test_shape_channels_rate_duration(generator, version, channels):
+    result = generator.generate(params(model_version=version, duration=2), progress=False)
+    assert result.sample_rate == SR
+    assert result.wav.dim() == 2 and result.wav.shape[0] == channels
+    assert abs(result.wav.shape[-1] - 2 * SR) <= FRAME
+    assert torch.isfinite(result.wav).all() and result.wav.abs().max() > 0
+    assert result.tokens.shape == (4 * channels, 2 * 50)
+
+
+def test_same_seed_same_audio_different_seed_different(generator):
+    a = generator.generate(params(model_version="tiny", seed=11), progress=False)
+    b = generator.generate(params(model_version="tiny", seed=11), progress=False)
+    c = generator.generate(params(model_version="tiny", seed=12), progress=False)
+    assert torch.equal(a.wav, b.wav) and torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_random_seed_is_reported_and_reproduces(generator):
+    first = generator.generate(params(model_version="tiny", seed=-1), progress=False)
+    again = generator.generate(params(model_version="tiny", seed=first.seed), progress=False)
+    assert torch.equal(first.tokens, again.tokens)
+
+
+def test_empty_prompt_is_unconditional(generator):
+    result = generator.generate(params(model_version="tiny", prompt=""), progress=False)
+    assert result.wav.shape[-1] == SR
+
+
+def test_prompt_changes_the_music(generator):
+    a = generator.generate(params(model_version="tiny", prompt="lofi beat"), progress=False)
+    b = generator.generate(params(model_version="tiny", prompt="metal riff"), progress=False)
+    assert not torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.slow
+def test_long_output_is_windowed(generator):
+    model = generator.model_for(generator_key("tiny"))
+    calls = []
+
+    def counting_sample(lm, prompt_tokens, attributes, *, max_gen_len, callback, **gen):
+        calls.append((None if prompt_tokens is None else prompt_tokens.shape[-1], max_gen_len))
+        return lm.generate(prompt_tokens, attributes, max_gen_len=max_gen_len, callback=callback, **gen)
+
+    p = params(model_version="tiny", duration=35)
+    torch.manual_seed(0)
+    tokens = generate_tokens(model, p, None, sample_fn=counting_sample, progress=False)
+    assert tokens.shape == (1, 4, 35 * 50)
+    # First window: 30 s from nothing; second: the last 12 s as prompt, up to 35 - 18 = 17 s.
+    assert calls == [(None, 1500), (600, 850)]
+    result = generator.generate(p, progress=False)
+    assert abs(result.wav.shape[-1] - 35 * SR) <= FRAME
+
+
+def generator_key(version):
+    from generation.generate import ModelKey
+
+    return ModelKey("version", version)
+
+
+def test_melody_conditioning_follows_the_input(generator, tmp_path):
+    melody_a = write_wav(tmp_path / "a.wav", 3.0, sr=44100, channels=2, freq=220.0)
+    melody_b = write_wav(tmp_path / "b.wav", 3.0, sr=44100, channels=2, freq=311.0, seed=3)
+    a = generator.generate(params(model_version="tiny-melody", input_audio=str(melody_a)), progress=False)
+    b = generator.generate(params(model_version="tiny-melody", input_audio=str(melody_b)), progress=False)
+    none = generator.generate(params(model_version="tiny-melody"), progress=False)
+    assert a.wav.shape == (1, SR)
+    assert not torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, none.tokens)
+
+
+def test_continuation_keeps_the_prompt_and_extends_it(generator, tmp_path):
+    source = write_wav(tmp_path / "in.wav", 4.0, sr=48000, channels=2)
+    p = params(
+        model_version="tiny",
+        input_audio=str(source),
+        continuation=True,
+        continuation_start=1,
+        continuation_end=2,
+        duration=3,
+    )
+    result = generator.generate(p, progress=False)
+    assert abs(result.wav.shape[-1] - 3 * SR) <= FRAME
+    # The first second of tokens is the encoded prompt (input_audio[1 s:2 s]), identical whatever the seed.
+    other = generator.generate(dataclasses.replace(p, seed=99), progress=False)
+    assert torch.equal(result.tokens[:, :50], other.tokens[:, :50])
+    assert not torch.equal(result.tokens[:, 60:], other.tokens[:, 60:])
+
+
+def test_stereo_model_continues_a_mono_file(generator, tmp_path):
+    source = write_wav(tmp_path / "mono.flac", 2.0, sr=22050, channels=1)
+    p = params(model_version="tiny-stereo", input_audio=str(source), continuation=True, duration=3)
+    result = generator.generate(p, progress=False)
+    assert result.wav.shape[0] == 2 and abs(result.wav.shape[-1] - 3 * SR) <= FRAME
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"model_version": "tiny", "top_k": 300}, "top_k"),
+        ({"model_version": "tiny", "continuation": True}, "continuation"),
+        ({"model_version": "tiny", "input_audio": "MELODY"}, "input_audio"),
+        (
+            {"model_version": "tiny", "input_audio": "MELODY", "continuation": True, "continuation_end": 9},
+            "continuation_end",
+        ),
+        ({"model_version": "tiny", "input_audio": "MELODY", "continuation": True, "duration": 2}, "duration"),
+        ({"model_version": "tiny", "input_audio": "NOTAUDIO"}, "input_audio"),
+        ({"model_version": "tiny", "multi_band_diffusion": True}, "multi_band_diffusion"),
+    ],
+)
+def test_bad_inputs_name_the_input(generator, tmp_path, kw, name):
+    melody = write_wav(tmp_path / "m.wav", 3.0)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not audio")
+    kw = {k: (str(melody) if v == "MELODY" else str(junk) if v == "NOTAUDIO" else v) for k, v in kw.items()}
+    with pytest.raises(InputError) as err:
+        generator.generate(params(**kw), progress=False)
+    assert err.value.name == name
+    assert name in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"duration": 0}, "duration"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"model_version": "huge"}, "model_version"),
+        ({"output_format": "ogg"}, "output_format"),
+        ({"normalization_strategy": "loud"}, "normalization_strategy"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"voice": "x"}, "voice"),
+    ],
+)
+def test_out_of_range_inputs_are_refused_before_loading(kw, name):
+    with pytest.raises(InputError) as err:
+        params(**kw)
+    assert err.value.name == name
+
+
+def test_output_formats(generator, tmp_path):
+    import soundfile as sf
+
+    from generation.generate import write_output
+
+    result = generator.generate(params(model_version="tiny-stereo"), progress=False)
+    wav = write_output(result, tmp_path, "wav")
+    mp3 = write_output(result, tmp_path, "mp3")
+    info = sf.info(str(wav))
+    assert (info.samplerate, info.channels, info.frames) == (SR, 2, SR)
+    decoded, sr = sf.read(str(mp3))
+    assert sr == SR and decoded.shape[1] == 2 and decoded.shape[0] >= SR
