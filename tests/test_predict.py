@@ -1,0 +1,57 @@
+"""predict.py: the Cog signature and the CLI are the same definition; the CLI generates offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import soundfile as sf
+
+from core.params import build_parser, signature_mismatches
+from generation.params import PredictParams
+from predict import Predictor
+from tests.helpers import ROOT
+
+
+def test_cog_signature_matches_the_dataclass():
+    assert signature_mismatches(Predictor.predict, PredictParams) == []
+
+
+def test_cli_flags_match_the_dataclass():
+    parser = build_parser(PredictParams)
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(PredictParams)}
+    assert list(flags) == list(fields)
+    for name, action in flags.items():
+        assert action.default == fields[name].default, name
+        assert action.choices == fields[name].metadata["choices"], name
+
+
+def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_lists_every_input():
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    for f in dataclasses.fields(PredictParams):
+        assert f"--{f.name}" in out.stdout
+    assert "--output" in out.stdout
+
+
+def test_cli_generates_offline(tmp_path):
+    out = run_cli("--model_version", "tiny", "--prompt", "lofi beat", "--duration", "2", "--seed", "3",
+                  "--output", str(tmp_path / "out.wav"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = sf.info(str(tmp_path / "out.wav"))
+    assert (info.samplerate, info.channels, info.frames) == (32000, 1, 64000)
+
+
+def test_cli_bad_input_is_one_line_naming_it(tmp_path):
+    out = run_cli("--model_version", "tiny", "--top_p", "2", "--output", str(tmp_path / "x.wav"))
+    assert out.returncode == 2
+    assert "Invalid input 'top_p'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "x.wav").exists()
