@@ -1,0 +1,55 @@
+"""`python -m preprocessing DATASET OUT_DIR [--flags]`: prepare a dataset alone, outside training.
+
+Flags are the fields of `PrepareParams` (the same names as the Cog train inputs); booleans take a value
+(`--drop_vocals false`) or the `--no-<name>` form (`--no-drop_vocals`). The dataset lands in `OUT_DIR/dataset/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from core.params import InputError, build_parser, from_kwargs
+from core.versions import ModelUnavailableError
+from preprocessing.params import PrepareParams
+
+
+def parser() -> argparse.ArgumentParser:
+    p = build_parser(PrepareParams, prog="python -m preprocessing", description=__doc__.split("\n\n")[0])
+    p.add_argument("dataset", nargs="?", help="same as --dataset_path")
+    p.add_argument("out_dir", nargs="?", help="same as --output_dir")
+    p.add_argument("--output_dir", default=None, help="folder to write into (the dataset goes to OUT_DIR/dataset)")
+    for f in dataclasses.fields(PrepareParams):
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", help=f"same as --{f.name} false")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = vars(parser().parse_args(argv))
+    dataset, out_dir, output_dir = args.pop("dataset"), args.pop("out_dir"), args.pop("output_dir")
+    if dataset and args.get("dataset_path") and dataset != args["dataset_path"]:
+        print("error: give the dataset once (positional or --dataset_path)", file=sys.stderr)
+        return 2
+    args["dataset_path"] = args.get("dataset_path") or dataset
+    output_dir = output_dir or out_dir
+    if not output_dir:
+        print("error: say where to write: OUT_DIR or --output_dir", file=sys.stderr)
+        return 2
+    from preprocessing.prepare import prepare, summary
+
+    try:
+        params = from_kwargs(PrepareParams, **args)
+        dataset_out = prepare(params, output_dir)
+    except (InputError, ModelUnavailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(dataset_out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

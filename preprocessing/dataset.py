@@ -1,0 +1,124 @@
+"""The prepared dataset: 32 kHz WAV clips, an audiocraft manifest (`data.jsonl`, one `AudioMeta` per line), a
+MusicInfo sidecar (`<clip>.json`) beside each clip and `report.json`. This is the whole contract with training:
+`prepare()` writes it, `load_prepared()` reads it back (also for a folder prepared earlier)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.params import InputError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "data.jsonl"
+REPORT = "report.json"
+CLIPS_DIR = "clips"
+SAMPLE_RATE = 32000
+# Every MusicInfo field audiocraft's MusicDataset requires (`info_fields_required=True`), with None when unknown.
+MUSIC_INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "keywords", "description", "name", "instrument")
+
+
+@dataclass
+class PreparedClip:
+    path: Path  # 32 kHz WAV clip written under work_dir
+    duration: float  # seconds
+    sample_rate: int  # 32000
+    channels: int  # 1 or 2 (stereo kept as stereo; the trainer converts)
+    description: str  # final text condition ("" = unconditional), trigger already prepended
+    info: dict  # the sidecar: MusicInfo fields (title, key, bpm, genre, moods, instrument, description, ...)
+    source: str  # the track (relative path in the upload) this clip came from
+
+
+@dataclass
+class PreparedDataset:
+    folder: Path  # work_dir/dataset
+    manifest: Path  # folder/data.jsonl
+    clips: list[PreparedClip] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(c.duration for c in self.clips)
+
+
+def manifest_line(clip: PreparedClip) -> dict:
+    """audiocraft's AudioMeta fields, in its order."""
+    return {
+        "path": str(clip.path.resolve()),
+        "duration": round(clip.duration, 6),
+        "sample_rate": clip.sample_rate,
+        "amplitude": None,
+        "weight": None,
+        "info_path": None,
+    }
+
+
+def write_manifest(dataset: PreparedDataset) -> None:
+    lines = [json.dumps(manifest_line(c), ensure_ascii=False) for c in dataset.clips]
+    dataset.manifest.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def write_sidecar(clip: PreparedClip) -> Path:
+    path = clip.path.with_suffix(".json")
+    path.write_text(json.dumps(clip.info, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def write_report(folder: Path, report: dict) -> Path:
+    path = folder / REPORT
+    path.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def load_prepared(folder: str | Path) -> PreparedDataset:
+    """Read a prepared folder back: `data.jsonl` + each clip's sidecar (+ `report.json` when present).
+
+    Clip paths are absolute in the manifest; if the folder was moved, clips are found by name under
+    `folder/clips/` instead.
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise InputError(
+            "dataset_path",
+            f"{folder} is not a prepared dataset (no {MANIFEST}); prepare one with `python -m preprocessing`",
+        )
+    import soundfile as sf
+
+    clips: list[PreparedClip] = []
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            meta = json.loads(line)
+            path = Path(meta["path"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError("dataset_path", f"{manifest} line {n} is not an AudioMeta record ({e})") from None
+        if not path.is_file():
+            moved = folder / CLIPS_DIR / path.name
+            if not moved.is_file():
+                raise InputError("dataset_path", f"{manifest} line {n}: clip {path} is missing")
+            path = moved
+        sidecar = path.with_suffix(".json")
+        info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+        channels = info.get("channels")
+        if channels is None:
+            channels = sf.info(str(path)).channels
+        clips.append(
+            PreparedClip(
+                path=path,
+                duration=float(meta["duration"]),
+                sample_rate=int(meta.get("sample_rate", SAMPLE_RATE)),
+                channels=int(channels),
+                description=info.get("description") or "",
+                info=info,
+                source=info.get("source") or path.name,
+            )
+        )
+    report_path = folder / REPORT
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    logger.info("Loaded prepared dataset %s: %d clips", folder, len(clips))
+    return PreparedDataset(folder=folder, manifest=manifest, clips=clips, report=report)

@@ -1,0 +1,143 @@
+"""Key, bpm and tags with essentia, in a process of its own.
+
+essentia-tensorflow bundles its own TensorFlow; it must never share a process with the `tensorflow` package, and
+keeping it away from torch too means a crash in it cannot take the preparation down. So this file imports nothing
+from the project (it is started as a script, not through the `preprocessing` package) and talks through files:
+
+    python essentia_worker.py CONFIG_JSON  < requests (one JSON per line: {"id", "clips": [wav paths], "tags"})
+
+It appends one JSON line per track to `config["results"]` (first a `{"type": "status"}` line saying which tag
+heads loaded), flushing after each so the parent can show progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Below this many samples at 16 kHz, discogs-effnet has no full 128-frame patch to look at (~2.1 s).
+MIN_TAG_SAMPLES = 16000 * 3
+
+
+def _load_track(paths: list[str]):
+    """Mono float32 of the track's clips, back to back, and the sample rate."""
+    import numpy as np
+    import soundfile as sf
+
+    parts, sr = [], None
+    for p in paths:
+        data, rate = sf.read(p, dtype="float32", always_2d=True)
+        if sr is None:
+            sr = rate
+        elif rate != sr:
+            raise ValueError(f"clips of one track have different sample rates ({sr}, {rate})")
+        parts.append(data.mean(axis=1))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), int(sr)
+
+
+class Tagger:
+    """discogs-effnet embeddings -> one classification head per label family (genre, moods, instruments)."""
+
+    def __init__(self, config: dict):
+        import essentia.standard as es
+        import numpy as np
+
+        emb = config["embeddings"]
+        self.embedder = es.TensorflowPredictEffnetDiscogs(
+            graphFilename=emb["pb"], input=emb["input"], output=emb["output"]
+        )
+        self.heads: dict[str, dict] = {}
+        self.errors: dict[str, str] = {}
+        probe = None
+        for family, head in config["heads"].items():
+            try:
+                with open(head["json"], encoding="utf-8") as f:
+                    classes = list(json.load(f)["classes"])
+                model = es.TensorflowPredict2D(graphFilename=head["pb"], input=head["input"], output=head["output"])
+                if probe is None:
+                    rng = np.random.default_rng(0)
+                    probe = self.embedder((0.1 * rng.standard_normal(16000 * 4)).astype(np.float32))
+                out = np.asarray(model(probe))
+                if out.ndim != 2 or out.shape[1] != len(classes):
+                    raise ValueError(
+                        f"{os.path.basename(head['pb'])} outputs {out.shape[-1]} values but "
+                        f"{os.path.basename(head['json'])} lists {len(classes)} classes: the files do not match"
+                    )
+                self.heads[family] = {**head, "model": model, "classes": classes}
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which warns once
+                self.errors[family] = f"{type(e).__name__}: {e}"
+
+    def __call__(self, audio16k) -> dict:
+        import numpy as np
+
+        if len(audio16k) < MIN_TAG_SAMPLES or not self.heads:
+            return {}
+        embeddings = np.asarray(self.embedder(audio16k))
+        if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+            return {}
+        out = {}
+        for family, head in self.heads.items():
+            scores = np.asarray(head["model"](embeddings)).mean(axis=0)
+            order = np.argsort(-scores, kind="stable")
+            picked = [(head["classes"][i], float(scores[i])) for i in order if scores[i] >= head["threshold"]]
+            out[family] = [[label, round(score, 4)] for label, score in picked[: head["top"]]]
+        return out
+
+
+def analyze(request: dict, tagger: Tagger | None) -> dict:
+    import essentia.standard as es
+
+    audio, sr = _load_track(request["clips"])
+    result: dict = {"type": "track", "id": request["id"], "seconds": round(len(audio) / sr, 3)}
+    key, scale, strength = es.KeyExtractor(sampleRate=sr)(audio)
+    result["key"] = f"{key} {scale}" if key else None
+    result["key_strength"] = round(float(strength), 4)
+    bpm = float(es.PercivalBpmEstimator(sampleRate=sr)(audio))
+    result["bpm"] = round(bpm, 1) if bpm > 0 else None
+    if request.get("tags") and tagger is not None:
+        audio16k = es.Resample(inputSampleRate=sr, outputSampleRate=16000, quality=1)(audio) if sr != 16000 else audio
+        result["tags"] = tagger(audio16k)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[1], encoding="utf-8") as f:
+        config = json.load(f)
+    import essentia
+
+    essentia.log.infoActive = False
+    essentia.log.warningActive = False
+    with open(config["results"], "a", encoding="utf-8") as out:
+
+        def emit(obj: dict) -> None:
+            out.write(json.dumps(obj) + "\n")
+            out.flush()
+
+        tagger = None
+        status: dict = {"type": "status", "heads": [], "errors": {}}
+        if config.get("tagger"):
+            try:
+                tagger = Tagger(config["tagger"])
+                status["heads"] = sorted(tagger.heads)
+                status["errors"] = tagger.errors
+            except Exception as e:  # noqa: BLE001
+                status["errors"] = {"embeddings": f"{type(e).__name__}: {e}"}
+        emit(status)
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            try:
+                emit(analyze(request, tagger))
+            except Exception as e:  # noqa: BLE001 - one bad track must not stop the others
+                traceback.print_exc()
+                emit({"type": "track", "id": request.get("id"), "error": f"{type(e).__name__}: {e}"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
