@@ -1,0 +1,252 @@
+"""Cog trainer (`cog train`) and command line (`python train.py --help`): fine-tune MusicGen on your audio.
+
+The inputs are defined once, in `training.params.TrainParams`; the signature below repeats them as literal
+`Input(...)`s because Cog reads it statically (tests/training/test_train_cli.py checks that both agree). The work
+is done by `training.run.run_training`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path as _Path
+
+from cog import BaseModel, Input, Path
+
+from core.params import build_parser, from_kwargs
+from training.params import TrainParams
+from training.run import run_training
+
+logger = logging.getLogger("train")
+
+
+class TrainingOutput(BaseModel):
+    weights: Path
+
+
+def train(
+    dataset_path: Path = Input(
+        description=(
+            "Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file "
+            "(wav, mp3, flac, ogg, opus, m4a, aac, aiff). A text file named like a track (song.mp3 + song.txt) "
+            "gives that track's description. Locally, a folder already prepared by `python -m preprocessing` "
+            "works too."
+        ),
+    ),
+    auto_labeling: bool = Input(
+        description=(
+            "Describe tracks that have no description automatically: genre, mood and instruments (essentia), key "
+            "and bpm."
+        ),
+        default=True,
+    ),
+    drop_vocals: bool = Input(
+        description="Remove vocals with demucs (htdemucs) before cutting clips; drums, bass and the rest are kept.",
+        default=True,
+    ),
+    one_same_description: str = Input(
+        description="One description for every clip; overrides the text files and the automatic labels.",
+        default=None,
+    ),
+    trigger: str = Input(
+        description=(
+            "A word put at the start of every description (e.g. a made-up artist token); use it in prompts later "
+            "to call the style you trained."
+        ),
+        default=None,
+    ),
+    model_version: str = Input(
+        description="The MusicGen model to fine-tune. The `tiny*` models are small random models for offline tests.",
+        default="stereo-melody",
+        choices=[
+            "small",
+            "medium",
+            "large",
+            "melody",
+            "melody-large",
+            "stereo-small",
+            "stereo-medium",
+            "stereo-large",
+            "stereo-melody",
+            "stereo-melody-large",
+            "tiny",
+            "tiny-stereo",
+            "tiny-melody",
+        ],
+    ),
+    epochs: int = Input(
+        description="Number of epochs to train for.",
+        default=3,
+        ge=1,
+        le=100000,
+    ),
+    updates_per_epoch: int = Input(
+        description="Optimizer steps per epoch. Empty (None): one pass over the clips per epoch.",
+        default=100,
+        ge=1,
+        le=1000000,
+    ),
+    batch_size: int = Input(
+        description=(
+            "Clips per optimizer step over all GPUs. Rounded up to a multiple of (GPUs x grad_accumulation) when "
+            "needed; the adjustment is logged."
+        ),
+        default=16,
+        ge=1,
+        le=4096,
+    ),
+    optimizer: str = Input(
+        description=(
+            "`dadam`: D-Adaptation Adam, which finds the step size itself (keep lr=1). `adamw`: AdamW (try lr 1e-5)."
+        ),
+        default="dadam",
+        choices=["dadam", "adamw"],
+    ),
+    lr: float = Input(
+        description=(
+            "Learning rate. For dadam a multiplier of the adapted step size (1 = as adapted); for adamw the step "
+            "size itself (1e-5 is a good start; 0.1 and more is refused)."
+        ),
+        default=1.0,
+        ge=0.0,
+        le=100.0,
+    ),
+    lr_scheduler: str = Input(
+        description=(
+            "Learning rate schedule after the warmup: cosine (to 0), exponential (to lr/100), polynomial_decay "
+            "(linear to 0), inverse_sqrt, linear_warmup (constant after the warmup)."
+        ),
+        default="cosine",
+        choices=["cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup"],
+    ),
+    warmup: int = Input(
+        description="Optimizer steps of linear learning-rate warmup.",
+        default=8,
+        ge=0,
+        le=1000000,
+    ),
+    cfg_p: float = Input(
+        description="Condition dropout for classifier-free guidance: the share of batches trained without conditions.",
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+    ),
+    grad_accumulation: int = Input(
+        description="Split each GPU's share of the batch into this many micro-batches (less memory, same result).",
+        default=1,
+        ge=1,
+        le=1024,
+    ),
+    seed: int = Input(
+        description="Random seed: data order, crops, condition dropout.",
+        default=42,
+        ge=0,
+        le=2147483647,
+    ),
+    precision: str = Input(
+        description=(
+            "Training precision. auto: bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, fp32 "
+            "on CPU. Weights and optimizer state stay fp32 (mixed precision)."
+        ),
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+    ),
+    segment_duration: float = Input(
+        description=(
+            "Seconds of audio per training example (random crops; shorter clips are padded and masked). MusicGen "
+            "was trained on 30 s."
+        ),
+        default=30.0,
+        ge=1.0,
+        le=30.0,
+    ),
+    max_grad_norm: float = Input(
+        description="Clip the gradient norm to this value (0: no clipping).",
+        default=1.0,
+        ge=0.0,
+        le=1000000.0,
+    ),
+    weight_decay: float = Input(
+        description="Decoupled weight decay (AdamW style) for both optimizers.",
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+    ),
+    ema: bool = Input(
+        description="Keep an exponential moving average of the weights (decay 0.99) and export it.",
+        default=False,
+    ),
+    save_every: int = Input(
+        description=(
+            "Write a resume checkpoint every this many optimizer steps and at the end (the last 2 are kept). 0: "
+            "no checkpoints (one is still written if the run is cancelled or interrupted)."
+        ),
+        default=0,
+        ge=0,
+        le=1000000,
+    ),
+    resume_from: Path = Input(
+        description=(
+            "A resume checkpoint (checkpoint-*.pt) or a folder of them (the newest is used) to continue from, "
+            "with the same training inputs."
+        ),
+        default=None,
+    ),
+    use_wandb: bool = Input(
+        description="Log loss, learning rate and samples to Weights & Biases (needs wandb and WANDB_API_KEY).",
+        default=False,
+    ),
+    sample_duration: float = Input(
+        description=(
+            "Seconds of each of the 2 samples generated after training from training descriptions and put in the "
+            "weights (samples/*.wav). 0: none."
+        ),
+        default=8.0,
+        ge=0.0,
+        le=30.0,
+    ),
+    method: str = Input(
+        description="What to train. full: every weight of the language model.",
+        default="full",
+        choices=["full"],
+    ),
+) -> TrainingOutput:
+    """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
+    params = from_kwargs(TrainParams, **{k: v for k, v in locals().items() if k in _FIELDS})
+    output_dir = _Path(tempfile.mkdtemp(prefix="musicgen-train-"))
+    tar = run_training(params, output_dir)
+    return TrainingOutput(weights=Path(tar))
+
+
+_FIELDS = tuple(TrainParams.__dataclass_fields__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python train.py --dataset_path songs.zip --model_version tiny --epochs 1 --output_dir out/`"""
+    from core.params import InputError
+    from core.versions import ModelUnavailableError
+
+    parser = build_parser(
+        TrainParams, prog="train.py", description="Fine-tune MusicGen on your audio (the inputs of `cog train`)."
+    )
+    parser.add_argument(
+        "--output_dir",
+        default="output",
+        help="CLI only: where trained_model.tar, checkpoints/ and the prepared dataset (work/) go.",
+    )
+    args = vars(parser.parse_args(argv))
+    output_dir = _Path(args.pop("output_dir"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = from_kwargs(TrainParams, **args)
+        tar = run_training(params, output_dir)
+    except (InputError, ModelUnavailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {tar}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""The training loop: one function, read top to bottom (`train_loop`).
+
+lr from the pure `get_lr(step)` -> micro-batches with gradient accumulation (DDP syncs on the last one) ->
+unscale + clip -> optimizer step -> EMA -> log (loss, lr, grad norm, tokens/s, peak memory) -> checkpoint.
+
+The loss is audiocraft's MusicGen solver loss: the LM's codebook pattern (`compute_predictions`), conditions from
+the LM's own condition provider after classifier-free-guidance dropout, and cross-entropy per codebook over the
+valid positions, averaged over codebooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.params import InputError
+from training import checkpoint as ckpt
+from training.data import Batch, TokenDataset
+from training.dist import DistInfo, all_reduce_mean, any_rank, barrier
+from training.params import EMA_DECAY, RESUME_MUST_MATCH, TrainParams
+from training.schedule import get_lr
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RunPlan",
+    "TrainResult",
+    "NonFiniteError",
+    "TrainingInterrupted",
+    "train_loop",
+    "cross_entropy",
+    "resolve_precision",
+    "plan_run",
+]
+
+BETAS = (0.9, 0.95)  # audiocraft's MusicGen optimizer settings
+EPS = 1e-8
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient became NaN/inf; nothing was saved from the failing step."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM during training: a resume checkpoint was saved (its path is in the message)."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The shape of a run, derived from the inputs, the data and the number of processes."""
+
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int  # examples per optimizer step over all processes
+    grad_accumulation: int
+    segment_frames: int
+    autocast_dtype: torch.dtype | None  # None: fp32
+    use_scaler: bool  # fp16 loss scaling
+
+    def per_rank_micro_batch(self, world_size: int) -> int:
+        return self.global_batch // (world_size * self.grad_accumulation)
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict[str, torch.Tensor]  # weights to export: the EMA when enabled, else the trained weights
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    tokens_per_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    seconds: float = 0.0
+    precision: str = "fp32"
+
+
+def resolve_precision(precision: str, device: str) -> tuple[torch.dtype | None, bool, str]:
+    """`(autocast dtype or None, use a GradScaler, name)` for a `precision` input on `device`."""
+    cuda = device.startswith("cuda")
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        precision = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise InputError("precision", "fp16 needs a GPU; use fp32 (or bf16) on CPU, or auto")
+    if precision == "bf16" and cuda and not bf16_ok:
+        raise InputError("precision", "this GPU has no bf16 support; use fp16 or auto")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return dtype, precision == "fp16", precision
+
+
+def plan_run(
+    params: TrainParams, n_clips: int, longest_clip_frames: int, frame_rate: float, world_size: int, device: str
+) -> RunPlan:
+    """Steps, batch layout and precision of a run. Adjusted values are logged, never silently changed."""
+    unit = world_size * params.grad_accumulation
+    global_batch = max(unit, math.ceil(params.batch_size / unit) * unit)
+    if global_batch != params.batch_size:
+        logger.warning(
+            "batch_size %d rounded up to %d: it must be a multiple of processes (%d) x grad_accumulation (%d)",
+            params.batch_size,
+            global_batch,
+            world_size,
+            params.grad_accumulation,
+        )
+    steps_per_epoch = params.updates_per_epoch or math.ceil(n_clips / global_batch)
+    segment_frames = int(params.segment_duration * frame_rate)
+    if longest_clip_frames < segment_frames:
+        # Positions past every clip's end would all be padding: causal attention makes the loss identical without.
+        logger.info(
+            "Crops shortened to the longest clip: %.2f s instead of segment_duration %.2f s",
+            longest_clip_frames / frame_rate,
+            params.segment_duration,
+        )
+        segment_frames = longest_clip_frames
+    dtype, use_scaler, _ = resolve_precision(params.precision, device)
+    return RunPlan(
+        total_steps=params.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+        grad_accumulation=params.grad_accumulation,
+        segment_frames=segment_frames,
+        autocast_dtype=dtype,
+        use_scaler=use_scaler,
+    )
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Cross-entropy per codebook over valid positions, averaged over codebooks (as audiocraft's solver).
+
+    Args:
+        logits: `[B, K, T, card]`; targets: `[B, K, T]`; mask: `[B, K, T]` (True = counts).
+    Returns:
+        the mean over codebooks, and the per-codebook values (detached).
+    """
+    if logits.shape[:-1] != targets.shape or mask.shape != targets.shape:
+        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}")
+    k_count = targets.shape[1]
+    total = torch.zeros([], device=targets.device)
+    per_codebook = []
+    for k in range(k_count):
+        mask_k = mask[:, k].reshape(-1)
+        ce_k = F.cross_entropy(logits[:, k].reshape(-1, logits.shape[-1])[mask_k], targets[:, k].reshape(-1)[mask_k])
+        total = total + ce_k
+        per_codebook.append(ce_k.detach())
+    return total / k_count, per_codebook
+
+
+class TrainStep(torch.nn.Module):
+    """The LM's training forward as one module, so DDP sees conditions, pattern and loss in its forward."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, codes: torch.Tensor, mask: torch.Tensor, attributes: list) -> torch.Tensor:
+        lm = self.lm
+        attributes = lm.att_dropout(lm.cfg_dropout(attributes))
+        condition_tensors = lm.condition_provider(lm.condition_provider.tokenize(attributes))
+        output = lm.compute_predictions(codes, [], condition_tensors)
+        loss, _ = cross_entropy(output.logits, codes, mask & output.mask)
+        return loss
+
+
+class _StopOnSigterm:
+    """Turns SIGTERM into a flag checked after each step (the loop then saves and stops cleanly)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: tp.Any = None
+
+    def __enter__(self) -> _StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: tp.Any) -> None:
+        logger.warning("SIGTERM received: stopping after this step with a resume checkpoint")
+        self.requested = True
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def build_optimizer(params: TrainParams, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if params.optimizer == "adamw":
+        return torch.optim.AdamW(trainable, lr=params.lr, betas=BETAS, eps=EPS, weight_decay=params.weight_decay)
+    from dadaptation import DAdaptAdam
+
+    return DAdaptAdam(trainable, lr=params.lr, betas=BETAS, eps=EPS, weight_decay=params.weight_decay, decouple=True)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def check_resume_compatible(state: dict, params: TrainParams) -> None:
+    saved = state.get("params", {})
+    for name in RESUME_MUST_MATCH:
+        if name in saved and saved[name] != getattr(params, name):
+            raise InputError(
+                "resume_from",
+                f"the checkpoint was trained with {name}={saved[name]!r} but this run has {name}="
+                f"{getattr(params, name)!r}; resume with the same training inputs",
+            )
+
+
+def train_loop(
+    lm: torch.nn.Module,
+    dataset: TokenDataset,
+    params: TrainParams,
+    plan: RunPlan,
+    dist: DistInfo,
+    checkpoint_dir: Path,
+    resume_state: dict | None = None,
+    on_metrics: tp.Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `lm` (audiocraft LMModel, on `dist.device`) on `dataset` following `plan`; returns what to export."""
+    device = dist.device
+    # ---- model: fp32 master weights (get_pretrained loads fp16 on GPUs), training mode, our cfg dropout
+    lm.float()
+    lm.train()
+    lm.cfg_dropout.p = params.cfg_p
+    lm.cfg_dropout.rng.manual_seed(params.seed)
+    lm.att_dropout.rng.manual_seed(params.seed + 1)
+    torch.manual_seed(params.seed)
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    step_module: torch.nn.Module = TrainStep(lm)
+    if dist.distributed:
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, broadcast_buffers=False)
+    optimizer = build_optimizer(params, trainable)
+    scaler = torch.amp.GradScaler("cuda") if plan.use_scaler else None
+    autocast = (
+        torch.autocast(device_type=device.split(":")[0], dtype=plan.autocast_dtype)
+        if plan.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    ema = [p.detach().clone() for p in trainable] if params.ema else None
+    history: list[dict[str, float]] = []
+    start_step = 0
+
+    # ---- resume: weights, optimizer, scaler, EMA, RNGs, history; the schedule and data plan are pure in `step`
+    if resume_state is not None:
+        check_resume_compatible(resume_state, params)
+        lm.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        if ema is not None and resume_state.get("ema") is not None:
+            for e, saved in zip(ema, resume_state["ema"], strict=True):
+                e.copy_(saved)
+        rng = resume_state["rng"]
+        torch.set_rng_state(rng["torch"])
+        lm.cfg_dropout.rng.set_state(rng["cfg_dropout"])
+        lm.att_dropout.rng.set_state(rng["att_dropout"])
+        history = list(resume_state.get("history", []))
+        start_step = int(resume_state["step"])
+        if dist.is_main:
+            logger.info("Resumed at step %d of %d", start_step, plan.total_steps)
+        if start_step >= plan.total_steps:
+            logger.warning("The checkpoint already completed all %d steps: nothing left to train", plan.total_steps)
+
+    def checkpoint_state() -> dict[str, tp.Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in lm.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": [e.cpu() for e in ema] if ema is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cfg_dropout": lm.cfg_dropout.rng.get_state(),
+                "att_dropout": lm.att_dropout.rng.get_state(),
+            },
+            "history": history,
+            "params": dataclasses.asdict(params),
+            "world_size": dist.world_size,
+        }
+
+    def save(step_done: int) -> Path | None:
+        barrier(dist)
+        path = ckpt.save_checkpoint(checkpoint_dir, step_done, checkpoint_state()) if dist.is_main else None
+        barrier(dist)
+        return path
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    total_tokens = 0.0
+    consistent = True  # weights/optimizer reflect exactly `step` completed steps
+    progress = tqdm(total=plan.total_steps, initial=start_step, desc="Training", unit="step", disable=not dist.is_main)
+    log_every = max(1, plan.total_steps // 20)
+    try:
+        with _StopOnSigterm() as stop:
+            for step in range(start_step, plan.total_steps):
+                t0 = time.perf_counter()
+                # ---- learning rate for this step
+                lr = get_lr(
+                    step,
+                    lr=params.lr,
+                    scheduler=params.lr_scheduler,
+                    warmup=params.warmup,
+                    total_steps=plan.total_steps,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # ---- forward/backward over this process's micro-batches
+                micro_batches: list[Batch] = dataset.rank_micro_batches(
+                    step,
+                    global_batch=plan.global_batch,
+                    steps_per_epoch=plan.steps_per_epoch,
+                    seed=params.seed,
+                    dist=dist,
+                    grad_accumulation=plan.grad_accumulation,
+                )
+                loss_sum = torch.zeros([], device=device)
+                tokens = 0
+                for i, batch in enumerate(micro_batches):
+                    last = i == len(micro_batches) - 1
+                    no_sync = step_module.no_sync() if dist.distributed and not last else contextlib.nullcontext()
+                    with no_sync:
+                        with autocast:
+                            loss = step_module(batch.codes.to(device), batch.mask.to(device), batch.attributes)
+                        scaled = loss / plan.grad_accumulation
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    loss_sum += loss.detach().float()
+                    tokens += batch.n_tokens
+                # ---- reduce, check, clip, step
+                stats = all_reduce_mean(
+                    dist, torch.stack([loss_sum / plan.grad_accumulation, torch.tensor(float(tokens), device=device)])
+                )
+                step_loss, step_tokens = float(stats[0]), float(stats[1]) * dist.world_size
+                if not math.isfinite(step_loss):
+                    raise NonFiniteError(
+                        f"Training diverged at step {step + 1}: the loss is {step_loss}. Nothing from this step was "
+                        "saved. Lower lr (adamw: e.g. 1e-5), keep max_grad_norm on, or use precision bf16/fp32."
+                    )
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                max_norm = params.max_grad_norm if params.max_grad_norm > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                skipped = False
+                if not math.isfinite(grad_norm):
+                    if scaler is None:
+                        raise NonFiniteError(
+                            f"Training diverged at step {step + 1}: the gradient norm is {grad_norm}. Nothing from "
+                            "this step was saved. Lower lr, keep max_grad_norm on, or use precision bf16/fp32."
+                        )
+                    skipped = True  # fp16 overflow: the scaler skips this update and lowers its scale
+                consistent = False
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None and not skipped:
+                    torch._foreach_lerp_(ema, [p.detach() for p in trainable], 1.0 - EMA_DECAY)
+                # ---- log
+                seconds = time.perf_counter() - t0
+                total_tokens += step_tokens
+                metrics = {
+                    "step": step + 1,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": step_tokens / seconds,
+                    "step_s": seconds,
+                    "peak_memory_mb": peak_memory_mb(device),
+                }
+                if "d" in optimizer.param_groups[0]:
+                    metrics["dadapt_d"] = float(optimizer.param_groups[0]["d"])
+                if skipped:
+                    metrics["skipped"] = 1.0
+                history.append(metrics)
+                consistent = True
+                if dist.is_main:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", gn=f"{grad_norm:.2f}")
+                    if (step + 1) % log_every == 0 or step + 1 == plan.total_steps or step == start_step:
+                        logger.info(
+                            "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s peak %.0f MB",
+                            step + 1,
+                            plan.total_steps,
+                            step_loss,
+                            lr,
+                            grad_norm,
+                            metrics["tokens_per_s"],
+                            metrics["peak_memory_mb"],
+                        )
+                    if on_metrics is not None:
+                        on_metrics(metrics)
+                # ---- checkpoint: every save_every steps and at the end; on SIGTERM, then stop
+                done = step + 1
+                stopping = any_rank(dist, stop.requested)
+                periodic = params.save_every > 0 and (done % params.save_every == 0 or done == plan.total_steps)
+                if periodic or stopping:
+                    path = save(done)
+                    if stopping:
+                        raise TrainingInterrupted(
+                            f"Training stopped by SIGTERM after step {done}; resume checkpoint: {path}"
+                        )
+    except BaseException as e:
+        # Cancelled mid-step (Cog cancel, Ctrl-C): keep what the completed steps did, if anything and if whole.
+        interrupted = not isinstance(e, Exception)
+        done = len(history)
+        if interrupted and consistent and done > start_step and dist.is_main:
+            logger.warning("Interrupted (%s): saving a resume checkpoint at step %d", type(e).__name__, done)
+            with contextlib.suppress(Exception):
+                ckpt.save_checkpoint(checkpoint_dir, done, checkpoint_state())
+        raise
+    finally:
+        progress.close()
+
+    seconds = time.perf_counter() - started
+    trained_steps = plan.total_steps - start_step
+    if ema is not None:
+        averaged = dict(zip([n for n, p in lm.named_parameters() if p.requires_grad], ema, strict=True))
+        state = {k: averaged.get(k, v).detach() for k, v in lm.state_dict().items()}
+    else:
+        state = {k: v.detach() for k, v in lm.state_dict().items()}
+    return TrainResult(
+        state_dict=state,
+        history=history,
+        steps=plan.total_steps,
+        tokens_per_s=total_tokens / seconds if trained_steps else 0.0,
+        peak_memory_mb=peak_memory_mb(device),
+        seconds=seconds,
+        precision=resolve_precision(params.precision, device)[2],
+    )

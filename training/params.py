@@ -1,0 +1,198 @@
+"""The inputs of a training run: one frozen dataclass, the Cog `train()` inputs and the `python train.py` flags.
+
+Field names and defaults follow sakemin's MusicGen fine-tuner where he has them (dataset_path ... cfg_p); the rest
+(grad_accumulation ... method) are ours. `train.py` repeats these fields as literal `Input(...)`s (Cog reads the
+signature statically); a test proves both agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as tp
+from dataclasses import dataclass
+
+from core.params import InputError, param
+from core.versions import MODEL_VERSIONS
+
+__all__ = [
+    "TrainParams",
+    "OPTIMIZERS",
+    "LR_SCHEDULERS",
+    "PRECISIONS",
+    "METHODS",
+    "EMA_DECAY",
+    "validate",
+    "prepare_kwargs",
+]
+
+OPTIMIZERS = ("dadam", "adamw")
+LR_SCHEDULERS = ("cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+METHODS = ("full",)
+EMA_DECAY = 0.99
+# AdamW diverges far below this; an lr this large only makes sense for D-Adaptation (where it is a multiplier).
+ADAMW_MAX_LR = 0.1
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    dataset_path: str | None = param(
+        None,
+        "Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file "
+        "(wav, mp3, flac, ogg, opus, m4a, aac, aiff). A text file named like a track (song.mp3 + song.txt) gives "
+        "that track's description. Locally, a folder already prepared by `python -m preprocessing` works too.",
+        file=True,
+    )
+    auto_labeling: bool = param(
+        True,
+        "Describe tracks that have no description automatically: genre, mood and instruments (essentia), key and bpm.",
+    )
+    drop_vocals: bool = param(
+        True, "Remove vocals with demucs (htdemucs) before cutting clips; drums, bass and the rest are kept."
+    )
+    one_same_description: str | None = param(
+        None, "One description for every clip; overrides the text files and the automatic labels."
+    )
+    trigger: str | None = param(
+        None,
+        "A word put at the start of every description (e.g. a made-up artist token); use it in prompts later "
+        "to call the style you trained.",
+    )
+    model_version: str = param(
+        "stereo-melody",
+        "The MusicGen model to fine-tune. The `tiny*` models are small random models for offline tests.",
+        choices=MODEL_VERSIONS,
+    )
+    epochs: int = param(3, "Number of epochs to train for.", ge=1, le=100000)
+    updates_per_epoch: int | None = param(
+        100,
+        "Optimizer steps per epoch. Empty (None): one pass over the clips per epoch.",
+        ge=1,
+        le=1000000,
+    )
+    batch_size: int = param(
+        16,
+        "Clips per optimizer step over all GPUs. Rounded up to a multiple of (GPUs x grad_accumulation) when "
+        "needed; the adjustment is logged.",
+        ge=1,
+        le=4096,
+    )
+    optimizer: str = param(
+        "dadam",
+        "`dadam`: D-Adaptation Adam, which finds the step size itself (keep lr=1). `adamw`: AdamW (try lr 1e-5).",
+        choices=OPTIMIZERS,
+    )
+    lr: float = param(
+        1.0,
+        "Learning rate. For dadam a multiplier of the adapted step size (1 = as adapted); for adamw the step "
+        "size itself (1e-5 is a good start; 0.1 and more is refused).",
+        ge=0.0,
+        le=100.0,
+    )
+    lr_scheduler: str = param(
+        "cosine",
+        "Learning rate schedule after the warmup: cosine (to 0), exponential (to lr/100), polynomial_decay "
+        "(linear to 0), inverse_sqrt, linear_warmup (constant after the warmup).",
+        choices=LR_SCHEDULERS,
+    )
+    warmup: int = param(8, "Optimizer steps of linear learning-rate warmup.", ge=0, le=1000000)
+    cfg_p: float = param(
+        0.3,
+        "Condition dropout for classifier-free guidance: the share of batches trained without conditions.",
+        ge=0.0,
+        le=1.0,
+    )
+    grad_accumulation: int = param(
+        1,
+        "Split each GPU's share of the batch into this many micro-batches (less memory, same result).",
+        ge=1,
+        le=1024,
+    )
+    seed: int = param(42, "Random seed: data order, crops, condition dropout.", ge=0, le=2**31 - 1)
+    precision: str = param(
+        "auto",
+        "Training precision. auto: bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, fp32 "
+        "on CPU. Weights and optimizer state stay fp32 (mixed precision).",
+        choices=PRECISIONS,
+    )
+    segment_duration: float = param(
+        30.0,
+        "Seconds of audio per training example (random crops; shorter clips are padded and masked). "
+        "MusicGen was trained on 30 s.",
+        ge=1.0,
+        le=30.0,
+    )
+    max_grad_norm: float = param(1.0, "Clip the gradient norm to this value (0: no clipping).", ge=0.0, le=1e6)
+    weight_decay: float = param(0.01, "Decoupled weight decay (AdamW style) for both optimizers.", ge=0.0, le=1.0)
+    ema: bool = param(False, f"Keep an exponential moving average of the weights (decay {EMA_DECAY}) and export it.")
+    save_every: int = param(
+        0,
+        "Write a resume checkpoint every this many optimizer steps and at the end (the last 2 are kept). "
+        "0: no checkpoints (one is still written if the run is cancelled or interrupted).",
+        ge=0,
+        le=1000000,
+    )
+    resume_from: str | None = param(
+        None,
+        "A resume checkpoint (checkpoint-*.pt) or a folder of them (the newest is used) to continue from, "
+        "with the same training inputs.",
+        file=True,
+    )
+    use_wandb: bool = param(
+        False, "Log loss, learning rate and samples to Weights & Biases (needs wandb and WANDB_API_KEY)."
+    )
+    sample_duration: float = param(
+        8.0,
+        "Seconds of each of the 2 samples generated after training from training descriptions and put in the "
+        "weights (samples/*.wav). 0: none.",
+        ge=0.0,
+        le=30.0,
+    )
+    method: str = param("full", "What to train. full: every weight of the language model.", choices=METHODS)
+
+
+# Inputs that shape the data order, the schedule or the update: a resumed run must use the same values.
+RESUME_MUST_MATCH = (
+    "model_version",
+    "epochs",
+    "updates_per_epoch",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "lr_scheduler",
+    "warmup",
+    "cfg_p",
+    "grad_accumulation",
+    "seed",
+    "segment_duration",
+    "max_grad_norm",
+    "weight_decay",
+    "ema",
+    "method",
+)
+PREPARE_FIELDS = ("dataset_path", "auto_labeling", "drop_vocals", "one_same_description", "trigger")
+
+
+def validate(params: TrainParams) -> None:
+    """Checks that need more than one field; raised before any long work, naming the input and the fix."""
+    if params.dataset_path is None or not str(params.dataset_path).strip():
+        raise InputError("dataset_path", "no training data given; pass a zip/tar/gz archive or an audio file")
+    if params.lr <= 0:
+        raise InputError("lr", f"{params.lr} must be above 0 (dadam: 1; adamw: e.g. 1e-5)")
+    if params.optimizer == "adamw" and params.lr >= ADAMW_MAX_LR:
+        raise InputError(
+            "lr",
+            f"{params.lr} is far too large for adamw (it would diverge): use a small value such as 1e-5, "
+            "or optimizer=dadam with lr=1",
+        )
+    if params.model_version not in MODEL_VERSIONS:
+        raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(MODEL_VERSIONS)}")
+
+
+def prepare_kwargs(params: TrainParams) -> dict[str, tp.Any]:
+    """The dataset-preparation inputs this run passes on to `preprocessing.PrepareParams`."""
+    return {name: getattr(params, name) for name in PREPARE_FIELDS}
+
+
+def to_dict(params: TrainParams) -> dict[str, tp.Any]:
+    return dataclasses.asdict(params)

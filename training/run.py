@@ -1,0 +1,237 @@
+"""A whole training run: check inputs -> prepare the dataset -> train (in process, or one process per GPU under
+torchrun) -> `trained_model.tar`.
+
+`run_training` is what `train.py` (Cog and CLI) calls. `run_worker` is one training process: load the base model,
+encode the clips once, train, and (rank 0) export. `python -m training.run --params_json ...` is the torchrun
+entry of each worker.
+
+Output folder layout: `trained_model.tar`, `checkpoints/checkpoint-<step>.pt`, `cache/` (codes, chroma),
+`work/dataset/` (the prepared clips), `train_params.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing as tp
+from pathlib import Path
+
+import torch
+
+from core.params import InputError, from_kwargs
+from training import checkpoint as ckpt
+from training import dist as dist_mod
+from training.data import TokenDataset, encode_clips
+from training.dist import DistInfo
+from training.loop import plan_run, resolve_precision, train_loop
+from training.params import TrainParams, prepare_kwargs, validate
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_training", "run_worker", "prepare_dataset", "check_inputs", "TAR_NAME"]
+
+TAR_NAME = "trained_model.tar"
+PARAMS_FILE = "train_params.json"
+
+
+def check_inputs(params: TrainParams) -> dict | None:
+    """Every check on the inputs that can fail, before any long work. Returns the resume checkpoint's header."""
+    validate(params)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_precision(params.precision, device)
+    if params.use_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "use_wandb", "Weights & Biases is not installed (pip install wandb); or set use_wandb to false"
+            ) from None
+        if not os.environ.get("WANDB_API_KEY"):
+            raise InputError("use_wandb", "set the WANDB_API_KEY environment variable, or set use_wandb to false")
+    if params.resume_from:
+        from training.loop import check_resume_compatible
+
+        state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from), mmap=True)
+        check_resume_compatible(state, params)
+        return {"step": state["step"]}
+    return None
+
+
+def prepare_dataset(params: TrainParams, work_dir: Path) -> tp.Any:
+    """The clips to train on: an already prepared folder as is, anything else through `preprocessing.prepare`."""
+    from preprocessing import PrepareParams, load_prepared, prepare
+
+    source = Path(str(params.dataset_path)).expanduser()
+    if source.is_dir() and (source / "data.jsonl").is_file():
+        dataset = load_prepared(source)
+    elif source.is_dir() and (source / "dataset" / "data.jsonl").is_file():
+        dataset = load_prepared(source / "dataset")
+    else:
+        dataset = prepare(PrepareParams(**prepare_kwargs(params)), work_dir)
+    if not dataset.clips:
+        raise InputError("dataset_path", f"no usable clips in {params.dataset_path} (report: {dataset.report})")
+    return dataset
+
+
+def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None) -> Path:
+    """Train and return the path of `output_dir/trained_model.tar`.
+
+    `nproc`: training processes; default one per visible GPU. More than one runs under torchrun (DDP); this
+    process then only prepares the dataset and waits.
+    """
+    check_inputs(params)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset = prepare_dataset(params, output_dir / "work")
+    nproc = dist_mod.visible_gpus() if nproc is None else nproc
+    if nproc > 1 and not DistInfo.under_torchrun():
+        params_file = output_dir / PARAMS_FILE
+        params_file.write_text(json.dumps(dataclasses.asdict(params), indent=1))
+        dist_mod.launch_torchrun(
+            nproc,
+            "training.run",
+            ["--params_json", str(params_file), "--dataset", str(dataset.folder), "--output_dir", str(output_dir)],
+        )
+    else:
+        run_worker(params, dataset, output_dir)
+    tar = output_dir / TAR_NAME
+    if not tar.is_file():
+        raise RuntimeError(f"training finished without writing {tar}")
+    return tar
+
+
+def _wandb_logger(params: TrainParams, dist: DistInfo) -> tp.Any:
+    if not params.use_wandb or not dist.is_main:
+        return None
+    import wandb
+
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "musicgen-fine-tune"), config=dataclasses.asdict(params))
+
+
+def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: DistInfo | None = None) -> Path | None:
+    """One training process: returns the tar path on rank 0 (None on the others)."""
+    from core.versions import load_musicgen
+    from training.export import export_trained_model
+    from training.melody import melody_conditioners, prepare_melody_training
+
+    own_group = dist is None
+    dist = dist or dist_mod.init()
+    try:
+        if not dist.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        model = load_musicgen(params.model_version, dist.device)
+        compression, lm = model.compression_model, model.lm
+        compression.eval()
+        for p in compression.parameters():  # frozen: only the LM trains
+            p.requires_grad_(False)
+        cache_dir = output_dir / "cache"
+        clips = encode_clips(compression, dataset.clips, cache_dir / "codes", dist, dist.device)
+        provider = lm.condition_provider
+        melody = melody_conditioners(lm)
+        if melody:
+            prepare_melody_training(lm, clips, cache_dir, dist, model_key=params.model_version)
+        plan = plan_run(
+            params,
+            n_clips=len(clips),
+            longest_clip_frames=max(c.n_frames for c in clips),
+            frame_rate=compression.frame_rate,
+            world_size=dist.world_size,
+            device=dist.device,
+        )
+        tokens = TokenDataset(
+            clips,
+            segment_frames=plan.segment_frames,
+            special_token_id=lm.special_token_id,
+            frame_rate=compression.frame_rate,
+            sample_rate=compression.sample_rate,
+            text_conditions=provider.text_conditions,
+            wav_conditions=list(melody),
+        )
+        if dist.is_main:
+            logger.info(
+                "Training %s (%s) on %d clips: %d steps (%d epochs x %d), batch %d over %d process(es), "
+                "%.1f s crops, %s",
+                params.model_version,
+                params.method,
+                len(clips),
+                plan.total_steps,
+                params.epochs,
+                plan.steps_per_epoch,
+                plan.global_batch,
+                dist.world_size,
+                plan.segment_frames / compression.frame_rate,
+                resolve_precision(params.precision, dist.device)[2],
+            )
+        resume_state = None
+        if params.resume_from:
+            resume_state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from))
+        run = _wandb_logger(params, dist)
+        result = train_loop(
+            lm,
+            tokens,
+            params,
+            plan,
+            dist,
+            output_dir / "checkpoints",
+            resume_state=resume_state,
+            on_metrics=run.log if run is not None else None,
+        )
+        del resume_state
+        tar = None
+        if dist.is_main:
+            tar = export_trained_model(
+                output_dir / TAR_NAME,
+                model=model,
+                result=result,
+                params=params,
+                clips=clips,
+                dataset_report=getattr(dataset, "report", None),
+                run_info={"world_size": dist.world_size, "global_batch": plan.global_batch},
+            )
+            if run is not None:
+                _log_samples(run, tar)
+                run.finish()
+        dist_mod.barrier(dist)
+        return tar
+    finally:
+        if own_group:
+            dist_mod.shutdown(dist)
+
+
+def _log_samples(run: tp.Any, tar: Path) -> None:
+    import tarfile
+    import tempfile
+
+    import wandb
+
+    with tarfile.open(tar) as archive, tempfile.TemporaryDirectory() as tmp:
+        for member in archive.getmembers():
+            if member.name.startswith("samples/") and member.isfile():
+                target = Path(tmp) / Path(member.name).name
+                source = archive.extractfile(member)
+                if source is not None:
+                    target.write_bytes(source.read())
+                    run.log({f"samples/{target.stem}": wandb.Audio(str(target))})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: one worker of a multi-process run started by `run_training` (or by hand, multi-node)."""
+    parser = argparse.ArgumentParser(description="One training process (started by torchrun).")
+    parser.add_argument("--params_json", required=True, help="training inputs as JSON (written by run_training)")
+    parser.add_argument("--dataset", required=True, help="a prepared dataset folder (holding data.jsonl)")
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from preprocessing import load_prepared
+
+    params = from_kwargs(TrainParams, **json.loads(Path(args.params_json).read_text()))
+    run_worker(params, load_prepared(args.dataset), Path(args.output_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
