@@ -9,8 +9,8 @@ server) runs offline on a CPU in seconds. Each is a folder holding `state_dict.b
 - `tiny-stereo`: 2 channels with interleaved codebooks (8 = 2 x 4, delays [0, 0, 1, 1, 2, 2, 3, 3]) like the real
   stereo models, on the same mono compression model.
 - `tiny-melody`: adds audiocraft's chroma conditioner (`self_wav`, prepended). That conditioner loads demucs'
-  `htdemucs` in its constructor, so the folder also carries a small HTDemucs under `torch_home/`, which
-  `demucs_torch_home()` exposes for the duration of a load (the user's real torch cache is never touched).
+  `htdemucs` in its constructor, so the folder also carries a small HTDemucs as a demucs repo (`htdemucs_repo/`),
+  which `tiny_demucs()` hands to that constructor during a load (the user's torch cache is never read or written).
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 TINY_VERSIONS = ("tiny", "tiny-stereo", "tiny-melody")
+# MusicGen-Style stand-ins (core/style.py): kept apart from TINY_VERSIONS, which lists the models audiocraft's own
+# loaders can build (training choices, weights export).
+STYLE_TINY_VERSIONS = ("tiny-style",)
 SEED = 1234
 # Bump when a change to this file changes the weights it builds: the cache key includes it.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 SAMPLE_RATE = 32000
 CARD = 256  # >= the default top_k (250), so the Replicate defaults work on tiny models too.
 N_Q = 4
 HTDEMUCS_SIG = "955717e8"
-HTDEMUCS_HUB_FILE = "955717e8-8726e21a.th"  # the name demucs' remote repo looks for in $TORCH_HOME
 
 
 def cache_root() -> Path:
@@ -98,8 +100,8 @@ def compression_cfg() -> dict:
 
 def lm_cfg(name: str) -> dict:
     """The LM config, with the keys and values audiocraft's MusicGen configs use (small dims)."""
-    if name not in TINY_VERSIONS:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_VERSIONS}")
+    if name not in (*TINY_VERSIONS, *STYLE_TINY_VERSIONS):
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {(*TINY_VERSIONS, *STYLE_TINY_VERSIONS)}")
     stereo = name == "tiny-stereo"
     n_q = 2 * N_Q if stereo else N_Q
     delays = [d for d in range(N_Q) for _ in range(2)] if stereo else list(range(N_Q))
@@ -165,6 +167,8 @@ def lm_cfg(name: str) -> dict:
     }
     if stereo:
         cfg["interleave_stereo_codebooks"] = {"use": True, "per_timestep": False}
+    if name == "tiny-style":
+        _add_style(cfg)
     if name == "tiny-melody":
         cfg["fuser"]["prepend"] = ["self_wav"]
         cfg["conditioners"]["self_wav"] = {
@@ -181,6 +185,47 @@ def lm_cfg(name: str) -> dict:
             },
         }
     return cfg
+
+
+def _add_style(cfg: dict) -> None:
+    """audiocraft's style2music conditioning (style excerpt and text both prepended, double-CFG ready) on the tiny
+    LM, with a small transformer, 64-entry codebooks and `TinyFeatureExtractor` standing in for MERT."""
+    cfg["classifier_free_guidance"] = {"training_dropout": 0.1, "inference_coef": 3.0}
+    cfg["attribute_dropout"] = {"text": {"description": 0.4}, "wav": {"self_wav": 0.4}}
+    cfg["fuser"]["prepend"] = ["self_wav", "description"]
+    cfg["fuser"]["cross"] = []
+    style = {
+        "model_name": "tiny",
+        "extractor": {"dim": 32, "channels": 16, "seed": SEED},
+        "transformer_scale": "tiny",
+        "sample_rate": SAMPLE_RATE,
+        "length": 3.0,
+        "ds_factor": 15,
+        "n_q_out": 6,
+        "eval_q": 3,
+        "q_dropout": True,
+        "bins": 64,
+        "kmeans_init": False,  # random codebooks: the untrained bottleneck still varies with eval_q
+        "varying_lengths": [1.5, 4.5],
+        "batch_norm": True,
+        "compute_mask": True,
+        "num_codebooks_lm": N_Q,
+        "ds_rate_compression": 640,
+        "use_middle_of_segment": False,
+        "rvq_threshold_ema_dead_code": 0.1,
+    }
+    cfg["conditioners"] = {"self_wav": {"model": "style", "style": style}, **cfg["conditioners"]}
+
+
+def _build_lm(name: str, cfg: dict):
+    if name in STYLE_TINY_VERSIONS:
+        from core.style import build_style_lm  # audiocraft's builders do not know the style conditioner
+
+        return build_style_lm(copy.deepcopy(cfg))
+    from audiocraft.models import builders
+    from omegaconf import OmegaConf
+
+    return builders.get_lm_model(OmegaConf.create(copy.deepcopy(cfg)))
 
 
 def htdemucs_kwargs() -> dict:
@@ -232,21 +277,32 @@ def save_htdemucs_repo(folder: Path, seed: int = SEED) -> Path:
 
 
 @contextlib.contextmanager
-def demucs_torch_home(model_dir: Path) -> tp.Iterator[None]:
-    """Point `TORCH_HOME` at a tiny model's own torch cache while a chroma conditioner is being built."""
-    home = model_dir / "torch_home"
-    if not (home / "hub" / "checkpoints" / HTDEMUCS_HUB_FILE).is_file():
+def tiny_demucs(model_dir: Path) -> tp.Iterator[None]:
+    """While a tiny melody model is built, its chroma conditioner's `htdemucs` comes from the model's own repo.
+
+    audiocraft's `ChromaStemConditioner` calls `demucs.pretrained.get_model('htdemucs')`, which asks the Hugging
+    Face hub first and then the torch cache; offline that costs ~30 s of retries, and the user's real htdemucs
+    (if any) is not the one this model was built with. Inside this block that call reads the local repo instead.
+    Outside it (and for every other model) demucs behaves as usual.
+    """
+    repo = model_dir / "htdemucs_repo"
+    if not (repo / "htdemucs.yaml").is_file():
         yield
         return
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(home)
+    from demucs import pretrained
+
+    original = pretrained.get_model
+
+    def get_model(name: str, repo_arg: Path | None = None, **kwargs: tp.Any):
+        if name == "htdemucs" and repo_arg is None:
+            return original(name, repo=repo, **kwargs)
+        return original(name, repo_arg, **kwargs)
+
+    pretrained.get_model = get_model
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("TORCH_HOME", None)
-        else:
-            os.environ["TORCH_HOME"] = previous
+        pretrained.get_model = original
 
 
 def _build(name: str, folder: Path) -> None:
@@ -263,14 +319,11 @@ def _build(name: str, folder: Path) -> None:
         folder / "compression_state_dict.bin",
     )
     if name == "tiny-melody":
-        repo = save_htdemucs_repo(folder / "htdemucs_repo")
-        hub = folder / "torch_home" / "hub" / "checkpoints"
-        hub.mkdir(parents=True)
-        shutil.copyfile(repo / f"{HTDEMUCS_SIG}.th", hub / HTDEMUCS_HUB_FILE)
+        save_htdemucs_repo(folder / "htdemucs_repo")
     cfg = lm_cfg(name)
     torch.manual_seed(SEED + 1)
-    with demucs_torch_home(folder):
-        lm = builders.get_lm_model(OmegaConf.create(copy.deepcopy(cfg)))
+    with tiny_demucs(folder):
+        lm = _build_lm(name, cfg)
     torch.save(
         {"xp.cfg": cfg, "best_state": lm.state_dict(), "version": version, "exported": True},
         folder / "state_dict.bin",

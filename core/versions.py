@@ -29,6 +29,11 @@ PRETRAINED: dict[str, str] = {
     "stereo-melody-large": "facebook/musicgen-stereo-melody-large",
 }
 MODEL_VERSIONS: tuple[str, ...] = (*PRETRAINED, *tiny.TINY_VERSIONS)
+# MusicGen-Style (core/style.py): loaded by our own loader (audiocraft 1.3.0 has no style conditioner), so listed
+# apart from MODEL_VERSIONS (the models audiocraft's loaders, and so training and export, handle as they are).
+STYLE_PRETRAINED: dict[str, str] = {"style": "facebook/musicgen-style"}
+STYLE_VERSIONS: tuple[str, ...] = (*STYLE_PRETRAINED, *tiny.STYLE_TINY_VERSIONS)
+ALL_MODEL_VERSIONS: tuple[str, ...] = (*MODEL_VERSIONS, *STYLE_VERSIONS)
 CHECKPOINT_FILES = ("state_dict.bin", "compression_state_dict.bin")
 
 
@@ -54,6 +59,10 @@ def resolve(model_version: str) -> ModelSource:
         return ModelSource(model_version, PRETRAINED[model_version], "hf")
     if model_version in tiny.TINY_VERSIONS:
         return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
+    if model_version in STYLE_PRETRAINED:
+        return ModelSource(model_version, STYLE_PRETRAINED[model_version], "hf")
+    if model_version in tiny.STYLE_TINY_VERSIONS:
+        return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
     path = Path(model_version).expanduser()
     if path.is_dir():
         missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
@@ -66,7 +75,7 @@ def resolve(model_version: str) -> ModelSource:
     if model_version.startswith("facebook/musicgen"):
         return ModelSource(model_version, model_version, "hf")
     raise ModelUnavailableError(
-        f"Unknown model_version {model_version!r}: choose one of {', '.join(MODEL_VERSIONS)}, "
+        f"Unknown model_version {model_version!r}: choose one of {', '.join(ALL_MODEL_VERSIONS)}, "
         "or give a local folder holding state_dict.bin and compression_state_dict.bin."
     )
 
@@ -87,8 +96,10 @@ def load_musicgen(model_version: str, device: str | None = None):
     source = resolve(model_version)
     device = device or default_device()
     logger.info("Loading MusicGen %s from %s on %s", source.name, source.location, device)
+    if is_style_source(source):
+        return _load_style(source, device)
     try:
-        with tiny.demucs_torch_home(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
+        with tiny.tiny_demucs(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
             model = MusicGen.get_pretrained(source.location, device=device)
     except ModelUnavailableError:
         raise
@@ -96,6 +107,26 @@ def load_musicgen(model_version: str, device: str | None = None):
         raise ModelUnavailableError(describe_load_failure(source, e)) from None
     model.name = source.name
     return model
+
+
+def is_style_source(source: ModelSource) -> bool:
+    """A MusicGen-Style checkpoint (its LM cfg has a style conditioner)? Hub ids are known by name."""
+    if source.kind == "hf":
+        return source.location in STYLE_PRETRAINED.values()
+    from core.style import is_style_folder
+
+    return is_style_folder(source.location)
+
+
+def _load_style(source: ModelSource, device: str):
+    from core.style import load_style_musicgen
+
+    try:
+        return load_style_musicgen(source.location, device, name=source.name)
+    except ModelUnavailableError:
+        raise
+    except Exception as e:  # noqa: BLE001 - turned into one actionable message below
+        raise ModelUnavailableError(describe_load_failure(source, e)) from None
 
 
 def describe_load_failure(source: ModelSource, error: Exception) -> str:

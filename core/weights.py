@@ -260,7 +260,7 @@ def load_trained_model(weights: str | Path, device: str | None = None):
     device = device or default_device()
     model_home = tiny.ensure_tiny(base) if base in tiny.TINY_VERSIONS else folder
     try:
-        with tiny.demucs_torch_home(model_home):
+        with tiny.tiny_demucs(model_home):
             lm = load_lm_model(str(folder), device=device)
         pkg = torch.load(folder / "compression_state_dict.bin", map_location="cpu", weights_only=True)
         compression = None

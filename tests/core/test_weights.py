@@ -62,7 +62,7 @@ def test_round_trip_identical_logits(tmp_path, version):
     assert info["base_model"] == version and info["trigger"] == "zzq" and info["format_version"] == 1
 
     codes = torch.randint(0, 256, (1, model.lm.n_q, 20), generator=torch.Generator().manual_seed(0))
-    with tiny.demucs_torch_home(tiny.ensure_tiny(version)):
+    with tiny.tiny_demucs(tiny.ensure_tiny(version)):
         theirs = MusicGen.get_pretrained(str(folder), device="cpu")  # audiocraft's own loader
     ours = weights.load_trained_model(out, device="cpu")
     expected = logits(theirs, codes)
