@@ -1,0 +1,606 @@
+"""A fast token generation path for audiocraft's `LMModel`, with the same semantics as `LMModel.generate`.
+
+`generate_tokens(lm, attributes, prompt_tokens, max_gen_len, ...)` returns `[B, K, max_gen_len]` codes (prompt
+included), exactly like `lm.generate(prompt_tokens, attributes, max_gen_len=...)`. In fp32 with the same torch seed
+the tokens are identical: the same conditions (the LM's own condition provider and fuser), the same
+conditional + unconditional batch, the same transformer math on the same shapes, and the same sampling calls, so the
+random stream is consumed identically.
+
+Where the time goes in audiocraft, and what is done here instead:
+- its streaming state grows the KV cache with `torch.cat` each step; here it is preallocated for the whole sequence
+  and written in place;
+- its cross-attention re-projects the (constant) condition into keys/values in every layer at every step; here they
+  are projected once per call;
+- per step it rebuilds masks, einops layouts, streaming-state dicts and logits for every codebook/position; here all
+  of that is hoisted out of the step loop (only the last position goes through the output heads);
+- `quantize='int8'` (CPU): every linear read per step (attention in/out projections including the bare
+  `in_proj_weight` audiocraft applies with `F.linear`, feed-forward, output heads) runs on int8 weights, per output
+  channel symmetric, with dynamically quantized activations (fbgemm/oneDNN `quantized::linear_dynamic`). Decoding
+  at batch 2 is bound by reading weights, and int8 reads 4x fewer bytes;
+- `quantize='bf16'` / `'fp16'`: weights and activations in half precision (for GPUs).
+
+A prepared model (`FastLM.from_lm(lm, quantize=...)`) can be kept and reused across calls; building the int8 copy of
+musicgen-small takes about a second. The fp32 path holds references to the LM's own parameters (no copy), so it sees
+later in-place updates (training); the int8 / half copies are snapshots: rebuild them after the weights change.
+Configurations the fast path does not implement (two-step CFG, rotary embeddings, a finite `past_context`,
+`kv_repeat`, qk layer norm, post-norm layers, `sum`/`input_interpolate` fusing) fall back to `lm.generate`, logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+if tp.TYPE_CHECKING:
+    from audiocraft.models.lm import LMModel
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = (None, "int8", "bf16", "fp16")
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_SUPPORTED_FUSE = {"cross", "prepend"}
+# The per-tensor activation range of the int8 kernels is 7 bits: no int16 saturation on CPUs without VNNI.
+INT8_REDUCE_RANGE = True
+
+Callback = tp.Callable[[int, int], None]
+
+
+def default_quantize(device: torch.device | str) -> str | None:
+    """The quantization used when a caller asks for `'auto'`: int8 on CPU, bf16/fp16 on CUDA.
+
+    int8 on CPU is the default because its next-token distributions stay within KL < 0.01 nats/token of fp32
+    (measured by `next_token_kl`, see docs/speed.md).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "int8"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------- linears
+class DenseLinear:
+    """`F.linear` on (possibly shared) weight tensors; `[*, in] -> [*, out]`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear:
+    """int8 weights (symmetric, one scale per output channel), activations quantized on the fly per call.
+
+    Built from any fp32 weight tensor, including audiocraft's bare `in_proj_weight` that is used through `F.linear`
+    and so is invisible to `torch.ao.quantization.quantize_dynamic` (which only swaps `nn.Linear` modules).
+    `[*, in] fp32 -> [*, out] fp32`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        weight = weight.detach().float().contiguous().cpu()
+        scale = weight.abs().amax(dim=1).clamp_min(1e-8) / 127.0
+        zero_point = torch.zeros(weight.shape[0], dtype=torch.long)
+        qweight = torch.quantize_per_channel(weight, scale.double(), zero_point, 0, torch.qint8)
+        self.out_features, self.in_features = weight.shape
+        b = None if bias is None else bias.detach().float().contiguous().cpu()
+        self.packed = torch.ops.quantized.linear_prepack(qweight, b)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, INT8_REDUCE_RANGE)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The `[out, in]` fp32 weight the kernel effectively multiplies with (for tests and error reports)."""
+        qweight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return qweight.dequantize()
+
+
+Linear = DenseLinear | Int8Linear
+
+
+def _make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantize: str | None) -> Linear:
+    if quantize == "int8":
+        return Int8Linear(weight, bias)
+    if quantize in _HALF:
+        dtype = _HALF[quantize]
+        return DenseLinear(weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
+    return DenseLinear(weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+@dataclass
+class _Norm:
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, module: torch.nn.LayerNorm, dtype: torch.dtype | None) -> _Norm:
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or dtype is None else t.detach().to(dtype)
+
+        return cls(cast(module.weight), cast(module.bias), module.eps)
+
+
+@dataclass
+class _Block:
+    """One pre-norm transformer layer: self-attention, optional cross-attention, feed-forward."""
+
+    norm1: _Norm
+    in_proj: Linear  # [D] -> [3D] (q, k, v packed as audiocraft's `(p h d)`)
+    out_proj: Linear
+    scale1: torch.Tensor | None  # LayerScale, or None for identity
+    norm_cross: _Norm | None
+    cross_q: Linear | None
+    cross_kv_weight: tuple[torch.Tensor, torch.Tensor | None] | None  # full-precision [2D, D] (k then v), bias
+    cross_out: Linear | None
+    scale_cross: torch.Tensor | None
+    norm2: _Norm
+    ff1: Linear
+    ff2: Linear
+    scale2: torch.Tensor | None
+    activation: tp.Callable[[torch.Tensor], torch.Tensor]
+
+
+def _attn_params(attn) -> tuple[torch.Tensor, torch.Tensor | None, torch.nn.Linear]:
+    """(in_proj_weight, in_proj_bias, out_proj) of an audiocraft StreamingMultiheadAttention, custom or not."""
+    if attn.custom:
+        return attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
+    return attn.mha.in_proj_weight, attn.mha.in_proj_bias, attn.mha.out_proj
+
+
+def _layer_scale(module, dtype: torch.dtype | None) -> torch.Tensor | None:
+    scale = getattr(module, "scale", None)
+    if scale is None:
+        return None
+    return scale if dtype is None else scale.detach().to(dtype)
+
+
+def unsupported_reason(lm: LMModel) -> str | None:
+    """Why the fast path cannot run this LM (then `generate_tokens` falls back to `lm.generate`), or None."""
+    if lm.two_step_cfg:
+        return "two_step_cfg"
+    tr = lm.transformer
+    if tr.positional_embedding != "sin":
+        return f"positional_embedding={tr.positional_embedding!r}"
+    if tr.checkpointing != "none":
+        pass  # checkpointing only matters for training
+    if lm.out_norm is None:
+        return "no out_norm (post-norm model)"
+    for layer in tr.layers:
+        attn = layer.self_attn
+        if not layer.norm_first:
+            return "post-norm layers"
+        if attn.past_context is not None:
+            return "finite past_context"
+        if attn.kv_repeat != 1:
+            return "kv_repeat > 1"
+        if attn.qk_layer_norm or (layer.cross_attention is not None and layer.cross_attention.qk_layer_norm):
+            return "qk_layer_norm"
+        if attn.rope is not None:
+            return "rotary embeddings"
+        if not attn.causal:
+            return "non-causal self-attention"
+    for op, names in lm.fuser.fuse2cond.items():
+        if names and op not in _SUPPORTED_FUSE:
+            return f"fuse method {op!r}"
+    if lm.fuser.cross_attention_pos_emb:
+        # Handled by the fuser itself (called once per generation), so it is supported.
+        pass
+    return None
+
+
+class FastLM:
+    """A decode-only view of an audiocraft `LMModel`'s weights (see the module docstring)."""
+
+    def __init__(self, lm: LMModel, quantize: str | None = None):
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        reason = unsupported_reason(lm)
+        if reason is not None:
+            raise NotImplementedError(f"the fast generation path does not support this model: {reason}")
+        device = next(iter(lm.parameters())).device
+        if quantize == "int8" and device.type != "cpu":
+            raise ValueError(f"quantize='int8' runs on CPU only (model is on {device}); use 'bf16' or 'fp16' there")
+        self._lm_ref = weakref.ref(lm)
+        self.quantize = quantize
+        self.device = device
+        half = _HALF.get(quantize)  # type: ignore[arg-type]
+        # Activations / KV cache dtype: the LM's own dtype unless casting to half precision.
+        self.dtype: torch.dtype = half if half is not None else next(iter(lm.parameters())).dtype
+        norm_dtype = half
+        tr = lm.transformer
+        self.dim: int = lm.dim
+        self.n_q: int = lm.n_q
+        self.card: int = lm.card
+        first_attn = tr.layers[0].self_attn
+        self.num_heads: int = first_attn.num_heads
+        self.head_dim = self.dim // self.num_heads
+        self.max_period = tr.max_period
+        self.positional_scale = tr.positional_scale
+        self.emb = [e.weight if half is None else e.weight.detach().to(half) for e in lm.emb]
+        with torch.no_grad():
+            self.blocks = [self._block(layer, quantize, norm_dtype) for layer in tr.layers]
+            self.out_norm = _Norm.of(lm.out_norm, norm_dtype)
+            if quantize == "int8":
+                # One fused [K*card, D] int8 head: one weight read and one kernel call for all codebooks.
+                weight = torch.cat([lin.weight for lin in lm.linears], dim=0)
+                biases = [lin.bias for lin in lm.linears]
+                bias = None if biases[0] is None else torch.cat(biases, dim=0)
+                self.heads: list[Linear] = [Int8Linear(weight, bias)]
+            else:
+                self.heads = [_make_linear(lin.weight, lin.bias, quantize) for lin in lm.linears]
+
+    @classmethod
+    def from_lm(cls, lm: LMModel, quantize: str | None = None) -> FastLM:
+        return cls(lm, quantize)
+
+    @property
+    def lm(self) -> LMModel:
+        lm = self._lm_ref()
+        if lm is None:
+            raise RuntimeError("the LMModel this FastLM was built from has been freed")
+        return lm
+
+    @staticmethod
+    def _block(layer, quantize: str | None, norm_dtype: torch.dtype | None) -> _Block:
+        w, b, out = _attn_params(layer.self_attn)
+        cross = layer.cross_attention
+        if cross is not None:
+            cw, cb, cout = _attn_params(cross)
+            dim = cw.shape[0] // 3
+            cross_q = _make_linear(cw[:dim], None if cb is None else cb[:dim], quantize)
+            cross_kv = (cw[dim:], None if cb is None else cb[dim:])
+            cross_out = _make_linear(cout.weight, cout.bias, quantize)
+            norm_cross = _Norm.of(layer.norm_cross, norm_dtype)
+            scale_cross = _layer_scale(layer.layer_scale_cross, norm_dtype)
+        else:
+            cross_q = cross_kv = cross_out = norm_cross = scale_cross = None
+        return _Block(
+            norm1=_Norm.of(layer.norm1, norm_dtype),
+            in_proj=_make_linear(w, b, quantize),
+            out_proj=_make_linear(out.weight, out.bias, quantize),
+            scale1=_layer_scale(layer.layer_scale_1, norm_dtype),
+            norm_cross=norm_cross,
+            cross_q=cross_q,
+            cross_kv_weight=cross_kv,
+            cross_out=cross_out,
+            scale_cross=scale_cross,
+            norm2=_Norm.of(layer.norm2, norm_dtype),
+            ff1=_make_linear(layer.linear1.weight, layer.linear1.bias, quantize),
+            ff2=_make_linear(layer.linear2.weight, layer.linear2.bias, quantize),
+            scale2=_layer_scale(layer.layer_scale_2, norm_dtype),
+            activation=layer.activation,
+        )
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """`[B, K, T]` codes -> `[B, T, D]`: the sum of the K codebook embeddings (audiocraft's order)."""
+        x = F.embedding(codes[:, 0], self.emb[0])
+        for k in range(1, self.n_q):
+            x = x + F.embedding(codes[:, k], self.emb[k])
+        return x
+
+    def positional_table(self, length: int) -> torch.Tensor:
+        """`[1, length, D]` scaled sinusoidal embeddings, computed like audiocraft's `create_sin_embedding`."""
+        from audiocraft.modules.transformer import create_sin_embedding
+
+        positions = torch.arange(length, device=self.device).view(1, -1, 1)
+        table = create_sin_embedding(positions, self.dim, max_period=self.max_period, dtype=self.dtype)
+        return self.positional_scale * table
+
+    def cross_kv(self, src: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per layer `(k, v)`, each `[N, H, T_cond, d]`, projected once from the cross-attention source."""
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        N, T, _ = src.shape
+        for block in self.blocks:
+            if block.cross_kv_weight is None:
+                out.append(None)
+                continue
+            weight, bias = block.cross_kv_weight
+            dim = self.dim
+            wk, wv = weight[:dim], weight[dim:]
+            bk, bv = (None, None) if bias is None else (bias[:dim], bias[dim:])
+            src_ = src.to(weight.dtype)
+            k = F.linear(src_, wk, bk).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+            v = F.linear(src_, wv, bv).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+            out.append((k.to(self.dtype), v.to(self.dtype)))
+        return out
+
+
+@dataclass
+class _State:
+    """Per-call decoding state: the preallocated KV cache, positions, cross-attention keys/values."""
+
+    k_cache: list[torch.Tensor]  # per layer [N, H, S_max, d]
+    v_cache: list[torch.Tensor]
+    cross: list[tuple[torch.Tensor, torch.Tensor] | None]
+    pos_table: torch.Tensor  # [1, S_max, D]
+    pos: int = 0
+
+
+def _new_state(fast: FastLM, n: int, max_len: int, cross_src: torch.Tensor | None) -> _State:
+    shape = (n, fast.num_heads, max_len, fast.head_dim)
+    k_cache = [torch.empty(shape, dtype=fast.dtype, device=fast.device) for _ in fast.blocks]
+    v_cache = [torch.empty(shape, dtype=fast.dtype, device=fast.device) for _ in fast.blocks]
+    if cross_src is None:
+        if any(b.cross_q is not None for b in fast.blocks):
+            raise ValueError("this model cross-attends to its conditions: pass `attributes` (one per sample)")
+        cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(fast.blocks)
+    else:
+        cross = fast.cross_kv(cross_src)
+    return _State(k_cache, v_cache, cross, fast.positional_table(max_len))
+
+
+def _forward(fast: FastLM, state: _State, x: torch.Tensor) -> torch.Tensor:
+    """Run `[N, T, D]` fused inputs through the transformer, extending the cache; returns the `[N, D]` last output."""
+    N, T, D = x.shape
+    H, d = fast.num_heads, fast.head_dim
+    start, end = state.pos, state.pos + T
+    shape = (D,)
+    x = x.to(fast.dtype) + state.pos_table[:, start:end]
+    # audiocraft's causal mask only exists when several steps go through at once (the first call).
+    causal = T > 1
+    for i, blk in enumerate(fast.blocks):
+        n1 = blk.norm1
+        qkv = blk.in_proj(F.layer_norm(x, shape, n1.weight, n1.bias, n1.eps)).view(N, T, 3, H, d)
+        k_cache, v_cache = state.k_cache[i], state.v_cache[i]
+        k_cache[:, :, start:end] = qkv[:, :, 1].transpose(1, 2)
+        v_cache[:, :, start:end] = qkv[:, :, 2].transpose(1, 2)
+        att = F.scaled_dot_product_attention(
+            qkv[:, :, 0].transpose(1, 2), k_cache[:, :, :end], v_cache[:, :, :end], is_causal=causal
+        )
+        h = blk.out_proj(att.transpose(1, 2).reshape(N, T, D))
+        x = x + (h if blk.scale1 is None else blk.scale1 * h)
+        cross = state.cross[i]
+        if cross is not None:
+            nc = blk.norm_cross
+            q = blk.cross_q(F.layer_norm(x, shape, nc.weight, nc.bias, nc.eps)).view(N, T, H, d).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q, cross[0], cross[1])
+            h = blk.cross_out(att.transpose(1, 2).reshape(N, T, D))
+            x = x + (h if blk.scale_cross is None else blk.scale_cross * h)
+        n2 = blk.norm2
+        h = blk.ff2(blk.activation(blk.ff1(F.layer_norm(x, shape, n2.weight, n2.bias, n2.eps))))
+        x = x + (h if blk.scale2 is None else blk.scale2 * h)
+    state.pos = end
+    return x[:, -1]
+
+
+def _logits(fast: FastLM, out: torch.Tensor) -> torch.Tensor:
+    """`[N, D]` last transformer outputs -> `[N, K, card]` fp32 logits."""
+    no = fast.out_norm
+    h = F.layer_norm(out, (fast.dim,), no.weight, no.bias, no.eps)
+    if len(fast.heads) == 1 and fast.n_q > 1:
+        logits = fast.heads[0](h).view(h.shape[0], fast.n_q, fast.card)
+    else:
+        logits = torch.stack([head(h) for head in fast.heads], dim=1)
+    return logits.float()
+
+
+def _sample(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: int, top_p: float) -> torch.Tensor:
+    """`[B, K, card]` -> `[B, K, 1]` with audiocraft's own sampling functions (same random draws)."""
+    from audiocraft.utils import utils
+
+    if use_sampling and temp > 0.0:
+        probs = torch.softmax(logits / temp, dim=-1)
+        if top_p > 0.0:
+            return utils.sample_top_p(probs, p=top_p)
+        if top_k > 0:
+            return utils.sample_top_k(probs, k=top_k)
+        return utils.multinomial(probs, num_samples=1)
+    return torch.argmax(logits, dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _condition_tensors(lm: LMModel, attributes: list[ConditioningAttributes]) -> dict:
+    """Conditional + unconditional condition tensors, batched `[2B, ...]` exactly as `LMModel.generate` does."""
+    from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
+
+    if not attributes:
+        return {}
+    null_attributes = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
+    tokenized = lm.condition_provider.tokenize(list(attributes) + list(null_attributes))
+    return lm.condition_provider(tokenized)
+
+
+def _check_inputs(
+    lm: LMModel,
+    attributes: list,
+    prompt_tokens: torch.Tensor | None,
+    max_gen_len: int,
+    top_k: int,
+    top_p: float,
+    temp: float,
+) -> int:
+    if prompt_tokens is not None:
+        if prompt_tokens.dim() != 3 or prompt_tokens.shape[1] != lm.num_codebooks:
+            raise ValueError(
+                f"prompt_tokens must be [B, K={lm.num_codebooks}, T], got shape {tuple(prompt_tokens.shape)}"
+            )
+        batch = prompt_tokens.shape[0]
+        if attributes and len(attributes) != batch:
+            raise ValueError(f"{len(attributes)} attributes for {batch} prompts: pass one per prompt")
+        if prompt_tokens.shape[-1] >= max_gen_len:
+            raise ValueError(
+                f"the prompt ({prompt_tokens.shape[-1]} steps) must be shorter than max_gen_len ({max_gen_len})"
+            )
+    else:
+        batch = len(attributes) if attributes else 1
+    if max_gen_len < 1:
+        raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+    if top_k < 0 or top_k > lm.card:
+        raise ValueError(f"top_k must be in [0, card={lm.card}], got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if temp < 0:
+        raise ValueError(f"temp must be >= 0, got {temp}")
+    return batch
+
+
+@dataclass
+class _Plan:
+    """Everything about the pattern that the step loop needs, computed once."""
+
+    gen_sequence: torch.Tensor  # [B, K, S] prompt / special tokens filled, -1 elsewhere
+    invalid: torch.Tensor  # [K, S] bool: positions the pattern leaves empty (special token)
+    start: int  # first sequence step to sample
+
+
+def _plan(lm: LMModel, prompt_tokens: torch.Tensor | None, batch: int, max_gen_len: int, device) -> _Plan:
+    pattern = lm.pattern_provider.get_pattern(max_gen_len)
+    codes = torch.full((batch, lm.num_codebooks, max_gen_len), -1, dtype=torch.long, device=device)
+    prompt_len = 0
+    if prompt_tokens is not None:
+        prompt_len = prompt_tokens.shape[-1]
+        codes[..., :prompt_len] = prompt_tokens.to(device)
+    gen_sequence, _, mask = pattern.build_pattern_sequence(codes, lm.special_token_id)
+    start = pattern.get_first_step_with_timesteps(prompt_len)
+    assert start is not None
+    return _Plan(gen_sequence, ~mask.bool(), start)
+
+
+def _finish(lm: LMModel, plan: _Plan, max_gen_len: int) -> torch.Tensor:
+    pattern = lm.pattern_provider.get_pattern(max_gen_len)
+    seq = plan.gen_sequence
+    if (seq == -1).any():
+        raise RuntimeError("internal error: the generated sequence has unfilled steps")
+    out_codes, _, _ = pattern.revert_pattern_sequence(seq, special_token=-1)
+    out_codes = out_codes[..., :max_gen_len]
+    if not ((out_codes >= 0) & (out_codes <= lm.card)).all():
+        raise RuntimeError("internal error: generated codes out of range")
+    return out_codes
+
+
+def _decode(
+    fast: FastLM,
+    lm: LMModel,
+    attributes: list,
+    plan: _Plan,
+    *,
+    cfg_coef: float,
+    choose: tp.Callable[[int, torch.Tensor], torch.Tensor],
+    callback: Callback | None,
+) -> None:
+    """The step loop. `choose(offset, logits [B, K, card]) -> [B, K, 1]` picks each step's tokens."""
+    seq = plan.gen_sequence
+    B = seq.shape[0]
+    cond = _condition_tensors(lm, attributes)
+    guided = bool(cond)
+    special = lm.special_token_id
+    S = seq.shape[-1]
+
+    x = fast.embed(seq[..., : plan.start])
+    if guided:
+        x = torch.cat([x, x], dim=0)
+    # The LM's own fuser prepends conditions (melody chroma) and builds the cross-attention source.
+    x, cross_src = lm.fuser(x, cond)
+    prepend = x.shape[1] - plan.start
+    state = _new_state(fast, x.shape[0], prepend + S, cross_src)
+
+    invalid = [plan.invalid[:, t] for t in range(S)]
+    any_invalid = [bool(m.any()) for m in invalid]
+    total = S - plan.start
+    for offset in range(plan.start, S):
+        out = _forward(fast, state, x)
+        logits = _logits(fast, out)
+        if guided:
+            cond_logits, uncond_logits = logits.split(B, dim=0)
+            logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
+        next_token = choose(offset, logits)
+        if any_invalid[offset]:
+            next_token[:, invalid[offset]] = special
+        column = seq[..., offset : offset + 1]
+        column.copy_(torch.where(column == -1, next_token, column))
+        if callback is not None:
+            callback(1 + offset - plan.start, total)
+        if offset + 1 < S:
+            x = fast.embed(column)
+            if guided:
+                x = torch.cat([x, x], dim=0)
+
+
+def _resolve(lm_or_fast: LMModel | FastLM, quantize: str | None) -> tuple[LMModel, FastLM | None]:
+    """(lm, prepared fast model or None when the fast path cannot run this LM)."""
+    if isinstance(lm_or_fast, FastLM):
+        if quantize != "auto" and quantize != lm_or_fast.quantize:
+            raise ValueError(
+                f"this FastLM was prepared with quantize={lm_or_fast.quantize!r}, called with quantize={quantize!r}"
+            )
+        return lm_or_fast.lm, lm_or_fast
+    lm = lm_or_fast
+    if quantize == "auto":
+        quantize = default_quantize(next(iter(lm.parameters())).device)
+    reason = unsupported_reason(lm)
+    if reason is not None:
+        logger.warning("Fast generation path unavailable (%s): using audiocraft's LMModel.generate", reason)
+        return lm, None
+    return lm, FastLM(lm, quantize)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    lm: LMModel | FastLM,
+    attributes: list[ConditioningAttributes],
+    prompt_tokens: torch.Tensor | None,
+    max_gen_len: int,
+    use_sampling: bool = True,
+    temp: float = 1.0,
+    top_k: int = 250,
+    top_p: float = 0.0,
+    cfg_coef: float | None = 3.0,
+    callback: Callback | None = None,
+    quantize: str | None = None,
+) -> torch.Tensor:
+    """Sample `[B, K, max_gen_len]` codes (prompt included), like `lm.generate(prompt_tokens, attributes, ...)`.
+
+    Args:
+        lm: an audiocraft `LMModel` (in eval mode), or a `FastLM` prepared from one (reused across calls).
+        attributes: one `ConditioningAttributes` per sample (text, and `self_wav` for melody models), exactly as
+            `LMModel.generate` takes them; classifier-free guidance batches them with their nulled copies.
+            May be empty for an unconditional model (then no guidance).
+        prompt_tokens: `[B, K, T_prompt]` codes to continue, or None.
+        max_gen_len: total length in frames, prompt included.
+        use_sampling, temp, top_k, top_p: as in audiocraft (`top_p > 0` wins over `top_k`; greedy when
+            `use_sampling` is False or `temp == 0`).
+        cfg_coef: classifier-free guidance coefficient (None: the LM's own `cfg_coef`).
+        callback: `callback(steps_done, steps_total)` after each step, as audiocraft calls it.
+        quantize: None (the LM's dtype: identical tokens to audiocraft in fp32), `'int8'` (CPU), `'bf16'`,
+            `'fp16'`, or `'auto'` (`default_quantize(device)`). Ignored (must match) when `lm` is a `FastLM`.
+    Returns:
+        `[B, K, max_gen_len]` long tensor of codes in `[0, card)`.
+    """
+    lm_model, fast = _resolve(lm, quantize)
+    attributes = list(attributes or [])
+    batch = _check_inputs(lm_model, attributes, prompt_tokens, max_gen_len, top_k, top_p, temp)
+    cfg = lm_model.cfg_coef if cfg_coef is None else cfg_coef
+    if lm_model.training:
+        raise RuntimeError("generation needs the LM in eval mode: call lm.eval() first")
+    if fast is None:
+        return lm_model.generate(
+            prompt_tokens,
+            attributes,
+            num_samples=None if prompt_tokens is not None or attributes else batch,
+            max_gen_len=max_gen_len,
+            use_sampling=use_sampling,
+            temp=temp,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_coef=cfg,
+            callback=callback,
+        )
+    plan = _plan(lm_model, prompt_tokens, batch, max_gen_len, fast.device)
+
+    def choose(_offset: int, logits: torch.Tensor) -> torch.Tensor:
+        return _sample(logits, use_sampling, temp, top_k, top_p)
+
+    with torch.autocast(fast.device.type, enabled=False):
+        _decode(fast, lm_model, attributes, plan, cfg_coef=cfg, choose=choose, callback=callback)
+    return _finish(lm_model, plan, max_gen_len)
