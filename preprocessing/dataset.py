@@ -48,7 +48,7 @@ def manifest_line(clip: PreparedClip) -> dict:
     """audiocraft's AudioMeta fields, in its order."""
     return {
         "path": str(clip.path.resolve()),
-        "duration": round(clip.duration, 6),
+        "duration": clip.duration,
         "sample_rate": clip.sample_rate,
         "amplitude": None,
         "weight": None,
@@ -76,8 +76,8 @@ def write_report(folder: Path, report: dict) -> Path:
 def load_prepared(folder: str | Path) -> PreparedDataset:
     """Read a prepared folder back: `data.jsonl` + each clip's sidecar (+ `report.json` when present).
 
-    Clip paths are absolute in the manifest; if the folder was moved, clips are found by name under
-    `folder/clips/` instead.
+    Clip paths are absolute in the manifest; a clip present under `folder/clips/` is taken from there (so a copied
+    or moved folder reads its own clips), else from the manifest's path.
     """
     folder = Path(folder)
     manifest = folder / MANIFEST
@@ -97,11 +97,11 @@ def load_prepared(folder: str | Path) -> PreparedDataset:
             path = Path(meta["path"])
         except (ValueError, KeyError, TypeError) as e:
             raise InputError("dataset_path", f"{manifest} line {n} is not an AudioMeta record ({e})") from None
-        if not path.is_file():
-            moved = folder / CLIPS_DIR / path.name
-            if not moved.is_file():
-                raise InputError("dataset_path", f"{manifest} line {n}: clip {path} is missing")
-            path = moved
+        local = folder / CLIPS_DIR / path.name  # the folder's own copy wins (a copied or moved folder)
+        if local.is_file():
+            path = local
+        elif not path.is_file():
+            raise InputError("dataset_path", f"{manifest} line {n}: clip {path} is missing")
         sidecar = path.with_suffix(".json")
         info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
         channels = info.get("channels")

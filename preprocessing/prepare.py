@@ -52,6 +52,7 @@ class _Track:
     seconds: float  # as uploaded
     sample_rate: int  # as uploaded
     channels: int
+    text: str | None = None  # the description from `<track>.txt`
     clips: list[PreparedClip] = field(default_factory=list)
 
 
@@ -131,6 +132,8 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         skipped: list[Skipped] = list(unpacked.skipped)
         text_index = _text_index(unpacked.texts)
         one_same = (params.one_same_description or "").strip() or None
+        if not unpacked.audio:
+            raise InputError("dataset_path", _nothing_usable(params, unpacked, skipped))
         analyzer = analysis.Analyzer(scratch, tagger_config)
 
         t0 = time.perf_counter()
@@ -200,7 +203,12 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
                 skipped.append(Skipped(rel, "silent", "every clip was silent"))
                 continue
             tracks.append(track)
-            needs_tags = params.auto_labeling and not one_same and not _description_file(rel, text_index)
+            text_file = _description_file(rel, text_index)
+            if text_file:
+                track.text = _read_description(unpacked.root / text_file)
+                if not track.text:
+                    logger.warning("%s is empty: %s gets no description from it", text_file, rel)
+            needs_tags = params.auto_labeling and not one_same and not track.text
             analyzer.submit(track.rel, [c.path for c in track.clips], tags=needs_tags)
         timings["tracks"] = time.perf_counter() - t0
 
@@ -222,12 +230,10 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         sources: collections.Counter[str] = collections.Counter()
         for track in tracks:
             fields = captions.label_fields(results.get(track.rel))
-            text_file = _description_file(track.rel, text_index)
-            text = _read_description(unpacked.root / text_file) if text_file else None
             if one_same:
                 description, origin = one_same, "one_same_description"
-            elif text:
-                description, origin = text, "text_file"
+            elif track.text:
+                description, origin = track.text, "text_file"
             elif params.auto_labeling and captions.caption(fields):
                 description, origin = captions.caption(fields), "auto_labels"
             else:
@@ -343,6 +349,11 @@ def _nothing_usable(params: PrepareParams, unpacked, skipped: list[Skipped]) -> 
     name = Path(str(params.dataset_path)).name
     if not unpacked.audio and not skipped:
         return f"{name} is empty: no files found"
+    if unpacked.kind == "audio" and skipped and skipped[0].category == "corrupt":
+        return (
+            f"{name} is neither an archive (zip, tar, tar.gz, tgz, gz) nor an audio file we can decode "
+            f"({skipped[0].reason}). Upload a zip of your tracks or a single wav/mp3/flac/ogg/opus/m4a/aac/aiff file."
+        )
     counts = collections.Counter(s.category for s in skipped)
     lines = [
         f"no usable audio in {name}: {unpacked.files_in_upload} file(s) found, "

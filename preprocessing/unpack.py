@@ -4,8 +4,9 @@ extraction folder.
 
 What is refused (the whole upload, with an error naming the member): paths with `..` or absolute paths, links
 pointing outside the archive, device files and FIFOs, more than `max_files` files, more than `max_bytes` of content,
-a member compressed more than `max_ratio` times (zip bomb), a compressed stream that expands past the byte cap or
-the ratio. What is skipped (and counted): `__MACOSX/`, AppleDouble `._*`, `.DS_Store`, other dotfiles, links that
+a compressed (gz/bz2/xz) stream that expands past the byte cap or `max_ratio` times its size. A zip member
+compressed more than `max_ratio` times (zip bomb) is refused on its own: never extracted, reported, the rest kept.
+What is skipped (and counted): `__MACOSX/`, AppleDouble `._*`, `.DS_Store`, other dotfiles, links that
 stay inside, encrypted members, and every file that is neither audio nor a `.txt` description.
 """
 
@@ -231,13 +232,18 @@ def _unpack_zip(path: Path, root: Path, limits: Limits, result: Unpacked) -> Non
             name = _zip_name(info)
             rel = safe_relpath(name)
             mode = info.external_attr >> 16
-            if info.file_size > RATIO_FLOOR_BYTES and info.file_size > limits.max_ratio * max(info.compress_size, 1):
-                raise _Refused(
-                    f"the archive looks like a zip bomb: member {name!r} expands {info.file_size} bytes from "
-                    f"{info.compress_size} (ratio over {limits.max_ratio:g}, max_compression_ratio); "
-                    "nothing was extracted"
-                )
             if not rel:
+                continue
+            if info.file_size > RATIO_FLOOR_BYTES and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+                # Refused, not extracted. Only the member: music never compresses this much (the only audio
+                # that does is digital silence, which would be skipped anyway), so the rest is still usable.
+                ratio = info.file_size / max(info.compress_size, 1)
+                reason = (
+                    f"zip bomb guard: compressed {ratio:.0f}:1 ({info.file_size} bytes from {info.compress_size}), "
+                    f"over max_compression_ratio={limits.max_ratio:g}; not extracted"
+                )
+                logger.warning("Refusing archive member %s: %s", rel, reason)
+                result.skipped.append(Skipped(rel, "zip_bomb", reason))
                 continue
             if stat.S_ISLNK(mode):
                 result.skipped.append(Skipped(rel, "link", "symbolic link (links are not followed)"))
