@@ -64,7 +64,8 @@ def resolve_repo(demucs_repo: str | None, scratch: Path) -> Path:
 def _link_repo(weights: Path, scratch: Path) -> Path:
     repo = scratch / "demucs_repo"
     repo.mkdir(parents=True, exist_ok=True)
-    link = repo / weights.name
+    # Named by signature only: demucs then skips its checksum, as torch.hub does for a file already cached.
+    link = repo / f"{SIG}.th"
     if not link.exists():
         try:
             link.symlink_to(weights.resolve())
@@ -114,8 +115,12 @@ class VocalRemover:
     @torch.inference_mode()
     def __call__(self, wav: torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, int]:
         channels = wav.shape[0]
-        # demucs works in stereo: mono is duplicated by its converter and folded back below.
-        _, stems = self.separator.separate_tensor(wav.to(torch.float32), sample_rate)
+        # htdemucs works in stereo (demucs converts channels only when it also resamples): duplicate mono here
+        # and fold it back below.
+        stereo = wav.to(torch.float32)
+        if channels == 1:
+            stereo = stereo.expand(2, -1).contiguous()
+        _, stems = self.separator.separate_tensor(stereo, sample_rate)
         kept = sum(stems[name] for name in KEEP)  # [2, T'] at 44.1 kHz
         kept = kept.to("cpu", torch.float32)
         if channels == 1:
