@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tarfile
 import tempfile
 import typing as tp
 from pathlib import Path
@@ -73,6 +74,12 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, tp.Any]:
 
     `mmap=True` maps the tensors instead of reading them (cheap, for checking a checkpoint before the run).
     """
+    if tarfile.is_tarfile(path):
+        raise InputError(
+            "resume_from",
+            f"{path.name} is a tar archive: a trained_model.tar cannot be resumed; use a checkpoint-*.pt from the "
+            "run's checkpoints folder",
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
@@ -82,7 +89,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, tp.Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(
             "resume_from",
-            f"{path.name} is not a resume checkpoint written by this trainer (a trained_model.tar cannot be resumed; "
-            "use a checkpoint-*.pt from the run's checkpoints folder)",
+            f"{path.name} is not a resume checkpoint written by this trainer; use a checkpoint-*.pt from the run's "
+            "checkpoints folder",
         )
     return state

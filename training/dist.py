@@ -5,7 +5,6 @@ One process per GPU under `torchrun` (DDP); a single process otherwise. Only ran
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -19,7 +18,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "init", "shutdown", "barrier", "all_reduce_mean", "launch_torchrun", "visible_gpus"]
+__all__ = [
+    "DistInfo",
+    "init",
+    "shutdown",
+    "barrier",
+    "all_reduce_mean",
+    "any_rank",
+    "rank_weight_difference",
+    "launch_torchrun",
+    "visible_gpus",
+]
 
 
 @dataclass(frozen=True)
@@ -92,14 +101,15 @@ def any_rank(dist: DistInfo, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-@contextlib.contextmanager
-def main_first(dist: DistInfo) -> tp.Iterator[None]:
-    """Rank 0 runs the block first (e.g. fills a cache), then the others (which then find it filled)."""
-    if not dist.is_main:
-        barrier(dist)
-    yield
-    if dist.is_main:
-        barrier(dist)
+def rank_weight_difference(dist: DistInfo, tensors: tp.Iterable[torch.Tensor]) -> float:
+    """Largest difference between ranks of per-tensor checksums (sum and sum of squares, float64); 0.0 = in sync."""
+    local = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).flatten()
+    if not dist.distributed:
+        return 0.0
+    local = local.to(dist.device)
+    gathered = [torch.empty_like(local) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(gathered, local)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)
 
 
 def launch_torchrun(nproc: int, module: str, args: list[str], env: dict[str, str] | None = None) -> None:

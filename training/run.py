@@ -25,14 +25,22 @@ import torch
 from core.params import InputError, from_kwargs
 from training import checkpoint as ckpt
 from training import dist as dist_mod
-from training.data import TokenDataset, encode_clips
+from training.data import ClipTokens, TokenDataset, encode_clips
 from training.dist import DistInfo
-from training.loop import plan_run, resolve_precision, train_loop
+from training.loop import RunPlan, plan_run, resolve_precision, train_loop
 from training.params import TrainParams, prepare_kwargs, validate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_training", "run_worker", "prepare_dataset", "check_inputs", "TAR_NAME"]
+__all__ = [
+    "run_training",
+    "run_worker",
+    "setup_training",
+    "Setup",
+    "prepare_dataset",
+    "check_inputs",
+    "TAR_NAME",
+]
 
 TAR_NAME = "trained_model.tar"
 PARAMS_FILE = "train_params.json"
@@ -112,85 +120,108 @@ def _wandb_logger(params: TrainParams, dist: DistInfo) -> tp.Any:
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "musicgen-fine-tune"), config=dataclasses.asdict(params))
 
 
-def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: DistInfo | None = None) -> Path | None:
-    """One training process: returns the tar path on rank 0 (None on the others)."""
+@dataclasses.dataclass
+class Setup:
+    """Everything a training process builds before its loop: the model, the tokens, the plan of the run."""
+
+    model: tp.Any  # audiocraft MusicGen; `model.lm` trains
+    clips: list[ClipTokens]
+    tokens: TokenDataset
+    plan: RunPlan
+
+
+def setup_training(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: DistInfo) -> Setup:
+    """Load the base model (compression model frozen), encode the clips once, melody chroma once, plan the run."""
     from core.versions import load_musicgen
-    from training.export import export_trained_model
     from training.melody import melody_conditioners, prepare_melody_training
+
+    model = load_musicgen(params.model_version, dist.device)
+    compression, lm = model.compression_model, model.lm
+    compression.eval()
+    for p in compression.parameters():  # frozen: only the LM trains
+        p.requires_grad_(False)
+    cache_dir = output_dir / "cache"
+    clips = encode_clips(compression, dataset.clips, cache_dir / "codes", dist, dist.device)
+    melody = melody_conditioners(lm)
+    if melody:
+        prepare_melody_training(lm, clips, cache_dir, dist, model_key=params.model_version)
+    plan = plan_run(
+        params,
+        n_clips=len(clips),
+        longest_clip_frames=max(c.n_frames for c in clips),
+        frame_rate=compression.frame_rate,
+        world_size=dist.world_size,
+        device=dist.device,
+    )
+    tokens = TokenDataset(
+        clips,
+        segment_frames=plan.segment_frames,
+        special_token_id=lm.special_token_id,
+        frame_rate=compression.frame_rate,
+        sample_rate=compression.sample_rate,
+        text_conditions=lm.condition_provider.text_conditions,
+        wav_conditions=list(melody),
+    )
+    if dist.is_main:
+        logger.info(
+            "Training %s (%s) on %d clips: %d steps (%d epochs x %d), batch %d over %d process(es), %.1f s crops, %s",
+            params.model_version,
+            params.method,
+            len(clips),
+            plan.total_steps,
+            params.epochs,
+            plan.steps_per_epoch,
+            plan.global_batch,
+            dist.world_size,
+            plan.segment_frames / compression.frame_rate,
+            resolve_precision(params.precision, dist.device)[2],
+        )
+    return Setup(model, clips, tokens, plan)
+
+
+def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: DistInfo | None = None) -> Path | None:
+    """One training process: set up, train, and (rank 0) export. Returns the tar path on rank 0, else None."""
+    from training.export import export_trained_model
 
     own_group = dist is None
     dist = dist or dist_mod.init()
     try:
         if not dist.is_main:
             logging.getLogger().setLevel(logging.WARNING)
-        model = load_musicgen(params.model_version, dist.device)
-        compression, lm = model.compression_model, model.lm
-        compression.eval()
-        for p in compression.parameters():  # frozen: only the LM trains
-            p.requires_grad_(False)
-        cache_dir = output_dir / "cache"
-        clips = encode_clips(compression, dataset.clips, cache_dir / "codes", dist, dist.device)
-        provider = lm.condition_provider
-        melody = melody_conditioners(lm)
-        if melody:
-            prepare_melody_training(lm, clips, cache_dir, dist, model_key=params.model_version)
-        plan = plan_run(
-            params,
-            n_clips=len(clips),
-            longest_clip_frames=max(c.n_frames for c in clips),
-            frame_rate=compression.frame_rate,
-            world_size=dist.world_size,
-            device=dist.device,
-        )
-        tokens = TokenDataset(
-            clips,
-            segment_frames=plan.segment_frames,
-            special_token_id=lm.special_token_id,
-            frame_rate=compression.frame_rate,
-            sample_rate=compression.sample_rate,
-            text_conditions=provider.text_conditions,
-            wav_conditions=list(melody),
-        )
-        if dist.is_main:
-            logger.info(
-                "Training %s (%s) on %d clips: %d steps (%d epochs x %d), batch %d over %d process(es), "
-                "%.1f s crops, %s",
-                params.model_version,
-                params.method,
-                len(clips),
-                plan.total_steps,
-                params.epochs,
-                plan.steps_per_epoch,
-                plan.global_batch,
-                dist.world_size,
-                plan.segment_frames / compression.frame_rate,
-                resolve_precision(params.precision, dist.device)[2],
-            )
+        setup = setup_training(params, dataset, output_dir, dist)
+        lm = setup.model.lm
         resume_state = None
         if params.resume_from:
             resume_state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from))
         run = _wandb_logger(params, dist)
         result = train_loop(
             lm,
-            tokens,
+            setup.tokens,
             params,
-            plan,
+            setup.plan,
             dist,
             output_dir / "checkpoints",
             resume_state=resume_state,
             on_metrics=run.log if run is not None else None,
         )
         del resume_state
+        if dist.distributed:
+            difference = dist_mod.rank_weight_difference(dist, lm.state_dict().values())
+            if dist.is_main:
+                if difference == 0.0:
+                    logger.info("All %d ranks hold identical weights", dist.world_size)
+                else:
+                    logger.warning("Ranks ended with different weights (checksum difference %.3e)", difference)
         tar = None
         if dist.is_main:
             tar = export_trained_model(
                 output_dir / TAR_NAME,
-                model=model,
+                model=setup.model,
                 result=result,
                 params=params,
-                clips=clips,
+                clips=setup.clips,
                 dataset_report=getattr(dataset, "report", None),
-                run_info={"world_size": dist.world_size, "global_batch": plan.global_batch},
+                run_info={"world_size": dist.world_size, "global_batch": setup.plan.global_batch},
             )
             if run is not None:
                 _log_samples(run, tar)

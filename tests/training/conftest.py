@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from core.params import from_kwargs
 from tests.helpers import tone
+from training.params import TrainParams
+from training.run import run_training
 
 SR = 32000
 
@@ -66,3 +69,42 @@ def two_clips(tmp_path: Path) -> Path:
             {"seconds": 2.0, "freq": 330.0, "description": "fast drums", "genre": "rock", "moods": ["energetic"]},
         ],
     )
+
+
+def tiny_params(dataset: Path, **overrides) -> TrainParams:
+    """Small, fast training inputs for the tiny model (short crops, no vocal removal, no auto-labeling)."""
+    values = {
+        "dataset_path": str(dataset),
+        "model_version": "tiny",
+        "auto_labeling": False,
+        "drop_vocals": False,
+        "epochs": 2,
+        "updates_per_epoch": 15,
+        "batch_size": 2,
+        "segment_duration": 2.0,
+        "sample_duration": 0.5,
+        "save_every": 10,
+    }
+    values.update(overrides)
+    return from_kwargs(TrainParams, **values)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """One real training run shared by several tests: tiny model, 2 clips, 2 epochs x 15 steps, default dadam,
+    checkpoints every 10 steps (10 is deleted, 20 and 30 are kept).
+
+    Returns the dataset folder, the inputs, the output folder and the trained_model.tar path.
+    """
+    root = tmp_path_factory.mktemp("tiny_run")
+    dataset = make_prepared(
+        root / "prepared",
+        [
+            {"seconds": 2.5, "freq": 220.0, "description": "calm piano", "genre": "jazz", "moods": ["calm"]},
+            {"seconds": 2.0, "freq": 330.0, "description": "fast drums", "genre": "rock", "moods": ["energetic"]},
+        ],
+    )
+    params = tiny_params(dataset)
+    out = root / "out"
+    tar = run_training(params, out)
+    return {"dataset": dataset, "params": params, "out": out, "tar": tar}
