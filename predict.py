@@ -32,7 +32,8 @@ class Predictor(BasePredictor):
         model_version: str = Input(
             description="Model to use. `fine-tuned`: the weights this model was trained into (or "
             "`replicate_weights`); without any fine-tuned weights it falls back to `stereo-melody-large`. The "
-            "`tiny*` models are small random models for offline tests.",
+            "`tiny*` models are small random models for offline tests. `style`: MusicGen-Style (a prompt and/or "
+            "`style_audio`).",
             default="fine-tuned",
             choices=[
                 "fine-tuned",
@@ -49,6 +50,8 @@ class Predictor(BasePredictor):
                 "tiny",
                 "tiny-stereo",
                 "tiny-melody",
+                "style",
+                "tiny-style",
             ],
         ),
         prompt: str = Input(
@@ -117,6 +120,32 @@ class Predictor(BasePredictor):
             "model was started with (COG_WEIGHTS), if any.",
             default=None,
         ),
+        style_audio: Path = Input(
+            description="MusicGen-Style models (`style`, `tiny-style`): an audio file whose style the music follows "
+            "(an excerpt of `style_excerpt_length` seconds is taken from it). With a prompt too: text + style.",
+            default=None,
+        ),
+        style_excerpt_length: float = Input(
+            description="Style models: length in seconds of the excerpt of `style_audio` that sets the style (at most "
+            "the length of `style_audio`).",
+            default=3.0,
+            ge=1.5,
+            le=4.5,
+        ),
+        style_eval_q: int = Input(
+            description="Style models: how many of the style conditioner's quantization levels are kept. Fewer: the "
+            "music follows `style_audio` more loosely.",
+            default=3,
+            ge=1,
+            le=6,
+        ),
+        classifier_free_guidance_beta: float = Input(
+            description="Style models with a prompt and `style_audio`: double classifier-free guidance, pushing the "
+            "prompt this many times more than the style (1 to 9 is typical; 1 = single guidance). Empty: single "
+            "classifier-free guidance.",
+            default=None,
+            ge=0,
+        ),
     ) -> Path:
         params = from_kwargs(
             PredictParams,
@@ -136,6 +165,10 @@ class Predictor(BasePredictor):
             output_format=output_format,
             seed=seed,
             replicate_weights=replicate_weights,
+            style_audio=str(style_audio) if style_audio else None,
+            style_excerpt_length=style_excerpt_length,
+            style_eval_q=style_eval_q,
+            classifier_free_guidance_beta=classifier_free_guidance_beta,
         )
         result = self.generator.generate(params)
         out = write_output(result, tempfile.mkdtemp(prefix="musicgen-"), params.output_format)

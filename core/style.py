@@ -326,15 +326,23 @@ def style_conditioners(lm: tp.Any) -> dict[str, StyleConditioner]:
 _IGNORED_KEYS = ("model_name", "encodec_checkpoint", "encodec_n_q", "feature_dim", "extractor")
 
 
-def build_style_conditioner(style_cfg: dict, output_dim: int, device: str | torch.device) -> tp.Any:
+def build_style_conditioner(
+    style_cfg: dict,
+    output_dim: int,
+    device: str | torch.device,
+    feature_extractor: tuple[nn.Module, int] | None = None,
+) -> StyleConditioner:
     """The builder hook: a `StyleConditioner` from `conditioners.<attr>.style` of an LM cfg.
 
     `model_name: mert` loads MERT-v1-95M (the released model); `model_name: tiny` builds `TinyFeatureExtractor`
-    from `extractor: {dim, channels, seed}`.
+    from `extractor: {dim, channels, seed}`. `feature_extractor` = (module, feature_dim) uses a ready extractor
+    instead (e.g. a MERT already in memory).
     """
     cfg = dict(style_cfg)
     name = cfg.get("model_name", "mert")
-    if name == "mert":
+    if feature_extractor is not None:
+        extractor, feature_dim = feature_extractor
+    elif name == "mert":
         extractor, feature_dim = load_mert(device), MERT_DIM
     elif name == "tiny":
         params = dict(cfg.get("extractor") or {})
@@ -367,11 +375,11 @@ def is_style_cfg(cfg: tp.Any) -> bool:
     return any(isinstance(c, dict) and c.get("model") == STYLE_MODEL for _, c in conditioners)
 
 
-def build_style_lm(cfg: tp.Any) -> tp.Any:
+def build_style_lm(cfg: tp.Any, feature_extractor: tuple[nn.Module, int] | None = None) -> StyleLMModel:
     """A `StyleLMModel` from an LM cfg: audiocraft's builders make the fuser, the other conditioners, the
     pattern and the transformer arguments exactly as `builders.get_lm_model` does; we add the style conditioner.
 
-    `cfg.device` and `cfg.dtype` are used as given.
+    `cfg.device` and `cfg.dtype` are used as given; `feature_extractor` as in `build_style_conditioner`.
     """
     plain = _plain(cfg)
     if plain.get("lm_model", "transformer_lm") != "transformer_lm":
@@ -396,7 +404,7 @@ def build_style_lm(cfg: tp.Any) -> tp.Any:
     for name in all_conditioners:
         if name in style_names:
             style_cfg = {"num_codebooks_lm": n_q, **all_conditioners[name][STYLE_MODEL]}
-            conditioners[name] = build_style_conditioner(style_cfg, output_dim=kwargs["dim"], device=device)
+            conditioners[name] = build_style_conditioner(style_cfg, kwargs["dim"], device, feature_extractor)
         elif name in rest.conditioners:
             conditioners[name] = rest.conditioners[name]
     provider = ConditioningProvider(conditioners, device=device).to(device)

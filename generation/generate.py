@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from core import audio, versions, weights
 from core.params import InputError
+from generation import style
 from generation.params import DEFAULT_BASE, FINE_TUNED, PredictParams
 
 logger = logging.getLogger(__name__)
@@ -203,22 +204,35 @@ class Generator:
         self, params: PredictParams, *, sample_fn: SampleFn | None = None, progress: bool = True
     ) -> GenerationResult:
         input_audio = load_input_audio(params)
+        style_audio = style.load_style_audio(params)
         validate_request(params, input_audio)
+        style.validate_request(params, style_audio)
         model = self.model_for(model_key(params, self.setup_weights))
         validate_for_model(params, model, input_audio)
+        style.validate_for_model(params, model, style_audio, input_audio)
         mbd = self.mbd(model) if params.multi_band_diffusion else None
 
         seed = resolve_seed(params.seed)
         seed_everything(seed)
-        tokens = generate_tokens(model, params, input_audio, sample_fn=sample_fn, progress=progress)
+        tokens = generate_tokens(
+            model, params, input_audio, sample_fn=sample_fn, progress=progress, style_audio=style_audio
+        )
         wav = decode(model, tokens, mbd)[0]
         wav = normalize(wav, params.normalization_strategy, model.sample_rate)
         return GenerationResult(wav=wav.cpu(), sample_rate=model.sample_rate, seed=seed, tokens=tokens[0].cpu())
 
 
-def build_conditions(model, params: PredictParams, input_audio: tuple[torch.Tensor, int] | None):
+def build_conditions(
+    model,
+    params: PredictParams,
+    input_audio: tuple[torch.Tensor, int] | None,
+    style_audio: tuple[torch.Tensor, int] | None = None,
+):
     """(attributes, prompt_tokens `[1, K, T]` or None) for one sample, as audiocraft's MusicGen builds them."""
     from audiocraft.data.audio_utils import convert_audio
+
+    if style.is_style_model(model):
+        return style.build_conditions(model, params, input_audio, style_audio)
 
     description = params.prompt if params.prompt and params.prompt.strip() else None
     if input_audio is None:
@@ -245,6 +259,7 @@ def generate_tokens(
     *,
     sample_fn: SampleFn | None = None,
     progress: bool = True,
+    style_audio: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Sample `[B, K, T]` tokens for `params.duration` seconds, prompt tokens included.
 
@@ -261,8 +276,9 @@ def generate_tokens(
         "top_p": params.top_p,
         "cfg_coef": params.classifier_free_guidance,
         "two_step_cfg": False,
+        **style.gen_params(model, params),
     }
-    attributes, prompt_tokens = build_conditions(model, params, input_audio)
+    attributes, prompt_tokens = build_conditions(model, params, input_audio, style_audio)
     frame_rate, window = model.frame_rate, model.max_duration
     total_len = int(params.duration * frame_rate)
     bar = tqdm(total=total_len, desc="generating", unit="step", disable=not progress, leave=False)

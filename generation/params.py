@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.params import param
-from core.versions import MODEL_VERSIONS
+from core.versions import ALL_MODEL_VERSIONS
 
 FINE_TUNED = "fine-tuned"
 DEFAULT_BASE = "stereo-melody-large"
@@ -19,8 +19,8 @@ class PredictParams:
         FINE_TUNED,
         "Model to use. `fine-tuned`: the weights this model was trained into (or `replicate_weights`); "
         f"without any fine-tuned weights it falls back to `{DEFAULT_BASE}`. The `tiny*` models are small random "
-        "models for offline tests.",
-        choices=(FINE_TUNED, *MODEL_VERSIONS),
+        "models for offline tests. `style`: MusicGen-Style (a prompt and/or `style_audio`).",
+        choices=(FINE_TUNED, *ALL_MODEL_VERSIONS),
     )
     prompt: str | None = param(None, "A description of the music you want to generate. Empty: unconditional.")
     input_audio: str | None = param(
@@ -68,4 +68,30 @@ class PredictParams:
         None,
         "URL or path of a trained_model.tar (the output of a training). Empty: the weights this model was "
         "started with (COG_WEIGHTS), if any.",
+    )
+    style_audio: str | None = param(
+        None,
+        "MusicGen-Style models (`style`, `tiny-style`): an audio file whose style the music follows (an excerpt of "
+        "`style_excerpt_length` seconds is taken from it). With a prompt too: text + style.",
+        file=True,
+    )
+    style_excerpt_length: float = param(
+        3.0,
+        "Style models: length in seconds of the excerpt of `style_audio` that sets the style (at most the length of "
+        "`style_audio`).",
+        ge=1.5,
+        le=4.5,
+    )
+    style_eval_q: int = param(
+        3,
+        "Style models: how many of the style conditioner's quantization levels are kept. Fewer: the music follows "
+        "`style_audio` more loosely.",
+        ge=1,
+        le=6,
+    )
+    classifier_free_guidance_beta: float | None = param(
+        None,
+        "Style models with a prompt and `style_audio`: double classifier-free guidance, pushing the prompt this many "
+        "times more than the style (1 to 9 is typical; 1 = single guidance). Empty: single classifier-free guidance.",
+        ge=0,
     )
