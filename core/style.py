@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from audiocraft.data.audio_utils import convert_audio
 from audiocraft.models import builders
-from audiocraft.models.lm import LMModel
+from audiocraft.models.lm import LMModel, LMOutput
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout, ConditioningProvider, WaveformConditioner
 from audiocraft.modules.transformer import StreamingTransformer
 from audiocraft.quantization import ResidualVectorQuantizer
@@ -214,6 +214,9 @@ class StyleConditioner(WaveformConditioner):
         self.frozen = False
         # (start, length) in samples of the last excerpt, per forward pass (one excerpt window per batch).
         self.last_excerpt: tuple[int, int] | None = None
+        # Training: a callable WavCondition -> WavCondition putting each example's audio into the batch (whose
+        # wav conditions carry only the clip path and crop start); see training/style.py.
+        self.audio_source: tp.Callable[[tp.Any], tp.Any] | None = None
 
     # ---------------------------------------------------------------------------------------- settings
 
@@ -242,6 +245,11 @@ class StyleConditioner(WaveformConditioner):
             for module in self.children():
                 module.eval()
         return self
+
+    def tokenize(self, x: tp.Any) -> tp.Any:
+        if self.training and self.audio_source is not None:
+            x = self.audio_source(x)
+        return super().tokenize(x)
 
     def _downsampling_factor(self) -> float:
         """Audio samples per condition step."""
@@ -453,9 +461,31 @@ def drop_text(conditions: list) -> list:
 
 
 class StyleLMModel(LMModel):
-    """audiocraft's `LMModel` plus `cfg_coef_beta` (double classifier-free guidance) in `generate`."""
+    """audiocraft's `LMModel` plus `cfg_coef_beta` (double classifier-free guidance) in `generate`, and, while
+    training, no loss on the frames the style excerpt was taken from (`compute_predictions`' mask)."""
 
     _double_cfg: tuple[dict, float, float] | None = None
+
+    def compute_predictions(  # type: ignore[override]
+        self,
+        codes: torch.Tensor,
+        conditions: list,
+        condition_tensors: dict | None = None,
+        stage: int = -1,
+        keep_only_valid_steps: bool = True,
+    ) -> LMOutput:
+        """As `LMModel.compute_predictions`; in training, the mask `[B, K, T]` is also False where the style
+        excerpt of this batch lies (audiocraft's solver does the same: otherwise the LM learns to copy it).
+        Call it after computing this batch's `condition_tensors`."""
+        output = super().compute_predictions(codes, conditions, condition_tensors, stage, keep_only_valid_steps)
+        if not self.training:
+            return output
+        mask = output.mask
+        for conditioner in style_conditioners(self).values():
+            excerpt = conditioner.excerpt_mask(codes.shape[0], codes.shape[-1])
+            if excerpt is not None:
+                mask = mask & excerpt.to(mask.device)
+        return LMOutput(output.logits, mask)
 
     @torch.no_grad()
     def generate(  # type: ignore[override]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from core import tiny
-from core.versions import CHECKPOINT_FILES, PRETRAINED, ModelUnavailableError
+from core.versions import CHECKPOINT_FILES, PRETRAINED, STYLE_PRETRAINED, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +75,15 @@ def compression_package(base: str) -> dict:
     """The compression part for base model `base` (a model_version or a local model folder)."""
     import audiocraft
 
-    if base in PRETRAINED or base.startswith("facebook/musicgen"):
+    if base in PRETRAINED or base in STYLE_PRETRAINED or base.startswith("facebook/musicgen"):
         return {
             "pretrained": PRETRAINED_COMPRESSION,
-            "base_model": PRETRAINED.get(base, base),
+            "base_model": {**PRETRAINED, **STYLE_PRETRAINED}.get(base, base),
             "exported": True,
             "version": audiocraft.__version__,
         }
-    folder = tiny.ensure_tiny(base) if base in tiny.TINY_VERSIONS else Path(base)
+    tiny_versions = (*tiny.TINY_VERSIONS, *tiny.STYLE_TINY_VERSIONS)
+    folder = tiny.ensure_tiny(base) if base in tiny_versions else Path(base)
     return torch.load(folder / "compression_state_dict.bin", map_location="cpu", weights_only=True)
 
 
@@ -243,6 +244,15 @@ def read_finetune_info(folder: str | Path) -> dict[str, tp.Any]:
         raise WeightsError(f"{FINETUNE_FILE} is not valid JSON ({e}).") from None
 
 
+def _load_lm(folder: Path, device: str, load_lm_model: tp.Callable[..., tp.Any]) -> tp.Any:
+    """audiocraft's loader, or ours for MusicGen-Style fine-tunes (audiocraft 1.3.0 has no style conditioner)."""
+    from core import style
+
+    if style.is_style_folder(folder):
+        return style.load_style_lm(folder, device)
+    return load_lm_model(str(folder), device=device)
+
+
 def load_trained_model(weights: str | Path, device: str | None = None):
     """A fine-tuned MusicGen from a `trained_model.tar` (path or URL) or its extracted folder.
 
@@ -261,7 +271,7 @@ def load_trained_model(weights: str | Path, device: str | None = None):
     model_home = tiny.ensure_tiny(base) if base in tiny.TINY_VERSIONS else folder
     try:
         with tiny.tiny_demucs(model_home):
-            lm = load_lm_model(str(folder), device=device)
+            lm = _load_lm(folder, device, load_lm_model)
         pkg = torch.load(folder / "compression_state_dict.bin", map_location="cpu", weights_only=True)
         compression = None
         if "pretrained" in pkg and pkg.get("base_model"):

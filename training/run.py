@@ -134,6 +134,7 @@ def setup_training(params: TrainParams, dataset: tp.Any, output_dir: Path, dist:
     """Load the base model (compression model frozen), encode the clips once, melody chroma once, plan the run."""
     from core.versions import load_musicgen
     from training.melody import melody_conditioners, prepare_melody_training
+    from training.style import prepare_style_training
 
     model = load_musicgen(params.model_version, dist.device)
     compression, lm = model.compression_model, model.lm
@@ -145,6 +146,7 @@ def setup_training(params: TrainParams, dataset: tp.Any, output_dir: Path, dist:
     melody = melody_conditioners(lm)
     if melody:
         prepare_melody_training(lm, clips, cache_dir, dist, model_key=params.model_version)
+    styled = prepare_style_training(lm, seed=params.seed + dist.rank)  # MusicGen-Style: {} for other models
     plan = plan_run(
         params,
         n_clips=len(clips),
@@ -160,7 +162,7 @@ def setup_training(params: TrainParams, dataset: tp.Any, output_dir: Path, dist:
         frame_rate=compression.frame_rate,
         sample_rate=compression.sample_rate,
         text_conditions=lm.condition_provider.text_conditions,
-        wav_conditions=list(melody),
+        wav_conditions=[*melody, *styled],
     )
     if dist.is_main:
         logger.info(
