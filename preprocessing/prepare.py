@@ -187,7 +187,7 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
                     raise RuntimeError(f"clip name collision: {name}")
                 written.add(name.casefold())
                 clip_path = clips_dir / name
-                sf.write(str(clip_path), segment, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+                sf.write(str(clip_path), _to_pcm16(segment), SAMPLE_RATE, subtype="PCM_16", format="WAV")
                 track.clips.append(
                     PreparedClip(
                         path=clip_path,
@@ -268,6 +268,13 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         shutil.rmtree(unpack_dir, ignore_errors=True)
     logger.info(summary(dataset))
     return dataset
+
+
+def _to_pcm16(segment: np.ndarray) -> np.ndarray:
+    """`[T, C]` float in [-1, 1] to int16, rounded (numpy does it ~3x cheaper than libsndfile's converter)."""
+    scaled = segment * 32767.0
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.int16)
 
 
 def summary(dataset: PreparedDataset) -> str:

@@ -1,0 +1,173 @@
+"""Benchmark: real-time factor of dataset preparation (unpack + decode + resample + cut + write + key/bpm),
+without vocal removal and without tags, on a synthesized upload that looks like a real one (mostly mp3 and wav,
+44.1/48 kHz stereo, a few minutes per track, zipped).
+
+    .venv/bin/python bench/prepare.py [--minutes 20] [--tracks 8] [--repeat 1]
+
+Prints the real-time factor measured in this run (seconds of audio prepared per second of wall time; goal >= 50)
+and appends one JSON line to bench/results/prepare.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from core.params import from_kwargs  # noqa: E402
+from preprocessing import PrepareParams, prepare  # noqa: E402
+
+GOAL = 50.0
+# (extension, sample rate, share of the tracks): a typical upload is mostly mp3 and wav.
+MIX = [(".mp3", 44100), (".wav", 44100), (".mp3", 44100), (".flac", 48000), (".wav", 48000), (".m4a", 44100)]
+
+
+def music_like(seconds: float, sr: int, seed: int) -> np.ndarray:
+    """`[T, 2]` float32: chords changing every beat, a noise-burst beat and some hiss (so encoders and the
+    analysis have real work, unlike a pure tone)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    bpm = 90 + 10 * (seed % 5)
+    beat = 60.0 / bpm
+    root = 110.0 * 2 ** (rng.integers(0, 12) / 12)
+    step = (t // beat).astype(int) % 4
+    chord = root * np.array([1.0, 1.26, 1.5, 1.68])[step]
+    sig = 0.2 * np.sin(2 * np.pi * chord * t) + 0.1 * np.sin(2 * np.pi * 1.5 * chord * t)
+    env = np.exp(-(t % beat) / 0.02)
+    sig += 0.3 * env * rng.standard_normal(n) + 0.01 * rng.standard_normal(n)
+    stereo = np.stack([sig, np.roll(sig, 200)], axis=1)
+    return (0.5 * stereo).astype(np.float32)
+
+
+def build_upload(folder: Path, minutes: float, n_tracks: int) -> tuple[Path, float]:
+    from tests.preprocessing.audio_files import write_audio
+
+    seconds_each = minutes * 60 / n_tracks
+    files = []
+    for i in range(n_tracks):
+        ext, sr = MIX[i % len(MIX)]
+        path = folder / "src" / f"artist {i % 3}" / f"track {i:02d}{ext}"
+        write_audio(path, music_like(seconds_each, sr, seed=i), sr)
+        files.append(path)
+    upload = folder / "upload.zip"
+    with zipfile.ZipFile(upload, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            zf.write(f, f.relative_to(folder / "src").as_posix())
+    return upload, seconds_each * n_tracks
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its finished children (the essentia worker)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="total minutes of audio in the upload")
+    parser.add_argument("--tracks", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the median is reported (and the best)")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "prepare.jsonl")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        upload, audio_seconds = build_upload(tmp, args.minutes, args.tracks)
+        print(f"upload: {args.tracks} tracks, {audio_seconds / 60:.1f} min, {upload.stat().st_size / 2**20:.1f} MiB "
+              f"zip (built in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+        params = from_kwargs(PrepareParams, dataset_path=str(upload), drop_vocals=False, auto_labeling=False)
+        runs = []
+        load_before = os.getloadavg()[0]
+        for r in range(args.repeat):
+            cpu_main, cpu_worker = _cpu()
+            start = time.perf_counter()
+            dataset = prepare(params, tmp / f"work{r}")
+            wall = time.perf_counter() - start
+            cpu_main, cpu_worker = (a - b for a, b in zip(_cpu(), (cpu_main, cpu_worker), strict=True))
+            runs.append((wall, cpu_main, cpu_worker, dataset.report))
+            print(f"run {r + 1}: {wall:.2f} s wall = {audio_seconds / wall:.1f}x real time; CPU: preparing process "
+                  f"{cpu_main:.2f} s, essentia worker {cpu_worker:.2f} s; {len(dataset.clips)} clips; "
+                  f"stages {dataset.report['timings']}")  # fmt: skip
+    runs.sort(key=lambda x: x[0])
+    wall, cpu_main, cpu_worker, report = runs[len(runs) // 2]
+    best = runs[0][0]
+    rtf = audio_seconds / wall
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "bench": "prepare",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": machine(),
+        "audio_seconds": round(audio_seconds, 1),
+        "tracks": args.tracks,
+        "clips": report["clips"],
+        "wall_seconds": round(wall, 3),
+        "real_time_factor": round(rtf, 1),
+        "best_real_time_factor": round(audio_seconds / best, 1),
+        # CPU seconds each process spent: on an idle machine the two run side by side (one core each), so
+        # audio / max(cpu) bounds the real-time factor there; a loaded machine (see load_average) reads lower.
+        "cpu_seconds_main": round(cpu_main, 2),
+        "cpu_seconds_worker": round(cpu_worker, 2),
+        "cpu_bound_real_time_factor": round(audio_seconds / max(cpu_main, cpu_worker, 1e-9), 1),
+        "load_average_before": round(load_before, 2),
+        "goal_real_time_factor": GOAL,
+        "meets_goal": rtf >= GOAL,
+        "stage_seconds": report["timings"],
+        "runs": len(runs),
+        "peak_rss_mib": round(peak_rss_mib, 1),
+        "settings": "drop_vocals=false auto_labeling=false (decode+resample+cut+write+key/bpm)",
+    }
+    print(
+        f"\nprepare: {audio_seconds / 60:.1f} min of audio in {wall:.2f} s (median of {len(runs)}) = {rtf:.1f}x real "
+        f"time, best {result['best_real_time_factor']}x (goal >= {GOAL:.0f}x: {'met' if rtf >= GOAL else 'NOT met'}) "
+        f"on {result['machine']}, load average {load_before:.1f} before the runs\n"
+        f"CPU: {cpu_main:.2f} s preparing + {cpu_worker:.2f} s essentia worker (in parallel) -> "
+        f"{result['cpu_bound_real_time_factor']}x real time when each has a free core"
+    )
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
