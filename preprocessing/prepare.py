@@ -259,11 +259,18 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         write_manifest(dataset)
         report = _report(params, unpacked, tracks, skipped, clips_skipped, results, warnings, timings, started)
         report["descriptions"] = dict(sources)
+        used = {_description_file(t.rel, text_index) for t in tracks}
+        report["unmatched_text_files"] = [t for t in unpacked.texts if t not in used]
         dataset.report = report
         write_report(folder, report)
     finally:
         if analyzer is not None:
             analyzer.close()
+        if remover is not None and remover.device.startswith("cuda"):
+            import torch
+
+            del remover  # give the GPU back to training, which starts right after
+            torch.cuda.empty_cache()
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(unpack_dir, ignore_errors=True)
     logger.info(summary(dataset))

@@ -176,6 +176,7 @@ def test_descriptions_text_file_auto_labels_and_trigger(prepared):
     assert auto[0].description.startswith(f"mgft, {fake_essentia.EXPECTED_CAPTION_TAGS}, in ")
     assert auto[0].description.endswith(" bpm")
     assert dataset.report["descriptions"] == {"text_file": 1, "auto_labels": len(TRACKS) - 1}
+    assert dataset.report["unmatched_text_files"] == []
     assert dataset.report["labels"]["genre"] == {
         g: len(TRACKS) - 1 for g in ("jazz", "bossa nova", "electronic", "house")
     }
@@ -284,10 +285,12 @@ def test_one_same_description_wins_and_unconditional_is_allowed(tmp_path):
     src = tmp_path / "src"
     _small_tracks(src)
     (src / "b.txt").write_text("ignored when one_same_description is set")
+    (src / "album" / "orphan.txt").write_text("no track of that name")
     upload = _zip_folder(src, tmp_path / "d.zip")
     dataset = prepare(params(upload, one_same_description="  dreamy synthwave  ", trigger="zq"), tmp_path / "w1")
     assert {c.description for c in dataset.clips} == {"zq, dreamy synthwave"}
     assert dataset.report["descriptions"] == {"one_same_description": 2}
+    assert dataset.report["unmatched_text_files"] == ["album/orphan.txt"]
     plain = prepare(params(upload), tmp_path / "w2")  # no labels, no text for a.flac: unconditional
     assert {c.source: c.description for c in plain.clips} == {
         "album/a.flac": "",
