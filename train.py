@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python train.py --dataset_path songs.zip --model_version tiny --epochs 1 --output_dir out/`"""
     from core.params import InputError
     from core.versions import ModelUnavailableError
+    from training.loop import TrainingInterrupted
 
     parser = build_parser(
         TrainParams, prog="train.py", description="Fine-tune MusicGen on your audio (the inputs of `cog train`)."
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}. Continue with --resume_from {output_dir / 'checkpoints'}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process ended by it
     print(f"Wrote {tar}")
     return 0
 

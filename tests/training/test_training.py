@@ -101,27 +101,34 @@ def four_clips(tmp_path_factory):
     """Four clips, all at least as long as the crop: every example has the same number of valid tokens."""
     root = tmp_path_factory.mktemp("four")
     specs = [{"seconds": 2.2 + 0.1 * i, "freq": 200.0 + 60 * i, "description": f"d{i}"} for i in range(4)]
-    return make_prepared(root / "prepared", specs)
+    make_prepared(root / "prepared", specs)
+    return root / "prepared"
 
 
-def train_direct(dataset, tmp_path, **overrides):
+@pytest.fixture(scope="module")
+def shared_work(tmp_path_factory):
+    """One output folder for the tests below: its token cache is filled once."""
+    return tmp_path_factory.mktemp("work")
+
+
+def train_direct(dataset, work, tmp_path, **overrides):
     """setup_training + train_loop in this process (what run_worker does, without export)."""
     params = tiny_params(dataset, **overrides)
-    setup = setup_training(params, load_prepared(dataset), tmp_path, DistInfo())
+    setup = setup_training(params, load_prepared(dataset), work, DistInfo())
     result = train_loop(setup.model.lm, setup.tokens, params, setup.plan, DistInfo(), tmp_path / "checkpoints")
     return setup.model.lm, result
 
 
-def test_gradient_accumulation_matches_the_full_batch(four_clips, tmp_path):
+def test_gradient_accumulation_matches_the_full_batch(four_clips, shared_work, tmp_path):
     common = {"batch_size": 4, "epochs": 1, "updates_per_epoch": 3, "cfg_p": 0.0, "optimizer": "adamw", "lr": 1e-3}
-    _, full = train_direct(four_clips, tmp_path / "a", grad_accumulation=1, **common)
-    _, accumulated = train_direct(four_clips, tmp_path / "b", grad_accumulation=2, **common)
+    _, full = train_direct(four_clips, shared_work, tmp_path / "a", grad_accumulation=1, **common)
+    _, accumulated = train_direct(four_clips, shared_work, tmp_path / "b", grad_accumulation=2, **common)
     assert [h["loss"] for h in accumulated.history] == pytest.approx([h["loss"] for h in full.history], abs=1e-5)
     for k, v in full.state_dict.items():
         torch.testing.assert_close(accumulated.state_dict[k], v, atol=1e-5, rtol=1e-4)
 
 
-def test_ema_weights_are_exported(four_clips, tmp_path):
+def test_ema_weights_are_exported(four_clips, shared_work, tmp_path):
     snapshots = []
     lm_holder = {}
 
@@ -129,7 +136,7 @@ def test_ema_weights_are_exported(four_clips, tmp_path):
         snapshots.append({k: v.detach().clone() for k, v in lm_holder["lm"].named_parameters()})
 
     params = tiny_params(four_clips, epochs=1, updates_per_epoch=3, ema=True, optimizer="adamw", lr=1e-3)
-    setup = setup_training(params, load_prepared(four_clips), tmp_path, DistInfo())
+    setup = setup_training(params, load_prepared(four_clips), shared_work, DistInfo())
     lm_holder["lm"] = setup.model.lm
     initial = {k: v.detach().clone() for k, v in setup.model.lm.named_parameters()}
     lm, tokens, plan = setup.model.lm, setup.tokens, setup.plan
@@ -143,11 +150,37 @@ def test_ema_weights_are_exported(four_clips, tmp_path):
         assert not torch.equal(result.state_dict[name], snapshots[-1][name]) or torch.equal(w0, snapshots[-1][name])
 
 
-def test_non_finite_loss_stops_naming_the_step_and_saves_nothing(four_clips, tmp_path):
+def test_non_finite_loss_stops_naming_the_step_and_saves_nothing(four_clips, shared_work, tmp_path):
     params = tiny_params(four_clips, epochs=1, updates_per_epoch=3, save_every=1)
-    setup = setup_training(params, load_prepared(four_clips), tmp_path, DistInfo())
+    setup = setup_training(params, load_prepared(four_clips), shared_work, DistInfo())
     with torch.no_grad():
         next(setup.model.lm.parameters()).fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
         train_loop(setup.model.lm, setup.tokens, params, setup.plan, DistInfo(), tmp_path / "checkpoints")
     assert ckpt.list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_a_cancel_between_steps_saves_the_completed_steps(four_clips, shared_work, tmp_path):
+    """Cog cancels by raising CancelationException (a BaseException) in the training thread; Ctrl-C alike."""
+    params = tiny_params(four_clips, epochs=1, updates_per_epoch=10, save_every=0)
+    setup = setup_training(params, load_prepared(four_clips), shared_work, DistInfo())
+
+    def cancel_at_step_3(metrics):
+        if metrics["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(
+            setup.model.lm,
+            setup.tokens,
+            params,
+            setup.plan,
+            DistInfo(),
+            tmp_path / "checkpoints",
+            on_metrics=cancel_at_step_3,
+        )
+    saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in saved] == ["checkpoint-00000003.pt"]
+    state = ckpt.load_checkpoint(saved[0])
+    for k, v in setup.model.lm.state_dict().items():
+        assert torch.equal(state["model"][k], v)

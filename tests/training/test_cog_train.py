@@ -1,0 +1,80 @@
+"""`cog train` end to end: the real Cog server in train mode, a zip upload, weights out, a predict server on them."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from core import weights
+from tests.helpers import CogServer, data_uri, decode_data_uri, tone
+
+pytestmark = pytest.mark.slow
+
+
+def make_zip(path, sr=44100):
+    """Two tracks (one stereo flac at 44.1 kHz, one mono wav) with a description text file for one."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, channels, fmt, freq in (("songs/a.flac", 2, "FLAC", 220.0), ("songs/b.wav", 1, "WAV", 330.0)):
+            buffer = io.BytesIO()
+            sf.write(buffer, tone(5.5, sr, channels, freq=freq), sr, format=fmt)
+            z.writestr(name, buffer.getvalue())
+        z.writestr("songs/b.txt", "warm bass groove")
+    return path
+
+
+def test_cog_train_then_predict_with_the_weights(tmp_path):
+    upload = make_zip(tmp_path / "dataset.zip")
+    inputs = {
+        "dataset_path": data_uri(upload, "application/zip"),
+        "model_version": "tiny",
+        "auto_labeling": False,
+        "drop_vocals": False,
+        "trigger": "sks",
+        "epochs": 1,
+        "updates_per_epoch": 4,
+        "batch_size": 2,
+        "segment_duration": 2.0,
+        "sample_duration": 0.5,
+    }
+    trainer = CogServer(tmp_path, train=True)
+    try:
+        assert trainer.wait_ready()["status"] == "READY", trainer.log()[-3000:]
+        status, body = trainer.post("/trainings", {"input": inputs})
+    finally:
+        trainer.stop()
+    assert status == 200 and body["status"] == "succeeded", (body.get("error"), trainer.log()[-4000:])
+    tar = tmp_path / "trained_model.tar"
+    tar.write_bytes(decode_data_uri(body["output"]["weights"]))
+    with tarfile.open(tar) as archive:
+        info = json.load(archive.extractfile("finetune.json"))
+    assert info["base_model"] == "tiny" and info["trigger"] == "sks"
+    assert info["descriptions"] == ["sks", "sks, warm bass groove"]  # the trigger word leads every description
+    assert weights.load_trained_model(tar, device="cpu").lm is not None
+
+    predictor = CogServer(tmp_path, env={"COG_WEIGHTS": str(tar), "MGFT_PRELOAD": ""})
+    try:
+        assert predictor.wait_ready()["status"] == "READY", predictor.log()[-3000:]
+        status, body = predictor.post("/predictions", {"input": {"prompt": "sks, warm bass groove", "duration": 1}})
+    finally:
+        predictor.stop()
+    assert body["status"] == "succeeded", (body.get("error"), predictor.log()[-4000:])
+    audio, sr = sf.read(io.BytesIO(decode_data_uri(body["output"])), always_2d=True)
+    assert sr == 32000 and audio.shape == (32000, 1) and np.abs(audio).max() > 0
+
+
+def test_cog_train_refuses_bad_inputs_naming_them(tmp_path):
+    trainer = CogServer(tmp_path, train=True)
+    try:
+        assert trainer.wait_ready()["status"] == "READY", trainer.log()[-3000:]
+        _, body = trainer.post("/trainings", {"input": {"dataset_path": "x.zip", "optimizer": "adamw", "lr": 1}})
+        _, missing = trainer.post("/trainings", {"input": {"model_version": "tiny"}})
+    finally:
+        trainer.stop()
+    assert body["status"] == "failed" and "'lr'" in body["error"] and "1e-5" in body["error"]
+    assert missing["status"] == "failed" and "dataset_path" in missing["error"]

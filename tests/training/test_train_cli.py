@@ -1,0 +1,94 @@
+"""`python train.py ... --output_dir`: the same run as `cog train`, stopped by SIGTERM and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from core import weights
+from tests.helpers import ROOT
+from tests.training.conftest import make_prepared
+from training import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(path, text, proc, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {text!r}:\n{path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"no {text!r} after {timeout} s:\n{path.read_text()[-3000:]}")
+
+
+def test_cli_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    dataset = make_prepared(
+        tmp_path / "prepared",
+        [{"seconds": 2.5, "description": "calm piano"}, {"seconds": 2.0, "freq": 330.0, "description": "fast drums"}],
+    )
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--dataset_path",
+        str(dataset),
+        "--model_version",
+        "tiny",
+        "--epochs",
+        "1",
+        "--updates_per_epoch",
+        "40",
+        "--batch_size",
+        "2",
+        "--segment_duration",
+        "2",
+        "--sample_duration",
+        "0",
+        "--output_dir",
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            wait_for(log, "step 1/40", proc)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert code == 143, text[-3000:]
+    assert "Training stopped by SIGTERM after step" in text and "--resume_from" in text
+    saved = ckpt.list_checkpoints(out / "checkpoints")
+    assert len(saved) == 1 and not (out / "trained_model.tar").exists()
+    state = ckpt.load_checkpoint(saved[0])
+    assert 1 <= state["step"] < 40 and len(state["history"]) == state["step"]
+
+    done = subprocess.run(
+        [*args, "--resume_from", str(out / "checkpoints")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Resumed at step {state['step']} of 40" in done.stderr
+    tar = out / "trained_model.tar"
+    with tarfile.open(tar) as archive:
+        info = json.load(archive.extractfile("finetune.json"))
+    assert info["training"]["steps"] == 40
+    assert info["training"]["first_loss"] == pytest.approx(state["history"][0]["loss"])
+    assert weights.load_trained_model(tar, device="cpu").lm is not None
