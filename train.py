@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path as _Path
 
-from cog import BaseModel, Input, Path
+from cog import BaseModel, FieldInfo, Input, Path
 
 from core.params import build_parser, from_kwargs
 from training.params import TrainParams
@@ -213,7 +213,9 @@ def train(
     ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
-    params = from_kwargs(TrainParams, **{k: v for k, v in locals().items() if k in _FIELDS})
+    # Called from Python rather than by Cog, an omitted input is still its `Input(...)`: take its default.
+    inputs = {k: (v.default if isinstance(v, FieldInfo) else v) for k, v in locals().items() if k in _FIELDS}
+    params = from_kwargs(TrainParams, **inputs)
     output_dir = _Path(tempfile.mkdtemp(prefix="musicgen-train-"))
     tar = run_training(params, output_dir)
     return TrainingOutput(weights=Path(tar))

@@ -145,3 +145,9 @@ def test_an_empty_prepared_folder_is_refused(tmp_path):
     with pytest.raises(InputError) as err:
         run_training(tiny_params(folder), tmp_path / "out")
     assert err.value.name == "dataset_path"
+
+
+def test_train_called_from_python_takes_the_defaults_of_omitted_inputs():
+    with pytest.raises(InputError) as err:
+        train.train(dataset_path="x.zip", optimizer="adamw", lr=1.0)
+    assert err.value.name == "lr"
