@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import random
 import resource
 import signal
 import threading
@@ -266,6 +267,9 @@ def train_loop(
                 e.copy_(saved)
         rng = resume_state["rng"]
         torch.set_rng_state(rng["torch"])
+        if rng.get("python") is not None:
+            version, state, gauss = rng["python"]
+            random.setstate((version, tuple(state), gauss))
         lm.cfg_dropout.rng.set_state(rng["cfg_dropout"])
         lm.att_dropout.rng.set_state(rng["att_dropout"])
         history = list(resume_state.get("history", []))
@@ -283,6 +287,7 @@ def train_loop(
             "ema": [e.cpu() for e in ema] if ema is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
+                "python": random.getstate(),  # MusicGen-Style draws its excerpts from `random`
                 "cfg_dropout": lm.cfg_dropout.rng.get_state(),
                 "att_dropout": lm.att_dropout.rng.get_state(),
             },
