@@ -136,7 +136,7 @@ def run_config(model, initial_state, dataset, mode, precision, args, device):
     step_module = TrainStep(lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
-    times, losses = [], []
+    times, data_times, losses = [], [], []
     reset_peak_memory(device)
     for step in range(args.warmup + args.steps):
         plan = dataset.plan(step, global_batch=args.batch, steps_per_epoch=1000, seed=0)
@@ -148,6 +148,9 @@ def run_config(model, initial_state, dataset, mode, precision, args, device):
             codes, mask, attributes = batch.codes.to(device), batch.mask.to(device), batch.attributes
         else:
             codes, mask, attributes = reencoded_batch(model, dataset, plan, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t_data = time.perf_counter() - t0
         autocast = (
             torch.autocast(device_type=device.split(":")[0], dtype=dtype)
             if dtype
@@ -163,11 +166,13 @@ def run_config(model, initial_state, dataset, mode, precision, args, device):
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            data_times.append(t_data)
             losses.append(float(loss.detach()))
     return {
         "mode": mode,
         "precision": precision,
         "step_s": statistics.median(times),
+        "data_s": statistics.median(data_times),  # producing the batch's codes: cropping, or reading + encoding
         "loss": statistics.mean(losses),
         "peak_mb": round(peak_mb(device), 1),
     }
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_config(model, initial, dataset, mode, precision, args, device)
                 rows.append(row)
                 print(
-                    f"{mode:9s} {precision}: {row['step_s']:.3f} s/step, loss {row['loss']:.4f}, "
+                    f"{mode:9s} {precision}: {row['step_s']:.3f} s/step (codes {row['data_s']:.3f} s), "
+                    f"loss {row['loss']:.4f}, "
                     f"peak {row['peak_mb']:.0f} MB",
                     flush=True,
                 )
