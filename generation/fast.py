@@ -32,6 +32,7 @@ import logging
 import typing as tp
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,19 @@ logger = logging.getLogger(__name__)
 QUANTIZE_CHOICES = (None, "int8", "bf16", "fp16")
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _SUPPORTED_FUSE = {"cross", "prepend"}
-# The per-tensor activation range of the int8 kernels is 7 bits: no int16 saturation on CPUs without VNNI.
-INT8_REDUCE_RANGE = True
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags or " amx_int8" in flags
+
+
+# Activations are quantized per call to 8 bits where the CPU multiplies u8 x s8 in 32-bit (VNNI): 3-4x lower KL
+# than 7 bits. Without VNNI, fbgemm sums pairs of products in int16, which 8-bit activations can saturate.
+INT8_REDUCE_RANGE = not _cpu_has_vnni()
 
 Callback = tp.Callable[[int, int], None]
 
@@ -226,6 +238,9 @@ class FastLM:
         self.head_dim = self.dim // self.num_heads
         self.max_period = tr.max_period
         self.positional_scale = tr.positional_scale
+        # The exact path keeps audiocraft's attention kernel (SDPA); quantized CPU paths use the faster one-step form.
+        exact = quantize is None or device.type != "cpu"
+        self.attend: tp.Callable[..., torch.Tensor] = F.scaled_dot_product_attention if exact else _attend_small
         self.emb = [e.weight if half is None else e.weight.detach().to(half) for e in lm.emb]
         with torch.no_grad():
             self.blocks = [self._block(layer, quantize, norm_dtype) for layer in tr.layers]
@@ -294,8 +309,9 @@ class FastLM:
         from audiocraft.modules.transformer import create_sin_embedding
 
         positions = torch.arange(length, device=self.device).view(1, -1, 1)
-        table = create_sin_embedding(positions, self.dim, max_period=self.max_period, dtype=self.dtype)
-        return self.positional_scale * table
+        # Always in fp32: bf16 cannot even represent the positions past 256 (a melody prepends ~940 frames).
+        table = create_sin_embedding(positions, self.dim, max_period=self.max_period, dtype=torch.float32)
+        return (self.positional_scale * table).to(self.dtype)
 
     def cross_kv(self, src: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per layer `(k, v)`, each `[N, H, T_cond, d]`, projected once from the cross-attention source."""
@@ -340,6 +356,19 @@ def _new_state(fast: FastLM, n: int, max_len: int, cross_src: torch.Tensor | Non
     return _State(k_cache, v_cache, cross, fast.positional_table(max_len))
 
 
+def _attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    """Attention for a single query step on CPU: `[N, H, 1, d]` x `[N, H, L, d]` -> `[N, H, 1, d]`.
+
+    Two batched matmuls and a softmax: at one query step this is ~2x faster than the CPU flash-attention kernel
+    (whose blocking and buffers are sized for long queries). Mathematically the same as SDPA, not bitwise, so the
+    exact (`quantize=None`) path keeps SDPA.
+    """
+    if is_causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 def _forward(fast: FastLM, state: _State, x: torch.Tensor) -> torch.Tensor:
     """Run `[N, T, D]` fused inputs through the transformer, extending the cache; returns the `[N, D]` last output."""
     N, T, D = x.shape
@@ -349,22 +378,21 @@ def _forward(fast: FastLM, state: _State, x: torch.Tensor) -> torch.Tensor:
     x = x.to(fast.dtype) + state.pos_table[:, start:end]
     # audiocraft's causal mask only exists when several steps go through at once (the first call).
     causal = T > 1
+    attend = fast.attend
     for i, blk in enumerate(fast.blocks):
         n1 = blk.norm1
         qkv = blk.in_proj(F.layer_norm(x, shape, n1.weight, n1.bias, n1.eps)).view(N, T, 3, H, d)
         k_cache, v_cache = state.k_cache[i], state.v_cache[i]
         k_cache[:, :, start:end] = qkv[:, :, 1].transpose(1, 2)
         v_cache[:, :, start:end] = qkv[:, :, 2].transpose(1, 2)
-        att = F.scaled_dot_product_attention(
-            qkv[:, :, 0].transpose(1, 2), k_cache[:, :, :end], v_cache[:, :, :end], is_causal=causal
-        )
+        att = attend(qkv[:, :, 0].transpose(1, 2), k_cache[:, :, :end], v_cache[:, :, :end], is_causal=causal)
         h = blk.out_proj(att.transpose(1, 2).reshape(N, T, D))
         x = x + (h if blk.scale1 is None else blk.scale1 * h)
         cross = state.cross[i]
         if cross is not None:
             nc = blk.norm_cross
             q = blk.cross_q(F.layer_norm(x, shape, nc.weight, nc.bias, nc.eps)).view(N, T, H, d).transpose(1, 2)
-            att = F.scaled_dot_product_attention(q, cross[0], cross[1])
+            att = attend(q, cross[0], cross[1])
             h = blk.cross_out(att.transpose(1, 2).reshape(N, T, D))
             x = x + (h if blk.scale_cross is None else blk.scale_cross * h)
         n2 = blk.norm2
@@ -498,6 +526,8 @@ def _decode(
     S = seq.shape[-1]
 
     x = fast.embed(seq[..., : plan.start])
+    # Conditions come out of the LM's own modules in its dtype; a half-precision copy computes in its own.
+    cond = {name: (c.to(x.dtype), mask) for name, (c, mask) in cond.items()}
     if guided:
         x = torch.cat([x, x], dim=0)
     # The LM's own fuser prepends conditions (melody chroma) and builds the cross-attention source.
@@ -530,7 +560,7 @@ def _decode(
 def _resolve(lm_or_fast: LMModel | FastLM, quantize: str | None) -> tuple[LMModel, FastLM | None]:
     """(lm, prepared fast model or None when the fast path cannot run this LM)."""
     if isinstance(lm_or_fast, FastLM):
-        if quantize != "auto" and quantize != lm_or_fast.quantize:
+        if quantize not in (None, "auto", lm_or_fast.quantize):
             raise ValueError(
                 f"this FastLM was prepared with quantize={lm_or_fast.quantize!r}, called with quantize={quantize!r}"
             )
@@ -573,7 +603,8 @@ def generate_tokens(
         cfg_coef: classifier-free guidance coefficient (None: the LM's own `cfg_coef`).
         callback: `callback(steps_done, steps_total)` after each step, as audiocraft calls it.
         quantize: None (the LM's dtype: identical tokens to audiocraft in fp32), `'int8'` (CPU), `'bf16'`,
-            `'fp16'`, or `'auto'` (`default_quantize(device)`). Ignored (must match) when `lm` is a `FastLM`.
+            `'fp16'`, or `'auto'` (`default_quantize(device)`). When `lm` is a `FastLM` its own setting is used
+            (None / 'auto' accepted, another value is an error).
     Returns:
         `[B, K, max_gen_len]` long tensor of codes in `[0, card)`.
     """
@@ -604,3 +635,154 @@ def generate_tokens(
     with torch.autocast(fast.device.type, enabled=False):
         _decode(fast, lm_model, attributes, plan, cfg_coef=cfg, choose=choose, callback=callback)
     return _finish(lm_model, plan, max_gen_len)
+
+
+class FastSampler:
+    """`lm.generate` replacement with the call shape `(lm, prompt_tokens, attributes, *, max_gen_len, callback,
+    **gen_params)`; keeps one prepared `FastLM` per LM (weakly: it goes away with the LM).
+
+    For long-lived quantized copies (`'int8'`, `'bf16'`, `'fp16'`) call `forget(lm)` after changing the LM's
+    weights; the exact path (`quantize=None`) reads the LM's own parameters and never goes stale.
+    """
+
+    def __init__(self, quantize: str | None = "auto"):
+        if quantize not in (*QUANTIZE_CHOICES, "auto"):
+            raise ValueError(f"quantize must be one of {(*QUANTIZE_CHOICES, 'auto')}, got {quantize!r}")
+        self.quantize = quantize
+        self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def prepare(self, lm: LMModel) -> FastLM | None:
+        """The prepared model for `lm` (built on first use), or None when the fast path cannot run it."""
+        if lm not in self._prepared:
+            _, fast = _resolve(lm, self.quantize)
+            self._prepared[lm] = fast
+        return self._prepared[lm]
+
+    def forget(self, lm: LMModel) -> None:
+        self._prepared.pop(lm, None)
+
+    def __call__(
+        self,
+        lm: LMModel,
+        prompt_tokens: torch.Tensor | None,
+        attributes: list[ConditioningAttributes],
+        *,
+        max_gen_len: int,
+        callback: Callback | None = None,
+        use_sampling: bool = True,
+        temp: float = 1.0,
+        top_k: int = 250,
+        top_p: float = 0.0,
+        cfg_coef: float | None = None,
+        two_step_cfg: bool | None = None,
+    ) -> torch.Tensor:
+        if two_step_cfg:
+            logger.warning("two_step_cfg=True is not implemented by the fast path: using LMModel.generate")
+            return lm.generate(
+                prompt_tokens,
+                attributes,
+                max_gen_len=max_gen_len,
+                use_sampling=use_sampling,
+                temp=temp,
+                top_k=top_k,
+                top_p=top_p,
+                cfg_coef=cfg_coef,
+                two_step_cfg=True,
+                callback=callback,
+            )
+        fast = self.prepare(lm)
+        return generate_tokens(
+            lm if fast is None else fast,
+            attributes,
+            prompt_tokens,
+            max_gen_len,
+            use_sampling=use_sampling,
+            temp=temp,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_coef=cfg_coef,
+            callback=callback,
+        )
+
+
+@dataclass
+class DistributionGap:
+    """How far a quantized model's next-token distributions are from the reference's, on the same contexts."""
+
+    quantize: str | None
+    steps: int  # sequence steps compared
+    tokens: int  # (sample, codebook, step) distributions compared (pattern-masked ones excluded)
+    kl_mean: float  # mean KL(p_ref || p_quant) in nats per token
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float  # fraction of tokens where both argmaxes agree
+    ref_entropy: float  # mean entropy of the reference distributions (nats; uniform = ln(card))
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@torch.inference_mode()
+def next_token_kl(
+    lm: LMModel,
+    attributes: list[ConditioningAttributes],
+    max_gen_len: int,
+    quantize: str | FastLM = "int8",
+    prompt_tokens: torch.Tensor | None = None,
+    top_k: int = 250,
+    cfg_coef: float | None = 3.0,
+    reference: FastLM | None = None,
+) -> DistributionGap:
+    """KL divergence of next-token distributions, quantized vs the LM's own precision, over `max_gen_len` frames.
+
+    The reference (`reference`, else the LM unquantized) samples a sequence (top-k, guided); the quantized model
+    is then teacher-forced on exactly that sequence, so both predict every step from identical contexts. The
+    distributions compared are the guided ones before temperature and top-k (`softmax(uncond + (cond - uncond) *
+    cfg_coef)`), i.e. what sampling starts from.
+    """
+    ref = reference if reference is not None else FastLM(lm, None)
+    quant = quantize if isinstance(quantize, FastLM) else FastLM(lm, quantize)
+    attributes = list(attributes)
+    batch = _check_inputs(lm, attributes, prompt_tokens, max_gen_len, top_k, 0.0, 1.0)
+    cfg = lm.cfg_coef if cfg_coef is None else cfg_coef
+    ref_logits: dict[int, torch.Tensor] = {}
+    quant_logits: dict[int, torch.Tensor] = {}
+
+    ref_plan = _plan(lm, prompt_tokens, batch, max_gen_len, ref.device)
+
+    def sample(offset: int, logits: torch.Tensor) -> torch.Tensor:
+        ref_logits[offset] = logits.float().cpu()
+        return _sample(logits, True, 1.0, top_k, 0.0)
+
+    with torch.autocast(ref.device.type, enabled=False):
+        _decode(ref, lm, attributes, ref_plan, cfg_coef=cfg, choose=sample, callback=None)
+    forced = ref_plan.gen_sequence
+    quant_plan = _plan(lm, prompt_tokens, batch, max_gen_len, quant.device)
+
+    def force(offset: int, logits: torch.Tensor) -> torch.Tensor:
+        quant_logits[offset] = logits.float().cpu()
+        return forced[..., offset : offset + 1].to(logits.device).clone()
+
+    with torch.autocast(quant.device.type, enabled=False):
+        _decode(quant, lm, attributes, quant_plan, cfg_coef=cfg, choose=force, callback=None)
+
+    kls, agree, entropies = [], [], []
+    for offset, p_logits in ref_logits.items():
+        valid = ~ref_plan.invalid[:, offset].cpu()  # [K]
+        log_p = torch.log_softmax(p_logits[:, valid], dim=-1)  # [B, K_valid, card]
+        log_q = torch.log_softmax(quant_logits[offset][:, valid], dim=-1)
+        p = log_p.exp()
+        kls.append((p * (log_p - log_q)).sum(-1).flatten())
+        agree.append((log_p.argmax(-1) == log_q.argmax(-1)).flatten())
+        entropies.append(-(p * log_p).sum(-1).flatten())
+    kl = torch.cat(kls).double()
+    return DistributionGap(
+        quantize=quant.quantize,
+        steps=len(ref_logits),
+        tokens=kl.numel(),
+        kl_mean=kl.mean().item(),
+        kl_p99=torch.quantile(kl, 0.99).item(),
+        kl_max=kl.max().item(),
+        top1_agreement=torch.cat(agree).float().mean().item(),
+        ref_entropy=torch.cat(entropies).double().mean().item(),
+    )
