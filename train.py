@@ -207,9 +207,40 @@ def train(
         le=30.0,
     ),
     method: str = Input(
-        description="What to train. full: every weight of the language model.",
+        description=(
+            "What to train. full: every weight of the language model. lora: low-rank adapters on the attention and "
+            "feed-forward projections (the tar holds only the adapter, MBs, and references the base model)."
+        ),
         default="full",
-        choices=["full"],
+        choices=["full", "lora"],
+    ),
+    lora_rank: int = Input(
+        description="method=lora: rank of each adapter (its size grows linearly with it).",
+        default=16,
+        ge=0,
+        le=1024,
+    ),
+    lora_alpha: float = Input(
+        description="method=lora: adapter scale numerator (the update is alpha/rank x B A).",
+        default=16.0,
+        ge=0.0,
+    ),
+    lora_targets: str = Input(
+        description=(
+            "method=lora: modules to adapt, comma-separated globs on module names: q, k, v (attention projections), "
+            "out_proj, linear1, linear2 (feed-forward), linears.* (output heads), self_attn.*, layers.0.*, ..."
+        ),
+        default="q,k,v,out_proj,linear1,linear2",
+    ),
+    lora_merge: bool = Input(
+        description="method=lora: export the full model with the adapter merged in, instead of the adapter alone.",
+        default=False,
+    ),
+    gradient_checkpointing: bool = Input(
+        description=(
+            "Recompute each transformer layer's activations in the backward pass: far less memory, ~30% slower."
+        ),
+        default=False,
     ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""

@@ -305,7 +305,7 @@ def tiny_demucs(model_dir: Path) -> tp.Iterator[None]:
         pretrained.get_model = original
 
 
-def _build(name: str, folder: Path) -> None:
+def _build(name: str, folder: Path, cfg: dict | None = None) -> None:
     import audiocraft
     from audiocraft.models import builders
     from omegaconf import OmegaConf
@@ -320,7 +320,7 @@ def _build(name: str, folder: Path) -> None:
     )
     if name == "tiny-melody":
         save_htdemucs_repo(folder / "htdemucs_repo")
-    cfg = lm_cfg(name)
+    cfg = cfg if cfg is not None else lm_cfg(name)
     torch.manual_seed(SEED + 1)
     with tiny_demucs(folder):
         lm = _build_lm(name, cfg)
@@ -350,4 +350,16 @@ def ensure_tiny(name: str) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def build_variant(folder: Path, base: str = "tiny", **transformer: tp.Any) -> Path:
+    """A model folder built like tiny model `base` with `transformer_lm` keys overridden (e.g. `dim=512,
+    num_layers=4`): a bigger or differently shaped model for tests and measurements, loadable as a model folder."""
+    cfg = lm_cfg(base)
+    cfg["transformer_lm"].update(transformer)
+    folder = Path(folder)
+    if not (folder / "state_dict.bin").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        _build(base, folder, cfg)
     return folder

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from core import tiny
+from core import adapters, tiny
 from core.versions import CHECKPOINT_FILES, PRETRAINED, STYLE_PRETRAINED, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -268,6 +268,8 @@ def load_trained_model(weights: str | Path, device: str | None = None):
     info = read_finetune_info(folder)
     base = str(info.get("base_model", ""))
     device = device or default_device()
+    if (folder / adapters.ADAPTER_CONFIG_FILE).is_file():
+        return _load_with_adapter(folder, info, base, device)
     model_home = tiny.ensure_tiny(base) if base in tiny.TINY_VERSIONS else folder
     try:
         with tiny.tiny_demucs(model_home):
@@ -292,5 +294,26 @@ def load_trained_model(weights: str | Path, device: str | None = None):
         lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
         lm.condition_provider.conditioners["self_wav"]._use_masking = False
     model = MusicGen(f"fine-tune of {base}" if base else str(folder), compression, lm)
+    model.finetune_info = info
+    return model
+
+
+def _load_with_adapter(folder: Path, info: dict[str, tp.Any], base: str, device: str):
+    """A LoRA fine-tune: the base model (by its model_version, as trained) with the adapter merged into its LM."""
+    from core.versions import load_musicgen
+
+    if not base:
+        raise WeightsError(f"{FINETUNE_FILE} names no base_model: the LoRA adapter in {folder} cannot be applied.")
+    if not (folder / adapters.ADAPTER_FILE).is_file():
+        raise WeightsError(f"{adapters.ADAPTER_CONFIG_FILE} without {adapters.ADAPTER_FILE} in {folder}.")
+    model = load_musicgen(base, device)
+    try:
+        adapters.apply_lora_files(model.lm, folder, merge=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise WeightsError(
+            f"The LoRA adapter in {folder} does not fit base model {base} ({type(e).__name__}: {e}); "
+            "was it trained on another model_version?"
+        ) from None
+    model.name = f"LoRA fine-tune of {base}"
     model.finetune_info = info
     return model

@@ -23,6 +23,7 @@ from core.audio import save_audio
 from training.data import ClipTokens
 from training.loop import TrainResult
 from training.melody import restore_for_generation
+from training.methods import get_method
 from training.params import TrainParams
 from training.report import plot_history
 
@@ -118,6 +119,8 @@ def export_trained_model(
             **(run_info or {}),
         },
     }
+    method_export = get_method(params.method).export(result.state_dict, model.lm, params)  # training/methods/
+    finetune.update(method_export.info)
     extra: dict[str, bytes] = {"loss.png": plot_history(history)}
     if params.sample_duration > 0:
         model.lm.load_state_dict(result.state_dict)
@@ -135,7 +138,12 @@ def export_trained_model(
     tmp = Path(tmp_name)
     try:
         weights.write_trained_model(
-            tmp, state_dict=result.state_dict, cfg=cfg, base_model=params.model_version, finetune=finetune
+            tmp,
+            state_dict=method_export.state_dict,
+            cfg=cfg,
+            base_model=params.model_version,
+            finetune=finetune,
+            extra_files=method_export.extra_files,
         )
         with tarfile.open(tmp, "a") as tar:
             for name, data in extra.items():

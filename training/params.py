@@ -28,7 +28,7 @@ __all__ = [
 OPTIMIZERS = ("dadam", "adamw")
 LR_SCHEDULERS = ("cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-METHODS = ("full",)
+METHODS = ("full", "lora")
 EMA_DECAY = 0.99
 # AdamW diverges far below this; an lr this large only makes sense for D-Adaptation (where it is a multiplier).
 ADAMW_MAX_LR = 0.1
@@ -148,7 +148,25 @@ class TrainParams:
         ge=0.0,
         le=30.0,
     )
-    method: str = param("full", "What to train. full: every weight of the language model.", choices=METHODS)
+    method: str = param(
+        "full",
+        "What to train. full: every weight of the language model. lora: low-rank adapters on the attention and "
+        "feed-forward projections (the tar holds only the adapter, MBs, and references the base model).",
+        choices=METHODS,
+    )
+    lora_rank: int = param(16, "method=lora: rank of each adapter (its size grows linearly with it).", ge=0, le=1024)
+    lora_alpha: float = param(16.0, "method=lora: adapter scale numerator (the update is alpha/rank x B A).", ge=0.0)
+    lora_targets: str = param(
+        "q,k,v,out_proj,linear1,linear2",
+        "method=lora: modules to adapt, comma-separated globs on module names: q, k, v (attention projections), "
+        "out_proj, linear1, linear2 (feed-forward), linears.* (output heads), self_attn.*, layers.0.*, ...",
+    )
+    lora_merge: bool = param(
+        False, "method=lora: export the full model with the adapter merged in, instead of the adapter alone."
+    )
+    gradient_checkpointing: bool = param(
+        False, "Recompute each transformer layer's activations in the backward pass: far less memory, ~30% slower."
+    )
 
 
 # Inputs that shape the data order, the schedule or the update: a resumed run must use the same values.
@@ -169,6 +187,9 @@ RESUME_MUST_MATCH = (
     "weight_decay",
     "ema",
     "method",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
 )
 PREPARE_FIELDS = ("dataset_path", "auto_labeling", "drop_vocals", "one_same_description", "trigger")
 
@@ -187,6 +208,9 @@ def validate(params: TrainParams) -> None:
         )
     if params.model_version not in MODEL_VERSIONS:
         raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(MODEL_VERSIONS)}")
+    from training.methods import get_method
+
+    get_method(params.method).check(params)
 
 
 def prepare_kwargs(params: TrainParams) -> dict[str, tp.Any]:

@@ -28,6 +28,7 @@ from training import dist as dist_mod
 from training.data import ClipTokens, TokenDataset, encode_clips
 from training.dist import DistInfo
 from training.loop import RunPlan, plan_run, resolve_precision, train_loop
+from training.methods import enable_gradient_checkpointing, get_method
 from training.params import TrainParams, prepare_kwargs, validate
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ def setup_training(params: TrainParams, dataset: tp.Any, output_dir: Path, dist:
     if melody:
         prepare_melody_training(lm, clips, cache_dir, dist, model_key=params.model_version)
     styled = prepare_style_training(lm, seed=params.seed + dist.rank)  # MusicGen-Style: {} for other models
+    get_method(params.method).prepare(lm, params)  # what trains (training/methods/)
+    if params.gradient_checkpointing:
+        enable_gradient_checkpointing(lm)
     plan = plan_run(
         params,
         n_clips=len(clips),

@@ -1,0 +1,293 @@
+"""Low-rank adapters (LoRA) on audiocraft's MusicGen LM, shared by training (`training/methods/lora.py`) and
+loading (`core/weights.py`).
+
+Targets and their names (`lora_target_names`):
+
+- `<attn>.q`, `<attn>.k`, `<attn>.v` for each attention (`transformer.layers.<i>.self_attn`, `...cross_attention`):
+  audiocraft's `StreamingMultiheadAttention` (custom / memory-efficient, as MusicGen uses) keeps q, k and v as one
+  bare `in_proj_weight` Parameter applied with `F.linear` (sliced for cross-attention), so wrapping an `nn.Linear`
+  misses it. `LoRAInProj` gives the attention a class-level `in_proj_weight` property returning
+  `W + scale * [B_q A_q; B_k A_k; B_v A_v]` on the adapted row blocks: every use of the weight sees the adapted one.
+- `<attn>.out_proj`, `transformer.layers.<i>.linear1` / `linear2`, `linears.<k>` (output heads): `nn.Linear`s,
+  replaced by `LoRALinear`, which computes `x W^T + scale * (x A^T) B^T` without forming the weight delta.
+
+Both keep the base parameters under their original state-dict keys (`...in_proj_weight`, `...linear1.weight`);
+adapter tensors add keys holding `.lora_` (`lora_state_dict`). `scale = alpha / rank`; `B` starts at zero, so an
+adapted model starts exactly equal to its base. `merge_lora_state` folds adapters into plain weights (by key).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import math
+import typing as tp
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADAPTER_FILE",
+    "ADAPTER_CONFIG_FILE",
+    "LoRALinear",
+    "lora_target_names",
+    "select_targets",
+    "add_lora",
+    "lora_state_dict",
+    "is_adapter_key",
+    "merge_lora_state",
+    "apply_lora_files",
+    "save_adapter",
+]
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+QKV = ("q", "k", "v")
+
+
+def _qkv_rows(attn: nn.Module) -> dict[str, slice]:
+    """Rows of `in_proj_weight` `[d + 2 * kv_dim, d]` holding q, k and v (kv_dim < d with kv_repeat)."""
+    out_dim, dim = attn._parameters["in_proj_weight"].shape
+    kv = (out_dim - dim) // 2
+    return {"q": slice(0, dim), "k": slice(dim, dim + kv), "v": slice(dim + kv, out_dim)}
+
+
+def _rows_from_shape(out_dim: int, dim: int, part: str) -> slice:
+    kv = (out_dim - dim) // 2
+    return {"q": slice(0, dim), "k": slice(dim, dim + kv), "v": slice(dim + kv, out_dim)}[part]
+
+
+class _LoRAFactors(nn.Module):
+    """`A` `[rank, in]` (Kaiming uniform, as LoRA's reference) and `B` `[out, rank]` (zeros)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, device: tp.Any, dtype: torch.dtype):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+
+class LoRALinear(nn.Module):
+    """An `nn.Linear` plus a low-rank update; the base `weight`/`bias` keep their keys (frozen by the caller)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.scale = alpha / rank
+        factors = _LoRAFactors(base.in_features, base.out_features, rank, base.weight.device, base.weight.dtype)
+        self.lora_A, self.lora_B = factors.lora_A, factors.lora_B
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain `nn.Linear` holding `W + scale * B A` (the same Parameter objects' storage is not shared)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        out = out.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight + self.scale * (self.lora_B @ self.lora_A).to(self.weight))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        out.weight.requires_grad_(self.weight.requires_grad)
+        return out
+
+
+class LoRAInProj:
+    """Mixin put in front of an attention module's class: `in_proj_weight` becomes the adapted weight.
+
+    The base Parameter stays in `_parameters['in_proj_weight']` (same state-dict key); the factors live in the
+    `in_proj_lora` submodule (`q`/`k`/`v` -> `_LoRAFactors`) with scale `in_proj_lora_scale`.
+    """
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:  # type: ignore[override]
+        weight = self._parameters["in_proj_weight"]
+        adapters = self._modules["in_proj_lora"]
+        rows = _qkv_rows(self)
+        blocks = []
+        for part in QKV:
+            block = weight[rows[part]]
+            if part in adapters:
+                factors = adapters[part]
+                block = block + self.in_proj_lora_scale * (factors.lora_B @ factors.lora_A).to(block.dtype)
+            blocks.append(block)
+        return torch.cat(blocks, dim=0)
+
+
+def _attention_modules(lm: nn.Module) -> dict[str, nn.Module]:
+    from audiocraft.modules.transformer import StreamingMultiheadAttention
+
+    return {n: m for n, m in lm.named_modules() if isinstance(m, StreamingMultiheadAttention)}
+
+
+def lora_target_names(lm: nn.Module) -> list[str]:
+    """Every module name LoRA can adapt in `lm`, in model order."""
+    names = []
+    attentions = _attention_modules(lm)
+    for name, module in lm.named_modules():
+        if name.startswith("condition_provider."):
+            continue  # conditioners (LUT / T5 projection) are other methods' business
+        if name in attentions:
+            names.extend(f"{name}.{part}" for part in QKV)
+        elif isinstance(module, nn.Linear | LoRALinear):
+            adaptable = name.endswith(("out_proj", "linear1", "linear2")) or name.startswith("linears.")
+            if adaptable and not name.rsplit(".", 1)[0].endswith(".mha"):
+                names.append(name)
+    return names
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def select_targets(lm: nn.Module, patterns: str) -> list[str]:
+    """The target names matching `patterns`: comma-separated globs, each matched against the full name or its
+    trailing components (`q` = every attention's q; `self_attn.*`; `layers.0.*`; `linears.*` = output heads).
+
+    Raises ValueError when a pattern matches nothing, listing the valid names (compactly, per layer).
+    """
+    valid = lora_target_names(lm)
+    items = [p.strip() for p in patterns.split(",") if p.strip()]
+    if not items:
+        raise ValueError(f"no LoRA target given; valid targets: {describe_targets(valid)}")
+    chosen = []
+    for pattern in items:
+        hits = [n for n in valid if _matches(n, pattern)]
+        if not hits:
+            raise ValueError(f"{pattern!r} matches no module; valid targets: {describe_targets(valid)}")
+        chosen.extend(h for h in hits if h not in chosen)
+    return [n for n in valid if n in chosen]
+
+
+def describe_targets(names: tp.Sequence[str]) -> str:
+    """`transformer.layers.<0-23>.self_attn.q, ...` : the valid names with layer numbers folded."""
+    import re
+
+    folded: dict[str, list[int]] = {}
+    for name in names:
+        match = re.match(r"^(.*?\.|)(\d+)(\..*|)$", name)
+        key, index = (f"{match.group(1)}<i>{match.group(3)}", int(match.group(2))) if match else (name, -1)
+        folded.setdefault(key, []).append(index)
+    parts = []
+    for key, indices in folded.items():
+        indices = [i for i in indices if i >= 0]
+        parts.append(key.replace("<i>", f"<{min(indices)}-{max(indices)}>") if indices else key)
+    return ", ".join(parts) + " (patterns: comma-separated globs such as q,k,v,out_proj,linear1,linear2,linears.*)"
+
+
+def add_lora(lm: nn.Module, targets: tp.Sequence[str], rank: int, alpha: float) -> list[nn.Parameter]:
+    """Put adapters on `targets` (names from `lora_target_names`) in place; returns the new parameters.
+
+    Base parameters are not touched (the caller decides what trains).
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    attentions = _attention_modules(lm)
+    modules = dict(lm.named_modules())
+    new: list[nn.Parameter] = []
+    for target in targets:
+        parent_name, last = target.rsplit(".", 1) if "." in target else ("", target)
+        if parent_name in attentions and last in QKV:
+            attn = attentions[parent_name]
+            if not getattr(attn, "custom", False):
+                raise ValueError(f"{parent_name} is torch's nn.MultiheadAttention (custom=False): not supported")
+            if "in_proj_lora" not in attn._modules:
+                attn.add_module("in_proj_lora", nn.ModuleDict())
+                attn.in_proj_lora_scale = alpha / rank
+                cls = type(attn)
+                attn.__class__ = type(f"LoRA{cls.__name__}", (LoRAInProj, cls), {})
+            weight = attn._parameters["in_proj_weight"]
+            rows = _qkv_rows(attn)[last]
+            factors = _LoRAFactors(weight.shape[1], rows.stop - rows.start, rank, weight.device, weight.dtype)
+            attn._modules["in_proj_lora"][last] = factors
+            new.extend([factors.lora_A, factors.lora_B])
+            continue
+        module = modules.get(target)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{target} is not a LoRA target of this model")
+        wrapped = LoRALinear(module, rank, alpha)
+        parent = modules[parent_name] if parent_name else lm
+        setattr(parent, last, wrapped)
+        new.extend([wrapped.lora_A, wrapped.lora_B])
+    return new
+
+
+def is_adapter_key(key: str) -> bool:
+    return ".lora_" in key or key.startswith("lora_")
+
+
+def lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if is_adapter_key(k)}
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A plain LM state dict (the base's keys only) with every adapter in `state` folded into its weight."""
+    out = {k: v for k, v in state.items() if not is_adapter_key(k)}
+    for key in state:
+        if not key.endswith(".lora_A"):
+            continue
+        prefix = key[: -len(".lora_A")]
+        delta = scale * (state[prefix + ".lora_B"].float() @ state[key].float())
+        if ".in_proj_lora." in prefix:  # <attn>.in_proj_lora.<q|k|v>
+            attn, part = prefix.split(".in_proj_lora.")
+            weight = out[attn + ".in_proj_weight"].clone()
+            rows = _rows_from_shape(weight.shape[0], weight.shape[1], part)
+            weight[rows] = (weight[rows].float() + delta).to(weight.dtype)
+            out[attn + ".in_proj_weight"] = weight
+        else:
+            weight = out[prefix + ".weight"]
+            out[prefix + ".weight"] = (weight.float() + delta).to(weight.dtype)
+    return out
+
+
+def save_adapter(state: dict[str, torch.Tensor], config: dict[str, tp.Any]) -> dict[str, bytes]:
+    """`{adapter.safetensors: fp16 adapter tensors, adapter_config.json: config}` as bytes."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in lora_state_dict(state).items()}
+    if not tensors:
+        raise ValueError("no adapter tensors in the state dict")
+    return {
+        ADAPTER_FILE: save(tensors, metadata={"format": "musicgen-ft-lora"}),
+        ADAPTER_CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
+    }
+
+
+def read_adapter(folder: tp.Any) -> tuple[dict[str, torch.Tensor], dict[str, tp.Any]]:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    return load_file(str(folder / ADAPTER_FILE)), json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+
+
+def apply_lora_files(lm: nn.Module, folder: tp.Any, merge: bool = True) -> dict[str, tp.Any]:
+    """Apply the adapter in `folder` to a base `lm` (in place). `merge=True` folds it into the weights (plain
+    modules, as fast as the base); `merge=False` keeps adapter modules (as during training). Returns the config."""
+    tensors, config = read_adapter(folder)
+    scale = float(config["alpha"]) / int(config["rank"])
+    if merge:
+        state = {k: v for k, v in lm.state_dict().items()}
+        merged = merge_lora_state({**state, **tensors}, scale)
+        lm.load_state_dict(merged)
+    else:
+        add_lora(lm, config["targets"], int(config["rank"]), float(config["alpha"]))
+        missing = set(lora_state_dict(lm.state_dict())) - set(tensors)
+        if missing:
+            raise ValueError(f"the adapter lacks {sorted(missing)[:3]}")
+        lm.load_state_dict(tensors, strict=False)
+    logger.info(
+        "Applied LoRA adapter (rank %s, alpha %s, %d targets)%s",
+        config["rank"],
+        config["alpha"],
+        len(config["targets"]),
+        " merged into the weights" if merge else "",
+    )
+    return config
