@@ -209,10 +209,12 @@ def train(
     method: str = Input(
         description=(
             "What to train. full: every weight of the language model. lora: low-rank adapters on the attention and "
-            "feed-forward projections (the tar holds only the adapter, MBs, and references the base model)."
+            "feed-forward projections (the tar holds only the adapter, MBs, and references the base model). "
+            "textual_inversion: only the trigger word's embedding (LUT text conditioners). text_projection: only the "
+            "text conditioner's output projection."
         ),
         default="full",
-        choices=["full", "lora"],
+        choices=["full", "lora", "textual_inversion", "text_projection"],
     ),
     lora_rank: int = Input(
         description="method=lora: rank of each adapter (its size grows linearly with it).",

@@ -291,3 +291,60 @@ def apply_lora_files(lm: nn.Module, folder: tp.Any, merge: bool = True) -> dict[
         " merged into the weights" if merge else "",
     )
     return config
+
+
+# ------------------------------------------------------------------------------------------- partial weights
+# `embeddings.safetensors`: what textual inversion / text projection learned, applied on the base model's LM.
+# Tensors keyed by LM state-dict key: `<key>` replaces the whole tensor; `<key>@rows` with `<key>@index` replaces
+# only those rows (an embedding table's learned rows).
+
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+class RowTrainedEmbedding(nn.Module):
+    """An `nn.Embedding` whose rows `index` come from the trainable `trained_rows` `[n, dim]`; the base table keeps
+    its key (`weight`) and stays frozen."""
+
+    def __init__(self, base: nn.Embedding, index: tp.Sequence[int]):
+        super().__init__()
+        self.weight = base.weight
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.register_buffer("row_index", torch.tensor(list(index), dtype=torch.long), persistent=True)
+        self.trained_rows = nn.Parameter(base.weight.detach()[self.row_index].clone())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.index_put((self.row_index,), self.trained_rows.to(self.weight.dtype))
+        return F.embedding(tokens, weight)
+
+
+def save_partial(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def apply_partial_file(lm: nn.Module, folder: tp.Any) -> dict[str, str]:
+    """Put the tensors of `folder/embeddings.safetensors` into `lm` (in place); returns the file's metadata."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(folder) / EMBEDDINGS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    state = lm.state_dict()
+    for key, value in tensors.items():
+        if key.endswith("@index"):
+            continue
+        if key.endswith("@rows"):
+            name = key[: -len("@rows")]
+            state[name][tensors[name + "@index"]] = value.to(state[name].dtype)
+        elif key in state:
+            if state[key].shape != value.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit the base's {tuple(state[key].shape)}")
+            state[key].copy_(value)
+        else:
+            raise ValueError(f"{key} is not a weight of the base model")
+    logger.info("Applied %s (%s: %s)", EMBEDDINGS_FILE, metadata.get("method", "?"), ", ".join(sorted(tensors)))
+    return metadata

@@ -8,7 +8,9 @@ A real tar archive holding
   `{'pretrained': 'facebook/encodec_32khz', ...}` plus `base_model` (the exact base whose EnCodec we prefer when it
   is cached); for tiny or local-folder bases, a copy of the base's file (the full state);
 - `finetune.json`: base model_version, method, training inputs, labels vocabulary, trigger word, format version;
-- optionally `adapter.safetensors` + `adapter_config.json` (LoRA, a later method).
+- for fine-tunes that reference their base instead of copying it (`finetune.json` `base_model`; `state_dict.bin`
+  then holds the config and an empty `best_state`): `adapter.safetensors` + `adapter_config.json` (LoRA) or
+  `embeddings.safetensors` (textual inversion, text projection); see `core/adapters.py`.
 
 Extracted, the folder loads with audiocraft's own `MusicGen.get_pretrained(folder)`.
 """
@@ -268,7 +270,7 @@ def load_trained_model(weights: str | Path, device: str | None = None):
     info = read_finetune_info(folder)
     base = str(info.get("base_model", ""))
     device = device or default_device()
-    if (folder / adapters.ADAPTER_CONFIG_FILE).is_file():
+    if (folder / adapters.ADAPTER_CONFIG_FILE).is_file() or (folder / adapters.EMBEDDINGS_FILE).is_file():
         return _load_with_adapter(folder, info, base, device)
     model_home = tiny.ensure_tiny(base) if base in tiny.TINY_VERSIONS else folder
     try:
@@ -299,21 +301,26 @@ def load_trained_model(weights: str | Path, device: str | None = None):
 
 
 def _load_with_adapter(folder: Path, info: dict[str, tp.Any], base: str, device: str):
-    """A LoRA fine-tune: the base model (by its model_version, as trained) with the adapter merged into its LM."""
+    """A fine-tune that references its base (LoRA, textual inversion, text projection): the base model (by its
+    model_version, as trained) with the adapter merged into its LM and/or the learned tensors put in."""
     from core.versions import load_musicgen
 
     if not base:
         raise WeightsError(f"{FINETUNE_FILE} names no base_model: the LoRA adapter in {folder} cannot be applied.")
-    if not (folder / adapters.ADAPTER_FILE).is_file():
+    lora = (folder / adapters.ADAPTER_CONFIG_FILE).is_file()
+    if lora and not (folder / adapters.ADAPTER_FILE).is_file():
         raise WeightsError(f"{adapters.ADAPTER_CONFIG_FILE} without {adapters.ADAPTER_FILE} in {folder}.")
     model = load_musicgen(base, device)
     try:
-        adapters.apply_lora_files(model.lm, folder, merge=True)
+        if lora:
+            adapters.apply_lora_files(model.lm, folder, merge=True)
+        if (folder / adapters.EMBEDDINGS_FILE).is_file():
+            adapters.apply_partial_file(model.lm, folder)
     except (KeyError, ValueError, RuntimeError) as e:
         raise WeightsError(
-            f"The LoRA adapter in {folder} does not fit base model {base} ({type(e).__name__}: {e}); "
+            f"The learned weights in {folder} do not fit base model {base} ({type(e).__name__}: {e}); "
             "was it trained on another model_version?"
         ) from None
-    model.name = f"LoRA fine-tune of {base}"
+    model.name = f"{info.get('method', 'adapter')} fine-tune of {base}"
     model.finetune_info = info
     return model

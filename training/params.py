@@ -28,7 +28,7 @@ __all__ = [
 OPTIMIZERS = ("dadam", "adamw")
 LR_SCHEDULERS = ("cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "textual_inversion", "text_projection")
 EMA_DECAY = 0.99
 # AdamW diverges far below this; an lr this large only makes sense for D-Adaptation (where it is a multiplier).
 ADAMW_MAX_LR = 0.1
@@ -151,7 +151,9 @@ class TrainParams:
     method: str = param(
         "full",
         "What to train. full: every weight of the language model. lora: low-rank adapters on the attention and "
-        "feed-forward projections (the tar holds only the adapter, MBs, and references the base model).",
+        "feed-forward projections (the tar holds only the adapter, MBs, and references the base model). "
+        "textual_inversion: only the trigger word's embedding (LUT text conditioners). text_projection: only the "
+        "text conditioner's output projection.",
         choices=METHODS,
     )
     lora_rank: int = param(16, "method=lora: rank of each adapter (its size grows linearly with it).", ge=0, le=1024)

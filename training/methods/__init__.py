@@ -4,12 +4,14 @@ Each method is one small module with the same interface (`Method`); the engine c
 nowhere else:
 
 - `check(params)`: input checks that need no model, in `training.run.check_inputs` (before any long work);
+- `adjust_clips(clips, lm, params)`: after `prepare`, the encoded training examples, changed or extended;
 - `prepare(lm, params)`: after the base model is loaded (`training.run.setup_training`): change the model (add
   adapters) and decide what trains (`requires_grad`); the loop optimizes exactly the parameters that require grad;
 - `export(state_dict, lm, params)`: the files of `trained_model.tar` (`training.export.export_trained_model`):
   either the full LM (`state_dict`), or only what was learned, with the base model referenced by name.
 
-`full` trains every LM weight; `lora` trains low-rank adapters (`training/methods/lora.py`).
+`full` trains every LM weight; `lora` trains low-rank adapters (`training/methods/lora.py`); `textual_inversion`
+and `text_projection` learn only the text side (`training/methods/text.py`).
 """
 
 from __future__ import annotations
@@ -59,14 +61,19 @@ class Method:
         """Nothing to change: every LM weight already trains (except what the model kind freezes itself, e.g. the
         MusicGen-Style conditioner)."""
 
+    def adjust_clips(self, clips: list, lm: torch.nn.Module, params: tp.Any) -> list:
+        """The training examples (`training.data.ClipTokens`), changed or extended as the method needs."""
+        return clips
+
     def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: tp.Any) -> MethodExport:
         return MethodExport(state_dict=state_dict)
 
 
 def _registry() -> dict[str, Method]:
     from training.methods.lora import LoRAMethod
+    from training.methods.text import TextProjectionMethod, TextualInversionMethod
 
-    return {m.name: m for m in (Method(), LoRAMethod())}
+    return {m.name: m for m in (Method(), LoRAMethod(), TextualInversionMethod(), TextProjectionMethod())}
 
 
 def method_names() -> tuple[str, ...]:
