@@ -43,6 +43,7 @@ OPTIONAL_FILES = ("adapter.safetensors", "adapter_config.json", "embeddings.safe
 KNOWN_FILES = (*CHECKPOINT_FILES, FINETUNE_FILE, *OPTIONAL_FILES)
 PRETRAINED_COMPRESSION = "facebook/encodec_32khz"
 MAX_MEMBER_BYTES = 64 * 1024**3
+REPORT_MEMBERS = ("loss.png", "samples/")  # the training report: for people, not needed to load
 
 
 class WeightsError(ValueError):
@@ -198,7 +199,8 @@ def unpack(weights: str | Path) -> Path:
             for member in tar.getmembers():
                 name = Path(member.name).name
                 if not member.isfile() or name not in KNOWN_FILES:
-                    if member.isfile() or member.issym() or member.islnk():
+                    is_report = member.name.lstrip("./").startswith(REPORT_MEMBERS)
+                    if (member.isfile() and not is_report) or member.issym() or member.islnk():
                         logger.warning("Ignoring %s in %s (not a weights file)", member.name, path.name)
                     continue
                 if member.size > MAX_MEMBER_BYTES:
