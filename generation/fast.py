@@ -64,7 +64,8 @@ Callback = tp.Callable[[int, int], None]
 
 
 def default_quantize(device: torch.device | str) -> str | None:
-    """The quantization used when a caller asks for `'auto'`: int8 on CPU, bf16/fp16 on CUDA.
+    """The quantization used when a caller asks for `'auto'`: int8 on CPU, fp16 on CUDA (audiocraft's own GPU
+    precision: its loader puts the LM in fp16 there).
 
     int8 on CPU is the default because its next-token distributions stay within KL < 0.01 nats/token of fp32
     (measured by `next_token_kl`, see docs/speed.md).
@@ -73,7 +74,7 @@ def default_quantize(device: torch.device | str) -> str | None:
     if device.type == "cpu":
         return "int8"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp16"
     return None
 
 
@@ -178,6 +179,12 @@ def _layer_scale(module, dtype: torch.dtype | None) -> torch.Tensor | None:
 
 def unsupported_reason(lm: LMModel) -> str | None:
     """Why the fast path cannot run this LM (then `generate_tokens` falls back to `lm.generate`), or None."""
+    from audiocraft.models.lm import LMModel
+
+    for method in ("generate", "_sample_next_token", "forward"):
+        if getattr(type(lm), method) is not getattr(LMModel, method):
+            # e.g. MusicGen-Style's double classifier-free guidance: its own generation semantics.
+            return f"{type(lm).__name__} overrides LMModel.{method}"
     if lm.two_step_cfg:
         return "two_step_cfg"
     tr = lm.transformer

@@ -215,6 +215,8 @@ def test_unsupported_configuration_falls_back_to_audiocraft(caplog):
     assert torch.equal(ours, theirs)
     with pytest.raises(NotImplementedError, match="two_step_cfg"):
         FastLM(lm)
+    # An LM class with its own generation (MusicGen-Style's double CFG) is never taken over.
+    assert "overrides LMModel.generate" in unsupported_reason(tiny_model("tiny-style").lm)
 
 
 def test_bad_inputs_are_named():
