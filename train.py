@@ -244,6 +244,32 @@ def train(
         ),
         default=False,
     ),
+    prior_preservation: bool = Input(
+        description=(
+            "DreamBooth prior preservation (any method): the base model first generates examples of the class "
+            "(class_prompt) and of other genres, and training keeps fitting them, so other styles are not forgotten."
+        ),
+        default=False,
+    ),
+    class_prompt: str = Input(
+        description="prior_preservation: the prompt of the class examples. Empty: each track's labels without the "
+        "trigger.",
+        default=None,
+    ),
+    class_samples: int = Input(
+        description="prior_preservation: class examples generated per training track.", default=2, ge=0, le=16
+    ),
+    dissimilar_samples: int = Input(
+        description="prior_preservation: examples of other genres generated per training track.",
+        default=1,
+        ge=0,
+        le=16,
+    ),
+    prior_loss_weight: float = Input(
+        description="prior_preservation: weight of the generated examples' loss (instance loss + weight x prior loss).",
+        default=1.0,
+        ge=0.0,
+    ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
     # Called from Python rather than by Cog, an omitted input is still its `Input(...)`: take its default.

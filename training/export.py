@@ -94,6 +94,12 @@ def export_trained_model(
 ) -> Path:
     """Write `out_tar` atomically: weights (fp16 LM + compression reference), finetune.json, loss.png, samples."""
     cfg = model.lm.cfg  # the base's config as audiocraft's loader read it (device/dtype dropped on export)
+    prior_examples = [
+        {"kind": c.info["prior"], "prompt": c.description, "file": Path(c.path).name, "track": c.info["prior_source"]}
+        for c in clips
+        if c.info.get("prior")
+    ]
+    clips = [c for c in clips if not c.info.get("prior")]  # the report and samples describe the user's clips
     inputs = dataclasses.asdict(params)
     inputs["dataset_path"] = Path(str(params.dataset_path)).name if params.dataset_path else None
     if params.resume_from:
@@ -119,6 +125,8 @@ def export_trained_model(
             **(run_info or {}),
         },
     }
+    if prior_examples:
+        finetune["prior_examples"] = prior_examples
     method_export = get_method(params.method).export(result.state_dict, model.lm, params)  # training/methods/
     finetune.update(method_export.info)
     extra: dict[str, bytes] = {"loss.png": plot_history(history)}

@@ -162,16 +162,33 @@ def cross_entropy(
 class TrainStep(torch.nn.Module):
     """The LM's training forward as one module, so DDP sees conditions, pattern and loss in its forward."""
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, prior_weight: float = 1.0):
         super().__init__()
         self.lm = lm
+        self.prior_weight = prior_weight
+        self.parts: dict[str, torch.Tensor] = {}  # the last split loss (prior preservation), detached
 
-    def forward(self, codes: torch.Tensor, mask: torch.Tensor, attributes: list) -> torch.Tensor:
+    def forward(
+        self, codes: torch.Tensor, mask: torch.Tensor, attributes: list, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`prior`: `[B]` bool, True for generated prior-preservation examples: the loss is then
+        `instance + prior_weight x prior` (DreamBooth), each a cross-entropy over its own examples."""
         lm = self.lm
         attributes = lm.att_dropout(lm.cfg_dropout(attributes))
         condition_tensors = lm.condition_provider(lm.condition_provider.tokenize(attributes))
         output = lm.compute_predictions(codes, [], condition_tensors)
-        loss, _ = cross_entropy(output.logits, codes, mask & output.mask)
+        valid = mask & output.mask
+        self.parts = {}
+        if prior is None or not bool(prior.any()):
+            loss, _ = cross_entropy(output.logits, codes, valid)
+            return loss
+        is_prior = prior.view(-1, 1, 1).to(valid.device)
+        loss = torch.zeros([], device=codes.device)
+        for name, part, weight in (("instance", ~is_prior, 1.0), ("prior", is_prior, self.prior_weight)):
+            if bool((valid & part).any()):
+                value, _ = cross_entropy(output.logits, codes, valid & part)
+                loss = loss + weight * value
+                self.parts[name] = value.detach()
         return loss
 
 
@@ -241,7 +258,9 @@ def train_loop(
     lm.att_dropout.rng.manual_seed(params.seed + 1)
     torch.manual_seed(params.seed)
     trainable = [p for p in lm.parameters() if p.requires_grad]
-    step_module: torch.nn.Module = TrainStep(lm)
+    train_step = TrainStep(lm, prior_weight=params.prior_loss_weight)
+    step_module: torch.nn.Module = train_step
+    prior_flags = [bool(c.info.get("prior")) for c in dataset.clips]  # prior-preservation examples (methods/prior)
     if dist.distributed:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, broadcast_buffers=False)
     optimizer = build_optimizer(params, trainable)
@@ -333,13 +352,17 @@ def train_loop(
                     grad_accumulation=plan.grad_accumulation,
                 )
                 loss_sum = torch.zeros([], device=device)
+                part_sums: dict[str, float] = {}
                 tokens = 0
                 for i, batch in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
                     no_sync = step_module.no_sync() if dist.distributed and not last else contextlib.nullcontext()
                     with no_sync:
                         with autocast:
-                            loss = step_module(batch.codes.to(device), batch.mask.to(device), batch.attributes)
+                            prior = torch.tensor([prior_flags[i] for i in batch.items]) if any(prior_flags) else None
+                            loss = step_module(batch.codes.to(device), batch.mask.to(device), batch.attributes, prior)
+                        for name, value in train_step.parts.items():
+                            part_sums[name] = part_sums.get(name, 0.0) + float(value) / plan.grad_accumulation
                         scaled = loss / plan.grad_accumulation
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     loss_sum += loss.detach().float()
@@ -387,6 +410,7 @@ def train_loop(
                     "step_s": seconds,
                     "peak_memory_mb": peak_memory_mb(device),
                 }
+                metrics.update({f"loss_{name}": value for name, value in part_sums.items()})  # this rank's
                 if "d" in optimizer.param_groups[0]:
                     metrics["dadapt_d"] = float(optimizer.param_groups[0]["d"])
                 if skipped:

@@ -169,6 +169,22 @@ class TrainParams:
     gradient_checkpointing: bool = param(
         False, "Recompute each transformer layer's activations in the backward pass: far less memory, ~30% slower."
     )
+    prior_preservation: bool = param(
+        False,
+        "DreamBooth prior preservation (any method): the base model first generates examples of the class "
+        "(class_prompt) and of other genres, and training keeps fitting them, so other styles are not forgotten.",
+    )
+    class_prompt: str | None = param(
+        None,
+        "prior_preservation: the prompt of the class examples. Empty: each track's labels without the trigger.",
+    )
+    class_samples: int = param(2, "prior_preservation: class examples generated per training track.", ge=0, le=16)
+    dissimilar_samples: int = param(
+        1, "prior_preservation: examples of other genres generated per training track.", ge=0, le=16
+    )
+    prior_loss_weight: float = param(
+        1.0, "prior_preservation: weight of the generated examples' loss (instance loss + weight x prior loss).", ge=0.0
+    )
 
 
 # Inputs that shape the data order, the schedule or the update: a resumed run must use the same values.
@@ -192,6 +208,11 @@ RESUME_MUST_MATCH = (
     "lora_rank",
     "lora_alpha",
     "lora_targets",
+    "prior_preservation",
+    "class_prompt",
+    "class_samples",
+    "dissimilar_samples",
+    "prior_loss_weight",
 )
 PREPARE_FIELDS = ("dataset_path", "auto_labeling", "drop_vocals", "one_same_description", "trigger")
 
@@ -213,6 +234,9 @@ def validate(params: TrainParams) -> None:
     from training.methods import get_method
 
     get_method(params.method).check(params)
+    from training.methods import prior
+
+    prior.check(params)
 
 
 def prepare_kwargs(params: TrainParams) -> dict[str, tp.Any]:

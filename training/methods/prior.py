@@ -1,0 +1,173 @@
+"""DreamBooth prior preservation (`prior_preservation=true`, with any method).
+
+Before training, the *base* model generates examples the fine-tune should not forget, as the DreamBooth-for-MusicGen
+recipe does: per training track, `class_samples` from its class prompt (`class_prompt`, or the track's labels
+without the trigger: genre, moods, instruments, else its description without the trigger) and `dissimilar_samples`
+from prompts of genres the dataset does not have (`metadata.GENRES`). They are decoded to WAV files, cached
+(`cache/prior/`, keyed by model, prompt, length and seed: a rerun reuses them), and enter training as ordinary
+clips (tokens encoded once; melody models get their chroma like any clip), flagged `info["prior"]`. The loss of a
+batch is split: `instance + prior_loss_weight x prior` (`training.loop.TrainStep`), both logged; the generated
+examples are listed in `finetune.json` (`prior_examples`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import typing as tp
+from pathlib import Path
+
+import torch
+
+from core.params import InputError
+from training.dist import DistInfo, barrier
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check", "plan_prompts", "generate_prior_clips", "class_prompt_of"]
+
+LABEL_FIELDS = ("genre", "moods", "instrument")
+MAX_GENERATE_BATCH = 8
+
+
+def check(params: tp.Any) -> None:
+    """Early checks of the prior-preservation inputs (no model, no data needed)."""
+    if not params.prior_preservation:
+        return
+    if params.class_samples + params.dissimilar_samples == 0:
+        raise InputError("class_samples", "prior_preservation needs class_samples or dissimilar_samples above 0")
+    has_prompt = bool(params.class_prompt and params.class_prompt.strip())
+    labelled = has_prompt or params.auto_labeling or params.one_same_description
+    if not labelled and not _is_prepared_folder(params.dataset_path):
+        raise InputError(
+            "class_prompt",
+            "prior_preservation needs a class prompt: give class_prompt (e.g. 'lofi hip hop'), or turn "
+            "auto_labeling on so each track's labels give one",
+        )
+
+
+def _is_prepared_folder(path: tp.Any) -> bool:
+    source = Path(str(path or "")).expanduser()
+    return (source / "data.jsonl").is_file() or (source / "dataset" / "data.jsonl").is_file()
+
+
+def _strip_trigger(text: str, trigger: str | None) -> str:
+    if trigger and trigger.strip():
+        text = " ".join(w for w in text.replace(",", " , ").split() if w != trigger.strip())
+        text = text.replace(" , ", ", ").strip(" ,")
+    return text.strip()
+
+
+def class_prompt_of(clip: tp.Any, params: tp.Any) -> str:
+    """The class prompt of a track: `class_prompt`, else its labels without the trigger, else its description."""
+    if params.class_prompt and params.class_prompt.strip():
+        return params.class_prompt.strip()
+    info = getattr(clip, "info", {}) or {}
+    labels: list[str] = []
+    for name in LABEL_FIELDS:
+        value = info.get(name)
+        values = value if isinstance(value, list | tuple) else [value]
+        labels += [str(v).strip() for v in values if v not in (None, "") and str(v).strip()]
+    text = ", ".join(labels) if labels else (clip.description or "")
+    return _strip_trigger(text, params.trigger)
+
+
+def plan_prompts(clips: tp.Sequence[tp.Any], params: tp.Any) -> list[dict[str, str]]:
+    """`[{kind: class|dissimilar, prompt, source}]`: `class_samples` + `dissimilar_samples` per track."""
+    from metadata import GENRES
+
+    tracks: dict[str, tp.Any] = {}
+    for clip in clips:
+        tracks.setdefault(str(getattr(clip, "source", "") or clip.path), clip)
+    present = set()
+    for clip in clips:
+        value = (getattr(clip, "info", {}) or {}).get("genre")
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if v:
+                present.add(str(v).strip().lower())
+    others = [g for g in GENRES if g not in present and not any(g in p or p in g for p in present)]
+    rng = random.Random(params.seed)
+    rng.shuffle(others)
+    plan = []
+    for t, (source, clip) in enumerate(tracks.items()):
+        prompt = class_prompt_of(clip, params)
+        if not prompt and params.class_samples:
+            raise InputError(
+                "class_prompt",
+                f"track {source} has no labels or description to make a class prompt from; give class_prompt",
+            )
+        plan += [{"kind": "class", "prompt": prompt, "source": source} for _ in range(params.class_samples)]
+        for i in range(params.dissimilar_samples):
+            genre = others[(t * params.dissimilar_samples + i) % len(others)]
+            plan.append({"kind": "dissimilar", "prompt": f"{genre} music", "source": source})
+    return plan
+
+
+def _key(model_version: str, prompt: str, seconds: float, seed: int) -> str:
+    return hashlib.sha256(f"{model_version}|{prompt}|{seconds:.3f}|{seed}".encode()).hexdigest()[:24]
+
+
+def generate_prior_clips(
+    model: tp.Any, clips: tp.Sequence[tp.Any], params: tp.Any, cache_dir: Path, dist: DistInfo, seconds: float
+) -> list[tp.Any]:
+    """Generate (rank 0; cached) and return the prior examples as preprocessing `PreparedClip`s."""
+    from core.audio import save_audio
+    from preprocessing import PreparedClip
+    from training.melody import restore_for_generation
+
+    plan = plan_prompts(clips, params)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for i, item in enumerate(plan):
+        item["seed"] = params.seed * 1000 + i
+        item["file"] = str(cache_dir / f"{_key(str(params.model_version), item['prompt'], seconds, item['seed'])}.wav")
+    todo = [item for item in plan if not Path(item["file"]).is_file()]
+    if dist.is_main and todo:
+        logger.info(
+            "Prior preservation: generating %d of %d examples of %.1f s with the base model (%d cached)",
+            len(todo),
+            len(plan),
+            seconds,
+            len(plan) - len(todo),
+        )
+        lm = model.lm
+        was_training = lm.training
+        lm.eval()
+        restore_for_generation(lm)
+        model.set_generation_params(duration=seconds, use_sampling=True, top_k=min(250, lm.card), cfg_coef=3.0)
+        try:
+            for start in range(0, len(todo), MAX_GENERATE_BATCH):
+                chunk = todo[start : start + MAX_GENERATE_BATCH]
+                torch.manual_seed(chunk[0]["seed"])
+                with torch.no_grad():
+                    wav = model.generate([c["prompt"] or None for c in chunk], progress=False)  # [B, C, T]
+                for item, one in zip(chunk, wav, strict=True):
+                    tmp = Path(item["file"]).with_suffix(".tmp.wav")
+                    save_audio(tmp, one.float().cpu(), model.sample_rate, "wav")
+                    tmp.replace(item["file"])
+        finally:
+            lm.train(was_training)
+    barrier(dist)
+    out = []
+    for item in plan:
+        info = {"description": item["prompt"], "prior": item["kind"], "prior_source": item["source"]}
+        if dist.is_main:
+            Path(item["file"]).with_suffix(".json").write_text(json.dumps(info))
+        out.append(
+            PreparedClip(
+                path=Path(item["file"]),
+                duration=seconds,
+                sample_rate=int(model.sample_rate),
+                channels=int(model.audio_channels),
+                description=item["prompt"],
+                info=info,
+                source=f"prior:{item['kind']}:{item['source']}",
+            )
+        )
+    if dist.is_main:
+        logger.info(
+            "Prior examples: %s",
+            "; ".join(f"{c.info['prior']} {c.description!r} -> {Path(c.path).name}" for c in out),
+        )
+    return out
