@@ -73,6 +73,8 @@ def train(
             "tiny",
             "tiny-stereo",
             "tiny-melody",
+            "micro",
+            "tiny-micro",
         ],
     ),
     epochs: int = Input(
@@ -269,6 +271,18 @@ def train(
         description="prior_preservation: weight of the generated examples' loss (instance loss + weight x prior loss).",
         default=1.0,
         ge=0.0,
+    ),
+    lm_dim: int = Input(
+        description="model_version=micro / tiny-micro: width of the new LM trained from scratch.",
+        default=2048,
+        ge=8,
+        le=8192,
+    ),
+    lm_layers: int = Input(
+        description="model_version=micro / tiny-micro: transformer layers of the new LM.", default=2, ge=1, le=96
+    ),
+    lm_heads: int = Input(
+        description="model_version=micro / tiny-micro: attention heads of the new LM.", default=2, ge=1, le=64
     ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""

@@ -85,6 +85,10 @@ def compression_package(base: str) -> dict:
             "exported": True,
             "version": audiocraft.__version__,
         }
+    if base == "micro":  # trained from scratch on the pretrained EnCodec (training/methods/scratch.py)
+        return {"pretrained": PRETRAINED_COMPRESSION, "exported": True, "version": audiocraft.__version__}
+    if base == "tiny-micro":  # ... on the tiny models' EnCodec
+        base = "tiny"
     tiny_versions = (*tiny.TINY_VERSIONS, *tiny.STYLE_TINY_VERSIONS)
     folder = tiny.ensure_tiny(base) if base in tiny_versions else Path(base)
     return torch.load(folder / "compression_state_dict.bin", map_location="cpu", weights_only=True)

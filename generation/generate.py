@@ -123,6 +123,8 @@ def is_melody_model(model) -> bool:
 def validate_for_model(params: PredictParams, model, input_audio: tuple[torch.Tensor, int] | None) -> None:
     """Checks that depend on the loaded model (still before any generation)."""
     card = model.lm.card
+    if params.prompt and params.prompt.strip() and not model.lm.condition_provider.conditioners:
+        logger.warning("This model is unconditional (trained from scratch without text): the prompt is ignored")
     if params.top_k > card:
         raise InputError("top_k", f"{params.top_k} exceeds this model's codebook size ({card}); use at most {card}")
     if input_audio is not None and not params.continuation and not is_melody_model(model):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from core.params import InputError, param
 from core.versions import MODEL_VERSIONS
 
+SCRATCH_VERSIONS = ("micro", "tiny-micro")  # new models from scratch (training/methods/scratch.py)
+
 __all__ = [
     "TrainParams",
     "OPTIMIZERS",
@@ -61,7 +63,7 @@ class TrainParams:
     model_version: str = param(
         "stereo-melody",
         "The MusicGen model to fine-tune. The `tiny*` models are small random models for offline tests.",
-        choices=MODEL_VERSIONS,
+        choices=(*MODEL_VERSIONS, *SCRATCH_VERSIONS),
     )
     epochs: int = param(3, "Number of epochs to train for.", ge=1, le=100000)
     updates_per_epoch: int | None = param(
@@ -185,6 +187,11 @@ class TrainParams:
     prior_loss_weight: float = param(
         1.0, "prior_preservation: weight of the generated examples' loss (instance loss + weight x prior loss).", ge=0.0
     )
+    lm_dim: int = param(
+        2048, "model_version=micro / tiny-micro: width of the new LM trained from scratch.", ge=8, le=8192
+    )
+    lm_layers: int = param(2, "model_version=micro / tiny-micro: transformer layers of the new LM.", ge=1, le=96)
+    lm_heads: int = param(2, "model_version=micro / tiny-micro: attention heads of the new LM.", ge=1, le=64)
 
 
 # Inputs that shape the data order, the schedule or the update: a resumed run must use the same values.
@@ -213,6 +220,9 @@ RESUME_MUST_MATCH = (
     "class_samples",
     "dissimilar_samples",
     "prior_loss_weight",
+    "lm_dim",
+    "lm_layers",
+    "lm_heads",
 )
 PREPARE_FIELDS = ("dataset_path", "auto_labeling", "drop_vocals", "one_same_description", "trigger")
 
@@ -229,8 +239,11 @@ def validate(params: TrainParams) -> None:
             f"{params.lr} is far too large for adamw (it would diverge): use a small value such as 1e-5, "
             "or optimizer=dadam with lr=1",
         )
-    if params.model_version not in MODEL_VERSIONS:
+    if params.model_version not in (*MODEL_VERSIONS, *SCRATCH_VERSIONS):
         raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(MODEL_VERSIONS)}")
+    from training.methods import scratch
+
+    scratch.check(params)
     from training.methods import get_method
 
     get_method(params.method).check(params)

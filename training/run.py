@@ -28,7 +28,7 @@ from training import dist as dist_mod
 from training.data import ClipTokens, TokenDataset, encode_clips
 from training.dist import DistInfo
 from training.loop import RunPlan, plan_run, resolve_precision, train_loop
-from training.methods import enable_gradient_checkpointing, get_method, prior
+from training.methods import enable_gradient_checkpointing, get_method, prior, scratch
 from training.params import TrainParams, prepare_kwargs, validate
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,10 @@ def setup_training(params: TrainParams, dataset: tp.Any, output_dir: Path, dist:
     from training.melody import melody_conditioners, prepare_melody_training
     from training.style import prepare_style_training
 
-    model = load_musicgen(params.model_version, dist.device)
+    if params.model_version in scratch.SCRATCH_VERSIONS:  # a new LM from random init (training/methods/scratch.py)
+        model = scratch.build_scratch_musicgen(params, dist.device)
+    else:
+        model = load_musicgen(params.model_version, dist.device)
     compression, lm = model.compression_model, model.lm
     compression.eval()
     for p in compression.parameters():  # frozen: only the LM trains
