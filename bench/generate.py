@@ -179,7 +179,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    print(f"machine: {machine_name()}; torch {torch.__version__}, {args.threads} threads; load {load_before:.1f}")
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
+    print(
+        f"machine: {machine_name()}; torch {torch.__version__}, {args.threads} threads "
+        f"(OMP_WAIT_POLICY {policy}); load {load_before:.1f}"
+    )
     t0 = time.perf_counter()
     model = build_model()
     print(f"built the model in {time.perf_counter() - t0:.1f} s")
@@ -237,6 +241,7 @@ def main() -> None:
         "machine": machine_name(),
         "torch": torch.__version__,
         "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_before": round(load_before, 2),
         "model": "random-weight musicgen-small LM architecture (dim 1024, 24 layers, n_q 4, card 2048), LUT text",
         "settings": {"duration": args.duration, "top_k": 250, "cfg_coef": 3.0, "steps": steps},
