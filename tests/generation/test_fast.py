@@ -235,3 +235,26 @@ def test_bad_inputs_are_named():
         FastLM(lm, "int4")
     with pytest.raises(ValueError, match="prepared with quantize=None"):
         generate_tokens(FastLM(lm), attrs, None, GEN_LEN, quantize="int8")
+
+
+def test_unconditional_scratch_lm_identical():
+    """The trainer's from-scratch LM (no conditioners, so no guidance batch): identical tokens too."""
+    from types import SimpleNamespace
+
+    from audiocraft.models import builders
+    from omegaconf import OmegaConf
+
+    from training.methods.scratch import scratch_lm_cfg
+
+    cfg = scratch_lm_cfg(SimpleNamespace(lm_dim=64, lm_heads=2, lm_layers=2), n_q=4, card=256)
+    torch.manual_seed(0)
+    lm = builders.get_lm_model(OmegaConf.create(cfg)).eval()
+    attrs = [ConditioningAttributes(text={"description": "ignored"}) for _ in range(2)]
+    for setting in ("top_k", "greedy"):
+        kw = SETTINGS[setting]
+        ours = seeded(lambda kw=kw: generate_tokens(lm, attrs, None, GEN_LEN, cfg_coef=None, **kw))
+        theirs = seeded(lambda kw=kw: lm.generate(None, attrs, max_gen_len=GEN_LEN, **kw))
+        assert torch.equal(ours, theirs)
+        assert ours.shape == (2, 4, GEN_LEN)
+    ours = seeded(lambda: generate_tokens(lm, [], None, GEN_LEN, top_k=50, quantize="int8"))
+    assert ours.shape == (1, 4, GEN_LEN)
