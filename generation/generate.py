@@ -150,9 +150,23 @@ class Generator:
         self._key: ModelKey | None = None
         self._model = None
         self._mbd = None
+        # The fast sampler (generation/fast.py): int8 weights on CPU, fp16 on CUDA ("auto"); MGFT_QUANTIZE=none
+        # keeps exact fp32 (identical tokens to audiocraft's LMModel.generate).
+        quantize = os.environ.get("MGFT_QUANTIZE", "auto").strip().lower()
+        self.quantize = None if quantize in ("", "none", "fp32") else quantize
+        self._sampler = None
+
+    def sampler(self):
+        if self._sampler is None:
+            from generation.fast import FastSampler
+
+            self._sampler = FastSampler(quantize=self.quantize)
+        return self._sampler
 
     def model_for(self, key: ModelKey):
         if key != self._key:
+            if self._model is not None and self._sampler is not None:
+                self._sampler.forget(self._model.lm)
             self._model = None  # free the previous model before loading the next one
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -160,6 +174,7 @@ class Generator:
                 self._model = weights.load_trained_model(key.ref, device=self.device)
             else:
                 self._model = versions.load_musicgen(key.ref, device=self.device)
+            self.sampler().prepare(self._model.lm)  # quantize once here (setup), not in the first request
             self._key = key
         return self._model
 
@@ -214,6 +229,7 @@ class Generator:
         style.validate_for_model(params, model, style_audio, input_audio)
         mbd = self.mbd(model) if params.multi_band_diffusion else None
 
+        sample_fn = sample_fn or self.sampler()
         seed = resolve_seed(params.seed)
         seed_everything(seed)
         tokens = generate_tokens(
