@@ -91,13 +91,22 @@ class CogServer:
             return json.loads(r.read())
 
     def post(self, path: str, payload: dict, timeout: float = 600.0) -> tuple[int, dict]:
+        """POST JSON; a 409 ("at capacity": the previous request's slot not yet released) is retried for 30 s."""
         data = json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+        deadline = time.monotonic() + 30
+        while True:
+            req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    status, body = r.status, json.loads(r.read())
+                if "At capacity" not in str(body) or time.monotonic() >= deadline:
+                    return status, body
+                time.sleep(0.5)
+            except urllib.error.HTTPError as e:
+                if (e.code == 409 or e.code == 503) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                return e.code, json.loads(e.read() or b"{}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
