@@ -73,6 +73,8 @@ def train(
             "tiny",
             "tiny-stereo",
             "tiny-melody",
+            "style",
+            "tiny-style",
             "micro",
             "tiny-micro",
         ],

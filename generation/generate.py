@@ -174,7 +174,8 @@ class Generator:
                 self._model = weights.load_trained_model(key.ref, device=self.device)
             else:
                 self._model = versions.load_musicgen(key.ref, device=self.device)
-            self.sampler().prepare(self._model.lm)  # quantize once here (setup), not in the first request
+            if _plain_lm(self._model.lm):
+                self.sampler().prepare(self._model.lm)  # quantize once here (setup), not in the first request
             self._key = key
         return self._model
 
@@ -229,7 +230,8 @@ class Generator:
         style.validate_for_model(params, model, style_audio, input_audio)
         mbd = self.mbd(model) if params.multi_band_diffusion else None
 
-        sample_fn = sample_fn or self.sampler()
+        if sample_fn is None and _plain_lm(model.lm):  # LMs with their own generate (style: double CFG) keep it
+            sample_fn = self.sampler()
         seed = resolve_seed(params.seed)
         seed_everything(seed)
         tokens = generate_tokens(
@@ -238,6 +240,12 @@ class Generator:
         wav = decode(model, tokens, mbd)[0]
         wav = normalize(wav, params.normalization_strategy, model.sample_rate)
         return GenerationResult(wav=wav.cpu(), sample_rate=model.sample_rate, seed=seed, tokens=tokens[0].cpu())
+
+
+def _plain_lm(lm) -> bool:
+    from audiocraft.models.lm import LMModel
+
+    return type(lm).generate is LMModel.generate
 
 
 def build_conditions(

@@ -12,7 +12,7 @@ import typing as tp
 from dataclasses import dataclass
 
 from core.params import InputError, param
-from core.versions import MODEL_VERSIONS
+from core.versions import MODEL_VERSIONS, STYLE_VERSIONS
 
 SCRATCH_VERSIONS = ("micro", "tiny-micro")  # new models from scratch (training/methods/scratch.py)
 
@@ -63,7 +63,7 @@ class TrainParams:
     model_version: str = param(
         "stereo-melody",
         "The MusicGen model to fine-tune. The `tiny*` models are small random models for offline tests.",
-        choices=(*MODEL_VERSIONS, *SCRATCH_VERSIONS),
+        choices=(*MODEL_VERSIONS, *STYLE_VERSIONS, *SCRATCH_VERSIONS),
     )
     epochs: int = param(3, "Number of epochs to train for.", ge=1, le=100000)
     updates_per_epoch: int | None = param(
@@ -239,8 +239,9 @@ def validate(params: TrainParams) -> None:
             f"{params.lr} is far too large for adamw (it would diverge): use a small value such as 1e-5, "
             "or optimizer=dadam with lr=1",
         )
-    if params.model_version not in (*MODEL_VERSIONS, *SCRATCH_VERSIONS):
-        raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(MODEL_VERSIONS)}")
+    if params.model_version not in (*MODEL_VERSIONS, *STYLE_VERSIONS, *SCRATCH_VERSIONS):
+        valid = ", ".join((*MODEL_VERSIONS, *STYLE_VERSIONS, *SCRATCH_VERSIONS))
+        raise InputError("model_version", f"{params.model_version!r} is not one of: {valid}")
     from training.methods import scratch
 
     scratch.check(params)

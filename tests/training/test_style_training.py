@@ -3,8 +3,6 @@ no loss on the excerpt, export, and generation from the trained_model.tar with s
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -25,10 +23,9 @@ SR = 32000
 
 
 def style_params(dataset):
-    # TrainParams' model_version choices do not list the style models yet (see docs/style.md), so the validated
-    # inputs are made for `tiny` and switched; run_worker is the training process run_training would start.
-    params = tiny_params(dataset, epochs=1, updates_per_epoch=3, segment_duration=5.0, save_every=3)
-    return dataclasses.replace(params, model_version="tiny-style")
+    # run_worker is the training process run_training would start.
+    return tiny_params(dataset, model_version="tiny-style", epochs=1, updates_per_epoch=3, segment_duration=5.0,
+                       save_every=3)  # fmt: skip
 
 
 def test_style_fine_tune_exports_and_generates(tmp_path):

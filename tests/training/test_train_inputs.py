@@ -37,7 +37,7 @@ def test_defaults_follow_the_issue():
         "full",
     )
     field = {f.name: f for f in dataclasses.fields(TrainParams)}
-    assert field["model_version"].metadata["choices"] == [*MODEL_VERSIONS, "micro", "tiny-micro"]
+    assert field["model_version"].metadata["choices"] == [*MODEL_VERSIONS, "style", "tiny-style", "micro", "tiny-micro"]
     assert field["lr_scheduler"].metadata["choices"] == [
         "cosine",
         "exponential",
