@@ -8,10 +8,13 @@ line, a MusicInfo sidecar `<clip>.json` beside each clip) and read by the traine
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from core.params import from_kwargs
 from tests.helpers import tone
@@ -108,3 +111,14 @@ def tiny_run(tmp_path_factory) -> dict:
     out = root / "out"
     tar = run_training(params, out)
     return {"dataset": dataset, "params": params, "out": out, "tar": tar}
+
+
+@pytest.fixture
+def keep_global_random_state():
+    """predict's Generator seeds Python's, numpy's and torch's global generators; later tests in the session (e.g.
+    demucs' random shifts in the melody chroma test) must see the state they would have seen without the test."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])

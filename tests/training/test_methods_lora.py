@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import tarfile
 
 import numpy as np
@@ -25,16 +24,7 @@ from training.dist import DistInfo
 from training.params import TrainParams
 from training.run import check_inputs, run_training, run_worker, setup_training
 
-
-@pytest.fixture(autouse=True)
-def keep_global_random_state():
-    """predict's Generator seeds Python's, numpy's and torch's global generators; later tests in the session (e.g.
-    demucs' random shifts in the melody chroma test) must see the state they would have seen without this file."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
+pytestmark = pytest.mark.usefixtures("keep_global_random_state")
 
 
 @pytest.fixture(scope="module")
