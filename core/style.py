@@ -40,6 +40,7 @@ from audiocraft.utils import utils
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from core.sampling import sample_next_token
 from core.versions import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -561,14 +562,7 @@ class StyleLMModel(LMModel):
         logits = double_cfg_logits(cond, style, null, coef, beta)
         logits = logits.permute(0, 1, 3, 2)[..., -1]  # [B, K, card]
         # The same sampling as LMModel._sample_next_token (same RNG draws): beta = 1 reproduces it.
-        if use_sampling and temp > 0.0:
-            probs = torch.softmax(logits / temp, dim=-1)
-            if top_p > 0.0:
-                return utils.sample_top_p(probs, p=top_p)
-            if top_k > 0:
-                return utils.sample_top_k(probs, k=top_k)
-            return utils.multinomial(probs, num_samples=1)
-        return torch.argmax(logits, dim=-1, keepdim=True)
+        return sample_next_token(logits, use_sampling, temp, top_k, top_p)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.sampling import sample_next_token
+
 if tp.TYPE_CHECKING:
     from audiocraft.models.lm import LMModel
     from audiocraft.modules.conditioners import ConditioningAttributes
@@ -420,20 +422,6 @@ def _logits(fast: FastLM, out: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def _sample(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: int, top_p: float) -> torch.Tensor:
-    """`[B, K, card]` -> `[B, K, 1]` with audiocraft's own sampling functions (same random draws)."""
-    from audiocraft.utils import utils
-
-    if use_sampling and temp > 0.0:
-        probs = torch.softmax(logits / temp, dim=-1)
-        if top_p > 0.0:
-            return utils.sample_top_p(probs, p=top_p)
-        if top_k > 0:
-            return utils.sample_top_k(probs, k=top_k)
-        return utils.multinomial(probs, num_samples=1)
-    return torch.argmax(logits, dim=-1, keepdim=True)
-
-
 # ---------------------------------------------------------------------------------------------- generation
 def _condition_tensors(lm: LMModel, attributes: list[ConditioningAttributes]) -> dict:
     """Conditional + unconditional condition tensors, batched `[2B, ...]` exactly as `LMModel.generate` does."""
@@ -637,7 +625,7 @@ def generate_tokens(
     plan = _plan(lm_model, prompt_tokens, batch, max_gen_len, fast.device)
 
     def choose(_offset: int, logits: torch.Tensor) -> torch.Tensor:
-        return _sample(logits, use_sampling, temp, top_k, top_p)
+        return sample_next_token(logits, use_sampling, temp, top_k, top_p)
 
     with torch.autocast(fast.device.type, enabled=False):
         _decode(fast, lm_model, attributes, plan, cfg_coef=cfg, choose=choose, callback=callback)
@@ -759,7 +747,7 @@ def next_token_kl(
 
     def sample(offset: int, logits: torch.Tensor) -> torch.Tensor:
         ref_logits[offset] = logits.float().cpu()
-        return _sample(logits, True, 1.0, top_k, 0.0)
+        return sample_next_token(logits, True, 1.0, top_k, 0.0)
 
     with torch.autocast(ref.device.type, enabled=False):
         _decode(ref, lm, attributes, ref_plan, cfg_coef=cfg, choose=sample, callback=None)
