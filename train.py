@@ -73,6 +73,7 @@ def train(
             "tiny",
             "tiny-stereo",
             "tiny-melody",
+            "tiny-t5",
             "style",
             "tiny-style",
             "micro",
@@ -285,6 +286,15 @@ def train(
     ),
     lm_heads: int = Input(
         description="model_version=micro / tiny-micro: attention heads of the new LM.", default=2, ge=1, le=64
+    ),
+    parallel: str = Input(
+        description=(
+            "With several GPUs: ddp (a whole model per GPU) or fsdp (weights, gradients and optimizer state sharded "
+            "over the GPUs: for medium and large models). auto: fsdp for medium/large/melody/style models, ddp for "
+            "small ones. Ignored on one GPU."
+        ),
+        default="auto",
+        choices=["auto", "ddp", "fsdp"],
     ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""

@@ -102,8 +102,18 @@ def any_rank(dist: DistInfo, flag: bool) -> bool:
 
 
 def rank_weight_difference(dist: DistInfo, tensors: tp.Iterable[torch.Tensor]) -> float:
-    """Largest difference between ranks of per-tensor checksums (sum and sum of squares, float64); 0.0 = in sync."""
-    local = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).flatten()
+    """Largest difference between ranks of per-tensor checksums (sum and sum of squares, float64); 0.0 = in sync.
+
+    FSDP-sharded tensors (DTensor) are gathered whole first, one at a time (a collective: every rank passes the
+    same tensors in the same order); they exist once, so the check then covers the replicated tensors.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def checksum(t: torch.Tensor) -> torch.Tensor:
+        t = (t.full_tensor() if isinstance(t, DTensor) else t).detach().double()
+        return torch.stack([t.sum(), t.square().sum()])
+
+    local = torch.stack([checksum(t) for t in tensors]).flatten()
     if not dist.distributed:
         return 0.0
     local = local.to(dist.device)

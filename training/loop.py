@@ -3,6 +3,9 @@
 lr from the pure `get_lr(step)` -> micro-batches with gradient accumulation (DDP syncs on the last one) ->
 unscale + clip -> optimizer step -> EMA -> log (loss, lr, grad norm, tokens/s, peak memory) -> checkpoint.
 
+Several processes train as DDP (a whole model each) or FSDP (`training/fsdp.py`: weights, gradients and optimizer
+state sharded); checkpoints and the returned weights are whole, unsharded, in the same layout either way.
+
 The loss is audiocraft's MusicGen solver loss: the LM's codebook pattern (`compute_predictions`), conditions from
 the LM's own condition provider after classifier-free-guidance dropout, and cross-entropy per codebook over the
 valid positions, averaged over codebooks.
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 from core.params import InputError
 from training import checkpoint as ckpt
+from training import fsdp as fsdp_mod
 from training.data import Batch, TokenDataset
 from training.dist import DistInfo, all_reduce_mean, any_rank, barrier
 from training.params import EMA_DECAY, RESUME_MUST_MATCH, TrainParams
@@ -84,6 +88,9 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     seconds: float = 0.0
     precision: str = "fp32"
+    parallel: str = "single"  # single, ddp or fsdp
+    # Under FSDP, rank 0's unsharded copy of the LM holding `state_dict` (the trained one is sharded); else None.
+    lm: tp.Any = None
 
 
 def resolve_precision(precision: str, device: str) -> tuple[torch.dtype | None, bool, str]:
@@ -213,12 +220,21 @@ class _StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def build_optimizer(params: TrainParams, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(params: TrainParams, trainable: list[torch.Tensor], sharded: bool = False) -> torch.optim.Optimizer:
+    """`sharded`: `trainable` are this rank's FSDP shards (D-Adaptation then sums its statistics over ranks)."""
     if params.optimizer == "adamw":
         return torch.optim.AdamW(trainable, lr=params.lr, betas=BETAS, eps=EPS, weight_decay=params.weight_decay)
     from dadaptation import DAdaptAdam
 
-    return DAdaptAdam(trainable, lr=params.lr, betas=BETAS, eps=EPS, weight_decay=params.weight_decay, decouple=True)
+    return DAdaptAdam(
+        trainable,
+        lr=params.lr,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=params.weight_decay,
+        decouple=True,
+        fsdp_in_use=sharded,
+    )
 
 
 def peak_memory_mb(device: str) -> float:
@@ -257,33 +273,56 @@ def train_loop(
     lm.cfg_dropout.rng.manual_seed(params.seed)
     lm.att_dropout.rng.manual_seed(params.seed + 1)
     torch.manual_seed(params.seed)
-    trainable = [p for p in lm.parameters() if p.requires_grad]
     train_step = TrainStep(lm, prior_weight=params.prior_loss_weight)
     step_module: torch.nn.Module = train_step
     prior_flags = [bool(c.info.get("prior")) for c in dataset.clips]  # prior-preservation examples (methods/prior)
-    if dist.distributed:
+    parallel = fsdp_mod.resolve_parallel(params.parallel, params.model_version, dist)
+    sharded = parallel == "fsdp"
+    # FSDP replaces the LM's parameters by shards: rank 0 keeps a weightless copy of the module to export from.
+    export_skeleton = fsdp_mod.skeleton(lm) if sharded and dist.is_main else None
+    if parallel == "ddp":
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, broadcast_buffers=False)
-    optimizer = build_optimizer(params, trainable)
-    scaler = torch.amp.GradScaler("cuda") if plan.use_scaler else None
+    elif sharded:
+        step_module = fsdp_mod.shard(train_step, lm)
+    trainable_names = [n for n, p in lm.named_parameters() if p.requires_grad]
+    trainable = [p for p in lm.parameters() if p.requires_grad]  # under FSDP: sharded DTensor parameters
+    optimizer: tp.Any
+    if sharded:
+        optimizer = fsdp_mod.ShardedOptimizer(trainable, lambda shards: build_optimizer(params, shards, True), dist)
+        weights = optimizer.shards  # what the optimizer and the EMA update: this rank's pieces
+    else:
+        optimizer = build_optimizer(params, trainable)
+        weights = trainable
+    scaler: tp.Any = None
+    if plan.use_scaler:
+        if sharded:  # every rank must skip the same overflowing steps: found-inf is all-reduced
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler = ShardedGradScaler("cuda")
+        else:
+            scaler = torch.amp.GradScaler("cuda")
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=plan.autocast_dtype)
         if plan.autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    ema = [p.detach().clone() for p in trainable] if params.ema else None
+    ema = [w.detach().clone() for w in weights] if params.ema else None
     history: list[dict[str, float]] = []
     start_step = 0
 
     # ---- resume: weights, optimizer, scaler, EMA, RNGs, history; the schedule and data plan are pure in `step`
     if resume_state is not None:
         check_resume_compatible(resume_state, params)
-        lm.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if sharded:
+            fsdp_mod.load_full_state_dict(lm, resume_state["model"])
+        else:
+            lm.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])  # whole in the file, sharded here under FSDP
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         if ema is not None and resume_state.get("ema") is not None:
-            for e, saved in zip(ema, resume_state["ema"], strict=True):
-                e.copy_(saved)
+            for e, saved, p in zip(ema, resume_state["ema"], trainable, strict=True):
+                e.copy_(fsdp_mod.shard_of(saved, p))
         rng = resume_state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng.get("python") is not None:
@@ -299,11 +338,16 @@ def train_loop(
             logger.warning("The checkpoint already completed all %d steps: nothing left to train", plan.total_steps)
 
     def checkpoint_state() -> dict[str, tp.Any]:
+        """Whole (unsharded) state; under FSDP a collective, complete on rank 0 only."""
         return {
-            "model": {k: v.detach().cpu() for k, v in lm.state_dict().items()},
+            "model": fsdp_mod.full_state_dict(lm, dist)
+            if sharded
+            else {k: v.detach().cpu() for k, v in lm.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": [e.cpu() for e in ema] if ema is not None else None,
+            "ema": [fsdp_mod.gather(e, p, dist) for e, p in zip(ema, trainable, strict=True)]
+            if ema is not None
+            else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),  # MusicGen-Style draws its excerpts from `random`
@@ -317,7 +361,9 @@ def train_loop(
 
     def save(step_done: int) -> Path | None:
         barrier(dist)
-        path = ckpt.save_checkpoint(checkpoint_dir, step_done, checkpoint_state()) if dist.is_main else None
+        state = checkpoint_state() if dist.is_main or sharded else None  # FSDP: every rank sends its shards
+        path = ckpt.save_checkpoint(checkpoint_dir, step_done, state) if state is not None and dist.is_main else None
+        del state
         barrier(dist)
         return path
 
@@ -356,7 +402,7 @@ def train_loop(
                 tokens = 0
                 for i, batch in enumerate(micro_batches):
                     last = i == len(micro_batches) - 1
-                    no_sync = step_module.no_sync() if dist.distributed and not last else contextlib.nullcontext()
+                    no_sync = step_module.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()
                     with no_sync:
                         with autocast:
                             prior = torch.tensor([prior_flags[i] for i in batch.items]) if any(prior_flags) else None
@@ -377,10 +423,15 @@ def train_loop(
                         f"Training diverged at step {step + 1}: the loss is {step_loss}. Nothing from this step was "
                         "saved. Lower lr (adamw: e.g. 1e-5), keep max_grad_norm on, or use precision bf16/fp32."
                     )
+                if sharded:
+                    optimizer.collect_grads()
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 max_norm = params.max_grad_norm if params.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                if sharded:  # the norm of the whole gradient, over every rank's shards
+                    grad_norm = optimizer.clip_grad_norm_(max_norm)
+                else:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
                 skipped = False
                 if not math.isfinite(grad_norm):
                     if scaler is None:
@@ -397,7 +448,7 @@ def train_loop(
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None and not skipped:
-                    torch._foreach_lerp_(ema, [p.detach() for p in trainable], 1.0 - EMA_DECAY)
+                    torch._foreach_lerp_(ema, [w.detach() for w in weights], 1.0 - EMA_DECAY)
                 # ---- log
                 seconds = time.perf_counter() - t0
                 total_tokens += step_tokens
@@ -448,20 +499,34 @@ def train_loop(
         interrupted = not isinstance(e, Exception)
         done = len(history)
         if interrupted and consistent and done > start_step and dist.is_main:
-            logger.warning("Interrupted (%s): saving a resume checkpoint at step %d", type(e).__name__, done)
-            with contextlib.suppress(Exception):
-                ckpt.save_checkpoint(checkpoint_dir, done, checkpoint_state())
+            if sharded:  # gathering the shards needs every rank, which an interrupt does not coordinate
+                logger.warning(
+                    "Interrupted (%s) under FSDP: no checkpoint (only SIGTERM and save_every save sharded runs)",
+                    type(e).__name__,
+                )
+            else:
+                logger.warning("Interrupted (%s): saving a resume checkpoint at step %d", type(e).__name__, done)
+                with contextlib.suppress(Exception):
+                    ckpt.save_checkpoint(checkpoint_dir, done, checkpoint_state())
         raise
     finally:
         progress.close()
 
     seconds = time.perf_counter() - started
     trained_steps = plan.total_steps - start_step
-    if ema is not None:
-        averaged = dict(zip([n for n, p in lm.named_parameters() if p.requires_grad], ema, strict=True))
-        state = {k: averaged.get(k, v).detach() for k, v in lm.state_dict().items()}
+    if sharded:  # whole weights on rank 0 (every rank sends its shards), in a plain module for the export
+        state = fsdp_mod.full_state_dict(lm, dist)
+        if ema is not None:
+            averaged = {n: fsdp_mod.gather(e, p, dist) for n, e, p in zip(trainable_names, ema, trainable, strict=True)}
+            state = {k: averaged.get(k, v) for k, v in state.items()}
+        export_lm = fsdp_mod.materialize(export_skeleton, state, device) if export_skeleton is not None else None
     else:
-        state = {k: v.detach() for k, v in lm.state_dict().items()}
+        export_lm = None
+        if ema is not None:
+            averaged = dict(zip(trainable_names, ema, strict=True))
+            state = {k: averaged.get(k, v).detach() for k, v in lm.state_dict().items()}
+        else:
+            state = {k: v.detach() for k, v in lm.state_dict().items()}
     return TrainResult(
         state_dict=state,
         history=history,
@@ -470,4 +535,6 @@ def train_loop(
         peak_memory_mb=peak_memory_mb(device),
         seconds=seconds,
         precision=resolve_precision(params.precision, device)[2],
+        parallel=parallel,
+        lm=export_lm,
     )

@@ -22,6 +22,7 @@ __all__ = [
     "LR_SCHEDULERS",
     "PRECISIONS",
     "METHODS",
+    "PARALLEL_MODES",
     "EMA_DECAY",
     "validate",
     "prepare_kwargs",
@@ -30,6 +31,7 @@ __all__ = [
 OPTIMIZERS = ("dadam", "adamw")
 LR_SCHEDULERS = ("cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PARALLEL_MODES = ("auto", "ddp", "fsdp")  # training/fsdp.py
 METHODS = ("full", "lora", "textual_inversion", "text_projection")
 EMA_DECAY = 0.99
 # AdamW diverges far below this; an lr this large only makes sense for D-Adaptation (where it is a multiplier).
@@ -192,6 +194,13 @@ class TrainParams:
     )
     lm_layers: int = param(2, "model_version=micro / tiny-micro: transformer layers of the new LM.", ge=1, le=96)
     lm_heads: int = param(2, "model_version=micro / tiny-micro: attention heads of the new LM.", ge=1, le=64)
+    parallel: str = param(
+        "auto",
+        "With several GPUs: ddp (a whole model per GPU) or fsdp (weights, gradients and optimizer state sharded "
+        "over the GPUs: for medium and large models). auto: fsdp for medium/large/melody/style models, ddp for "
+        "small ones. Ignored on one GPU.",
+        choices=PARALLEL_MODES,
+    )
 
 
 # Inputs that shape the data order, the schedule or the update: a resumed run must use the same values.

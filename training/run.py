@@ -220,8 +220,10 @@ def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: Dis
             on_metrics=run.log if run is not None else None,
         )
         del resume_state
+        if result.lm is not None:  # FSDP: the trained LM is sharded; rank 0 exports from its whole copy
+            setup.model.lm = result.lm
         if dist.distributed:
-            difference = dist_mod.rank_weight_difference(dist, lm.state_dict().values())
+            difference = dist_mod.rank_weight_difference(dist, lm.state_dict().values())  # FSDP: gathered
             if dist.is_main:
                 if difference == 0.0:
                     logger.info("All %d ranks hold identical weights", dist.world_size)
@@ -236,7 +238,11 @@ def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: Dis
                 params=params,
                 clips=setup.clips,
                 dataset_report=getattr(dataset, "report", None),
-                run_info={"world_size": dist.world_size, "global_batch": setup.plan.global_batch},
+                run_info={
+                    "world_size": dist.world_size,
+                    "global_batch": setup.plan.global_batch,
+                    "parallel": result.parallel,
+                },
             )
             if run is not None:
                 _log_samples(run, tar)
