@@ -50,6 +50,7 @@ class Predictor(BasePredictor):
                 "tiny",
                 "tiny-stereo",
                 "tiny-melody",
+                "tiny-t5",
                 "style",
                 "tiny-style",
             ],

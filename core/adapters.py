@@ -22,6 +22,7 @@ import fnmatch
 import json
 import logging
 import math
+import re
 import typing as tp
 
 import torch
@@ -42,6 +43,8 @@ __all__ = [
     "merge_lora_state",
     "apply_lora_files",
     "save_adapter",
+    "add_t5_trigger",
+    "T5TriggerMixin",
 ]
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -333,6 +336,12 @@ def apply_partial_file(lm: nn.Module, folder: tp.Any) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    for key in tensors:  # a T5 trigger: its vocabulary must exist before its rows can be put in
+        if key.endswith("." + T5_TRIGGER_PARAM):
+            if "trigger_tokens" not in metadata or not metadata.get("trigger"):
+                raise ValueError(f"{key} comes without its trigger and token strings in the file's metadata")
+            conditioner = lm.get_submodule(key[: -len("." + T5_TRIGGER_PARAM)])
+            add_t5_trigger(conditioner, metadata["trigger"], json.loads(metadata["trigger_tokens"]))
     state = lm.state_dict()
     for key, value in tensors.items():
         if key.endswith("@index"):
@@ -348,3 +357,113 @@ def apply_partial_file(lm: nn.Module, folder: tp.Any) -> dict[str, str]:
             raise ValueError(f"{key} is not a weight of the base model")
     logger.info("Applied %s (%s: %s)", EMBEDDINGS_FILE, metadata.get("method", "?"), ", ".join(sorted(tensors)))
     return metadata
+
+
+# ------------------------------------------------------------------------------------- T5 textual inversion
+# The facebook/musicgen-* models read prompts with a frozen T5 encoder (audiocraft's `T5Conditioner`). A trigger
+# word becomes new T5 vocabulary: placeholder tokens (`<mgft_trigger_0>`, ...) added to the conditioner's tokenizer,
+# one per sentencepiece piece of the trigger (any string splits into at least one piece, so any trigger works),
+# whose input embeddings `trigger_embedding` `[n, d_model]` are a Parameter of the conditioner (so of the LM's module
+# tree and state dict). Every whole-word occurrence of the trigger in a prompt (case-insensitive) is replaced by the
+# placeholders before T5's tokenizer runs; the rows start as the embeddings of the trigger's own pieces, so before
+# training a trigger prompt is encoded exactly as by the base model. Prompts without the trigger take audiocraft's
+# own forward, unchanged.
+
+T5_TRIGGER_PARAM = "trigger_embedding"
+T5_TRIGGER_TOKEN = "<mgft_trigger_{}>"
+
+
+class T5TriggerMixin:
+    """Put in front of a `T5Conditioner`'s class (`add_t5_trigger`): the trigger's placeholder tokens take their
+    input embeddings from `trigger_embedding`, and the frozen T5 runs with gradients reaching those rows."""
+
+    def tokenize(self, x: list[str | None]) -> dict[str, torch.Tensor]:
+        text = "".join(self.trigger_tokens)
+        x = [xi if xi is None else self.trigger_pattern.sub(lambda _: text, xi) for xi in x]
+        return super().tokenize(x)  # type: ignore[misc]
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        n = self.trigger_embedding.shape[0]
+        learned = (ids >= self.trigger_first_id) & (ids < self.trigger_first_id + n)
+        if not bool(learned.any()):
+            embeds, mask = super().forward(inputs)  # type: ignore[misc]
+            if self.training and torch.is_grad_enabled() and self.trigger_embedding.requires_grad:
+                # a batch without the trigger (word or CFG dropout) still uses the rows, with a zero gradient:
+                # DistributedDataParallel expects every trainable parameter in every step's graph
+                embeds = embeds + 0.0 * self.trigger_embedding.sum()
+            return embeds, mask
+        t5 = self.t5
+        with self.autocast:
+            table = t5.get_input_embeddings()
+            embeds = table(ids.masked_fill(learned, 0))
+            rows = self.trigger_embedding[(ids - self.trigger_first_id).clamp(0, n - 1)].to(embeds.dtype)
+            embeds = torch.where(learned[..., None], rows, embeds)
+            # T5's own weights do not require grad (frozen, outside the LM's module tree): in grad mode only the
+            # trigger rows get gradients through the encoder. audiocraft's forward disables grad altogether.
+            hidden = t5(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        out = self.output_proj(hidden.to(self.output_proj.weight))
+        return out * mask.unsqueeze(-1), mask
+
+
+def trigger_pattern(trigger: str) -> re.Pattern[str]:
+    """Whole-word, case-insensitive occurrences of `trigger` (which may hold spaces or punctuation)."""
+    return re.compile(r"(?<!\w)" + re.escape(trigger.strip()) + r"(?!\w)", re.IGNORECASE)
+
+
+def is_t5_conditioner(conditioner: nn.Module) -> bool:
+    from audiocraft.modules.conditioners import T5Conditioner
+
+    return isinstance(conditioner, T5Conditioner)
+
+
+def add_t5_trigger(conditioner: nn.Module, trigger: str, tokens: tp.Sequence[str] | None = None) -> list[str]:
+    """Give a `T5Conditioner` (in place) new vocabulary for `trigger`; returns the placeholder token strings.
+
+    `tokens`: the placeholders to add (as stored in a weights tar); by default one per sentencepiece piece of the
+    trigger. The new rows start as the embeddings of those pieces (or, for stored tokens, are overwritten by the
+    stored rows right after). T5's own parameters are set not to require grad.
+    """
+    from transformers import AddedToken
+
+    if not is_t5_conditioner(conditioner):
+        raise TypeError(f"{type(conditioner).__name__} is not audiocraft's T5Conditioner")
+    if isinstance(conditioner, T5TriggerMixin):
+        raise ValueError(f"this T5 conditioner already has a trigger ({conditioner.trigger!r}): only one is supported")
+    if conditioner.normalize_text:
+        raise ValueError("T5 conditioners with normalize_text=True (lemmatized prompts) are not supported")
+    trigger = trigger.strip()
+    if not trigger:
+        raise ValueError("the trigger is empty")
+    tokenizer, t5 = conditioner.t5_tokenizer, conditioner.t5
+    pieces = tokenizer(trigger, add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id]
+    tokens = list(tokens) if tokens is not None else [T5_TRIGGER_TOKEN.format(i) for i in range(len(pieces))]
+    clashes = [t for t in tokens if t in tokenizer.get_vocab()]
+    if clashes:
+        raise ValueError(f"the tokenizer already knows {clashes}")
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in tokens])
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise RuntimeError(f"the trigger's placeholder tokens got non-consecutive ids {ids}")
+    if not conditioner.finetune:
+        t5.requires_grad_(False)
+    table = t5.get_input_embeddings().weight.detach()
+    init = table[torch.tensor([pieces[min(i, len(pieces) - 1)] for i in range(len(tokens))], device=table.device)]
+    conditioner.register_parameter(T5_TRIGGER_PARAM, nn.Parameter(init.float().clone()))
+    conditioner.trigger = trigger
+    conditioner.trigger_tokens = tokens
+    conditioner.trigger_pieces = tokenizer.convert_ids_to_tokens(pieces)
+    conditioner.trigger_first_id = ids[0]
+    conditioner.trigger_pattern = trigger_pattern(trigger)
+    cls = type(conditioner)
+    conditioner.__class__ = type(f"Trigger{cls.__name__}", (T5TriggerMixin, cls), {})
+    logger.info(
+        "T5 trigger %r: %d new token(s) %s (ids %d-%d), initialized from its pieces %s",
+        trigger,
+        len(tokens),
+        "".join(tokens),
+        ids[0],
+        ids[-1],
+        conditioner.trigger_pieces,
+    )
+    return tokens

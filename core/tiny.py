@@ -11,6 +11,10 @@ server) runs offline on a CPU in seconds. Each is a folder holding `state_dict.b
 - `tiny-melody`: adds audiocraft's chroma conditioner (`self_wav`, prepended). That conditioner loads demucs'
   `htdemucs` in its constructor, so the folder also carries a small HTDemucs as a demucs repo (`htdemucs_repo/`),
   which `tiny_demucs()` hands to that constructor during a load (the user's torch cache is never read or written).
+- `tiny-t5`: `tiny` with audiocraft's T5 text conditioner (`t5-base`, frozen, word dropout 0.3), as the
+  facebook/musicgen-* models have. The folder carries a tiny T5 encoder (d_model 768 as T5Conditioner requires for
+  `t5-base`, 2 small layers, a 256-piece sentencepiece unigram vocabulary saved as `tokenizer.json`) in Hugging
+  Face cache layout (`hf_hub/models--t5-base/...`); `tiny_hubs()` points huggingface_hub at it during a load.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSIONS = ("tiny", "tiny-stereo", "tiny-melody")
+TINY_VERSIONS = ("tiny", "tiny-stereo", "tiny-melody", "tiny-t5")
 # MusicGen-Style stand-ins (core/style.py): kept apart from TINY_VERSIONS, which lists the models audiocraft's own
 # loaders can build (training choices, weights export).
 STYLE_TINY_VERSIONS = ("tiny-style",)
@@ -169,6 +173,8 @@ def lm_cfg(name: str) -> dict:
         cfg["interleave_stereo_codebooks"] = {"use": True, "per_timestep": False}
     if name == "tiny-style":
         _add_style(cfg)
+    if name == "tiny-t5":
+        cfg["conditioners"]["description"] = {"model": "t5", "t5": t5_conditioner_cfg()}
     if name == "tiny-melody":
         cfg["fuser"]["prepend"] = ["self_wav"]
         cfg["conditioners"]["self_wav"] = {
@@ -248,6 +254,7 @@ def _fingerprint(name: str) -> str:
             "seed": SEED,
             "builder": BUILDER_VERSION,
             "htdemucs": htdemucs_kwargs() if name == "tiny-melody" else None,
+            **({"t5": [t5_encoder_cfg(), T5_CORPUS, T5_VOCAB]} if name == "tiny-t5" else {}),
         },
         sort_keys=True,
     )
@@ -320,9 +327,11 @@ def _build(name: str, folder: Path, cfg: dict | None = None) -> None:
     )
     if name == "tiny-melody":
         save_htdemucs_repo(folder / "htdemucs_repo")
+    if name == "tiny-t5":
+        save_t5_hub(folder / T5_HUB_DIR)
     cfg = cfg if cfg is not None else lm_cfg(name)
     torch.manual_seed(SEED + 1)
-    with tiny_demucs(folder):
+    with tiny_hubs(folder):
         lm = _build_lm(name, cfg)
     torch.save(
         {"xp.cfg": cfg, "best_state": lm.state_dict(), "version": version, "exported": True},
@@ -363,3 +372,123 @@ def build_variant(folder: Path, base: str = "tiny", **transformer: tp.Any) -> Pa
         folder.mkdir(parents=True, exist_ok=True)
         _build(base, folder, cfg)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------- tiny T5
+T5_NAME = "t5-base"  # the name audiocraft's musicgen configs use; T5Conditioner requires d_model 768 for it
+T5_HUB_DIR = "hf_hub"
+T5_VOCAB = 256
+# The tiny tokenizer's training text: music words, and every printable ASCII character so that any trigger string
+# splits into known pieces (as with the real T5 vocabulary).
+T5_CORPUS = (
+    "calm piano with soft drums",
+    "fast rock drums and electric guitar",
+    "lofi hip hop beat with vinyl crackle",
+    "jazz saxophone solo over upright bass",
+    "ambient synth pad, slow and dreamy",
+    "energetic techno with a heavy kick",
+    "acoustic folk song with strings",
+    "orchestral strings, cinematic and epic",
+    "funky bass line and brass section",
+    "happy pop melody, bright vocals",
+    "sad blues guitar in a minor key",
+    "reggae rhythm at 90 bpm",
+    " ".join(chr(c) for c in range(33, 127)),
+)
+
+
+def t5_conditioner_cfg() -> dict:
+    """audiocraft's text2music conditioner settings (`conditioners.description.t5`), as in the MusicGen configs."""
+    return {"name": T5_NAME, "finetune": False, "word_dropout": 0.3, "normalize_text": False}
+
+
+def t5_encoder_cfg() -> dict:
+    """`transformers.T5Config` fields of the tiny encoder (vocab_size is the tokenizer's length, set at build)."""
+    return {
+        "d_model": 768,
+        "d_kv": 32,
+        "d_ff": 256,
+        "num_layers": 2,
+        "num_heads": 2,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1,
+        "feed_forward_proj": "relu",
+        "is_encoder_decoder": False,
+        "use_cache": False,
+    }
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    """A sentencepiece unigram model trained on `T5_CORPUS` (deterministic: one thread, fixed text), as
+    `(piece, score)` pairs with T5's special ids (pad 0, eos 1, unk 2)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(T5_CORPUS * 4),
+        model_writer=model,
+        vocab_size=T5_VOCAB,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        num_threads=1,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+
+
+def save_t5_hub(hub: Path, seed: int = SEED) -> Path:
+    """Write a tiny random T5 encoder + its tokenizer as `t5-base` in Hugging Face cache layout under `hub`
+    (`models--t5-base/refs/main` naming `snapshots/<revision>/`: config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json). Returns the snapshot folder."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    tokenizer = T5Tokenizer(vocab=_t5_vocab())
+    torch.manual_seed(seed)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **t5_encoder_cfg()))
+    repo = hub / f"models--{T5_NAME.replace('/', '--')}"
+    revision = hashlib.sha1(json.dumps([T5_CORPUS, t5_encoder_cfg(), seed]).encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@contextlib.contextmanager
+def tiny_t5_hub(model_dir: Path) -> tp.Iterator[None]:
+    """While a `tiny-t5` model loads, huggingface_hub (and transformers through it) reads `t5-base` from the model's
+    own cache, offline; elsewhere (and for every other model) the user's cache and settings apply as usual.
+
+    huggingface_hub reads HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE into `huggingface_hub.constants` at import, and
+    both it and transformers look the values up there at call time: those module attributes are what is switched.
+    """
+    hub = Path(model_dir) / T5_HUB_DIR
+    if not hub.is_dir():
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(hub), True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def tiny_hubs(model_dir: Path) -> tp.Iterator[None]:
+    """`tiny_demucs` and `tiny_t5_hub` together: what any tiny model folder needs while it loads."""
+    with tiny_demucs(model_dir), tiny_t5_hub(model_dir):
+        yield

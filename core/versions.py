@@ -99,7 +99,7 @@ def load_musicgen(model_version: str, device: str | None = None):
     if is_style_source(source):
         return _load_style(source, device)
     try:
-        with tiny.tiny_demucs(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
+        with tiny.tiny_hubs(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
             model = MusicGen.get_pretrained(source.location, device=device)
     except ModelUnavailableError:
         raise

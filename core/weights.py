@@ -280,7 +280,7 @@ def load_trained_model(weights: str | Path, device: str | None = None):
         return _load_with_adapter(folder, info, base, device)
     model_home = tiny.ensure_tiny(base) if base in tiny.TINY_VERSIONS else folder
     try:
-        with tiny.tiny_demucs(model_home):
+        with tiny.tiny_hubs(model_home):
             lm = _load_lm(folder, device, load_lm_model)
         pkg = torch.load(folder / "compression_state_dict.bin", map_location="cpu", weights_only=True)
         compression = None

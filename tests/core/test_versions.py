@@ -15,7 +15,7 @@ def test_every_version_is_listed():
         "small", "medium", "large", "melody", "melody-large", "stereo-small", "stereo-medium", "stereo-large",
         "stereo-melody", "stereo-melody-large",
     )  # fmt: skip
-    assert versions.MODEL_VERSIONS[10:] == ("tiny", "tiny-stereo", "tiny-melody")
+    assert versions.MODEL_VERSIONS[10:] == ("tiny", "tiny-stereo", "tiny-melody", "tiny-t5")
 
 
 def test_tiny_models_are_deterministic(tmp_path, monkeypatch):

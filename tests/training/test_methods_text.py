@@ -105,7 +105,7 @@ def test_text_projection_trains_the_output_projection_only(dataset, tmp_path):
     "inputs,name,words",
     [
         ({"method": "textual_inversion"}, "trigger", "give a trigger"),
-        ({"method": "textual_inversion", "trigger": "zzq", "model_version": "small"}, "method", "text_projection"),
+        ({"method": "textual_inversion", "trigger": "zzq", "model_version": "tiny-micro"}, "method", "use full"),
     ],
 )
 def test_bad_text_method_inputs_fail_early(inputs, name, words):

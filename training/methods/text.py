@@ -4,16 +4,23 @@
 - `text_projection` (chavinlo's musicgen_trainer `tune_text`): trains the text conditioner's output projection
   (`condition_provider.conditioners.description.output_proj`, T5 768 -> LM dim, or the LUT's), so every prompt
   maps to the LM a little differently.
-- `textual_inversion`: learns the embedding of the `trigger` word. With audiocraft's LUT conditioner the learned
-  rows are the table rows the trigger's tokens hash to (`WhiteSpaceTokenizer`: one per word of the trigger). With
-  the `noop` tokenizer (the tiny models) a whole description is a single token, so only the prompt made of the
-  trigger alone can select a learned row: the examples are then conditioned on the trigger alone (logged), and
-  prompting with exactly the trigger calls the style. T5 models (the facebook/musicgen-* checkpoints) would need
-  new T5 vocabulary rows learned through the frozen encoder: not implemented yet; refused before any work.
+- `textual_inversion`: learns the embedding of the `trigger` word.
+  - T5 text conditioners (every facebook/musicgen-* model, and `tiny-t5`): the trigger becomes new T5 vocabulary,
+    one placeholder token per sentencepiece piece of the trigger (`core.adapters.add_t5_trigger`), whose input
+    embeddings start as those pieces' and are learned through the frozen T5 encoder; nothing else changes (T5,
+    its output projection and the LM stay frozen). Every training example carries the trigger (prepended, logged,
+    where a description lacks it; prior-preservation examples are left without it). Prompts holding the trigger
+    (whole word, any case) use the learned rows; all other prompts are encoded exactly as by the base model.
+  - audiocraft's LUT conditioner: the learned rows are the table rows the trigger's tokens hash to
+    (`WhiteSpaceTokenizer`: one per word of the trigger). With the `noop` tokenizer (the LUT tiny models) a whole
+    description is a single token, so only the prompt made of the trigger alone can select a learned row: the
+    examples are then conditioned on the trigger alone (logged), and prompting with exactly the trigger calls the
+    style.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import typing as tp
 
@@ -26,8 +33,6 @@ from training.methods import Method, MethodExport, trainable_summary
 logger = logging.getLogger(__name__)
 
 TEXT_ATTRIBUTE = "description"
-T5_MODELS = ("small", "medium", "large", "melody", "melody-large", "stereo-small", "stereo-medium", "stereo-large")
-T5_MODELS = (*T5_MODELS, "stereo-melody", "stereo-melody-large")
 
 
 def text_conditioner(lm: torch.nn.Module) -> tp.Any:
@@ -75,32 +80,40 @@ class TextualInversionMethod(Method):
         super().check(params)
         if not params.trigger or not params.trigger.strip():
             raise InputError("trigger", "method=textual_inversion learns the trigger word's embedding: give a trigger")
-        if params.model_version in T5_MODELS:
-            raise InputError(
-                "method",
-                f"textual_inversion is implemented for LUT text conditioners only; {params.model_version} uses T5. "
-                "Use method=text_projection (trains T5's output projection) or lora",
-            )
 
     def prepare(self, lm: torch.nn.Module, params: tp.Any) -> None:
         from audiocraft.modules.conditioners import LUTConditioner, NoopTokenizer
 
         conditioner = text_conditioner(lm)
-        if not isinstance(conditioner, LUTConditioner):
-            raise InputError("method", "textual_inversion needs a LUT text conditioner (T5 is not supported yet)")
         trigger = params.trigger.strip()
+        _freeze(lm)
+        if adapters.is_t5_conditioner(conditioner):
+            try:
+                tokens = adapters.add_t5_trigger(conditioner, trigger)
+            except ValueError as e:
+                raise InputError("method", f"textual_inversion cannot learn {trigger!r} on this model: {e}") from None
+            lm.trigger_tokens, lm.trigger_pieces = tokens, conditioner.trigger_pieces
+            _log_trainable(lm, f"textual_inversion of {trigger!r} (T5 tokens {''.join(tokens)})")
+            return
+        if not isinstance(conditioner, LUTConditioner):
+            raise InputError(
+                "method",
+                f"textual_inversion needs a T5 or LUT text conditioner; this model's is {type(conditioner).__name__}. "
+                "Use method=text_projection or lora",
+            )
         tokens, mask = conditioner.tokenizer([trigger])
         rows = sorted({int(t) for t, m in zip(tokens[0].tolist(), mask[0].tolist(), strict=True) if m})
-        _freeze(lm)
         conditioner.embed = adapters.RowTrainedEmbedding(conditioner.embed, rows)
         lm.condition_on_trigger_only = isinstance(conditioner.tokenizer, NoopTokenizer)
         lm.trigger_rows = rows
         _log_trainable(lm, f"textual_inversion of {trigger!r} (LUT rows {rows})")
 
     def adjust_clips(self, clips: list, lm: torch.nn.Module, params: tp.Any) -> list:
+        trigger = params.trigger.strip()
+        if getattr(lm, "trigger_tokens", None):
+            return _carry_trigger(clips, trigger)
         if not getattr(lm, "condition_on_trigger_only", False):
             return clips
-        trigger = params.trigger.strip()
         logger.info(
             "The text conditioner reads a whole description as one token (noop tokenizer): the examples are "
             "conditioned on the trigger %r alone, the prompt that selects the learned embedding",
@@ -111,15 +124,38 @@ class TextualInversionMethod(Method):
         return clips
 
     def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: tp.Any) -> MethodExport:
-        prefix = f"condition_provider.conditioners.{TEXT_ATTRIBUTE}.embed."
-        key = prefix + "weight"
-        tensors = {
-            f"{key}@rows": state_dict[prefix + "trained_rows"].to(torch.float32),
-            f"{key}@index": state_dict[prefix + "row_index"].to(torch.long),
-        }
-        metadata = {"method": self.name, "trigger": params.trigger.strip(), "base_model": str(params.model_version)}
+        trigger = params.trigger.strip()
+        metadata = {"method": self.name, "trigger": trigger, "base_model": str(params.model_version)}
+        prefix = f"condition_provider.conditioners.{TEXT_ATTRIBUTE}."
+        if getattr(lm, "trigger_tokens", None):
+            key = prefix + adapters.T5_TRIGGER_PARAM
+            tensors = {key: state_dict[key].to(torch.float32)}
+            metadata["trigger_tokens"] = json.dumps(lm.trigger_tokens)
+            info = {"trigger": trigger, "tokens": lm.trigger_tokens, "pieces": lm.trigger_pieces}
+        else:
+            key = prefix + "embed.weight"
+            tensors = {
+                f"{key}@rows": state_dict[prefix + "embed.trained_rows"].to(torch.float32),
+                f"{key}@index": state_dict[prefix + "embed.row_index"].to(torch.long),
+            }
+            info = {"trigger": trigger, "rows": lm.trigger_rows}
         return MethodExport(
             state_dict={},
             extra_files={adapters.EMBEDDINGS_FILE: adapters.save_partial(tensors, metadata)},
-            info={"embeddings": {"trigger": params.trigger.strip(), "rows": lm.trigger_rows}},
+            info={"embeddings": info},
         )
+
+
+def _carry_trigger(clips: list, trigger: str) -> list:
+    """Every instance example's description holds the trigger (the learned tokens see gradients only there);
+    prior-preservation examples (`info['prior']`) keep their class prompts without it."""
+    pattern = adapters.trigger_pattern(trigger)
+    added = 0
+    for clip in clips:
+        if clip.info.get("prior") or pattern.search(clip.description or ""):
+            continue
+        clip.description = f"{trigger} {clip.description}".strip() if clip.description else trigger
+        added += 1
+    if added:
+        logger.info("The trigger %r was prepended to %d description(s) that lacked it", trigger, added)
+    return clips
