@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from bench.common import git_commit, machine_name  # noqa: E402
 
 GOAL_RATIO = 3.0
 GOAL_KL = 0.01
@@ -64,18 +65,6 @@ def build_model():
     lm = builders.get_lm_model(OmegaConf.create(small_lm_cfg())).eval()
     model = MusicGen("bench-musicgen-small-arch", compression, lm, max_duration=30.0)
     return model
-
-
-def machine_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
 def run_audiocraft(model, batch: int) -> float:
@@ -235,9 +224,7 @@ def main() -> None:
     result: dict = {
         "bench": "generate",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip(),
+        "commit": git_commit(),
         "machine": machine_name(),
         "torch": torch.__version__,
         "threads": args.threads,

@@ -18,7 +18,7 @@ import argparse
 import contextlib
 import datetime
 import json
-import platform
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.common import machine_name, reexec_for_exact_rss  # noqa: E402
 from core import adapters, tiny  # noqa: E402
 from training.loop import TrainStep  # noqa: E402
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_memory.jsonl"))
     args = parser.parse_args(argv)
+    reexec_for_exact_rss()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     before = rss_mb()
     t0 = time.perf_counter()
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "bench": "lora_memory",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "machine": machine_name(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "device": f"cpu x{torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "arch": args.arch,

@@ -15,7 +15,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.common import machine_name  # noqa: E402
 from core.params import from_kwargs  # noqa: E402
 from preprocessing import PrepareParams, prepare  # noqa: E402
 
@@ -78,18 +78,6 @@ def _cpu() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def machine() -> str:
-    model = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
-
-
 def commit() -> str | None:
     try:
         return subprocess.run(
@@ -135,7 +123,7 @@ def main() -> int:
         "bench": "prepare",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit(),
-        "machine": machine(),
+        "machine": machine_name(),
         "audio_seconds": round(audio_seconds, 1),
         "tracks": args.tracks,
         "clips": report["clips"],

@@ -1,12 +1,22 @@
 """Benchmark: one training step with cached tokens (our trainer) vs re-encoding the audio every step (audiocraft's
-solver, sakemin's trainer), in fp32 and bf16, with peak memory; the same model, data and crops in the same run.
+solver, sakemin's trainer), in fp32 and bf16, and peak memory of full vs LoRA fine-tuning; the same model, data and
+crops in the same run.
 
-    .venv/bin/python bench/train_step.py [--arch small|tiny] [--segment 5] [--batch 2] [--steps 3]
+    .venv/bin/python bench/train_step.py [--arch small|small-melody|tiny|tiny-melody] [--segment 5] [--batch 2]
 
 `small`: a random-weight MusicGen-small architecture (1024 dim, 24 layers, 2048 codes x 4 codebooks, LUT text
 conditioner in place of T5, which cannot be downloaded offline) on a random-weight EnCodec 32 kHz architecture.
+`small-melody`: the same LM with musicgen-melody's chroma condition (`self_wav`, chroma_stem, radix2_exp 14) whose
+stem separation is a random-weight HTDemucs of htdemucs' size (41.5 M parameters), the default kind of model users
+fine-tune (`stereo-melody`).
 The re-encoding step reads each crop from its WAV file and encodes it, as a data loader feeding audiocraft's solver
-does; the cached step crops codes encoded once. Both then run the same LM forward/backward/AdamW step.
+does, and for melody models lets the chroma conditioner run demucs + chroma on the crop, as audiocraft does on every
+step (its issue 261); the cached step crops codes encoded once and cuts chroma computed once per clip. Both then run
+the same LM forward/backward/AdamW step.
+
+Peak memory of full vs LoRA (rank 16, default targets) is measured in a fresh process per method (resident memory
+on CPU is not returned to the system between configurations; on GPU the allocator's peak), cached codes, the first
+precision.
 
 Prints the median step times, the ratios measured in this run, peak memory per configuration, and appends one JSON
 line to bench/results/train_step.jsonl.
@@ -20,8 +30,8 @@ import copy
 import datetime
 import json
 import logging
-import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +44,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import exact_rss_env, git_commit, load_average, machine_name  # noqa: E402
 from core import tiny  # noqa: E402
 from core.audio import convert_channels  # noqa: E402
 from training.data import ClipTokens, TokenDataset, clip_attributes, encode_clips  # noqa: E402
@@ -41,25 +52,62 @@ from training.dist import DistInfo  # noqa: E402
 from training.loop import TrainStep, peak_memory_mb  # noqa: E402
 
 GOAL = 1.5  # issue 6: cached tokens at least 1.5x faster per step
+LORA_GOAL = 0.6  # issue 6: LoRA's peak memory at most 0.6x full fine-tuning's
+LORA_TARGETS = "q,k,v,out_proj,linear1,linear2"  # the `lora_targets` default
+LOAD_BEFORE = load_average()
 
 
-def build_model(arch: str, device: str):
+HTDEMUCS_KWARGS = {  # htdemucs' architecture (41.5 M parameters); random weights
+    "sources": ["drums", "bass", "other", "vocals"],
+    "audio_channels": 2,
+    "samplerate": 44100,
+    "segment": 7.8,
+    "bottom_channels": 512,
+}
+
+
+@contextlib.contextmanager
+def random_htdemucs(arch: str, workdir: Path):
+    """While a melody model is built, `get_model('htdemucs')` loads a random HTDemucs written into a local repo."""
+    if not arch.endswith("melody"):
+        yield
+        return
+    from demucs.htdemucs import HTDemucs
+
+    repo = workdir / "model" / "htdemucs_repo"
+    if not (repo / "htdemucs.yaml").is_file():
+        repo.mkdir(parents=True, exist_ok=True)
+        kwargs = HTDEMUCS_KWARGS if arch == "small-melody" else tiny.htdemucs_kwargs()
+        torch.manual_seed(0)
+        model = HTDemucs(**kwargs)
+        package = {"klass": HTDemucs, "args": (), "kwargs": kwargs, "state": model.state_dict()}
+        torch.save(package, repo / f"{tiny.HTDEMUCS_SIG}.th")
+        (repo / "htdemucs.yaml").write_text(f"models: ['{tiny.HTDEMUCS_SIG}']\n")
+    with tiny.tiny_demucs(workdir / "model"):
+        yield
+
+
+def build_model(arch: str, device: str, workdir: Path):
     """A random-weight MusicGen of the given architecture, built with audiocraft's own builders."""
     from audiocraft.models import MusicGen, builders
     from omegaconf import OmegaConf
 
-    lm_cfg, comp_cfg = tiny.lm_cfg("tiny"), tiny.compression_cfg()
-    if arch == "small":
+    melody = arch.endswith("melody")
+    lm_cfg, comp_cfg = tiny.lm_cfg("tiny-melody" if melody else "tiny"), tiny.compression_cfg()
+    if arch.startswith("small"):
         card, dim = 2048, 1024
         lm_cfg["transformer_lm"].update(card=card, dim=dim, num_heads=16, num_layers=24)
         lm_cfg["conditioners"]["description"]["lut"]["dim"] = dim
         comp_cfg["seanet"].update(dimension=128, n_filters=64, lstm=2)
         comp_cfg["rvq"]["bins"] = card
+        if melody:  # musicgen-melody's chroma settings
+            lm_cfg["conditioners"]["self_wav"]["chroma_stem"]["radix2_exp"] = 14
     for cfg in (lm_cfg, comp_cfg):
         cfg["device"] = device
     torch.manual_seed(0)
     compression = builders.get_compression_model(OmegaConf.create(comp_cfg)).to(device).eval()
-    lm = builders.get_lm_model(OmegaConf.create(lm_cfg)).to(device)
+    with random_htdemucs(arch, workdir):
+        lm = builders.get_lm_model(OmegaConf.create(lm_cfg)).to(device)
     return MusicGen(f"random-{arch}", compression, lm, max_duration=30.0)
 
 
@@ -79,7 +127,10 @@ class Clip:
 
 
 def reencoded_batch(model, dataset: TokenDataset, plan, device: str):
-    """What a re-encoding trainer does per step: read each crop's audio, encode the batch, mask the padding."""
+    """What a re-encoding trainer does per step: read each crop's audio, encode the batch, mask the padding; melody
+    models get the crop's waveform as their `self_wav` condition (the conditioner then runs demucs + chroma)."""
+    from audiocraft.modules.conditioners import WavCondition
+
     sr, channels, hop = model.sample_rate, model.audio_channels, model.sample_rate / model.frame_rate
     seg_samples = int(round(dataset.segment_frames * hop))
     wavs, valid = [], []
@@ -96,18 +147,20 @@ def reencoded_batch(model, dataset: TokenDataset, plan, device: str):
         frames = int(n / hop)
         codes[b, :, frames:] = dataset.special_token_id
         mask[b, :, frames:] = False
-    attributes = [
-        clip_attributes(
+    attributes = []
+    for (item, start), n, wav in zip(plan, valid, wavs, strict=True):
+        attrs = clip_attributes(
             dataset.clips[item],
             text_conditions=dataset.text_conditions,
-            wav_conditions=(),
+            wav_conditions=dataset.wav_conditions,
             seek_time=start / dataset.frame_rate,
             segment_samples=seg_samples,
             valid_samples=n,
             sample_rate=sr,
         )
-        for (item, start), n in zip(plan, valid, strict=True)
-    ]
+        for name, cond in attrs.wav.items():
+            attrs.wav[name] = WavCondition(wav[None].to(device), cond.length, cond.sample_rate, [None], [None])
+        attributes.append(attrs)
     return codes, mask, attributes
 
 
@@ -128,13 +181,19 @@ def peak_mb(device: str) -> float:
     return peak_memory_mb(device)
 
 
-def run_config(model, initial_state, dataset, mode, precision, args, device):
+def run_config(model, initial_state, dataset, mode, precision, args, device, caches=None):
+    """Median step time, codes time, mean loss and peak memory of `args.steps` steps (after `args.warmup`)."""
+    from training.melody import melody_conditioners
+
     lm = model.lm
-    lm.load_state_dict(initial_state)
+    lm.load_state_dict(initial_state, strict=False)
     lm.train()
     lm.cfg_dropout.rng.manual_seed(0)
+    for name, cond in melody_conditioners(lm).items():  # re-encoding: the conditioner computes chroma per step
+        cond.cache = caches[name] if mode == "cached" else None
     step_module = TrainStep(lm)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
     times, data_times, losses = [], [], []
     reset_peak_memory(device)
@@ -159,7 +218,7 @@ def run_config(model, initial_state, dataset, mode, precision, args, device):
         with autocast:
             loss = step_module(codes, mask, attributes)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
@@ -172,56 +231,112 @@ def run_config(model, initial_state, dataset, mode, precision, args, device):
         "mode": mode,
         "precision": precision,
         "step_s": statistics.median(times),
-        "data_s": statistics.median(data_times),  # producing the batch's codes: cropping, or reading + encoding
+        "data_s": statistics.median(data_times),  # producing the batch's codes (+ chroma): cropping, or encoding
         "loss": statistics.mean(losses),
         "peak_mb": round(peak_mb(device), 1),
+        "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 2),
     }
+
+
+def setup(args, device: str, workdir: Path):
+    """The model, its encoded dataset (cached under `workdir`, so a child process reuses it) and melody caches."""
+    from training.melody import prepare_melody_training
+
+    model = build_model(args.arch, device, workdir)
+    clips = []
+    for i in range(args.clips):
+        path = workdir / f"clip{i}.wav"
+        if not path.is_file():
+            sf.write(str(path), music_like(30.0, model.sample_rate, seed=i), model.sample_rate, subtype="PCM_16")
+        clips.append(Clip(path, f"clip {i} description"))
+    t0 = time.perf_counter()
+    tokens: list[ClipTokens] = encode_clips(model.compression_model, clips, workdir / "codes", DistInfo(), device)
+    caches = prepare_melody_training(model.lm, tokens, workdir / "chroma", DistInfo(), f"random-{args.arch}")
+    encode_once_s = time.perf_counter() - t0
+    dataset = TokenDataset(
+        tokens,
+        segment_frames=int(args.segment * model.frame_rate),
+        special_token_id=model.lm.special_token_id,
+        frame_rate=model.frame_rate,
+        sample_rate=model.sample_rate,
+        text_conditions=model.lm.condition_provider.text_conditions,
+        wav_conditions=tuple(caches),
+    )
+    return model, dataset, caches, encode_once_s
+
+
+def memory_row(args, device: str) -> dict:
+    """(child process) One method's row: cached codes, the first precision, full fine-tuning or LoRA."""
+    from core import adapters
+
+    workdir = Path(args.workdir)
+    model, dataset, caches, _ = setup(args, device, workdir)
+    if args.memory_row == "lora":
+        for p in model.lm.parameters():
+            p.requires_grad_(False)
+        targets = adapters.select_targets(model.lm, LORA_TARGETS)
+        for p in adapters.add_lora(model.lm, targets, 16, 16.0):
+            p.requires_grad_(True)
+    initial = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    row = run_config(model, initial, dataset, "cached", args.precisions.split(",")[0], args, device, caches)
+    row["method"] = args.memory_row
+    return row
+
+
+def memory_rows(args, device: str, workdir: Path) -> list[dict]:
+    """Each method in a fresh process: a process's resident memory does not shrink back between configurations."""
+    rows = []
+    for method in [m for m in args.memory_rows.split(",") if m]:
+        argv = [sys.executable, __file__, "--memory-row", method, "--workdir", str(workdir)]
+        for name in ("arch", "segment", "batch", "steps", "warmup", "clips", "precisions"):
+            argv += [f"--{name}", str(getattr(args, name))]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, env=exact_rss_env()).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=["small", "tiny"], default="small")
+    parser.add_argument("--arch", choices=["small", "small-melody", "tiny", "tiny-melody"], default="small")
     parser.add_argument("--segment", type=float, default=5.0, help="seconds per example")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--clips", type=int, default=4, help="30 s stereo clips in the synthesized dataset")
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--memory-rows", default="full,lora", help="methods whose peak memory is compared ('' = none)")
+    parser.add_argument("--memory-row", choices=["full", "lora"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_step.jsonl"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args.arch, device)
-    n_params = sum(p.numel() for p in model.lm.parameters())
+    if args.memory_row:
+        print(json.dumps(memory_row(args, device)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        clips = []
-        for i in range(args.clips):
-            path = Path(tmp) / f"clip{i}.wav"
-            sf.write(str(path), music_like(30.0, model.sample_rate, seed=i), model.sample_rate, subtype="PCM_16")
-            clips.append(Clip(path, f"clip {i} description"))
-        t0 = time.perf_counter()
-        tokens: list[ClipTokens] = encode_clips(model.compression_model, clips, Path(tmp) / "codes", DistInfo(), device)
-        encode_once_s = time.perf_counter() - t0
-        dataset = TokenDataset(
-            tokens,
-            segment_frames=int(args.segment * model.frame_rate),
-            special_token_id=model.lm.special_token_id,
-            frame_rate=model.frame_rate,
-            sample_rate=model.sample_rate,
-            text_conditions=model.lm.condition_provider.text_conditions,
-        )
+        workdir = Path(tmp)
+        model, dataset, caches, encode_once_s = setup(args, device, workdir)
+        n_params = sum(p.numel() for p in model.lm.parameters())
         initial = copy.deepcopy(model.lm.state_dict())
         rows = []
         for precision in args.precisions.split(","):
             for mode in ("cached", "reencode"):
-                row = run_config(model, initial, dataset, mode, precision, args, device)
+                row = run_config(model, initial, dataset, mode, precision, args, device, caches)
                 rows.append(row)
                 print(
                     f"{mode:9s} {precision}: {row['step_s']:.3f} s/step (codes {row['data_s']:.3f} s), "
-                    f"loss {row['loss']:.4f}, "
-                    f"peak {row['peak_mb']:.0f} MB",
+                    f"loss {row['loss']:.4f}, peak {row['peak_mb']:.0f} MB",
                     flush=True,
                 )
+        del model, initial
+        mem = memory_rows(args, device, workdir)
+        for row in mem:
+            print(
+                f"{row['method']:9s} {row['precision']} (fresh process): peak {row['peak_mb']:.0f} MB, "
+                f"{row['trainable_m']:.1f} M trainable, {row['step_s']:.3f} s/step",
+                flush=True,
+            )
     by = {(r["mode"], r["precision"]): r for r in rows}
     ratios = {}
     for precision in args.precisions.split(","):
@@ -230,18 +345,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "fp32" in args.precisions and "bf16" in args.precisions:
         ratios["fp32_over_bf16_cached"] = by[("cached", "fp32")]["step_s"] / by[("cached", "bf16")]["step_s"]
+    mem_by = {r["method"]: r for r in mem}
+    if {"full", "lora"} <= set(mem_by):
+        ratios["lora_peak_over_full"] = mem_by["lora"]["peak_mb"] / mem_by["full"]["peak_mb"]
     print(f"\n{args.arch} LM ({n_params / 1e6:.0f} M params), batch {args.batch} x {args.segment:g} s, {device}:")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")
-    print(f"  encoding all {args.clips} clips once: {encode_once_s:.2f} s")
-    goal = ratios[f"reencode_over_cached_{args.precisions.split(',')[0]}"]
+    print(f"  encoding all {args.clips} clips once (codes + chroma): {encode_once_s:.2f} s")
+    first = args.precisions.split(",")[0]
+    speed = ratios[f"reencode_over_cached_{first}"]
     print(
-        f"  goal (issue 6): cached >= {GOAL}x faster per step -> {'met' if goal >= GOAL else 'NOT met'} ({goal:.2f}x)"
+        f"  goal (issue 6): cached >= {GOAL}x faster per step -> {'met' if speed >= GOAL else 'NOT met'} ({speed:.2f}x)"
     )
+    if "lora_peak_over_full" in ratios:
+        lora = ratios["lora_peak_over_full"]
+        print(
+            f"  goal (issue 6): LoRA peak <= {LORA_GOAL}x full -> {'met' if lora <= LORA_GOAL else 'NOT met'} "
+            f"({lora:.2f}x)"
+        )
     record = {
         "bench": "train_step",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "commit": git_commit(),
+        "machine": machine_name(),
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "arch": args.arch,
@@ -249,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "segment_s": args.segment,
         "steps": args.steps,
+        "load_average_before": LOAD_BEFORE,
         "encode_once_s": round(encode_once_s, 3),
         "rows": rows,
+        "memory_rows": mem,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }
     out = Path(args.out)

@@ -94,3 +94,13 @@ def test_ruff_is_clean():
         [sys.executable, "-m", "ruff", "format", "--check", "."], cwd=ROOT, capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stdout[-4000:]
+
+
+def test_readme_shows_the_latest_benchmarks():
+    from bench import table
+
+    text = (ROOT / "README.md").read_text()
+    assert table.BEGIN in text and table.END in text
+    shown = text.split(table.BEGIN, 1)[1].split(table.END, 1)[0].strip()
+    assert shown == table.render(), "README's benchmark table is stale: run .venv/bin/python bench/table.py --write"
+    assert len(table.rows()) >= 4  # generate, train step (speed, memory), prepare

@@ -1,0 +1,188 @@
+"""The README's benchmark table, from the latest line of each `bench/results/*.jsonl`.
+
+    .venv/bin/python bench/table.py          # print the table
+    .venv/bin/python bench/table.py --write  # replace the table between the markers in README.md
+
+tests/test_packaging.py checks that README.md shows what this prints, so the README always carries the latest
+measured numbers and the machine they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+
+
+def latest(name: str, **match: object) -> dict | None:
+    """The newest record of `bench/results/<name>.jsonl` whose top-level fields equal `match`."""
+    path = RESULTS / f"{name}.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if all(r.get(k) == v for k, v in match.items())]
+    return records[-1] if records else None
+
+
+def _met(value: float, goal: float, higher: bool = True) -> str:
+    return "yes" if (value >= goal if higher else value <= goal) else "**no**"
+
+
+def rows() -> list[tuple[str, ...]]:
+    """(benchmark, what, baseline, ours, ratio, goal, met, machine, date)."""
+    out = []
+    gen = latest("generate")
+    if gen:
+        b1, b4 = gen["batch1"], gen.get("batch4")
+        kl = gen.get("kl", {}).get("kl_mean")
+        settings = gen["settings"]
+        what = f"{settings['duration']:g} s, top-k {settings['top_k']}, cfg {settings['cfg_coef']:g}"
+        what += f", {gen['threads']} threads; int8 KL {kl:.5f} nats/token" if kl is not None else ""
+        out.append(
+            (
+                "generate (`bench/generate.py`)",
+                f"musicgen-small arch, batch 1, {what}",
+                f"audiocraft {b1['audiocraft']['steps_per_s']} steps/s",
+                f"{b1['ours']['steps_per_s']} steps/s",
+                f"{gen['ratio_batch1']:.2f}x",
+                "≥ 3x, KL < 0.01",
+                _met(gen["ratio_batch1"], 3.0) if kl is None or kl < 0.01 else "**no**",
+                gen["machine"],
+                gen["date"][:10],
+            )
+        )
+        if b4:
+            out.append(
+                (
+                    "generate, batch 4",
+                    "4 samples in one call",
+                    f"audiocraft {b4['audiocraft']['samples_per_s']} samples/s",
+                    f"{b4['ours']['samples_per_s']} samples/s",
+                    f"{gen['ratio_batch4']:.2f}x",
+                    "–",
+                    "–",
+                    gen["machine"],
+                    gen["date"][:10],
+                )
+            )
+    for arch in ("small", "small-melody"):
+        ts = latest("train_step", arch=arch)
+        if not ts or "memory_rows" not in ts:
+            continue
+        by = {(r["mode"], r["precision"]): r for r in ts["rows"]}
+        p = ts["rows"][0]["precision"]
+        ratio = ts["ratios"][f"reencode_over_cached_{p}"]
+        out.append(
+            (
+                "train step (`bench/train_step.py`)",
+                f"{arch} arch, batch {ts['batch']} x {ts['segment_s']:g} s, {p}, cached codes"
+                + (" + chroma" if "melody" in arch else "")
+                + " vs re-encoding each step",
+                f"{by[('reencode', p)]['step_s']:.1f} s/step",
+                f"{by[('cached', p)]['step_s']:.1f} s/step",
+                f"{ratio:.2f}x",
+                "≥ 1.5x",
+                _met(ratio, 1.5),
+                ts["machine"] + f"; {ts['device']}",
+                ts["date"][:10],
+            )
+        )
+        mem = {r["method"]: r for r in ts["memory_rows"]}
+        if "lora_peak_over_full" in ts["ratios"]:
+            lora = ts["ratios"]["lora_peak_over_full"]
+            out.append(
+                (
+                    "train step memory",
+                    f"{arch} arch, peak memory, LoRA r16 vs full fine-tuning",
+                    f"full {mem['full']['peak_mb'] / 1024:.1f} GB",
+                    f"LoRA {mem['lora']['peak_mb'] / 1024:.1f} GB",
+                    f"{lora:.2f}x",
+                    "≤ 0.6x",
+                    _met(lora, 0.6, higher=False),
+                    ts["machine"] + f"; {ts['device']}",
+                    ts["date"][:10],
+                )
+            )
+    prep = latest("prepare")
+    if prep:
+        out.append(
+            (
+                "prepare (`bench/prepare.py`)",
+                f"{prep['tracks']} tracks, {prep['audio_seconds'] / 60:g} min, no demucs/tags",
+                "real time",
+                f"{prep['wall_seconds']:.1f} s",
+                f"{prep['real_time_factor']:.1f}x real time",
+                "≥ 50x",
+                _met(prep["real_time_factor"], 50.0),
+                prep["machine"],
+                prep["date"][:10],
+            )
+        )
+    micro = latest("micro_speed")
+    if micro:
+        r = micro["rows"]
+        out.append(
+            (
+                "micro model (`bench/micro_speed.py`)",
+                f"micro ({r['micro']['params_m']:.0f} M) vs musicgen-small arch ({r['small']['params_m']:.0f} M), "
+                "LM steps/s",
+                f"{r['small']['lm_steps_per_s']} steps/s",
+                f"{r['micro']['lm_steps_per_s']} steps/s",
+                f"{micro['speed_ratio']:.2f}x",
+                "–",
+                "–",
+                micro["machine"],
+                micro["date"][:10],
+            )
+        )
+    lm = latest("lora_memory", arch="medium", layers=48, checkpointing=True)
+    if lm and lm.get("fit"):
+        out.append(
+            (
+                "LoRA memory (`bench/lora_memory.py`)",
+                "musicgen-medium arch (48 layers), LoRA r16, bf16, grad checkpointing, 30 s x batch 1 (fit)",
+                "–",
+                f"{lm['fit']['batch1_30s_mb'] / 1024:.1f} GB CPU peak",
+                "–",
+                "fits 24 GB",
+                _met(lm["fit"]["batch1_30s_mb"] / 1024, 24.0, higher=False),
+                lm["machine"],
+                lm["date"][:10],
+            )
+        )
+    return out
+
+
+def render() -> str:
+    head = ("benchmark", "what", "baseline", "ours", "ratio", "goal", "met", "machine", "date")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows()]
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} markers")
+    before, rest = text.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    readme.write_text(f"{before}{BEGIN}\n{render()}\n{END}{after}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    args = parser.parse_args(argv)
+    if args.write:
+        write_readme()
+    print(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
