@@ -86,13 +86,45 @@ def resolve_parallel(parallel: str, model_version: str, dist: DistInfo) -> str:
 
 def shard(step_module: nn.Module, lm: nn.Module) -> nn.Module:
     """`fully_shard` each transformer layer of `lm` (one all-gather per layer), then `step_module` (the root: the
-    embeddings, output heads, norms and condition provider). In place; returns `step_module`."""
+    embeddings, output heads, norms and condition provider). In place; returns `step_module`.
+
+    Rank 0's weights and buffers are broadcast first, as DDP does: what a rank initialised itself (LoRA factors,
+    a model from scratch) must be the same everywhere before each rank keeps its own piece.
+    """
     from torch.distributed.fsdp import fully_shard
 
+    with torch.no_grad():
+        for tensor in step_module.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
     for layer in lm.transformer.layers:
         fully_shard(layer)
     fully_shard(step_module)
+    # FSDP reads each parameter back once with getattr, in its lazy init (normally on the first forward). LoRA puts
+    # a class-level property in front of attention's `in_proj_weight` Parameter (core/adapters.py: it returns the
+    # adapted weight), so run that init now, with those modules briefly answering with the Parameter itself.
+    with _parameters_unshadowed(step_module):
+        step_module._get_fsdp_state()._lazy_init()
     return step_module
+
+
+@contextlib.contextmanager
+def _parameters_unshadowed(module: nn.Module) -> tp.Iterator[None]:
+    """Modules whose class hides one of their parameters behind a property get, meanwhile, the nearest base class
+    without it (for LoRA's `LoRA<Attention>` class: the attention class)."""
+    swapped = []
+    for m in module.modules():
+        cls = type(m)
+        hidden = [name for name in m._parameters if isinstance(getattr(cls, name, None), property)]
+        if not hidden:
+            continue
+        base = next(b for b in cls.__mro__ if not any(isinstance(getattr(b, n, None), property) for n in hidden))
+        swapped.append((m, cls))
+        m.__class__ = base
+    try:
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,9 @@ def setup_training(params: TrainParams, dataset: tp.Any, output_dir: Path, dist:
         prepare_melody_training(lm, clips, cache_dir, dist, model_key=params.model_version)
     styled = prepare_style_training(lm, seed=params.seed + dist.rank)  # MusicGen-Style: {} for other models
     method = get_method(params.method)  # what trains and on which examples (training/methods/)
-    method.prepare(lm, params)
+    with torch.random.fork_rng(devices=[]):  # what a method initialises (LoRA factors) depends on the seed only
+        torch.manual_seed(params.seed)
+        method.prepare(lm, params)
     clips = method.adjust_clips(clips, lm, params)
     if params.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
