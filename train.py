@@ -215,7 +215,7 @@ def train(
         description=(
             "What to train. full: every weight of the language model. lora: low-rank adapters on the attention and "
             "feed-forward projections (the tar holds only the adapter, MBs, and references the base model). "
-            "textual_inversion: only the trigger word's embedding (LUT text conditioners). text_projection: only the "
+            "textual_inversion: only the trigger word's embedding (new T5 tokens). text_projection: only the "
             "text conditioner's output projection."
         ),
         default="full",
