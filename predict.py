@@ -1,7 +1,10 @@
 """Cog predictor (`cog predict`) and command line (`python predict.py --help`): generate music with MusicGen.
 
 The inputs are defined once, in `generation.params.PredictParams`; the signature below repeats them as literal
-`Input(...)`s because Cog reads it statically (tests/test_predict_cli.py checks that both agree).
+`Input(...)`s because Cog reads it statically (tests/test_predict.py checks that both agree).
+
+The output is a list of files, one per output (`num_outputs`, default 1: a list of one), as Replicate's
+flux fine-tuner returns its images: Cog needs one static return type.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path as _Path
 from cog import BasePredictor, Input, Path
 
 from core.params import build_parser, from_kwargs
-from generation.generate import Generator, write_output
+from generation.generate import Generator, output_paths, write_outputs
 from generation.params import PredictParams
 
 logger = logging.getLogger("predict")
@@ -70,6 +73,14 @@ class Predictor(BasePredictor):
             default=8,
             ge=1,
             le=300,
+        ),
+        num_outputs: int = Input(
+            description="Number of outputs to generate from the same inputs, in one batch (they share each step's "
+            "weight reads: cheaper than separate predictions); one file each. They differ from each other; the same "
+            "seed and num_outputs give the same files again.",
+            default=1,
+            ge=1,
+            le=8,
         ),
         continuation: bool = Input(
             description="If true, the generated music continues `input_audio`. Otherwise it mimics `input_audio`'s "
@@ -147,13 +158,14 @@ class Predictor(BasePredictor):
             default=None,
             ge=0,
         ),
-    ) -> Path:
+    ) -> list[Path]:
         params = from_kwargs(
             PredictParams,
             model_version=model_version,
             prompt=prompt,
             input_audio=str(input_audio) if input_audio else None,
             duration=duration,
+            num_outputs=num_outputs,
             continuation=continuation,
             continuation_start=continuation_start,
             continuation_end=continuation_end,
@@ -172,13 +184,16 @@ class Predictor(BasePredictor):
             classifier_free_guidance_beta=classifier_free_guidance_beta,
         )
         result = self.generator.generate(params)
-        out = write_output(result, tempfile.mkdtemp(prefix="musicgen-"), params.output_format)
-        logger.info("Wrote %s (seed %d)", out, result.seed)
-        return Path(out)
+        outs = write_outputs(result, tempfile.mkdtemp(prefix="musicgen-"), params.output_format)
+        logger.info("Wrote %s (seed %d)", ", ".join(str(o) for o in outs), result.seed)
+        return [Path(out) for out in outs]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python predict.py --model_version tiny --prompt "lofi beat" --duration 2 --output out.wav`"""
+    """`python predict.py --model_version tiny --prompt "lofi beat" --duration 2 --output out.wav`
+
+    With `--num_outputs N` (N > 1) the files are `out_0.wav` ... `out_<N-1>.wav`.
+    """
     from core.params import InputError
     from core.versions import ModelUnavailableError
     from core.weights import WeightsError
@@ -186,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(
         PredictParams, prog="predict.py", description="Generate music with MusicGen (the inputs of `cog predict`)."
     )
-    parser.add_argument("--output", default="output.wav", help="Where to write the audio (CLI only).")
+    parser.add_argument(
+        "--output",
+        default="output.wav",
+        help="Where to write the audio (CLI only); with num_outputs > 1: <stem>_<i><suffix> for each output.",
+    )
     parser.add_argument("--weights", default=None, help="CLI only: like COG_WEIGHTS, the weights setup() loads.")
     args = vars(parser.parse_args(argv))
     output, setup_weights = _Path(args.pop("output")), args.pop("weights")
@@ -206,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("Writing %s as %s (from its extension; output_format=%s)", output, fmt, params.output_format)
     from core.audio import save_audio
 
-    save_audio(output, result.wav, result.sample_rate, fmt)
-    print(f"Wrote {output} ({result.wav.shape[-1] / result.sample_rate:.2f} s, seed {result.seed})")
+    for path, wav in zip(output_paths(output, len(result)), result.wavs, strict=True):
+        save_audio(path, wav, result.sample_rate, fmt)
+        print(f"Wrote {path} ({wav.shape[-1] / result.sample_rate:.2f} s, seed {result.seed})")
     return 0
 
 

@@ -22,6 +22,9 @@ Where the time goes in audiocraft, and what is done here instead:
 A prepared model (`FastLM.from_lm(lm, quantize=...)`) can be kept and reused across calls; building the int8 copy of
 musicgen-small takes about a second. The fp32 path holds references to the LM's own parameters (no copy), so it sees
 later in-place updates (training); the int8 / half copies are snapshots: rebuild them after the weights change.
+LoRA-wrapped LMs (`core.adapters`: `LoRALinear` modules, attentions whose `in_proj_weight` is the adapted weight)
+are read through their adapters: each adapted weight is folded once into a new tensor (`W + scale * B A`), so a
+prepared model of a LoRA LM is a snapshot in every precision, and the LM's own weights are never modified.
 Configurations the fast path does not implement (two-step CFG, rotary embeddings, a finite `past_context`,
 `kv_repeat`, qk layer norm, post-norm layers, `sum`/`input_interpolate` fusing) fall back to `lm.generate`, logged.
 """
@@ -172,6 +175,23 @@ def _attn_params(attn) -> tuple[torch.Tensor, torch.Tensor | None, torch.nn.Line
     return attn.mha.in_proj_weight, attn.mha.in_proj_bias, attn.mha.out_proj
 
 
+def _linear_weights(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) that a linear module applies, its LoRA adapter included.
+
+    `core.adapters.LoRALinear` keeps the base `weight` and adds `scale * (x A^T) B^T` in its forward: reading only
+    `.weight` would silently drop what LoRA training learned. The adapter is folded into a new tensor (the
+    module's own parameters are left as they are). Duck-typed (`lora_A`, `lora_B`, `scale`) so that generation does
+    not import the training-side adapters module.
+    """
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None:
+        return module.weight, module.bias
+    weight = module.weight
+    with torch.no_grad():
+        folded = weight + (module.scale * (module.lora_B @ lora_a)).to(weight.dtype)
+    return folded, module.bias
+
+
 def _layer_scale(module, dtype: torch.dtype | None) -> torch.Tensor | None:
     scale = getattr(module, "scale", None)
     if scale is None:
@@ -256,12 +276,13 @@ class FastLM:
             self.out_norm = _Norm.of(lm.out_norm, norm_dtype)
             if quantize == "int8":
                 # One fused [K*card, D] int8 head: one weight read and one kernel call for all codebooks.
-                weight = torch.cat([lin.weight for lin in lm.linears], dim=0)
-                biases = [lin.bias for lin in lm.linears]
+                heads = [_linear_weights(lin) for lin in lm.linears]
+                weight = torch.cat([w for w, _ in heads], dim=0)
+                biases = [b for _, b in heads]
                 bias = None if biases[0] is None else torch.cat(biases, dim=0)
                 self.heads: list[Linear] = [Int8Linear(weight, bias)]
             else:
-                self.heads = [_make_linear(lin.weight, lin.bias, quantize) for lin in lm.linears]
+                self.heads = [_make_linear(*_linear_weights(lin), quantize) for lin in lm.linears]
 
     @classmethod
     def from_lm(cls, lm: LMModel, quantize: str | None = None) -> FastLM:
@@ -283,7 +304,7 @@ class FastLM:
             dim = cw.shape[0] // 3
             cross_q = _make_linear(cw[:dim], None if cb is None else cb[:dim], quantize)
             cross_kv = (cw[dim:], None if cb is None else cb[dim:])
-            cross_out = _make_linear(cout.weight, cout.bias, quantize)
+            cross_out = _make_linear(*_linear_weights(cout), quantize)
             norm_cross = _Norm.of(layer.norm_cross, norm_dtype)
             scale_cross = _layer_scale(layer.layer_scale_cross, norm_dtype)
         else:
@@ -291,7 +312,7 @@ class FastLM:
         return _Block(
             norm1=_Norm.of(layer.norm1, norm_dtype),
             in_proj=_make_linear(w, b, quantize),
-            out_proj=_make_linear(out.weight, out.bias, quantize),
+            out_proj=_make_linear(*_linear_weights(out), quantize),
             scale1=_layer_scale(layer.layer_scale_1, norm_dtype),
             norm_cross=norm_cross,
             cross_q=cross_q,
@@ -299,8 +320,8 @@ class FastLM:
             cross_out=cross_out,
             scale_cross=scale_cross,
             norm2=_Norm.of(layer.norm2, norm_dtype),
-            ff1=_make_linear(layer.linear1.weight, layer.linear1.bias, quantize),
-            ff2=_make_linear(layer.linear2.weight, layer.linear2.bias, quantize),
+            ff1=_make_linear(*_linear_weights(layer.linear1), quantize),
+            ff2=_make_linear(*_linear_weights(layer.linear2), quantize),
             scale2=_layer_scale(layer.layer_scale_2, norm_dtype),
             activation=layer.activation,
         )
@@ -636,8 +657,9 @@ class FastSampler:
     """`lm.generate` replacement with the call shape `(lm, prompt_tokens, attributes, *, max_gen_len, callback,
     **gen_params)`; keeps one prepared `FastLM` per LM (weakly: it goes away with the LM).
 
-    For long-lived quantized copies (`'int8'`, `'bf16'`, `'fp16'`) call `forget(lm)` after changing the LM's
-    weights; the exact path (`quantize=None`) reads the LM's own parameters and never goes stale.
+    For long-lived quantized copies (`'int8'`, `'bf16'`, `'fp16'`) and for LoRA-wrapped LMs (adapters are folded
+    into snapshots) call `forget(lm)` after changing the LM's weights; the exact path (`quantize=None`) of a plain LM
+    reads the LM's own parameters and never goes stale.
     """
 
     def __init__(self, quantize: str | None = "auto"):

@@ -3,10 +3,18 @@
 `Generator` owns the loaded model (swapped only when the requested weights change) and turns `PredictParams`
 into audio: validate → pick the model → build conditions → sample tokens (windowed beyond the model's 30 s) →
 decode (EnCodec or MultiBand Diffusion) → normalize.
+
+`num_outputs` samples of one request are one batch through the sampler (`[N, K, T]`): every step reads each weight
+once for all of them. They are drawn from one random stream seeded by `seed`, so the same seed and `num_outputs`
+give the same outputs again, and the outputs differ from each other.
+
+`generate_audio(model, descriptions, duration)` is the same path for the trainer (report samples, prior-preservation
+examples): the sampler predict uses (`sampler_for`), the same windowing and decoding.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -31,10 +39,23 @@ SampleFn = tp.Callable[..., torch.Tensor]
 
 @dataclass
 class GenerationResult:
-    wav: torch.Tensor  # [C, T] float32, normalized
+    wavs: torch.Tensor  # [N, C, T] float32, one row per output (num_outputs), each normalized on its own
     sample_rate: int
     seed: int
-    tokens: torch.Tensor  # [K, T_frames]
+    codes: torch.Tensor  # [N, K, T_frames]
+
+    def __len__(self) -> int:
+        return self.wavs.shape[0]
+
+    @property
+    def wav(self) -> torch.Tensor:
+        """`[C, T]`: the first output (the only one when num_outputs=1)."""
+        return self.wavs[0]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """`[K, T_frames]`: the first output's codes."""
+        return self.codes[0]
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,26 @@ def model_key(params: PredictParams, setup_weights: str | None) -> ModelKey:
         logger.warning("model_version=%s but no fine-tuned weights were given: using %s", FINE_TUNED, DEFAULT_BASE)
         return ModelKey("version", DEFAULT_BASE)
     return ModelKey("version", params.model_version)
+
+
+QUANTIZE_ENV = "MGFT_QUANTIZE"
+
+
+def quantize_setting() -> str | None:
+    """The sampler precision from `MGFT_QUANTIZE` (predict and the trainer's samples both follow it).
+
+    `auto` (default): int8 weights on CPU, fp16 on CUDA (`generation.fast.default_quantize`); `none` / `fp32`: the
+    LM's own precision (identical tokens to audiocraft's `LMModel.generate`); or `int8`, `bf16`, `fp16`.
+    """
+    from generation.fast import QUANTIZE_CHOICES
+
+    value = os.environ.get(QUANTIZE_ENV, "auto").strip().lower()
+    if value in ("", "none", "fp32"):
+        return None
+    allowed = ("auto", *(q for q in QUANTIZE_CHOICES if q))
+    if value not in allowed:
+        raise ValueError(f"{QUANTIZE_ENV}={value!r} is not one of: {', '.join(allowed)}, none")
+    return value
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -139,6 +180,67 @@ def validate_for_model(params: PredictParams, model, input_audio: tuple[torch.Te
             f"this model generates at most {model.max_duration:.0f} s per window, too short for windowed "
             f"generation; use duration <= {int(model.max_duration)}",
         )
+    check_batch_memory(params, model)
+
+
+def kv_cache_bytes(model, duration: float, num_outputs: int) -> int:
+    """Estimated bytes of the sampler's attention cache for `num_outputs` outputs of `duration` seconds.
+
+    Keys and values `[rows, heads, steps, head_dim]` per layer, where rows = num_outputs x 2 (conditional and
+    unconditional; x 3 for MusicGen-Style's double guidance) and steps = one window (at most `max_duration`) plus
+    the frames a melody's chroma prepends. This is what grows with `num_outputs`; the weights do not.
+    """
+    lm = model.lm
+    window = min(float(duration), float(model.max_duration))
+    steps = int(window * model.frame_rate) + lm.num_codebooks  # + the delay pattern's extra steps
+    chroma = dict(lm.condition_provider.conditioners.items()).get("self_wav")  # a ModuleDict has no .get
+    factor = getattr(chroma, "_downsampling_factor", None)
+    if callable(factor) and not style.is_style_model(model):
+        steps += int(window * model.sample_rate / factor())
+    rows = num_outputs * (3 if style.is_style_model(model) else 2 if lm.condition_provider.conditioners else 1)
+    dtype = next(iter(lm.parameters())).dtype
+    itemsize = 2 if str(model.device).startswith("cuda") else torch.empty((), dtype=dtype).element_size()
+    return 2 * len(lm.transformer.layers) * rows * steps * lm.dim * itemsize
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Free bytes where the sampler allocates: CUDA free memory, or the host's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_batch_memory(params: PredictParams, model, available: int | None = None) -> None:
+    """Refuse a `num_outputs` whose attention cache cannot fit in free memory (before any generation).
+
+    Only batches are checked (num_outputs > 1): one output is what the model is for, and the estimate is a bound.
+    `available`: free bytes (default: measured on the model's device).
+    """
+    if params.num_outputs <= 1:
+        return
+    available = available_memory(model.device) if available is None else available
+    if available is None:
+        return
+    budget = 0.8 * available  # leave room for activations, decoding and the rest of the process
+    need = kv_cache_bytes(model, params.duration, params.num_outputs)
+    if need <= budget:
+        return
+    per_output = kv_cache_bytes(model, params.duration, 1)
+    fits = int(budget // per_output)
+    fix = f"use num_outputs <= {fits}" if fits >= 1 else "use num_outputs=1"
+    raise InputError(
+        "num_outputs",
+        f"{params.num_outputs} outputs of {min(params.duration, model.max_duration):.0f} s windows need about "
+        f"{need / 2**30:.1f} GiB of attention cache on {model.device}, and about {available / 2**30:.1f} GiB is "
+        f"free: {fix}, or run several predictions",
+    )
 
 
 class Generator:
@@ -152,8 +254,7 @@ class Generator:
         self._mbd = None
         # The fast sampler (generation/fast.py): int8 weights on CPU, fp16 on CUDA ("auto"); MGFT_QUANTIZE=none
         # keeps exact fp32 (identical tokens to audiocraft's LMModel.generate).
-        quantize = os.environ.get("MGFT_QUANTIZE", "auto").strip().lower()
-        self.quantize = None if quantize in ("", "none", "fp32") else quantize
+        self.quantize = quantize_setting()
         self._sampler = None
 
     def sampler(self):
@@ -236,16 +337,40 @@ class Generator:
         seed_everything(seed)
         tokens = generate_tokens(
             model, params, input_audio, sample_fn=sample_fn, progress=progress, style_audio=style_audio
-        )
-        wav = decode(model, tokens, mbd)[0]
-        wav = normalize(wav, params.normalization_strategy, model.sample_rate)
-        return GenerationResult(wav=wav.cpu(), sample_rate=model.sample_rate, seed=seed, tokens=tokens[0].cpu())
+        )  # [N, K, T]
+        wavs = decode(model, tokens, mbd)  # [N, C, T]
+        wavs = torch.stack([normalize(wav, params.normalization_strategy, model.sample_rate) for wav in wavs])
+        return GenerationResult(wavs=wavs.cpu(), sample_rate=model.sample_rate, seed=seed, codes=tokens.cpu())
 
 
 def _plain_lm(lm) -> bool:
     from audiocraft.models.lm import LMModel
 
     return type(lm).generate is LMModel.generate
+
+
+def sampler_for(model, quantize: str | None = "auto") -> SampleFn:
+    """The sampler predict uses for `model`: the fast path (`generation.fast.FastSampler`, which itself falls back
+    to `lm.generate` for configurations it does not implement) for plain LMs; the LM's own `generate` for LMs that
+    override it (MusicGen-Style's double classifier-free guidance)."""
+    if not _plain_lm(model.lm):
+        return _lm_generate
+    from generation.fast import FastSampler
+
+    return FastSampler(quantize=quantize)
+
+
+def replicate(attributes: list, prompt_tokens: torch.Tensor | None, n: int) -> tuple[list, torch.Tensor | None]:
+    """`n` copies of one sample's conditions: independent attribute objects (the windowed loop rewrites each
+    one's melody) and `[n, K, T]` prompt tokens (encoded once)."""
+    if n == 1:
+        return attributes, prompt_tokens
+    if len(attributes) != 1:
+        raise ValueError(f"expected the conditions of one sample, got {len(attributes)}")
+    attributes = [attributes[0]] + [copy.deepcopy(attributes[0]) for _ in range(n - 1)]
+    if prompt_tokens is not None:
+        prompt_tokens = prompt_tokens.expand(n, -1, -1).contiguous()
+    return attributes, prompt_tokens
 
 
 def build_conditions(
@@ -287,14 +412,11 @@ def generate_tokens(
     progress: bool = True,
     style_audio: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
-    """Sample `[B, K, T]` tokens for `params.duration` seconds, prompt tokens included.
+    """Sample `[N, K, T]` tokens (N = `params.num_outputs`) for `params.duration` seconds, prompt tokens included.
 
-    Beyond the model's window (`max_duration`, 30 s) each new window is conditioned on the last
-    `max_duration - EXTEND_STRIDE` seconds of what came before; a melody is tiled to follow the window.
+    The N samples share one set of conditions (text, melody, style, continued audio) and go through the sampler as
+    one batch.
     """
-    from audiocraft.modules.conditioners import WavCondition
-
-    sample_fn = sample_fn or _lm_generate
     gen_params = {
         "use_sampling": True,
         "temp": params.temperature,
@@ -305,8 +427,33 @@ def generate_tokens(
         **style.gen_params(model, params),
     }
     attributes, prompt_tokens = build_conditions(model, params, input_audio, style_audio)
+    attributes, prompt_tokens = replicate(attributes, prompt_tokens, params.num_outputs)
+    return sample_windows(
+        model, attributes, prompt_tokens, params.duration, gen_params, sample_fn=sample_fn, progress=progress
+    )
+
+
+@torch.no_grad()
+def sample_windows(
+    model,
+    attributes: list,
+    prompt_tokens: torch.Tensor | None,
+    duration: float,
+    gen_params: dict[str, tp.Any],
+    *,
+    sample_fn: SampleFn | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample `[B, K, T]` tokens for `duration` seconds (one sample per attribute), prompt tokens included.
+
+    Beyond the model's window (`max_duration`, 30 s) each new window is conditioned on the last
+    `max_duration - EXTEND_STRIDE` seconds of what came before; a melody is tiled to follow the window.
+    """
+    from audiocraft.modules.conditioners import WavCondition
+
+    sample_fn = sample_fn or _lm_generate
     frame_rate, window = model.frame_rate, model.max_duration
-    total_len = int(params.duration * frame_rate)
+    total_len = int(duration * frame_rate)
     bar = tqdm(total=total_len, desc="generating", unit="step", disable=not progress, leave=False)
     offset = 0  # frames of final output before the current window's prompt
 
@@ -315,7 +462,7 @@ def generate_tokens(
         bar.refresh()
 
     try:
-        if params.duration <= window:
+        if duration <= window:
             with model.autocast:
                 return sample_fn(
                     model.lm, prompt_tokens, attributes, max_gen_len=total_len, callback=callback, **gen_params
@@ -327,7 +474,7 @@ def generate_tokens(
         if prompt_tokens is not None:
             pieces.append(prompt_tokens)
         while offset + prompt_len < total_len:
-            window_len = int(min(params.duration - offset / frame_rate, window) * frame_rate)
+            window_len = int(min(duration - offset / frame_rate, window) * frame_rate)
             for attr, melody in zip(attributes, melodies, strict=True):
                 if melody is None or int(melody.length.item()) == 0:
                     continue
@@ -385,5 +532,58 @@ def normalize(wav: torch.Tensor, strategy: str, sample_rate: int) -> torch.Tenso
     )
 
 
-def write_output(result: GenerationResult, out_dir: str | Path, fmt: str) -> Path:
-    return audio.save_audio(Path(out_dir) / f"output.{fmt}", result.wav, result.sample_rate, fmt)
+def output_paths(target: str | Path, n: int) -> list[Path]:
+    """Where `n` outputs go for a requested file name: `target` itself for one, `<stem>_<i><suffix>` for several."""
+    target = Path(target)
+    if n == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(n)]
+
+
+def write_outputs(result: GenerationResult, out_dir: str | Path, fmt: str) -> list[Path]:
+    """One file per output: `output.<fmt>`, or `output_<i>.<fmt>` for num_outputs > 1."""
+    paths = output_paths(Path(out_dir) / f"output.{fmt}", len(result))
+    return [audio.save_audio(path, wav, result.sample_rate, fmt) for path, wav in zip(paths, result.wavs, strict=True)]
+
+
+@torch.no_grad()
+def generate_audio(
+    model,
+    descriptions: tp.Sequence[str | None],
+    duration: float,
+    *,
+    top_k: int | None = None,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    cfg_coef: float = 3.0,
+    quantize: str | None = "auto",
+    progress: bool = False,
+) -> torch.Tensor:
+    """`[B, C, T]` audio (decoded with EnCodec, not normalized) of one sample per description, for the trainer.
+
+    The same path as predict: `sampler_for(model, quantize)` (the fast sampler for plain LMs, LoRA-wrapped ones
+    included: it reads through the adapters without touching the weights; the style LM's own generate), the same
+    windowing beyond `max_duration`, one batch for all descriptions. Uses the global torch RNG (seed it before).
+    The LM is put in eval mode for the call and back in its previous mode after. A prepared fast model is built
+    per call (the weights may have changed since the last one). Empty descriptions are unconditional.
+    `top_k` None: 250 or the codebook size if smaller.
+    """
+    lm = model.lm
+    was_training = lm.training
+    lm.eval()
+    try:
+        gen_params = {
+            "use_sampling": True,
+            "temp": temperature,
+            "top_k": min(250, lm.card) if top_k is None else top_k,
+            "top_p": top_p,
+            "cfg_coef": cfg_coef,
+            "two_step_cfg": False,
+        }
+        attributes, _ = model._prepare_tokens_and_attributes([d if d else None for d in descriptions], None)
+        tokens = sample_windows(
+            model, attributes, None, duration, gen_params, sample_fn=sampler_for(model, quantize), progress=progress
+        )
+        return decode(model, tokens)
+    finally:
+        lm.train(was_training)

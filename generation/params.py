@@ -11,6 +11,7 @@ FINE_TUNED = "fine-tuned"
 DEFAULT_BASE = "stereo-melody-large"
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 MAX_DURATION = 300
+MAX_OUTPUTS = 8  # with guidance 16 sequences per step; memory grows with it (checked against free memory too)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class PredictParams:
         "overlapping windows.",
         ge=1,
         le=MAX_DURATION,
+    )
+    num_outputs: int = param(
+        1,
+        "Number of outputs to generate from the same inputs, in one batch (they share each step's weight reads: "
+        "cheaper than separate predictions); one file each. They differ from each other; the same seed and "
+        "num_outputs give the same files again.",
+        ge=1,
+        le=MAX_OUTPUTS,
     )
     continuation: bool = param(
         False,

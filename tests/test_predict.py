@@ -50,6 +50,25 @@ def test_cli_generates_offline(tmp_path):
     assert (info.samplerate, info.channels, info.frames) == (32000, 1, 64000)
 
 
+def test_cli_writes_one_file_per_output(tmp_path):
+    out = run_cli("--model_version", "tiny", "--prompt", "lofi beat", "--duration", "1", "--seed", "3",
+                  "--num_outputs", "2", "--output", str(tmp_path / "out.wav"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_0.wav", "out_1.wav"]
+    first, sr = sf.read(str(tmp_path / "out_0.wav"))
+    second, _ = sf.read(str(tmp_path / "out_1.wav"))
+    assert sr == 32000 and first.shape == second.shape == (32000,)
+    assert not (first == second).all()
+
+
+def test_predict_returns_a_list_of_paths():
+    import typing
+
+    from cog import Path
+
+    assert typing.get_type_hints(Predictor.predict)["return"] == list[Path]
+
+
 def test_cli_bad_input_is_one_line_naming_it(tmp_path):
     out = run_cli("--model_version", "tiny", "--top_p", "2", "--output", str(tmp_path / "x.wav"))
     assert out.returncode == 2

@@ -258,3 +258,30 @@ def test_unconditional_scratch_lm_identical():
         assert ours.shape == (2, 4, GEN_LEN)
     ours = seeded(lambda: generate_tokens(lm, [], None, GEN_LEN, top_k=50, quantize="int8"))
     assert ours.shape == (1, 4, GEN_LEN)
+
+
+def test_lora_wrapped_lm_is_read_through_its_adapters():
+    """A LoRA LM as training leaves it (core.adapters: wrapped linears, adapted in_proj_weight): the fast path reads
+    the adapted weights (identical tokens to audiocraft's generate through the wrappers), and touches nothing."""
+    from core.adapters import add_lora, lora_target_names
+
+    model = load_musicgen("tiny", "cpu")  # a private copy: adapters are added to it
+    lm = model.lm
+    attrs = attributes(model, 2)
+    base = seeded(lambda: generate_tokens(lm, attrs, None, GEN_LEN, top_k=50))
+    add_lora(lm, lora_target_names(lm), rank=4, alpha=8.0)
+    with torch.no_grad():  # B starts at zero (= the base model): give every adapter a real update
+        for name, p in lm.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.5 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    ours = seeded(lambda: generate_tokens(lm, attrs, None, GEN_LEN, top_k=50))
+    theirs = seeded(lambda: lm.generate(None, attrs, max_gen_len=GEN_LEN, top_k=50, cfg_coef=3.0))
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, base)  # the adapters change the music: the equality above is not the base model's
+    quantized = seeded(lambda: generate_tokens(lm, attrs, None, GEN_LEN, top_k=50, quantize="int8"))
+    assert quantized.shape == ours.shape
+    gap = seeded(lambda: next_token_kl(lm, attrs, 40, "int8", top_k=50))
+    assert gap.kl_mean < 0.01, gap  # the int8 copy holds the adapted weights too
+    after = lm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

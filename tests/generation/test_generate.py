@@ -66,11 +66,12 @@ def test_prompt_changes_the_music(generator):
 @pytest.mark.slow
 def test_long_output_is_windowed(generator):
     model = generator.model_for(generator_key("tiny"))
+    sampler = generator.sampler()  # the fast sampler predict uses (audiocraft's generate takes minutes here)
     calls = []
 
     def counting_sample(lm, prompt_tokens, attributes, *, max_gen_len, callback, **gen):
         calls.append((None if prompt_tokens is None else prompt_tokens.shape[-1], max_gen_len))
-        return lm.generate(prompt_tokens, attributes, max_gen_len=max_gen_len, callback=callback, **gen)
+        return sampler(lm, prompt_tokens, attributes, max_gen_len=max_gen_len, callback=callback, **gen)
 
     p = params(model_version="tiny", duration=35)
     torch.manual_seed(0)
@@ -171,11 +172,11 @@ def test_out_of_range_inputs_are_refused_before_loading(kw, name):
 def test_output_formats(generator, tmp_path):
     import soundfile as sf
 
-    from generation.generate import write_output
+    from generation.generate import write_outputs
 
     result = generator.generate(params(model_version="tiny-stereo"), progress=False)
-    wav = write_output(result, tmp_path, "wav")
-    mp3 = write_output(result, tmp_path, "mp3")
+    (wav,) = write_outputs(result, tmp_path, "wav")
+    (mp3,) = write_outputs(result, tmp_path, "mp3")
     info = sf.info(str(wav))
     assert (info.samplerate, info.channels, info.frames) == (SR, 2, SR)
     decoded, sr = sf.read(str(mp3))

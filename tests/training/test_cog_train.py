@@ -64,7 +64,8 @@ def test_cog_train_then_predict_with_the_weights(tmp_path):
     finally:
         predictor.stop()
     assert body["status"] == "succeeded", (body.get("error"), predictor.log()[-4000:])
-    audio, sr = sf.read(io.BytesIO(decode_data_uri(body["output"])), always_2d=True)
+    (output,) = body["output"]  # predict returns a list of files (num_outputs, default 1)
+    audio, sr = sf.read(io.BytesIO(decode_data_uri(output)), always_2d=True)
     assert sr == 32000 and audio.shape == (32000, 1) and np.abs(audio).max() > 0
 
 
