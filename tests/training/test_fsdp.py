@@ -75,8 +75,9 @@ def test_fsdp_two_processes_match_one_process(tmp_path, capfd):
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(sharded["optimizer"]["state"][index][key], value, atol=1e-5, rtol=1e-3)
     # the export gathered the whole (EMA) LM on rank 0: same fp16 weights in both tars
-    from core.weights import unpack
+    from core.weights import read_finetune_info, unpack
 
+    assert read_finetune_info(unpack(tmp_path / "fsdp" / "trained_model.tar"))["training"]["parallel"] == "fsdp"
     exported = torch.load(unpack(tmp_path / "fsdp" / "trained_model.tar") / "state_dict.bin", weights_only=True)
     reference = torch.load(unpack(tmp_path / "single" / "trained_model.tar") / "state_dict.bin", weights_only=True)
     for k, v in reference["best_state"].items():
