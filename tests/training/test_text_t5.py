@@ -27,7 +27,7 @@ from tests.training.conftest import make_prepared, tiny_params
 from training.dist import DistInfo
 from training.export import export_trained_model
 from training.loop import train_loop
-from training.run import setup_training
+from training.run import run_training, setup_training
 
 KEY = "condition_provider.conditioners.description." + adapters.T5_TRIGGER_PARAM
 
@@ -154,3 +154,32 @@ def test_predict_generates_from_the_tar(trained, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     audio, sr = sf.read(str(out))
     assert sr == 32000 and audio.shape == (32000,) and np.abs(audio).max() > 0
+
+
+@pytest.mark.slow
+def test_two_processes_learn_the_trigger_too(tmp_path, capfd):
+    """DDP (torchrun, 2 gloo processes) with CFG and word dropout: some steps of a rank see no trigger at all, and
+    every trainable parameter must still be in each step's graph."""
+    dataset = make_prepared(
+        tmp_path / "prepared",
+        [{"seconds": 2.5, "description": "zzq calm piano"}, {"seconds": 2.0, "freq": 330.0, "description": "drums"}],
+    )
+    params = tiny_params(
+        dataset,
+        model_version="tiny-t5",
+        method="textual_inversion",
+        trigger="zzq",
+        optimizer="adamw",
+        lr=0.05,
+        epochs=1,
+        updates_per_epoch=6,
+        save_every=6,
+        sample_duration=0.0,
+        cfg_p=0.5,
+        parallel="ddp",
+    )
+    tar = run_training(params, tmp_path / "out", nproc=2)
+    log = capfd.readouterr().err
+    assert "All 2 ranks hold identical weights" in log, log[-3000:]
+    model = weights.load_trained_model(tar, device="cpu")
+    assert not torch.equal(encode(model, ["zzq drums"]), encode(load_musicgen("tiny-t5", "cpu"), ["zzq drums"]))
