@@ -96,15 +96,32 @@ def shard(step_module: nn.Module, lm: nn.Module) -> nn.Module:
     with torch.no_grad():
         for tensor in step_module.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
+    placement = _placement_fn(torch.distributed.get_world_size())
     for layer in lm.transformer.layers:
-        fully_shard(layer)
-    fully_shard(step_module)
+        fully_shard(layer, shard_placement_fn=placement)
+    fully_shard(step_module, shard_placement_fn=placement)
     # FSDP reads each parameter back once with getattr, in its lazy init (normally on the first forward). LoRA puts
     # a class-level property in front of attention's `in_proj_weight` Parameter (core/adapters.py: it returns the
     # adapted weight), so run that init now, with those modules briefly answering with the Parameter itself.
     with _parameters_unshadowed(step_module):
         step_module._get_fsdp_state()._lazy_init()
     return step_module
+
+
+def _placement_fn(world_size: int) -> tp.Callable[[nn.Parameter], tp.Any]:
+    """Rows (dim 0) by default; a weight with fewer rows than processes (textual inversion's trigger rows
+    `[n, dim]`) is cut along a later dimension that divides evenly, so that every rank holds a piece of it."""
+    from torch.distributed.tensor import Shard
+
+    def placement(p: nn.Parameter) -> tp.Any:
+        if p.dim() == 0 or p.shape[0] >= world_size:
+            return None  # FSDP's default, Shard(0)
+        for dim in range(1, p.dim()):
+            if p.shape[dim] % world_size == 0:
+                return Shard(dim)
+        return None
+
+    return placement
 
 
 @contextlib.contextmanager
@@ -186,6 +203,7 @@ class ShardedOptimizer:
         self.dist = dist
         self.shards = [_local(p) for p in params]
         self.optimizer = build(self.shards)
+        self._every_rank_moved = "d" not in self.optimizer.param_groups[0]  # only D-Adaptation needs the check
 
     @property
     def param_groups(self) -> list[dict[str, tp.Any]]:
@@ -215,8 +233,25 @@ class ShardedOptimizer:
         return float(total)
 
     def step(self) -> None:
+        if not self._every_rank_moved:
+            self._check_every_rank_has_gradients()
         with _dadaptation_sums_on(self.shards[0].device):
             self.optimizer.step()
+
+    def _check_every_rank_has_gradients(self) -> None:
+        """D-Adaptation returns early, before its all-reduce, on a rank whose shards saw no gradient yet: with
+        other ranks in the all-reduce that would hang. Refuse instead (once every rank has moved, its running
+        sums stay non-zero and the check stops)."""
+        moved = any(s.grad is not None and bool(s.grad.any()) for s in self.shards)
+        flags = torch.tensor([1.0 if moved else 0.0, 0.0 if moved else 1.0], device=self.shards[0].device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        some_moved, some_still = bool(flags[0] > 0), bool(flags[1] > 0)
+        if some_moved and some_still:
+            raise RuntimeError(
+                "optimizer=dadam under FSDP: some ranks hold no part of the trained weights' gradient, which "
+                "D-Adaptation cannot sum over ranks; use parallel=ddp or optimizer=adamw"
+            )
+        self._every_rank_moved = some_moved
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p, s in zip(self.params, self.shards, strict=True):

@@ -338,16 +338,13 @@ def train_loop(
             logger.warning("The checkpoint already completed all %d steps: nothing left to train", plan.total_steps)
 
     def checkpoint_state() -> dict[str, tp.Any]:
-        """Whole (unsharded) state; under FSDP a collective, complete on rank 0 only."""
+        """Whole (unsharded) state, on CPU; under FSDP a collective, complete on rank 0 only."""
+        ema_state = None if ema is None else [fsdp_mod.gather(e, p, dist) for e, p in zip(ema, trainable, strict=True)]
         return {
-            "model": fsdp_mod.full_state_dict(lm, dist)
-            if sharded
-            else {k: v.detach().cpu() for k, v in lm.state_dict().items()},
+            "model": fsdp_mod.full_state_dict(lm, dist),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": [fsdp_mod.gather(e, p, dist) for e, p in zip(ema, trainable, strict=True)]
-            if ema is not None
-            else None,
+            "ema": ema_state,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),  # MusicGen-Style draws its excerpts from `random`
