@@ -111,3 +111,17 @@ def test_fsdp_resume_continues_the_same_run(tmp_path):
     _assert_same_run(resumed, straight, atol=1e-6)
     for index, state in straight["optimizer"]["state"].items():
         torch.testing.assert_close(resumed["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_weights_with_fewer_rows_than_processes_are_cut_along_another_dim():
+    """Textual inversion trains `[n_trigger_tokens, dim]` rows: cut by rows, a rank would hold nothing (and
+    D-Adaptation's sum over ranks would wait for it forever); they are cut along `dim` instead."""
+    from torch.distributed.tensor import Shard
+
+    from training.fsdp import _placement_fn
+
+    placement = _placement_fn(8)
+    assert placement(torch.nn.Parameter(torch.zeros(1, 64))) == Shard(1)
+    assert placement(torch.nn.Parameter(torch.zeros(3, 5, 16))) == Shard(2)
+    assert placement(torch.nn.Parameter(torch.zeros(64, 64))) is None  # FSDP's default: rows
+    assert placement(torch.nn.Parameter(torch.zeros(3, 5))) is None  # nothing divides: rows, some ranks empty
