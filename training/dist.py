@@ -1,6 +1,7 @@
 """Data parallelism: who am I (`DistInfo`), start/stop the process group, and launch `torchrun` workers.
 
-One process per GPU under `torchrun` (DDP); a single process otherwise. Only rank 0 logs, saves and writes.
+One process per GPU under `torchrun` (DDP, or FSDP: `training/fsdp.py`); a single process otherwise. Only rank 0
+logs, saves and writes.
 """
 
 from __future__ import annotations

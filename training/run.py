@@ -89,8 +89,8 @@ def prepare_dataset(params: TrainParams, work_dir: Path) -> tp.Any:
 def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None) -> Path:
     """Train and return the path of `output_dir/trained_model.tar`.
 
-    `nproc`: training processes; default one per visible GPU. More than one runs under torchrun (DDP); this
-    process then only prepares the dataset and waits.
+    `nproc`: training processes; default one per visible GPU. More than one runs under torchrun (DDP or FSDP, see
+    the `parallel` input); this process then only prepares the dataset and waits.
     """
     check_inputs(params)
     output_dir = Path(output_dir)
