@@ -10,6 +10,7 @@ way `ChromaStemConditioner._extract_chroma_chunk` cuts it.
 from __future__ import annotations
 
 import logging
+import random
 import typing as tp
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from training.data import ClipTokens, cache_key, load_clip_audio
 from training.dist import DistInfo, barrier
 
 logger = logging.getLogger(__name__)
+CHROMA_SEED = 0
 
 __all__ = ["ChromaCache", "melody_conditioners", "prepare_melody_training", "restore_for_generation"]
 
@@ -64,8 +66,17 @@ class ChromaCache:
 
 @torch.no_grad()
 def compute_chroma(conditioner: tp.Any, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """`[T_chroma, n_chroma]` of a mono `[1, T]` clip: demucs (vocals + other stems), then chroma."""
-    return conditioner._compute_wav_embedding(wav[None].to(conditioner.device), sample_rate)[0].float().cpu()
+    """`[T_chroma, n_chroma]` of a mono `[1, T]` clip: demucs (vocals + other stems), then chroma.
+
+    demucs' `apply_model` shifts the input by a random offset drawn from Python's `random`; a fixed seed per call
+    makes the cached chroma (and so a run) reproducible, and the caller's random state is left as it was.
+    """
+    state = random.getstate()
+    random.seed(CHROMA_SEED)
+    try:
+        return conditioner._compute_wav_embedding(wav[None].to(conditioner.device), sample_rate)[0].float().cpu()
+    finally:
+        random.setstate(state)
 
 
 def prepare_melody_training(

@@ -84,3 +84,22 @@ def test_melody_model_trains_on_cached_chroma(tmp_path):
     model.set_generation_params(duration=0.5, top_k=50)
     melody = audio[None, :, :16000]
     assert model.generate_with_chroma(["calm piano"], melody, 32000).shape == (1, 1, 16000)
+
+
+def test_melody_chroma_is_reproducible(tmp_path):
+    """demucs shifts its input by a random offset: the cached chroma must not depend on the caller's random state."""
+    import random
+
+    from core import versions
+    from training.melody import compute_chroma, melody_conditioners
+
+    dataset = load_prepared(make_prepared(tmp_path / "prepared", [{"seconds": 2.0, "description": "calm piano"}]))
+    cond = next(iter(melody_conditioners(versions.load_musicgen("tiny-melody", "cpu").lm).values()))
+    audio = load_clip_audio(dataset.clips[0].path, 32000, 1)
+    chromas = []
+    for seed in (1, 2):
+        random.seed(seed)
+        before = random.getstate()
+        chromas.append(compute_chroma(cond, audio, 32000))
+        assert random.getstate() == before  # the caller's Python random state is left as it was
+    assert chromas[0].shape[-1] == 12 and torch.equal(chromas[0], chromas[1])
