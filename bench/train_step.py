@@ -233,6 +233,7 @@ def run_config(model, initial_state, dataset, mode, precision, args, device, cac
         "mode": mode,
         "precision": precision,
         "step_s": statistics.median(times),
+        "step_runs": [round(t, 3) for t in times],
         "data_s": statistics.median(data_times),  # producing the batch's codes (+ chroma): cropping, or encoding
         "loss": statistics.mean(losses),
         "peak_mb": round(peak_mb(device), 1),
@@ -283,7 +284,15 @@ def memory_row(args, device: str) -> dict:
     # no copy of the initial weights here (the parent keeps one to reset between its rows): it would count
     row = run_config(model, None, dataset, "cached", args.precisions.split(",")[0], args, device, caches)
     row["method"] = args.memory_row
+    row["weights_mb"] = round(sum(p.numel() * p.element_size() for p in model.lm.parameters()) / 2**20, 1)
     return row
+
+
+def training_memory_mb(row: dict) -> float:
+    """The LM's weights plus all a step adds (gradients, optimizer state, activations): what a GPU holds for training
+    beyond the frozen parts, without the process' libraries and the frozen EnCodec/demucs the whole-process peak
+    also counts."""
+    return row["weights_mb"] + row["peak_mb"] - row["before_mb"]
 
 
 def memory_rows(args, device: str, workdir: Path) -> list[dict]:
@@ -352,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     mem_by = {r["method"]: r for r in mem}
     if {"full", "lora"} <= set(mem_by):
         ratios["lora_peak_over_full"] = mem_by["lora"]["peak_mb"] / mem_by["full"]["peak_mb"]
+        ratios["lora_training_memory_over_full"] = training_memory_mb(mem_by["lora"]) / training_memory_mb(
+            mem_by["full"]
+        )
     print(f"\n{args.arch} LM ({n_params / 1e6:.0f} M params), batch {args.batch} x {args.segment:g} s, {device}:")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")
@@ -362,10 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         f"  goal (issue 6): cached >= {GOAL}x faster per step -> {'met' if speed >= GOAL else 'NOT met'} ({speed:.2f}x)"
     )
     if "lora_peak_over_full" in ratios:
-        lora = ratios["lora_peak_over_full"]
+        lora, tensors = ratios["lora_peak_over_full"], ratios["lora_training_memory_over_full"]
         print(
-            f"  goal (issue 6): LoRA peak <= {LORA_GOAL}x full -> {'met' if lora <= LORA_GOAL else 'NOT met'} "
-            f"({lora:.2f}x)"
+            f"  goal (issue 6): LoRA peak <= {LORA_GOAL}x full -> whole process {lora:.2f}x "
+            f"({'met' if lora <= LORA_GOAL else 'NOT met'}); LM weights + what a step adds {tensors:.2f}x "
+            f"({'met' if tensors <= LORA_GOAL else 'NOT met'})"
         )
     record = {
         "bench": "train_step",
