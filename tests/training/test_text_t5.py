@@ -34,6 +34,12 @@ KEY = "condition_provider.conditioners.description." + adapters.T5_TRIGGER_PARAM
 pytestmark = pytest.mark.usefixtures("keep_global_random_state")
 
 
+def inversion_params(dataset, **overrides):
+    """textual_inversion of the trigger `zzq` on tiny-t5, AdamW at a rate that moves a few embedding rows fast."""
+    kwargs = dict(model_version="tiny-t5", method="textual_inversion", trigger="zzq", optimizer="adamw", lr=0.05)
+    return tiny_params(dataset, **{**kwargs, "epochs": 1, **overrides})
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The trainer's own steps (as `training.run.run_worker`), with every weight captured before and after."""
@@ -45,19 +51,7 @@ def trained(tmp_path_factory):
             {"seconds": 2.0, "freq": 330.0, "description": "fast drums"},  # the trigger gets prepended
         ],
     )
-    params = tiny_params(
-        dataset,
-        model_version="tiny-t5",
-        method="textual_inversion",
-        trigger="zzq",
-        optimizer="adamw",
-        lr=0.05,
-        warmup=1,
-        epochs=1,
-        updates_per_epoch=12,
-        save_every=12,
-        cfg_p=0.0,
-    )
+    params = inversion_params(dataset, warmup=1, updates_per_epoch=12, save_every=12, cfg_p=0.0)
     out = root / "out"
     setup = setup_training(params, load_prepared(dataset), out, DistInfo())
     lm = setup.model.lm
@@ -164,19 +158,8 @@ def test_two_processes_learn_the_trigger_too(tmp_path, capfd):
         tmp_path / "prepared",
         [{"seconds": 2.5, "description": "zzq calm piano"}, {"seconds": 2.0, "freq": 330.0, "description": "drums"}],
     )
-    params = tiny_params(
-        dataset,
-        model_version="tiny-t5",
-        method="textual_inversion",
-        trigger="zzq",
-        optimizer="adamw",
-        lr=0.05,
-        epochs=1,
-        updates_per_epoch=6,
-        save_every=6,
-        sample_duration=0.0,
-        cfg_p=0.5,
-        parallel="ddp",
+    params = inversion_params(
+        dataset, updates_per_epoch=6, save_every=6, sample_duration=0.0, cfg_p=0.5, parallel="ddp"
     )
     tar = run_training(params, tmp_path / "out", nproc=2)
     log = capfd.readouterr().err
