@@ -450,9 +450,44 @@ def _condition_tensors(lm: LMModel, attributes: list[ConditioningAttributes]) ->
 
     if not attributes:
         return {}
-    null_attributes = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
-    tokenized = lm.condition_provider.tokenize(list(attributes) + list(null_attributes))
-    return lm.condition_provider(tokenized)
+    # Identical conditions (the `num_outputs` copies of one request) are computed once and repeated: for a melody
+    # that is one demucs + chroma pass instead of one per output.
+    firsts, rows = _unique_rows(attributes)
+    unique = [attributes[i] for i in firsts]
+    null_attributes = ClassifierFreeGuidanceDropout(p=1.0)(unique)
+    tokenized = lm.condition_provider.tokenize(list(unique) + list(null_attributes))
+    tensors = lm.condition_provider(tokenized)
+    if len(unique) == len(attributes):
+        return tensors
+    index = torch.tensor(rows + [len(unique) + r for r in rows])
+    return {name: (emb[index.to(emb.device)], mask[index.to(mask.device)]) for name, (emb, mask) in tensors.items()}
+
+
+def _unique_rows(attributes: list[ConditioningAttributes]) -> tuple[list[int], list[int]]:
+    """(index of each distinct condition's first occurrence, the distinct condition of every row)."""
+    firsts: list[int] = []
+    rows: list[int] = []
+    for i, attr in enumerate(attributes):
+        match = next((u for u, f in enumerate(firsts) if _same_condition(attributes[f], attr)), None)
+        if match is None:
+            firsts.append(i)
+            match = len(firsts) - 1
+        rows.append(match)
+    return firsts, rows
+
+
+def _same_condition(a: ConditioningAttributes, b: ConditioningAttributes) -> bool:
+    if a.text != b.text or a.wav.keys() != b.wav.keys() or a.joint_embed.keys() != b.joint_embed.keys():
+        return False
+    if a.joint_embed:  # not compared element-wise: treat as distinct
+        return False
+    for name, x in a.wav.items():
+        y = b.wav[name]
+        if x.sample_rate != y.sample_rate or x.path != y.path or x.seek_time != y.seek_time:
+            return False
+        if not (torch.equal(x.length, y.length) and x.wav.shape == y.wav.shape and torch.equal(x.wav, y.wav)):
+            return False
+    return True
 
 
 def _check_inputs(

@@ -108,6 +108,37 @@ def test_the_same_melody_conditions_every_output(generator, tmp_path):
         assert not torch.equal(with_melody.codes[i], without.codes[i])
 
 
+def test_a_melody_is_analysed_once_for_all_outputs(generator, tmp_path):
+    """The `num_outputs` copies of one request share one demucs + chroma pass (conditional + null row), and the
+    repeated condition tensors equal those computed for every row."""
+    import random
+
+    from generation.fast import _condition_tensors
+    from generation.generate import build_conditions, load_input_audio, replicate
+
+    model = generator.model_for(ModelKey("version", "tiny-melody"))
+    melody = write_wav(tmp_path / "m.wav", 2.0, sr=32000, freq=330.0)
+    p = params(model_version="tiny-melody", input_audio=str(melody), prompt="calm piano")
+    attributes, _ = replicate(*build_conditions(model, p, load_input_audio(p)), 3)
+    chroma_conditioner = model.lm.condition_provider.conditioners["self_wav"]
+    batches = []
+    hook = chroma_conditioner.chroma.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        random.seed(0)  # demucs shifts its input by a random offset
+        shared = _condition_tensors(model.lm, attributes)
+        assert batches == [2]  # one melody + its null condition, not 3 + 3
+        # the same melody on 3 distinct rows (a different prompt each) is analysed per row
+        distinct = [dataclasses.replace(a, text={"description": f"take {i}"}) for i, a in enumerate(attributes)]
+        random.seed(0)
+        per_row = _condition_tensors(model.lm, distinct)
+        assert batches[1] == 6
+    finally:
+        hook.remove()
+    emb, mask = shared["self_wav"]
+    assert emb.shape[0] == 6 and torch.equal(mask, per_row["self_wav"][1])
+    torch.testing.assert_close(emb, per_row["self_wav"][0], rtol=1e-4, atol=1e-5)
+
+
 def test_continuation_continues_the_same_audio_in_every_output(generator, tmp_path):
     source = write_wav(tmp_path / "in.wav", 2.0, sr=48000, channels=2)
     p = params(input_audio=str(source), continuation=True, continuation_end=1, duration=2, num_outputs=3)
