@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -62,3 +63,34 @@ def reexec_for_exact_rss() -> None:
     """Restart this script with `EXACT_RSS_ENV` (glibc reads it at start only) unless it is already set."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         os.execve(sys.executable, [sys.executable, *sys.argv], exact_rss_env())
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`: the peak) in MiB; NaN where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM, Linux >= 4.0) so a later peak is that of the work since; False
+    where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def append_result(path: str | Path, record: dict) -> Path:
+    """Append one benchmark record as a JSON line to `path` (bench/results/<name>.jsonl) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"appended to {path}")
+    return path

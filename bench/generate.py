@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import git_commit, machine_name  # noqa: E402
+from bench.common import append_result, git_commit, machine_name, reset_peak_rss, status_mib  # noqa: E402
 
 GOAL_RATIO = 3.0
 GOAL_KL = 0.01
@@ -94,22 +94,6 @@ def run_fast(model, fast, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so that the peak of generation alone can be read (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_rss(path: str, duration: float, threads: int, quantize: str) -> dict:
     """Child process: build the model, then generate once with `path` (our side includes preparing its weights).
 
@@ -119,15 +103,15 @@ def measure_rss(path: str, duration: float, threads: int, quantize: str) -> dict
     torch.set_num_threads(threads)
     model = build_model()
     model.set_generation_params(duration=duration, top_k=250, cfg_coef=3.0, use_sampling=True)
-    after_build = _status_mib("VmRSS")
-    reset = _reset_peak_rss()
+    after_build = status_mib("VmRSS")
+    reset = reset_peak_rss()
     if path == "audiocraft":
         run_audiocraft(model, 1)
     else:
         from generation.fast import FastLM
 
         run_fast(model, FastLM(model.lm, None if quantize == "none" else quantize), 1)
-    peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "rss_after_build_mib": round(after_build, 1),
         "peak_rss_mib": round(peak, 1),
@@ -263,10 +247,7 @@ def main() -> None:
     result["meets_goal"] = bool(result["ratio_batch1"] >= GOAL_RATIO and kl_ok)
 
     print_table(result, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"appended to {args.out}")
+    append_result(args.out, result)
 
 
 def print_table(result: dict, args) -> None:

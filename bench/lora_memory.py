@@ -15,9 +15,7 @@ bench/results/lora_memory.jsonl.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import json
 import os
 import sys
 import time
@@ -28,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import machine_name, reexec_for_exact_rss  # noqa: E402
+from bench.common import append_result, machine_name, reexec_for_exact_rss, reset_peak_rss, status_mib  # noqa: E402
 from core import adapters, tiny  # noqa: E402
 from training.loop import TrainStep  # noqa: E402
 
@@ -38,25 +36,6 @@ ARCHS = {
     "tiny": {},
 }
 TARGETS = "q,k,v,out_proj,linear1,linear2"
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def reset_peak() -> None:
-    with contextlib.suppress(OSError):  # Linux: writing 5 resets the peak resident set size (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 def build_lm(arch: str, layers: int | None = None):
@@ -96,7 +75,7 @@ def one_step(lm, seconds: float, precision: str) -> tuple[float, float, float]:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    reset_peak()
+    reset_peak_rss()
     t0 = time.perf_counter()
     with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = TrainStep(lm)(codes, mask, attributes)
@@ -104,7 +83,7 @@ def one_step(lm, seconds: float, precision: str) -> tuple[float, float, float]:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return peak_mb(), time.perf_counter() - t0, float(loss.detach())
+    return status_mib("VmHWM"), time.perf_counter() - t0, float(loss.detach())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reexec_for_exact_rss()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    before = rss_mb()
+    before = status_mib("VmRSS")
     t0 = time.perf_counter()
     lm = build_lm(args.arch, args.layers)
     build_s = time.perf_counter() - t0
@@ -137,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         lm.transformer.checkpointing = "torch"
     n_params = sum(p.numel() for p in lm.parameters())
     n_adapter = sum(p.numel() for p in lm.parameters() if p.requires_grad)
-    loaded = rss_mb()
+    loaded = status_mib("VmRSS")
     print(
         f"{args.arch}: {n_params / 1e6:.0f} M parameters ({weights_mb:.0f} MB fp32), LoRA r{args.rank} "
         f"{n_adapter / 1e6:.1f} M; process {loaded:.0f} MB after building ({build_s:.0f} s; {before:.0f} MB before)",
@@ -196,11 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "fit": fit,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {out}")
+    append_result(args.out, record)
     return 0
 
 

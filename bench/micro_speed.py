@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import machine_name  # noqa: E402
+from bench.common import append_result, machine_name  # noqa: E402
 from core import tiny  # noqa: E402
 
 
@@ -81,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "speed_ratio": round(ratio, 2),
     }
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_result(args.out, record)
     return 0
 
 

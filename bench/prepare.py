@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import resource
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.common import machine_name  # noqa: E402
+from bench.common import append_result, machine_name  # noqa: E402
 from core.params import from_kwargs  # noqa: E402
 from preprocessing import PrepareParams, prepare  # noqa: E402
 
@@ -150,10 +149,7 @@ def main() -> int:
         f"CPU: {cpu_main:.2f} s preparing + {cpu_worker:.2f} s essentia worker (in parallel) -> "
         f"{result['cpu_bound_real_time_factor']}x real time when each has a free core"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"appended to {args.results}")
+    append_result(args.results, result)
     return 0
 
 

@@ -44,7 +44,15 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import exact_rss_env, git_commit, load_average, machine_name  # noqa: E402
+from bench.common import (  # noqa: E402
+    append_result,
+    exact_rss_env,
+    git_commit,
+    load_average,
+    machine_name,
+    reset_peak_rss,
+    status_mib,
+)
 from core import tiny  # noqa: E402
 from core.audio import convert_channels  # noqa: E402
 from training.data import ClipTokens, TokenDataset, clip_attributes, encode_clips  # noqa: E402
@@ -168,17 +176,13 @@ def reset_peak_memory(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        with contextlib.suppress(OSError):  # Linux: writing 5 resets the peak resident set size (VmHWM)
-            Path("/proc/self/clear_refs").write_text("5")
+        reset_peak_rss()
 
 
 def peak_mb(device: str) -> float:
     if device.startswith("cuda"):
         return peak_memory_mb(device)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return peak_memory_mb(device)
+    return status_mib("VmHWM")
 
 
 def run_config(model, initial_state, dataset, mode, precision, args, device, caches=None):
@@ -398,11 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_rows": mem,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {out}")
+    append_result(args.out, record)
     return 0
 
 
