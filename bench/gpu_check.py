@@ -347,7 +347,6 @@ def prepare_method(lm, params) -> None:
 
 # ------------------------------------------------------------------------------------------------ section: train
 def section_train(ctx: Context) -> None:
-    import torch
 
     arch = "tiny" if ctx.smoke else "small"
     seconds, steps = (1.0, 6) if ctx.smoke else (5.0, 8)
@@ -424,8 +423,6 @@ def section_train(ctx: Context) -> None:
                 max_abs_diff=d,
                 **info,
             )
-    del lm, initial
-    _ = torch  # the module is imported for its side effects on the device (CUDA init happens in build_lm)
 
 
 # ------------------------------------------------------------------------------------------------- section: dist
