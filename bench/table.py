@@ -162,6 +162,115 @@ def rows() -> list[tuple[str, ...]]:
                 lm["date"][:10],
             )
         )
+    out += gpu_check_rows()
+    return out
+
+
+def _find(record: dict, section: str, prefix: str) -> dict | None:
+    """The first row of a gpu_check record in `section` whose check starts with `prefix`."""
+    return next((r for r in record["rows"] if r["section"] == section and r["check"].startswith(prefix)), None)
+
+
+def _status(row: dict) -> str:
+    return {"PASS": "yes", "FAIL": "**no**"}.get(row["status"], row["status"].lower())
+
+
+def gpu_check_rows() -> list[tuple[str, ...]]:
+    """Rows of the latest CUDA run of `scripts/gpu_check.sh` (bench/gpu_check.py), when there is one."""
+    gc = latest("gpu_check", device="cuda", smoke=False)
+    if not gc:
+        return []
+    machine, date = f"{gc['gpu']}; torch {gc['torch']}, CUDA {gc['cuda']}", gc["date"][:10]
+    rows = gc["rows"]
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
+    failing = [f"{r['section']}: {r['check']}" for r in rows if r["status"] == "FAIL"]
+    out = [
+        (
+            "GPU self-check (`scripts/gpu_check.sh`)",
+            f"{len(rows)} checks: bf16/fp16 training, DDP/FSDP on NCCL, fp16 sampler, CUDA memory, Cog server"
+            + (f"; failing: {'; '.join(failing)}" if failing else ""),
+            "–",
+            f"{counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped",
+            "–",
+            "no FAIL",
+            "yes" if not failing else "**no**",
+            machine,
+            date,
+        )
+    ]
+    kl = _find(gc, "sampler", "fp16 next-token KL")
+    kl_text = f"; fp16 KL {kl['values']['kl_mean']:.5f} nats/token" if kl and "kl_mean" in kl["values"] else ""
+    for batch in (1, 4):
+        speed = _find(gc, "sampler", f"speed vs audiocraft, batch {batch}")
+        if not speed or "ratio" not in speed["values"]:
+            continue
+        v = speed["values"]
+        unit, key = ("steps/s", "steps_per_s") if batch == 1 else ("samples/s", "samples_per_s")
+        out.append(
+            (
+                "GPU generate (gpu_check)",
+                f"musicgen-small arch, fp16, batch {batch}, {v['duration']:g} s; RTF "
+                f"{v['ours']['real_time_factor']:.2f} vs {v['audiocraft']['real_time_factor']:.2f}"
+                + (kl_text if batch == 1 else ""),
+                f"audiocraft {v['audiocraft'][key]} {unit}",
+                f"{v['ours'][key]} {unit}",
+                f"{v['ratio']:.2f}x",
+                "≥ 1x" + (", KL < 0.01" if batch == 1 else ""),
+                _status(speed) if batch != 1 or not kl or kl["status"] != "FAIL" else "**no**",
+                machine,
+                date,
+            )
+        )
+    lora = _find(gc, "memory", "small LoRA r16 vs full")
+    if lora and "ratio" in lora["values"]:
+        v = lora["values"]
+        full_mb = v["lora_peak_allocated_mb"] / v["ratio"]
+        out.append(
+            (
+                "GPU train memory (gpu_check)",
+                f"small arch, LoRA r16 vs full, bf16, {v['lora_seconds']:g} s x batch 1: CUDA peak allocated",
+                f"full {full_mb / 1024:.1f} GiB",
+                f"LoRA {v['lora_peak_allocated_mb'] / 1024:.1f} GiB",
+                f"{v['ratio']:.2f}x",
+                "≤ 0.6x",
+                _status(lora),
+                machine,
+                date,
+            )
+        )
+    medium = _find(gc, "memory", "medium LoRA")
+    if medium and "peak_allocated_mb" in medium["values"]:
+        v = medium["values"]
+        out.append(
+            (
+                "GPU LoRA memory (gpu_check)",
+                f"musicgen-medium arch, LoRA r16, bf16, grad checkpointing, {v['seconds']:g} s x batch 1",
+                "–",
+                f"{v['peak_reserved_mb'] / 1024:.1f} GiB CUDA peak reserved",
+                "–",
+                "fits 24 GB",
+                _status(medium),
+                machine,
+                date,
+            )
+        )
+    sharded = _find(gc, "memory", "medium full fine-tuning per-GPU peak: FSDP vs DDP,")
+    if sharded and "ddp" in sharded["values"]:
+        v = sharded["values"]
+        ddp, fsdp = v["ddp"]["max_peak_mb"], v["fsdp"]["max_peak_mb"]
+        out.append(
+            (
+                "GPU FSDP memory (gpu_check)",
+                f"musicgen-medium arch, full fine-tuning, {len(v['ddp']['ranks'])} GPUs: per-GPU peak allocated",
+                f"DDP {ddp / 1024:.1f} GiB",
+                f"FSDP {fsdp / 1024:.1f} GiB",
+                f"{fsdp / ddp:.2f}x",
+                "FSDP < DDP",
+                _status(sharded),
+                machine,
+                date,
+            )
+        )
     return out
 
 
