@@ -1,24 +1,34 @@
 """Cog trainer (`cog train`) and command line (`python train.py --help`): fine-tune MusicGen on your audio.
 
 The inputs are defined once, in `training.params.TrainParams`; the signature below repeats them as literal
-`Input(...)`s because Cog reads it statically (tests/training/test_train_cli.py checks that both agree). The work
-is done by `training.run.run_training`.
+`Input(...)`s because `cog build` reads it statically (tests/training/test_train_cli.py checks that both agree,
+tests/test_cog_schema.py that the schema `cog build` writes from it means what it says: each description one
+string literal on one line, every optional input `X | None`, `dataset_path` the only required one). The work is
+done by `training.run.run_training`.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import tempfile
+import typing as tp
 from pathlib import Path as _Path
 
-from cog import BaseModel, FieldInfo, Input, Path
+from cog import BaseModel, FieldInfo, Input, Path, Secret
 
+from core.logs import configure_logging
 from core.params import build_parser, from_kwargs
 from training.params import TrainParams
 from training.run import run_training
 
 logger = logging.getLogger("train")
+
+_WORK_PREFIX = "musicgen-train-"
+# The folder of the previous training in this process: Cog has sent its weights by the time the next one
+# starts, so it is removed then (a server that trains many times does not fill its disk).
+_last_work: list[_Path] = []
 
 
 class TrainingOutput(BaseModel):
@@ -27,39 +37,28 @@ class TrainingOutput(BaseModel):
 
 def train(
     dataset_path: Path = Input(
-        description=(
-            "Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file "
-            "(wav, mp3, flac, ogg, opus, m4a, aac, aiff). A text file named like a track (song.mp3 + song.txt) "
-            "gives that track's description. Locally, a folder already prepared by `python -m preprocessing` "
-            "works too."
-        ),
+        description="Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file (wav, mp3, flac, ogg, opus, m4a, aac, aiff). A text file named like a track (song.mp3 + song.txt) gives that track's description. Locally, a folder already prepared by `python -m preprocessing` works too."
     ),
     auto_labeling: bool = Input(
-        description=(
-            "Describe tracks that have no description automatically: genre, mood and instruments (essentia), key "
-            "and bpm."
-        ),
+        description="Describe tracks that have no description automatically: genre, mood and instruments (essentia), key and bpm.",
         default=True,
     ),
     drop_vocals: bool = Input(
         description="Remove vocals with demucs (htdemucs) before cutting clips; drums, bass and the rest are kept.",
         default=True,
     ),
-    one_same_description: str = Input(
-        description="One description for every clip; overrides the text files and the automatic labels.",
-        default=None,
+    one_same_description: str | None = Input(
+        description="One description for every clip; overrides the text files and the automatic labels.", default=None
     ),
-    trigger: str = Input(
-        description=(
-            "A word put at the start of every description (e.g. a made-up artist token); use it in prompts later "
-            "to call the style you trained."
-        ),
+    trigger: str | None = Input(
+        description="A word put at the start of every description (e.g. a made-up artist token); use it in prompts later to call the style you trained.",
         default=None,
     ),
     model_version: str = Input(
-        description="The MusicGen model to fine-tune. The `tiny*` models are small random models for offline tests.",
+        description="The MusicGen model to fine-tune. `micro`, `tiny-micro`: a new small model trained from scratch (lm_dim, lm_layers, lm_heads). The `tiny*` models are small random models for offline tests. (`fine-tuned` is predict's choice and is refused here.)",
         default="stereo-melody",
         choices=[
+            "fine-tuned",
             "small",
             "medium",
             "large",
@@ -80,57 +79,33 @@ def train(
             "tiny-micro",
         ],
     ),
-    epochs: int = Input(
-        description="Number of epochs to train for.",
-        default=3,
-        ge=1,
-        le=100000,
-    ),
+    epochs: int = Input(description="Number of epochs to train for.", default=3, ge=1, le=100000),
     updates_per_epoch: int = Input(
-        description="Optimizer steps per epoch. Empty (None): one pass over the clips per epoch.",
-        default=100,
-        ge=1,
-        le=1000000,
+        description="Optimizer steps per epoch. 0: one pass over the clips per epoch.", default=100, ge=0, le=1000000
     ),
     batch_size: int = Input(
-        description=(
-            "Clips per optimizer step over all GPUs. Rounded up to a multiple of (GPUs x grad_accumulation) when "
-            "needed; the adjustment is logged."
-        ),
+        description="Clips per optimizer step over all GPUs. Rounded up to a multiple of (GPUs x grad_accumulation) when needed; the adjustment is logged.",
         default=16,
         ge=1,
         le=4096,
     ),
     optimizer: str = Input(
-        description=(
-            "`dadam`: D-Adaptation Adam, which finds the step size itself (keep lr=1). `adamw`: AdamW (try lr 1e-5)."
-        ),
+        description="`dadam`: D-Adaptation Adam, which finds the step size itself (keep lr=1). `adamw`: AdamW (try lr 1e-5).",
         default="dadam",
         choices=["dadam", "adamw"],
     ),
     lr: float = Input(
-        description=(
-            "Learning rate. For dadam a multiplier of the adapted step size (1 = as adapted); for adamw the step "
-            "size itself (1e-5 is a good start; 0.1 and more is refused)."
-        ),
+        description="Learning rate. For dadam a multiplier of the adapted step size (1 = as adapted); for adamw the step size itself (1e-5 is a good start; 0.1 and more is refused).",
         default=1.0,
         ge=0.0,
         le=100.0,
     ),
     lr_scheduler: str = Input(
-        description=(
-            "Learning rate schedule after the warmup: cosine (to 0), exponential (to lr/100), polynomial_decay "
-            "(linear to 0), inverse_sqrt, linear_warmup (constant after the warmup)."
-        ),
+        description="Learning rate schedule after the warmup: cosine (to 0), exponential (to lr/100), polynomial_decay (linear to 0), inverse_sqrt, linear_warmup (constant after the warmup).",
         default="cosine",
         choices=["cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup"],
     ),
-    warmup: int = Input(
-        description="Optimizer steps of linear learning-rate warmup.",
-        default=8,
-        ge=0,
-        le=1000000,
-    ),
+    warmup: int = Input(description="Optimizer steps of linear learning-rate warmup.", default=8, ge=0, le=1000000),
     cfg_p: float = Input(
         description="Condition dropout for classifier-free guidance: the share of batches trained without conditions.",
         default=0.3,
@@ -144,99 +119,78 @@ def train(
         le=1024,
     ),
     seed: int = Input(
-        description="Random seed: data order, crops, condition dropout.",
-        default=42,
-        ge=0,
-        le=2147483647,
+        description="Random seed: data order, crops, condition dropout.", default=42, ge=0, le=2147483647
     ),
     precision: str = Input(
-        description=(
-            "Training precision. auto: bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, fp32 "
-            "on CPU. Weights and optimizer state stay fp32 (mixed precision)."
-        ),
+        description="Training precision. auto: bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, fp32 on CPU. Weights and optimizer state stay fp32 (mixed precision).",
         default="auto",
         choices=["auto", "bf16", "fp16", "fp32"],
     ),
     segment_duration: float = Input(
-        description=(
-            "Seconds of audio per training example (random crops; shorter clips are padded and masked). MusicGen "
-            "was trained on 30 s."
-        ),
+        description="Seconds of audio per training example (random crops; shorter clips are padded and masked). MusicGen was trained on 30 s.",
         default=30.0,
         ge=1.0,
         le=30.0,
     ),
     max_grad_norm: float = Input(
-        description="Clip the gradient norm to this value (0: no clipping).",
-        default=1.0,
-        ge=0.0,
-        le=1000000.0,
+        description="Clip the gradient norm to this value (0: no clipping).", default=1.0, ge=0.0, le=1000000.0
     ),
     weight_decay: float = Input(
-        description="Decoupled weight decay (AdamW style) for both optimizers.",
-        default=0.01,
-        ge=0.0,
-        le=1.0,
+        description="Decoupled weight decay (AdamW style) for both optimizers.", default=0.01, ge=0.0, le=1.0
     ),
     ema: bool = Input(
-        description="Keep an exponential moving average of the weights (decay 0.99) and export it.",
-        default=False,
+        description="Keep an exponential moving average of the weights (decay 0.99) and export it.", default=False
     ),
     save_every: int = Input(
-        description=(
-            "Write a resume checkpoint every this many optimizer steps and at the end (the last 2 are kept). 0: "
-            "no checkpoints (one is still written if the run is cancelled or interrupted)."
-        ),
+        description="Write a resume checkpoint every this many optimizer steps and at the end (the last 2 are kept). 0: no checkpoints (one is still written if the run is cancelled or interrupted).",
         default=0,
         ge=0,
         le=1000000,
     ),
-    resume_from: Path = Input(
-        description=(
-            "A resume checkpoint (checkpoint-*.pt) or a folder of them (the newest is used) to continue from, "
-            "with the same training inputs."
-        ),
+    resume_from: Path | None = Input(
+        description="A resume checkpoint (checkpoint-*.pt) or a folder of them (the newest is used) to continue from, with the same training inputs.",
         default=None,
     ),
     use_wandb: bool = Input(
-        description="Log loss, learning rate and samples to Weights & Biases (needs wandb and WANDB_API_KEY).",
+        description="Log loss, learning rate and samples to Weights & Biases (with wandb_api_key, or WANDB_API_KEY set where the training runs). Giving wandb_api_key turns it on.",
         default=False,
     ),
+    wandb_api_key: Secret | None = Input(
+        description="Weights & Biases API key (a secret: never logged or saved). Turns on use_wandb.", default=None
+    ),
+    wandb_project: str = Input(
+        description="Weights & Biases project to log the training to.", default="musicgen-fine-tune"
+    ),
+    wandb_entity: str | None = Input(
+        description="Weights & Biases entity (user or team). Empty: your default entity.", default=None
+    ),
+    hf_repo_id: str | None = Input(
+        description="Hugging Face model repo (user/name) to push the trained weights to, with a model card (inputs, labels, loss plot, samples). Created if missing (private). Needs hf_token. The weights are returned even if the push fails.",
+        default=None,
+    ),
+    hf_token: Secret | None = Input(
+        description="Hugging Face token with write access, for hf_repo_id (a secret: never logged or saved).",
+        default=None,
+    ),
     sample_duration: float = Input(
-        description=(
-            "Seconds of each of the 2 samples generated after training from training descriptions and put in the "
-            "weights (samples/*.wav). 0: none."
-        ),
+        description="Seconds of each of the 2 samples generated after training from training descriptions and put in the weights (samples/*.wav). 0: none.",
         default=8.0,
         ge=0.0,
         le=30.0,
     ),
     method: str = Input(
-        description=(
-            "What to train. full: every weight of the language model. lora: low-rank adapters on the attention and "
-            "feed-forward projections (the tar holds only the adapter, MBs, and references the base model). "
-            "textual_inversion: only the trigger word's embedding (new T5 tokens). text_projection: only the "
-            "text conditioner's output projection."
-        ),
+        description="What to train. full: every weight of the language model. lora: low-rank adapters on the attention and feed-forward projections (the tar holds only the adapter, MBs, and references the base model). textual_inversion: only the trigger word's embedding (new T5 tokens). text_projection: only the text conditioner's output projection.",
         default="full",
         choices=["full", "lora", "textual_inversion", "text_projection"],
     ),
     lora_rank: int = Input(
-        description="method=lora: rank of each adapter (its size grows linearly with it).",
-        default=16,
-        ge=0,
-        le=1024,
+        description="method=lora: rank of each adapter (its size grows linearly with it).", default=16, ge=1, le=1024
     ),
     lora_alpha: float = Input(
-        description="method=lora: adapter scale numerator (the update is alpha/rank x B A).",
-        default=16.0,
-        ge=0.0,
+        description="method=lora: adapter scale numerator (the update is alpha/rank x B A).", default=16.0, ge=0.0
     ),
     lora_targets: str = Input(
-        description=(
-            "method=lora: modules to adapt, comma-separated globs on module names: q, k, v (attention projections), "
-            "out_proj, linear1, linear2 (feed-forward), linears.* (output heads), self_attn.*, layers.0.*, ..."
-        ),
+        description="method=lora: modules to adapt, comma-separated globs on module names: q, k, v (attention projections), out_proj, linear1, linear2 (feed-forward), linears.* (output heads), self_attn.*, layers.0.*, ...",
         default="q,k,v,out_proj,linear1,linear2",
     ),
     lora_merge: bool = Input(
@@ -244,31 +198,22 @@ def train(
         default=False,
     ),
     gradient_checkpointing: bool = Input(
-        description=(
-            "Recompute each transformer layer's activations in the backward pass: far less memory, ~30% slower."
-        ),
+        description="Recompute each transformer layer's activations in the backward pass: far less memory, ~30% slower.",
         default=False,
     ),
     prior_preservation: bool = Input(
-        description=(
-            "DreamBooth prior preservation (any method): the base model first generates examples of the class "
-            "(class_prompt) and of other genres, and training keeps fitting them, so other styles are not forgotten."
-        ),
+        description="DreamBooth prior preservation (any method): the base model first generates examples of the class (class_prompt) and of other genres, and training keeps fitting them, so other styles are not forgotten.",
         default=False,
     ),
-    class_prompt: str = Input(
-        description="prior_preservation: the prompt of the class examples. Empty: each track's labels without the "
-        "trigger.",
+    class_prompt: str | None = Input(
+        description="prior_preservation: the prompt of the class examples. Empty: each track's labels without the trigger.",
         default=None,
     ),
     class_samples: int = Input(
         description="prior_preservation: class examples generated per training track.", default=2, ge=0, le=16
     ),
     dissimilar_samples: int = Input(
-        description="prior_preservation: examples of other genres generated per training track.",
-        default=1,
-        ge=0,
-        le=16,
+        description="prior_preservation: examples of other genres generated per training track.", default=1, ge=0, le=16
     ),
     prior_loss_weight: float = Input(
         description="prior_preservation: weight of the generated examples' loss (instance loss + weight x prior loss).",
@@ -288,32 +233,36 @@ def train(
         description="model_version=micro / tiny-micro: attention heads of the new LM.", default=2, ge=1, le=64
     ),
     parallel: str = Input(
-        description=(
-            "With several GPUs: ddp (a whole model per GPU) or fsdp (weights, gradients and optimizer state sharded "
-            "over the GPUs: for medium and large models). auto: fsdp for medium/large/melody/style models, ddp for "
-            "small ones. Ignored on one GPU."
-        ),
+        description="With several GPUs: ddp (a whole model per GPU) or fsdp (weights, gradients and optimizer state sharded over the GPUs: for medium and large models). auto: fsdp for medium/large/melody/style models, ddp for small ones. Ignored on one GPU.",
         default="auto",
         choices=["auto", "ddp", "fsdp"],
     ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
-    # Called from Python rather than by Cog, an omitted input is still its `Input(...)`: take its default.
-    inputs = {k: (v.default if isinstance(v, FieldInfo) else v) for k, v in locals().items() if k in _FIELDS}
+    inputs = {name: _plain(value) for name, value in locals().items()}
+    configure_logging()
     params = from_kwargs(TrainParams, **inputs)
-    output_dir = _Path(tempfile.mkdtemp(prefix="musicgen-train-"))
+    while _last_work:
+        shutil.rmtree(_last_work.pop(), ignore_errors=True)
+    output_dir = _Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
+    _last_work.append(output_dir)
     tar = run_training(params, output_dir)
     return TrainingOutput(weights=Path(tar))
 
 
-_FIELDS = tuple(TrainParams.__dataclass_fields__)
+def _plain(value: tp.Any) -> tp.Any:
+    """An input as our dataclass takes it: an omitted input called from Python (not by Cog) is still its
+    `Input(...)`: take its default; a `Secret` becomes its string (kept out of logs and files by the trainer)."""
+    if isinstance(value, FieldInfo):
+        value = value.default
+    if isinstance(value, Secret):
+        value = value.get_secret_value()
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python train.py --dataset_path songs.zip --model_version tiny --epochs 1 --output_dir out/`"""
-    from core.params import InputError
-    from core.versions import ModelUnavailableError
-    from training.loop import TrainingInterrupted
+    from core.errors import cli_errors
 
     parser = build_parser(
         TrainParams, prog="train.py", description="Fine-tune MusicGen on your audio (the inputs of `cog train`)."
@@ -325,18 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = vars(parser.parse_args(argv))
     output_dir = _Path(args.pop("output_dir"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    configure_logging()
+    with cli_errors("training") as outcome:
         params = from_kwargs(TrainParams, **args)
         tar = run_training(params, output_dir)
-    except (InputError, ModelUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as e:
-        print(f"interrupted: {e}. Continue with --resume_from {output_dir / 'checkpoints'}", file=sys.stderr)
-        return 143  # 128 + SIGTERM, as a shell reports a process ended by it
-    print(f"Wrote {tar}")
-    return 0
+        print(f"Wrote {tar}")
+    return outcome.code
 
 
 if __name__ == "__main__":

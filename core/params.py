@@ -14,6 +14,8 @@ import inspect
 import types
 import typing as tp
 
+from core.errors import InputError
+
 __all__ = [
     "InputError",
     "param",
@@ -22,15 +24,9 @@ __all__ = [
     "from_kwargs",
     "check_bounds",
     "signature_mismatches",
+    "cog_fields",
+    "secret_fields",
 ]
-
-
-class InputError(ValueError):
-    """A user input is invalid. The message names the input and says how to fix it."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(f"Invalid input '{name}': {message}")
-        self.name = name
 
 
 def param(
@@ -41,12 +37,34 @@ def param(
     le: float | None = None,
     choices: tp.Sequence[str | int] | None = None,
     file: bool = False,
+    secret: bool = False,
+    cog: bool = True,
 ) -> tp.Any:
-    """A dataclass field carrying the metadata Cog's `Input()` carries. `file=True`: a Cog `Path` input
-    (a local path or URL string on the command line)."""
+    """A dataclass field carrying the metadata Cog's `Input()` carries.
+
+    `file=True`: a Cog `Path` input (a local path or URL string on the command line). `secret=True`: a Cog
+    `Secret` (masked in Replicate's UI and never logged; a plain string here). `cog=False`: a CLI and Python-API
+    input that the Cog signature leaves out (it would break the Cog contract; the signature test knows).
+    """
     meta = {"description": description, "ge": ge, "le": le, "choices": list(choices) if choices else None}
-    meta["file"] = file
+    meta.update(file=file, secret=secret, cog=cog)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def cog_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields that are Cog inputs, in signature order."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cog", True)]
+
+
+def secret_fields(cls: type) -> tuple[str, ...]:
+    """Names of the inputs that hold credentials: never logged, never written to a file we hand out."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("secret"))
+
+
+def _range_text(ge: float | None, le: float | None) -> str:
+    if ge is not None and le is not None:
+        return f" [range {ge}..{le}]"
+    return f" [>= {ge}]" if ge is not None else f" [<= {le}]"
 
 
 def _base_type(annotation: tp.Any) -> tuple[type, bool]:
@@ -91,7 +109,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         meta = f.metadata
         help_text = meta.get("description", "")
         if meta.get("ge") is not None or meta.get("le") is not None:
-            help_text += f" [range {meta.get('ge')}..{meta.get('le')}]"
+            help_text += _range_text(meta.get("ge"), meta.get("le"))
         parser.add_argument(
             f"--{f.name}",
             type=convert,
@@ -175,7 +193,7 @@ def check_bounds(obj: tp.Any) -> None:
 def signature_mismatches(func: tp.Callable[..., tp.Any], cls: type, skip: tp.Iterable[str] = ("self",)) -> list[str]:
     """Differences between a Cog `predict`/`train` signature made of `Input(...)` defaults and `cls`."""
     params = {n: p for n, p in inspect.signature(func).parameters.items() if n not in set(skip)}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in cog_fields(cls)}
     problems = []
     if list(params) != list(fields):
         problems.append(f"names/order differ: cog={list(params)} dataclass={list(fields)}")
@@ -186,8 +204,10 @@ def signature_mismatches(func: tp.Callable[..., tp.Any], cls: type, skip: tp.Ite
             ours = f.default if attr == "default" else f.metadata.get(attr)
             if cog_value != ours:
                 problems.append(f"{name}.{attr}: cog={cog_value!r} dataclass={ours!r}")
-        annotation = params[name].annotation
-        is_file = "Path" in str(annotation)
-        if is_file != bool(f.metadata.get("file")):
-            problems.append(f"{name}: cog annotation {annotation!r} vs dataclass file={f.metadata.get('file')}")
+        annotation = str(params[name].annotation)
+        for kind, flag in (("Path", "file"), ("Secret", "secret")):
+            if (kind in annotation) != bool(f.metadata.get(flag)):
+                problems.append(f"{name}: cog annotation {annotation!r} vs dataclass {flag}={f.metadata.get(flag)}")
+        if "None" in annotation and f.default is not None:  # (None defaults are checked by tests/cog_schema.py)
+            problems.append(f"{name}: cog annotation {annotation!r} vs dataclass default {f.default!r}")
     return problems

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core import tiny
+from core.errors import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,16 @@ MODEL_VERSIONS: tuple[str, ...] = (*PRETRAINED, *tiny.TINY_VERSIONS)
 STYLE_PRETRAINED: dict[str, str] = {"style": "facebook/musicgen-style"}
 STYLE_VERSIONS: tuple[str, ...] = (*STYLE_PRETRAINED, *tiny.STYLE_TINY_VERSIONS)
 ALL_MODEL_VERSIONS: tuple[str, ...] = (*MODEL_VERSIONS, *STYLE_VERSIONS)
+# New LMs trained from scratch on an existing EnCodec (training/methods/scratch.py): trainable, not loadable.
+SCRATCH_VERSIONS: tuple[str, ...] = ("micro", "tiny-micro")
+# predict's "the weights this deployment was trained into" (COG_WEIGHTS / replicate_weights).
+FINE_TUNED = "fine-tuned"
+# The one `model_version` choice list of both predict and train. Cog names a choice list's schema component after
+# the input, and `cog build` keeps one component per name for both modes: two different lists under one name
+# would leave training with predict's. Each side refuses the choices that are not its own, naming the fix.
+MODEL_VERSION_CHOICES: tuple[str, ...] = (FINE_TUNED, *ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS)
+TRAINABLE_VERSIONS: tuple[str, ...] = (*ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS)
 CHECKPOINT_FILES = ("state_dict.bin", "compression_state_dict.bin")
-
-
-class ModelUnavailableError(RuntimeError):
-    """A model's checkpoint could not be found or read; the message says where we looked and how to fix it."""
 
 
 @dataclass(frozen=True)

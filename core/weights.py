@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from core import adapters, tiny
+from core.errors import WeightsError
 from core.versions import CHECKPOINT_FILES, PRETRAINED, STYLE_PRETRAINED, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ KNOWN_FILES = (*CHECKPOINT_FILES, FINETUNE_FILE, *OPTIONAL_FILES)
 PRETRAINED_COMPRESSION = "facebook/encodec_32khz"
 MAX_MEMBER_BYTES = 64 * 1024**3
 REPORT_MEMBERS = ("loss.png", "samples/")  # the training report: for people, not needed to load
-
-
-class WeightsError(ValueError):
-    """A weights file is missing, corrupt or not ours; the message says what was expected."""
 
 
 def _plain(cfg: tp.Any) -> dict:

@@ -125,6 +125,12 @@ def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
 
 def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int] | None) -> None:
     """Checks that need no model (run before any loading)."""
+    if params.model_version in versions.SCRATCH_VERSIONS and not params.replicate_weights:
+        raise InputError(
+            "model_version",
+            f"{params.model_version} is an architecture that train.py trains from scratch, not a model to generate "
+            "with: pass the trained_model.tar of such a training as replicate_weights, or choose another model_version",
+        )
     if params.continuation and input_audio is None:
         raise InputError("continuation", "continuation=true needs an input_audio to continue")
     if input_audio is None:

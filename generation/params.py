@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.params import param
-from core.versions import ALL_MODEL_VERSIONS
+from core.versions import FINE_TUNED, MODEL_VERSION_CHOICES
 
-FINE_TUNED = "fine-tuned"
 DEFAULT_BASE = "stereo-melody-large"
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 MAX_DURATION = 300
@@ -20,8 +19,9 @@ class PredictParams:
         FINE_TUNED,
         "Model to use. `fine-tuned`: the weights this model was trained into (or `replicate_weights`); "
         f"without any fine-tuned weights it falls back to `{DEFAULT_BASE}`. The `tiny*` models are small random "
-        "models for offline tests. `style`: MusicGen-Style (a prompt and/or `style_audio`).",
-        choices=(FINE_TUNED, *ALL_MODEL_VERSIONS),
+        "models for offline tests. `style`: MusicGen-Style (a prompt and/or `style_audio`). `micro`, `tiny-micro` are "
+        "training choices (models trained from scratch): generate with their weights as `replicate_weights`.",
+        choices=MODEL_VERSION_CHOICES,
     )
     prompt: str | None = param(None, "A description of the music you want to generate. Empty: unconditional.")
     input_audio: str | None = param(
@@ -41,9 +41,11 @@ class PredictParams:
         1,
         "Number of outputs to generate from the same inputs, in one batch (they share each step's weight reads: "
         "cheaper than separate predictions); one file each. They differ from each other; the same seed and "
-        "num_outputs give the same files again.",
+        "num_outputs give the same files again. CLI and Python API only: on Cog a prediction returns one file, "
+        "as every MusicGen on Replicate does.",
         ge=1,
         le=MAX_OUTPUTS,
+        cog=False,
     )
     continuation: bool = param(
         False,
@@ -75,8 +77,15 @@ class PredictParams:
     seed: int | None = param(None, "Seed for the random number generator. Empty or -1: a random seed.", ge=-1)
     replicate_weights: str | None = param(
         None,
-        "URL or path of a trained_model.tar (the output of a training). Empty: the weights this model was "
-        "started with (COG_WEIGHTS), if any.",
+        "The weights of a training: an https URL, a local path or a data: URI of a trained_model.tar, or a Hugging "
+        "Face model repo id holding one (user/name). Empty: the weights this model was started with (COG_WEIGHTS), if "
+        "any.",
+    )
+    lora_scale: float = param(
+        1.0,
+        "LoRA weights only: how strongly the adapter acts (0: the base model, 1: as trained, up to 2: stronger).",
+        ge=0.0,
+        le=2.0,
     )
     style_audio: str | None = param(
         None,

@@ -42,11 +42,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class CogServer:
-    """`python -m cog.server.http` in a subprocess (predict or train mode), on a free loopback port."""
+def cog_project(tmp: Path) -> Path:
+    """A folder laid out as `cog build` leaves the image's /src: our entry points and the OpenAPI schema that
+    `cog build` writes (`.cog/openapi_schema.json`, tests/cog_schema.py), which coglet enforces on every request."""
+    from tests.cog_schema import combined_schema
 
-    def __init__(self, tmp: Path, *, train: bool = False, env: dict[str, str] | None = None):
+    project = tmp / "cog-project"
+    (project / ".cog").mkdir(parents=True, exist_ok=True)
+    (project / ".cog" / "openapi_schema.json").write_text(json.dumps(combined_schema(), indent=2))
+    for name in ("predict.py", "train.py", "cog.yaml"):
+        if not (project / name).exists():
+            (project / name).symlink_to(ROOT / name)
+    return project
+
+
+class CogServer:
+    """`python -m cog.server.http` in a subprocess (predict or train mode), on a free loopback port.
+
+    By default it serves with the schema `cog build` would write (as on Replicate); `schema=False` serves the
+    bare tree, where coglet validates nothing (only `cog predict` from a source checkout without a build)."""
+
+    def __init__(self, tmp: Path, *, train: bool = False, env: dict[str, str] | None = None, schema: bool = True):
         self.port = free_port()
+        self.cwd = cog_project(tmp) if schema else ROOT
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"cog-server-{self.port}.log"
         full_env = dict(os.environ)
@@ -67,7 +85,7 @@ class CogServer:
         if train:
             args += ["--x-mode", "train"]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=self.cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

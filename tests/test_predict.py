@@ -15,7 +15,7 @@ from tests.helpers import ROOT
 
 
 def test_cog_signature_matches_the_dataclass():
-    assert signature_mismatches(Predictor.predict, PredictParams) == []
+    assert signature_mismatches(Predictor.run, PredictParams) == []
 
 
 def test_cli_flags_match_the_dataclass():
@@ -61,12 +61,12 @@ def test_cli_writes_one_file_per_output(tmp_path):
     assert not (first == second).all()
 
 
-def test_predict_returns_a_list_of_paths():
+def test_run_returns_one_path_as_the_audio_peers_do():
     import typing
 
     from cog import Path
 
-    assert typing.get_type_hints(Predictor.predict)["return"] == list[Path]
+    assert typing.get_type_hints(Predictor.run)["return"] is Path
 
 
 def test_cli_bad_input_is_one_line_naming_it(tmp_path):

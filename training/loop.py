@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.params import InputError
+from core.errors import InputError, Interrupted
 from training import checkpoint as ckpt
 from training import fsdp as fsdp_mod
 from training.data import Batch, TokenDataset
@@ -59,8 +59,10 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; nothing was saved from the failing step."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Interrupted):
     """SIGTERM during training: a resume checkpoint was saved (its path is in the message)."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by it
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,14 @@ class TrainResult:
     lm: tp.Any = None
 
 
+def format_duration(seconds: float) -> str:
+    """`1h02m`, `3m05s`, `42s`: for ETAs in the logs."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def resolve_precision(precision: str, device: str) -> tuple[torch.dtype | None, bool, str]:
     """`(autocast dtype or None, use a GradScaler, name)` for a `precision` input on `device`."""
     cuda = device.startswith("cuda")
@@ -121,7 +131,7 @@ def plan_run(
             world_size,
             params.grad_accumulation,
         )
-    steps_per_epoch = params.updates_per_epoch or math.ceil(n_clips / global_batch)
+    steps_per_epoch = params.updates_per_epoch or math.ceil(n_clips / global_batch)  # 0: one pass
     segment_frames = int(params.segment_duration * frame_rate)
     if longest_clip_frames < segment_frames:
         # Positions past every clip's end would all be padding: causal attention makes the loss identical without.
@@ -469,8 +479,9 @@ def train_loop(
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", gn=f"{grad_norm:.2f}")
                     if (step + 1) % log_every == 0 or step + 1 == plan.total_steps or step == start_step:
+                        per_step = (time.perf_counter() - started) / (step + 1 - start_step)
                         logger.info(
-                            "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s peak %.0f MB",
+                            "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s peak %.0f MB, ETA %s",
                             step + 1,
                             plan.total_steps,
                             step_loss,
@@ -478,6 +489,7 @@ def train_loop(
                             grad_norm,
                             metrics["tokens_per_s"],
                             metrics["peak_memory_mb"],
+                            format_duration(per_step * (plan.total_steps - step - 1)),
                         )
                     if on_metrics is not None:
                         on_metrics(metrics)
@@ -489,7 +501,8 @@ def train_loop(
                     path = save(done)
                     if stopping:
                         raise TrainingInterrupted(
-                            f"Training stopped by SIGTERM after step {done}; resume checkpoint: {path}"
+                            f"Training stopped by SIGTERM after step {done}; resume checkpoint: {path}. Continue "
+                            f"with the same inputs and --resume_from {checkpoint_dir} (Cog: resume_from=<that file>)"
                         )
     except BaseException as e:
         # Cancelled mid-step (Cog cancel, Ctrl-C): keep what the completed steps did, if anything and if whole.

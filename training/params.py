@@ -12,9 +12,7 @@ import typing as tp
 from dataclasses import dataclass
 
 from core.params import InputError, param
-from core.versions import MODEL_VERSIONS, STYLE_VERSIONS
-
-SCRATCH_VERSIONS = ("micro", "tiny-micro")  # new models from scratch (training/methods/scratch.py)
+from core.versions import FINE_TUNED, MODEL_VERSION_CHOICES, TRAINABLE_VERSIONS
 
 __all__ = [
     "TrainParams",
@@ -64,14 +62,16 @@ class TrainParams:
     )
     model_version: str = param(
         "stereo-melody",
-        "The MusicGen model to fine-tune. The `tiny*` models are small random models for offline tests.",
-        choices=(*MODEL_VERSIONS, *STYLE_VERSIONS, *SCRATCH_VERSIONS),
+        "The MusicGen model to fine-tune. `micro`, `tiny-micro`: a new small model trained from scratch (lm_dim, "
+        "lm_layers, lm_heads). The `tiny*` models are small random models for offline tests. (`fine-tuned` is "
+        "predict's choice and is refused here.)",
+        choices=MODEL_VERSION_CHOICES,
     )
     epochs: int = param(3, "Number of epochs to train for.", ge=1, le=100000)
-    updates_per_epoch: int | None = param(
+    updates_per_epoch: int = param(
         100,
-        "Optimizer steps per epoch. Empty (None): one pass over the clips per epoch.",
-        ge=1,
+        "Optimizer steps per epoch. 0: one pass over the clips per epoch.",
+        ge=0,
         le=1000000,
     )
     batch_size: int = param(
@@ -143,7 +143,23 @@ class TrainParams:
         file=True,
     )
     use_wandb: bool = param(
-        False, "Log loss, learning rate and samples to Weights & Biases (needs wandb and WANDB_API_KEY)."
+        False,
+        "Log loss, learning rate and samples to Weights & Biases (with wandb_api_key, or WANDB_API_KEY set where "
+        "the training runs). Giving wandb_api_key turns it on.",
+    )
+    wandb_api_key: str | None = param(
+        None, "Weights & Biases API key (a secret: never logged or saved). Turns on use_wandb.", secret=True
+    )
+    wandb_project: str = param("musicgen-fine-tune", "Weights & Biases project to log the training to.")
+    wandb_entity: str | None = param(None, "Weights & Biases entity (user or team). Empty: your default entity.")
+    hf_repo_id: str | None = param(
+        None,
+        "Hugging Face model repo (user/name) to push the trained weights to, with a model card (inputs, labels, "
+        "loss plot, samples). Created if missing (private). Needs hf_token. The weights are returned even if the push "
+        "fails.",
+    )
+    hf_token: str | None = param(
+        None, "Hugging Face token with write access, for hf_repo_id (a secret: never logged or saved).", secret=True
     )
     sample_duration: float = param(
         8.0,
@@ -160,7 +176,7 @@ class TrainParams:
         "text conditioner's output projection.",
         choices=METHODS,
     )
-    lora_rank: int = param(16, "method=lora: rank of each adapter (its size grows linearly with it).", ge=0, le=1024)
+    lora_rank: int = param(16, "method=lora: rank of each adapter (its size grows linearly with it).", ge=1, le=1024)
     lora_alpha: float = param(16.0, "method=lora: adapter scale numerator (the update is alpha/rank x B A).", ge=0.0)
     lora_targets: str = param(
         "q,k,v,out_proj,linear1,linear2",
@@ -248,9 +264,14 @@ def validate(params: TrainParams) -> None:
             f"{params.lr} is far too large for adamw (it would diverge): use a small value such as 1e-5, "
             "or optimizer=dadam with lr=1",
         )
-    if params.model_version not in (*MODEL_VERSIONS, *STYLE_VERSIONS, *SCRATCH_VERSIONS):
-        valid = ", ".join((*MODEL_VERSIONS, *STYLE_VERSIONS, *SCRATCH_VERSIONS))
-        raise InputError("model_version", f"{params.model_version!r} is not one of: {valid}")
+    if params.model_version == FINE_TUNED:
+        raise InputError(
+            "model_version",
+            f"{FINE_TUNED} is predict's choice (the weights a trained version runs); training starts from a base "
+            f"model: choose one of {', '.join(TRAINABLE_VERSIONS)} (to continue a stopped training, use resume_from)",
+        )
+    if params.model_version not in TRAINABLE_VERSIONS:
+        raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(TRAINABLE_VERSIONS)}")
     from training.methods import scratch
 
     scratch.check(params)

@@ -37,7 +37,9 @@ def test_defaults_follow_the_issue():
         "full",
     )
     field = {f.name: f for f in dataclasses.fields(TrainParams)}
-    assert field["model_version"].metadata["choices"] == [*MODEL_VERSIONS, "style", "tiny-style", "micro", "tiny-micro"]
+    # One choice list for predict and train (Cog's combined schema has one `model_version` component).
+    assert field["model_version"].metadata["choices"] == ["fine-tuned", *MODEL_VERSIONS, "style", "tiny-style",
+                                                          "micro", "tiny-micro"]  # fmt: skip
     assert field["lr_scheduler"].metadata["choices"] == [
         "cosine",
         "exponential",
@@ -151,3 +153,14 @@ def test_train_called_from_python_takes_the_defaults_of_omitted_inputs():
     with pytest.raises(InputError) as err:
         train.train(dataset_path="x.zip", optimizer="adamw", lr=1.0)
     assert err.value.name == "lr"
+
+
+def test_fine_tuned_is_refused_for_training_naming_the_fix(tmp_path):
+    with pytest.raises(InputError, match="model_version.*predict's choice.*resume_from"):
+        check_inputs(from_kwargs(TrainParams, dataset_path=str(tmp_path), model_version="fine-tuned"))
+
+
+def test_one_pass_per_epoch_is_zero_and_lora_rank_starts_at_one():
+    assert from_kwargs(TrainParams, updates_per_epoch=0).updates_per_epoch == 0
+    with pytest.raises(InputError, match="lora_rank"):
+        from_kwargs(TrainParams, lora_rank=0)

@@ -14,12 +14,12 @@ import logging
 import typing as tp
 
 from core.params import InputError
+from core.versions import SCRATCH_VERSIONS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SCRATCH_VERSIONS", "check", "build_scratch_musicgen", "scratch_lm_cfg"]
 
-SCRATCH_VERSIONS = ("micro", "tiny-micro")
 PRETRAINED_COMPRESSION = "facebook/encodec_32khz"
 
 

@@ -1,0 +1,64 @@
+"""The errors a user can cause, and the one way the command lines report them (a leaf: imports nothing of ours).
+
+Each message names the input or file and the fix; the CLIs print it as one line (no traceback) and exit 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import typing as tp
+from dataclasses import dataclass
+
+__all__ = ["InputError", "ModelUnavailableError", "WeightsError", "Interrupted", "USER_ERRORS", "cli_errors"]
+
+
+class InputError(ValueError):
+    """A user input is invalid. The message names the input and says how to fix it."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"Invalid input '{name}': {message}")
+        self.name = name
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model's checkpoint could not be found or read; the message says where we looked and how to fix it."""
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, corrupt or not ours; the message says what was expected."""
+
+
+class Interrupted(RuntimeError):
+    """A run stopped early by a signal (SIGTERM, Ctrl-C) or a cancel, leaving what can be resumed; the message
+    says where it is and how to resume. `exit_code` is what the CLI exits with (128 + the signal)."""
+
+    exit_code = 130
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (InputError, ModelUnavailableError, WeightsError)
+
+
+@dataclass
+class Outcome:
+    code: int = 0
+
+
+@contextlib.contextmanager
+def cli_errors(what: str) -> tp.Iterator[Outcome]:
+    """Run a CLI's work: a user error or an interrupt becomes one line on stderr and an exit code in `Outcome`.
+
+    `what` names the work in the Ctrl-C message ("generation", "training", "preparation").
+    """
+    outcome = Outcome()
+    try:
+        yield outcome
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        outcome.code = 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        outcome.code = e.exit_code
+    except KeyboardInterrupt:
+        print(f"interrupted: Ctrl-C stopped the {what}; nothing was written for it.", file=sys.stderr)
+        outcome.code = 130
