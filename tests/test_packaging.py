@@ -31,7 +31,8 @@ def test_cog_yaml():
     assert str(build["cuda"]) == "12.8"  # torch 2.9.1's CUDA wheels
     assert str(build["python_version"]) == "3.11"
     assert build["python_requirements"] == "requirements.txt"
-    assert cfg["predict"] == "predict.py:Predictor" and cfg["train"] == "train.py:train"
+    assert cfg["run"] == "predict.py:Predictor" and cfg["train"] == "train.py:train" and "predict" not in cfg
+    assert build["sdk_version"] == pins("requirements.txt")["cog"] == pins("requirements.txt")["coglet"]
     nodeps = [cmd for cmd in build["run"] if "--no-deps" in str(cmd)]
     assert len(nodeps) == 1
     pinned = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s]*)", str(nodeps[0])))
