@@ -37,6 +37,7 @@ import gc
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -799,7 +800,9 @@ def section_cog(ctx: Context) -> None:
 
     from tests.helpers import CogServer, data_uri, decode_data_uri
 
-    env = {"MGFT_PRELOAD": "tiny", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    # CogServer sets PYTHONPATH to the repo alone: keep what this process was given (a GPU machine's wheels, stubs).
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"MGFT_PRELOAD": "tiny", "PYTHONPATH": pythonpath}
     if not ctx.cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     check = "predict through the Cog server, tiny, 2 s"
@@ -820,15 +823,20 @@ def section_cog(ctx: Context) -> None:
             server.stop()
         if body.get("status") != "succeeded":
             raise RuntimeError(f"HTTP {status}, {body.get('status')}: {body.get('error')} / {log[-400:]}")
-        data, sr = sf.read(io.BytesIO(decode_data_uri(body["output"][0])), always_2d=True)
+        output = body["output"]  # one file (predict returns a Path), or a list of them
+        data, sr = sf.read(
+            io.BytesIO(decode_data_uri(output[0] if isinstance(output, list) else output)), always_2d=True
+        )
         ok = sr == 32000 and data.shape == (64000, 1) and float(abs(data).max()) > 0
-        seen = "cuda" in log.lower() or bool(gpu and "no processes" not in gpu.lower())
+        devices = set(re.findall(r"Loading MusicGen \S+ from .* on (cuda|cpu)", log))
+        wrong = bool(devices) and ("cuda" in devices) != ctx.cuda  # the log names the device the model went to
+        seen = ", ".join(sorted(devices)) or "not in the log"
         ctx.add(
             check,
-            judge(ok),
-            f"succeeded in {seconds:.1f} s, {data.shape[0] / sr:g} s at {sr} Hz; GPU use seen: "
-            f"{'yes' if seen else 'not in the log'}{(' (' + gpu[:120] + ')') if gpu else ''}",
-            "succeeds, 2 s wav",
+            judge(ok and not wrong),
+            f"succeeded in {seconds:.1f} s, {data.shape[0] / sr:g} s at {sr} Hz; model loaded on: {seen}"
+            + (f"; GPU processes: {gpu[:120]}" if gpu else ""),
+            f"succeeds, 2 s wav, on {'cuda' if ctx.cuda else 'cpu'}",
             seconds=round(seconds, 2),
             gpu_processes=gpu,
         )
