@@ -39,14 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     if not output_dir:
         print("error: say where to write: OUT_DIR or --output_dir", file=sys.stderr)
         return 2
-    from preprocessing.prepare import prepare, summary
-
     try:
+        from preprocessing.prepare import prepare, summary
+
         params = from_kwargs(PrepareParams, **args)
         dataset_out = prepare(params, output_dir)
     except (InputError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Like a shell command stopped by Ctrl-C: one line and 128 + SIGINT, not a traceback. prepare() has
+        # already removed its work folders; there is nothing to resume (preparation restarts from the upload).
+        print(
+            f"\ninterrupted: preparing {args['dataset_path']} into {output_dir} was stopped before it finished; "
+            "nothing usable was written (the unfinished dataset/ folder is replaced on the next run). Run the same "
+            "command again to start over.",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as e:  # a disk that fills up or a folder that turns read-only mid-run: say so in one line
+        print(f"error: preparation stopped: {e}", file=sys.stderr)
+        return 1
     print(summary(dataset_out))
     return 0
 

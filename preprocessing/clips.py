@@ -47,6 +47,40 @@ def peak_dbfs(data: np.ndarray) -> float:
     return -float("inf") if peak <= 0 else 20.0 * float(np.log10(peak))
 
 
+def signal_dbfs(data: np.ndarray, axis: int = 0) -> float:
+    """Peak level of what varies: the DC offset (the mean along `axis`, the time axis) taken out first, so a
+    constant level (a DC-only file, a stuck converter) reads as the silence it is, however far from zero."""
+    if not data.size:
+        return -float("inf")
+    # max |x - mean| per channel from the extremes: no copy of the track (a long track is hundreds of MB).
+    mean = data.mean(axis=axis, dtype=np.float64)
+    peak = float(max(np.max(data.max(axis=axis) - mean), np.max(mean - data.min(axis=axis))))
+    return -float("inf") if peak <= 0 else 20.0 * float(np.log10(peak))
+
+
+def dc_offset(data: np.ndarray, axis: int = 0) -> float:
+    return float(np.max(np.abs(data.mean(axis=axis, dtype=np.float64)))) if data.size else 0.0
+
+
+# A clip sitting on a constant level whose variation averages below this is "no signal" even when a few samples
+# ring higher: resampling a step (music ending in a DC tail, the track's last sample) leaves a short ripple of
+# about -40 dBFS that a peak meter takes for sound.
+NEAR_CONSTANT_DBFS = -70.0
+
+
+def clip_silence(segment: np.ndarray) -> str | None:
+    """Why a `[T, C]` clip counts as silent ("silent", "silent (DC offset only)"), or None when it has signal."""
+    offset = dc_offset(segment)
+    has_offset = offset >= 10 ** (SILENCE_DBFS / 20)
+    if signal_dbfs(segment) < SILENCE_DBFS:
+        return "silent (DC offset only)" if has_offset else "silent"
+    if has_offset:  # only then: the RMS costs a pass over the clip
+        rms = float(np.max(segment.std(axis=0, dtype=np.float64)))
+        if rms <= 0 or 20.0 * np.log10(rms) < NEAR_CONSTANT_DBFS:
+            return "silent (DC offset only)"
+    return None
+
+
 _UNSAFE = re.compile(r"[^\w\-.()+,&@' ]+", re.UNICODE)
 
 
@@ -57,7 +91,7 @@ def _truncate_utf8(text: str, max_bytes: int) -> str:
     return encoded[:max_bytes].decode("utf-8", errors="ignore")
 
 
-def base_name(relpath: str) -> str:
+def base_name(relpath: str, max_bytes: int | None = MAX_NAME_BYTES) -> str:
     """`Album/Sóng ♪ 1.mp3` -> `Album__Sóng_1`: folders joined by `__`, letters of any script kept, everything
     else that a shell or a filesystem could trip on replaced."""
     stem = posixpath.splitext(relpath)[0]
@@ -70,7 +104,9 @@ def base_name(relpath: str) -> str:
         if part:
             parts.append(part)
     name = "__".join(parts) or "track"
-    return _truncate_utf8(name, MAX_NAME_BYTES).rstrip("._- ") or "track"
+    if max_bytes is None:
+        return name
+    return _truncate_utf8(name, max_bytes).rstrip("._- ") or "track"
 
 
 class ClipNamer:

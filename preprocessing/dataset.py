@@ -4,8 +4,11 @@ MusicInfo sidecar (`<clip>.json`) beside each clip and `report.json`. This is th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,7 @@ MANIFEST = "data.jsonl"
 REPORT = "report.json"
 CLIPS_DIR = "clips"
 SAMPLE_RATE = 32000
+TMP_PREFIX = ".mgft-tmp-"  # a file being written (renamed into place when complete)
 # Every MusicInfo field audiocraft's MusicDataset requires (`info_fields_required=True`), with None when unknown.
 MUSIC_INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "keywords", "description", "name", "instrument")
 
@@ -56,21 +60,46 @@ def manifest_line(clip: PreparedClip) -> dict:
     }
 
 
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc (reading it through os.umask means setting it for a moment,
+    which another thread could see); elsewhere, set and restore."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write through a temporary file renamed into place: an interrupted run never leaves a half-written manifest or
+    report behind. The file gets the mode any new file gets (0644 under the usual umask 022), not mkstemp's 0600:
+    these files are handed to the user."""
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def write_manifest(dataset: PreparedDataset) -> None:
     lines = [json.dumps(manifest_line(c), ensure_ascii=False) for c in dataset.clips]
-    dataset.manifest.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    write_text_atomic(dataset.manifest, "".join(line + "\n" for line in lines))
 
 
 def write_sidecar(clip: PreparedClip) -> Path:
-    path = clip.path.with_suffix(".json")
-    path.write_text(json.dumps(clip.info, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
+    return write_text_atomic(clip.path.with_suffix(".json"), json.dumps(clip.info, ensure_ascii=False, indent=1))
 
 
 def write_report(folder: Path, report: dict) -> Path:
-    path = folder / REPORT
-    path.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
+    return write_text_atomic(folder / REPORT, json.dumps(report, ensure_ascii=False, indent=1))
 
 
 def load_prepared(folder: str | Path) -> PreparedDataset:

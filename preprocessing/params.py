@@ -64,6 +64,10 @@ def validate(params: PrepareParams) -> None:
     """Checks that need more than one field or a look at the disk; raised before any long work."""
     if not params.dataset_path or not str(params.dataset_path).strip():
         raise InputError("dataset_path", "no training data given; pass a zip/tar/gz archive or an audio file")
+    from preprocessing.unpack import is_url, url_message
+
+    if is_url(str(params.dataset_path)):
+        raise InputError("dataset_path", url_message(str(params.dataset_path)))
     if params.min_clip_seconds > params.chunk_seconds:
         raise InputError(
             "min_clip_seconds",

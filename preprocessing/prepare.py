@@ -3,14 +3,20 @@
 Stages: unpack safely -> per track: decode, (vocal removal on the whole track), resample to 32 kHz once, cut into
 clips, write them, hand them to the essentia worker -> collect key/bpm/tags -> descriptions -> sidecars, manifest,
 report. Every check that can fail on the user's input runs before the long work.
+
+What is deleted: only what a preparation made. Its work folders (`unpacked/`, `prepare-tmp/`) carry a marker file
+(`OWNED_MARKER`) from the moment they are made; `dataset/` is replaced only when it holds nothing but what a
+preparation writes. Anything else in the way is an error naming it, raised before anything is touched.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import posixpath
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +27,23 @@ from tqdm import tqdm
 
 from core.audio import AudioDecodeError, load_audio, resample_fast
 from core.params import InputError
-from preprocessing import analysis, captions
-from preprocessing.clips import SILENCE_DBFS, ClipNamer, peak_dbfs, plan_clips
+from preprocessing import analysis, captions, descriptions
+from preprocessing.clips import (
+    MAX_NAME_BYTES,
+    SILENCE_DBFS,
+    ClipNamer,
+    base_name,
+    clip_silence,
+    dc_offset,
+    plan_clips,
+    signal_dbfs,
+)
 from preprocessing.dataset import (
     CLIPS_DIR,
     MANIFEST,
     REPORT,
     SAMPLE_RATE,
+    TMP_PREFIX,
     PreparedClip,
     PreparedDataset,
     write_manifest,
@@ -42,7 +58,13 @@ logger = logging.getLogger(__name__)
 DATASET_DIR = "dataset"
 UNPACK_DIR = "unpacked"
 SCRATCH_DIR = "prepare-tmp"
-MAX_TEXT_BYTES = 64 * 1024
+UNPACKED_FILES = "files"  # the upload's files, inside UNPACK_DIR (the marker sits beside them, never among them)
+OWNED_MARKER = ".musicgen-ft-owned"
+MARKER_TEXT = (
+    "Made by musicgen-ft's dataset preparation (python -m preprocessing, or train), which deletes or replaces this "
+    "folder. Do not keep your own files here.\n"
+)
+OUTPUT = "output_dir"
 
 
 @dataclass
@@ -56,25 +78,110 @@ class _Track:
     clips: list[PreparedClip] = field(default_factory=list)
 
 
+def _mark(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OWNED_MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+
+
+def _output_folder(work_dir: str | Path) -> Path:
+    """`work_dir`, created when missing and proven writable; a clear error (naming it) instead of a traceback."""
+    work_dir = Path(work_dir).expanduser()
+    if work_dir.exists() and not work_dir.is_dir():
+        raise InputError(OUTPUT, f"{work_dir} is a file, not a folder; give a folder to write into (made if missing)")
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        message = f"cannot make the folder {work_dir}: a part of that path is a file; give another folder"
+        raise InputError(OUTPUT, message) from None
+    except OSError as e:
+        message = f"cannot make the folder {work_dir} ({e.strerror or e}); give a folder you can write to"
+        raise InputError(OUTPUT, message) from None
+    try:  # os.access() says yes to root on a read-only filesystem: write for real
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=work_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        message = f"{work_dir} is not writable ({e.strerror or e}); give a folder you can write to"
+        raise InputError(OUTPUT, message) from None
+    return work_dir
+
+
+def _refuse_dataset_inside(dataset_path: str, folders: tuple[Path, ...]) -> None:
+    """A dataset inside a folder this run deletes or replaces would be destroyed by the run itself."""
+    source = Path(str(dataset_path)).expanduser().resolve()
+    for folder in folders:
+        if source.is_relative_to(folder.resolve()):
+            raise InputError(
+                "dataset_path",
+                f"{dataset_path} lies inside {folder}, which this preparation deletes or replaces; move the dataset "
+                f"out of {folder} (or give another output folder) first. Nothing was touched",
+            )
+
+
+def _empty(folder: Path) -> bool:
+    return not any(folder.iterdir())
+
+
+def _check_work_folder(folder: Path) -> None:
+    """A work folder in the way may go only when a preparation made it (its marker) or when it is empty."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir() or not ((folder / OWNED_MARKER).is_file() or _empty(folder)):
+        kind = "a link" if folder.is_symlink() else "a file" if not folder.is_dir() else "a folder"
+        raise InputError(
+            OUTPUT,
+            f"{folder} is {kind} that a preparation did not make (no {OWNED_MARKER} marker), so it is left alone; "
+            f"preparation uses {folder.name}/ as its work folder and deletes it when done. Move it away, or give "
+            "another output folder. Nothing was touched",
+        )
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What is in `folder` that a preparation does not write there (the manifest, report, marker, clips + sidecars,
+    and the temp files of an interrupted write)."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if entry.is_symlink():
+            foreign.append(name)
+        elif name == CLIPS_DIR and entry.is_dir():
+            for clip in sorted(entry.iterdir()):
+                ours = clip.suffix in (".wav", ".json") or clip.name.startswith(TMP_PREFIX)
+                if clip.is_symlink() or not clip.is_file() or not ours:
+                    foreign.append(f"{CLIPS_DIR}/{clip.name}")
+        elif not (entry.is_file() and (name in (MANIFEST, REPORT, OWNED_MARKER) or name.startswith(TMP_PREFIX))):
+            foreign.append(name)
+    return foreign
+
+
+def _check_dataset_folder(folder: Path) -> None:
+    """`dataset/` is replaced only when it holds just what a preparation writes (marked, or an earlier version's
+    output: manifest or report present)."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        kind = "a link" if folder.is_symlink() else "a file"
+        message = f"{folder} is {kind}, not a prepared dataset; move it away or give another output folder"
+        raise InputError(OUTPUT, message + ". Nothing was touched")
+    if not folder.exists() or _empty(folder):
+        return
+    ours = (folder / OWNED_MARKER).is_file() or (folder / MANIFEST).is_file() or (folder / REPORT).is_file()
+    foreign = _foreign_entries(folder)
+    if not ours or foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(
+            OUTPUT,
+            f"{folder} exists and holds files that are not a prepared dataset ({listed or 'no manifest'}); "
+            "preparation replaces that folder, so it is left alone. Move those files away, or give another output "
+            "folder. Nothing was touched",
+        )
+
+
 def _fresh_output(folder: Path) -> None:
-    """The dataset folder must be new, or a previous preparation's output (replaced, with a log line)."""
-    if folder.exists() and any(folder.iterdir()):
-        if not ((folder / MANIFEST).exists() or (folder / REPORT).exists() or (folder / CLIPS_DIR).exists()):
-            raise InputError("work_dir", f"{folder} exists and holds files that are not a prepared dataset")
+    """The dataset folder (checked by `_check_dataset_folder`): a previous preparation's output is replaced."""
+    if folder.exists() and not _empty(folder):
         logger.warning("Replacing the previously prepared dataset in %s", folder)
         shutil.rmtree(folder)
     (folder / CLIPS_DIR).mkdir(parents=True, exist_ok=True)
-
-
-def _read_description(path: Path) -> str | None:
-    """First non-empty line of a text file (UTF-8, BOM tolerated, odd bytes replaced)."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_TEXT_BYTES)
-    text = raw.decode("utf-8-sig", errors="replace")
-    for line in text.splitlines():
-        if line.strip():
-            return " ".join(line.split())
-    return None
+    _mark(folder)
 
 
 def _text_index(texts: list[str]) -> dict[str, str]:
@@ -92,44 +199,51 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     validate(params)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = _output_folder(work_dir)
     folder = work_dir / DATASET_DIR
     scratch = work_dir / SCRATCH_DIR
     unpack_dir = work_dir / UNPACK_DIR
-    for leftover in (scratch, unpack_dir):  # ours, from an interrupted run
-        shutil.rmtree(leftover, ignore_errors=True)
+    # Nothing is deleted before every folder in the way is known to be ours.
+    _refuse_dataset_inside(params.dataset_path, (folder, scratch, unpack_dir))
+    for work in (scratch, unpack_dir):
+        _check_work_folder(work)
+    _check_dataset_folder(folder)
+    for leftover in (scratch, unpack_dir):  # ours (marked or empty), from an interrupted run
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    _mark(scratch)
     warnings: list[str] = []
-
-    # Everything that can refuse the job runs first: inputs, vocal model, label models, then the archive.
     remover = None
-    if params.drop_vocals:
-        from preprocessing import vocals
-
-        device = vocals.pick_device(params.device)
-        remover = vocals.VocalRemover(vocals.resolve_repo(params.demucs_repo, scratch), device)
-    tagger_config = None
-    if params.auto_labeling:
-        models = analysis.resolve_models(params.essentia_models)
-        if models.complete:
-            tagger_config = models.worker_config()
-        else:
-            message = analysis.missing_models_message(models)
-            logger.warning(message)
-            warnings.append(message)
-    _fresh_output(folder)
-    clips_dir = folder / CLIPS_DIR
-    limits = Limits(
-        max_bytes=int(params.max_unpacked_gb * 2**30),
-        max_files=params.max_files,
-        max_ratio=params.max_compression_ratio,
-    )
     analyzer = None
     try:
+        # Everything that can refuse the job runs first: inputs, vocal model, label models, then the archive.
+        if params.drop_vocals:
+            from preprocessing import vocals
+
+            device = vocals.pick_device(params.device)
+            remover = vocals.VocalRemover(vocals.resolve_repo(params.demucs_repo, scratch), device)
+        tagger_config = None
+        if params.auto_labeling:
+            models = analysis.resolve_models(params.essentia_models)
+            if models.complete:
+                tagger_config = models.worker_config()
+            else:
+                message = analysis.missing_models_message(models)
+                logger.warning(message)
+                warnings.append(message)
+        _fresh_output(folder)
+        clips_dir = folder / CLIPS_DIR
+        limits = Limits(
+            max_bytes=int(params.max_unpacked_gb * 2**30),
+            max_files=params.max_files,
+            max_ratio=params.max_compression_ratio,
+        )
         t0 = time.perf_counter()
-        unpacked = unpack(params.dataset_path, unpack_dir, limits)
+        _mark(unpack_dir)
+        unpacked = unpack(params.dataset_path, unpack_dir / UNPACKED_FILES, limits)
         timings["unpack"] = time.perf_counter() - t0
         skipped: list[Skipped] = list(unpacked.skipped)
+        extra: dict[str, list] = {"names_shortened": list(unpacked.renamed), "normalized": []}
         text_index = _text_index(unpacked.texts)
         one_same = (params.one_same_description or "").strip() or None
         if not unpacked.audio:
@@ -142,7 +256,7 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         namer = ClipNamer()
         written: set[str] = set()
         for rel in tqdm(unpacked.audio, desc="Preparing tracks", unit="track", mininterval=1):
-            path = unpacked.root / rel
+            path = unpacked.path(rel)
             try:
                 wav, sr = load_audio(path)
             except AudioDecodeError as e:
@@ -155,32 +269,45 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
                 reason = f"{seconds:.1f} s, shorter than min_clip_seconds={params.min_clip_seconds:g}"
                 skipped.append(Skipped(rel, "too_short", reason))
                 continue
-            level = peak_dbfs(wav.numpy())
+            samples = wav.numpy()  # [C, T], no copy
+            level = signal_dbfs(samples, axis=-1)
             if level < SILENCE_DBFS:
-                logger.warning("Skipping %s: silent (peak %.1f dBFS)", rel, level)
-                skipped.append(Skipped(rel, "silent", f"silent (peak {level:.1f} dBFS, below {SILENCE_DBFS:g})"))
+                reason = _silence_reason(samples, level)
+                logger.warning("Skipping %s: %s", rel, reason)
+                skipped.append(Skipped(rel, "silent", reason))
                 continue
+            source_peak = float(max(samples.max(), -samples.min()))
             track = _Track(rel, namer.track_base(rel), seconds, sr, wav.shape[0])
+            if len(base_name(rel, None).encode("utf-8")) > MAX_NAME_BYTES:
+                extra["names_shortened"].append(
+                    {"file": rel, "clips": f"{track.base}_NNN.wav", "reason": f"clip names are cut to "
+                     f"{MAX_NAME_BYTES} bytes (a file name may hold 255, with room kept for the index and .json)"}
+                )  # fmt: skip
             if wav.shape[0] > 2:
                 logger.info("%s has %d channels: keeping the first two (front left/right)", rel, wav.shape[0])
                 wav = wav[:2]
             if remover is not None:
                 wav, sr = remover(wav, sr)
             data = resample_fast(wav, sr, SAMPLE_RATE).numpy().T  # [T, C]
-            del wav
-            if remover is not None and peak_dbfs(data) < SILENCE_DBFS:
+            del wav, samples
+            if remover is not None and signal_dbfs(data) < SILENCE_DBFS:
                 logger.warning("Skipping %s: nothing left after vocal removal", rel)
                 skipped.append(Skipped(rel, "silent", "silent once vocals were removed (an a cappella track?)"))
                 continue
+            normalized = _fit_full_scale(data, source_peak, rel)
+            if normalized:
+                extra["normalized"].append(normalized)
             spans, dropped = plan_clips(len(data), SAMPLE_RATE, params.chunk_seconds, params.min_clip_seconds)
             if dropped:
                 clips_skipped.append(
                     {"track": rel, "reason": f"last {dropped / SAMPLE_RATE:.1f} s shorter than min_clip_seconds"}
                 )
             for span in spans:
+                # The track fits full scale already (`_fit_full_scale`); the clip only guards float rounding.
                 segment = np.clip(data[span.start : span.end], -1.0, 1.0)
-                if peak_dbfs(segment) < SILENCE_DBFS:
-                    clips_skipped.append({"track": rel, "clip": span.index, "reason": "silent"})
+                silence = clip_silence(segment)
+                if silence:
+                    clips_skipped.append({"track": rel, "clip": span.index, "reason": silence})
                     continue
                 name = ClipNamer.clip_name(track.base, span.index)
                 if name.casefold() in written:  # ClipNamer makes this impossible; never overwrite a clip
@@ -205,7 +332,8 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
             tracks.append(track)
             text_file = _description_file(rel, text_index)
             if text_file:
-                track.text = _read_description(unpacked.root / text_file)
+                track.text, text_warnings = descriptions.read_text_description(unpacked.path(text_file), text_file)
+                warnings += text_warnings
                 if not track.text:
                     logger.warning("%s is empty: %s gets no description from it", text_file, rel)
             needs_tags = params.auto_labeling and not one_same and not track.text
@@ -223,22 +351,25 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
 
         if not tracks:
             report = _report(params, unpacked, tracks, skipped, clips_skipped, {}, warnings, timings, started)
-            write_report(folder, report)
+            write_report(folder, {**report, **extra})
             raise InputError("dataset_path", _nothing_usable(params, unpacked, skipped))
 
         dataset = PreparedDataset(folder=folder, manifest=folder / MANIFEST)
         sources: collections.Counter[str] = collections.Counter()
+        cut_warnings: dict[str, None] = {}  # each once (one_same_description would repeat it per track)
         for track in tracks:
             fields = captions.label_fields(results.get(track.rel))
             if one_same:
-                description, origin = one_same, "one_same_description"
+                description, origin, label = one_same, "one_same_description", "one_same_description"
             elif track.text:
                 description, origin = track.text, "text_file"
+                label = _description_file(track.rel, text_index) or track.rel
             elif params.auto_labeling and captions.caption(fields):
-                description, origin = captions.caption(fields), "auto_labels"
+                description, origin, label = captions.caption(fields), "auto_labels", f"auto-labels of {track.rel}"
             else:
-                description, origin = "", "none"
-            description = captions.with_trigger(description, params.trigger)
+                description, origin, label = "", "none", track.rel
+            description, notes = descriptions.compose(description, params.trigger, label)
+            cut_warnings.update(dict.fromkeys(notes))
             sources[origin] += 1
             title = posixpath.splitext(posixpath.basename(track.rel))[0]
             for clip in track.clips:
@@ -256,11 +387,15 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
                 }
                 write_sidecar(clip)
                 dataset.clips.append(clip)
+        for message in cut_warnings:
+            logger.warning(message)
+        warnings += list(cut_warnings)
         write_manifest(dataset)
         report = _report(params, unpacked, tracks, skipped, clips_skipped, results, warnings, timings, started)
         report["descriptions"] = dict(sources)
         used = {_description_file(t.rel, text_index) for t in tracks}
         report["unmatched_text_files"] = [t for t in unpacked.texts if t not in used]
+        report.update(extra)
         dataset.report = report
         write_report(folder, report)
     finally:
@@ -271,10 +406,43 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
 
             del remover  # give the GPU back to training, which starts right after
             torch.cuda.empty_cache()
+        # Both were made (and marked) by this run.
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(unpack_dir, ignore_errors=True)
     logger.info(summary(dataset))
     return dataset
+
+
+def _silence_reason(samples: np.ndarray, level: float) -> str:
+    """Why a track counts as silent: nothing at all, or a constant level (DC) that a peak meter takes for music."""
+    offset = dc_offset(samples, axis=-1)
+    if offset >= 10 ** (SILENCE_DBFS / 20):
+        return (
+            f"silent: no signal, only a constant level (DC offset {offset:.3g}); what varies peaks at "
+            f"{level:.1f} dBFS, below {SILENCE_DBFS:g}"
+        )
+    return f"silent (peak {level:.1f} dBFS, below {SILENCE_DBFS:g})"
+
+
+def _fit_full_scale(data: np.ndarray, source_peak: float, rel: str) -> dict | None:
+    """Scale a track peaking above full scale (float sources can hold values over 1.0; resampling and vocal
+    removal can overshoot too) down to peak at 1.0, in place, instead of hard-clipping it into 16-bit clips (a
+    float source at 1.2 would have a third of its samples clipped). One gain for the whole track: its dynamics are
+    kept. Returns the report entry, or None when it fits."""
+    peak = float(max(data.max(), -data.min())) if data.size else 0.0
+    if peak <= 1.0:
+        return None
+    gain = 1.0 / peak
+    data *= np.float32(gain)
+    gain_db = 20.0 * float(np.log10(gain))
+    if source_peak > 1.0:
+        why = f"the source's float samples peak at {source_peak:.3f}, above full scale (1.0)"
+        logger.warning("%s: %s; the track was scaled by %.2f dB so nothing is clipped", rel, why, gain_db)
+    else:
+        why = "resampling or vocal removal overshot full scale (1.0)"
+        logger.info("%s: %s (peak %.3f); scaled by %.2f dB so nothing is clipped", rel, why, peak, gain_db)
+    return {"file": rel, "source_peak": round(source_peak, 4), "peak": round(peak, 4), "gain_db": round(gain_db, 2),
+            "reason": why}  # fmt: skip
 
 
 def _to_pcm16(segment: np.ndarray) -> np.ndarray:

@@ -7,7 +7,12 @@ pointing outside the archive, device files and FIFOs, more than `max_files` file
 a compressed (gz/bz2/xz) stream that expands past the byte cap or `max_ratio` times its size. A zip member
 compressed more than `max_ratio` times (zip bomb) is refused on its own: never extracted, reported, the rest kept.
 What is skipped (and counted): `__MACOSX/`, AppleDouble `._*`, `.DS_Store`, other dotfiles, links that
-stay inside, encrypted members, and every file that is neither audio nor a `.txt` description.
+stay inside, encrypted members, members that cannot be read or expand past their declared size, a second member of
+the same name (or one clashing with a folder), and every file that is neither audio nor a `.txt` description.
+
+Names are kept (NFC) as the tracks' identity; on disk a name component over `MAX_COMPONENT_BYTES` (filesystems
+allow 255 bytes: 86 CJK characters already pass that) or a path over `MAX_STORED_PATH_BYTES` is stored under a
+shortened unique name (`Unpacked.renamed` lists them, `Unpacked.path(rel)` finds them).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import hashlib
 import logging
 import lzma
 import posixpath
@@ -22,6 +28,7 @@ import re
 import shutil
 import stat
 import tarfile
+import tempfile
 import typing as tp
 import unicodedata
 import zipfile
@@ -44,6 +51,24 @@ TEXT_EXTENSIONS = frozenset({".txt"})
 RATIO_FLOOR_BYTES = 1 << 20
 COPY_BLOCK = 1 << 20
 INPUT = "dataset_path"
+# Filesystems allow 255 bytes per name (ext4, xfs, btrfs, APFS); stay well below so a shortened name plus its
+# digest still fits, and so eCryptfs-like filesystems (~143) only lose the odd member instead of the run.
+MAX_COMPONENT_BYTES = 200
+# PATH_MAX is 4096 bytes including the work folder in front; deeper member paths are stored flattened.
+MAX_STORED_PATH_BYTES = 1024
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(text: str) -> bool:
+    return bool(_URL.match(text.strip()))
+
+
+def url_message(text: str) -> str:
+    return (
+        f"{text} is a URL; a local run reads files only. URLs work as Cog inputs (`cog train -i "
+        f"dataset_path=<url>` or the Replicate API download it for you); here, download it first (e.g. "
+        f"`curl -L -o data.zip '{text}'`) and pass the file"
+    )
 
 
 @dataclass
@@ -67,6 +92,20 @@ class Unpacked:
     skipped: list[Skipped] = field(default_factory=list)
     files_in_upload: int = 0
     bytes_unpacked: int = 0
+    # logical name -> where it lies under `root`, for the names too long to be stored as they are
+    stored: dict[str, str] = field(default_factory=dict)
+
+    def path(self, rel: str) -> Path:
+        """Where the member `rel` (a name from `audio` / `texts`) lies on disk."""
+        return self.root / self.stored.get(rel, rel)
+
+    @property
+    def renamed(self) -> list[dict]:
+        """The members stored under a shortened name, for the report."""
+        return [
+            {"file": rel, "stored_as": stored, "reason": "name too long for the filesystem (255 bytes per name)"}
+            for rel, stored in sorted(self.stored.items())
+        ]
 
 
 @dataclass(frozen=True)
@@ -165,6 +204,39 @@ def safe_relpath(name: str) -> str:
     return unicodedata.normalize("NFC", "/".join(parts))
 
 
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _digest(text: str, n: int) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:n]
+
+
+def _short_component(part: str, keep_ext: bool) -> str:
+    """`part` itself when it fits, else a prefix + `~` + a digest of the whole stem (+ the extension): unique for
+    distinct names, and still readable."""
+    if len(part.encode("utf-8")) <= MAX_COMPONENT_BYTES:
+        return part
+    stem, ext = posixpath.splitext(part) if keep_ext else (part, "")
+    if len(ext.encode("utf-8")) > 16:  # not a real extension
+        stem, ext = part, ""
+    digest = _digest(stem, 12)
+    room = MAX_COMPONENT_BYTES - len(ext.encode("utf-8")) - len(digest) - 1
+    return f"{_truncate_utf8(stem, room)}~{digest}{ext}"
+
+
+def stored_relpath(rel: str) -> str:
+    """Where a member named `rel` (from `safe_relpath`) is written under the extraction folder: `rel` unless a
+    component is over `MAX_COMPONENT_BYTES` or the path over `MAX_STORED_PATH_BYTES` (then folders are replaced by
+    one digest folder). Deterministic and injective (up to the digest), so duplicates still collide."""
+    parts = rel.split("/")
+    short = [_short_component(p, keep_ext=i == len(parts) - 1) for i, p in enumerate(parts)]
+    stored = "/".join(short)
+    if len(stored.encode("utf-8")) > MAX_STORED_PATH_BYTES:
+        stored = f"~{_digest('/'.join(parts[:-1]), 16)}/{short[-1]}"
+    return stored
+
+
 def _inside(root: Path, rel: str) -> Path:
     dest = root / rel
     resolved = dest.resolve()
@@ -187,22 +259,96 @@ def _check_totals(n_files: int, total_bytes: int, limits: Limits) -> None:
         )
 
 
-def _copy_capped(src: tp.IO[bytes], dest: Path, declared: int, budget: int, name: str, bar: tqdm) -> int:
-    """Copy a member, never writing more than it declared nor more than what is left of the byte budget."""
+class _Oversize(Exception):
+    """A member gave more bytes than its header declared (corrupt, or a bomb): it is not kept."""
+
+
+def _copy_capped(src: tp.IO[bytes], dest: Path, declared: int, budget: int, bar: tqdm) -> int:
+    """Copy a member, never writing more than it declared nor more than what is left of the byte budget. The file
+    is created exclusively (FileExistsError: a duplicate, nothing touched) and removed again on any failure."""
     written = 0
     limit = min(declared, budget)
     with open(dest, "xb") as out:
-        while True:
-            block = src.read(COPY_BLOCK)
-            if not block:
-                break
-            written += len(block)
-            if written > limit:
-                raise _Refused(
-                    f"the archive is unsafe: member {name!r} expands past its declared size or the size limit"
-                )
-            out.write(block)
-            bar.update(len(block))
+        try:
+            while True:
+                block = src.read(COPY_BLOCK)
+                if not block:
+                    break
+                written += len(block)
+                if written > limit:
+                    raise _Oversize()
+                out.write(block)
+                bar.update(len(block))
+        except BaseException:
+            out.close()
+            with contextlib.suppress(OSError):
+                dest.unlink()
+            raise
+    return written
+
+
+# What reading one member may raise when its data is damaged (each codec has its own error type).
+_MEMBER_ERRORS = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    NotImplementedError,  # a zip compression method Python does not have (deflate64, ppmd, ...)
+    RuntimeError,  # zipfile: encrypted member without the flag we check
+    ValueError,
+)
+
+
+def _extract(
+    open_src: tp.Callable[[], tp.IO[bytes] | None],
+    root: Path,
+    rel: str,
+    declared: int,
+    budget: int,
+    bar: tqdm,
+    result: Unpacked,
+) -> int:
+    """Write one planned member; a member that cannot be written is skipped with its reason (never raised), so
+    one bad member costs only itself. Returns the bytes written (0 when skipped)."""
+    stored = stored_relpath(rel)
+    dest = _inside(root, stored)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        result.skipped.append(Skipped(rel, "conflict", "its folder clashes with a file of the same name"))
+        return 0
+    except OSError as e:
+        result.skipped.append(Skipped(rel, "unreadable", f"its folder cannot be created ({e.strerror or e})"))
+        return 0
+    if dest.is_dir():
+        result.skipped.append(Skipped(rel, "conflict", "a folder of the same name was already extracted"))
+        return 0
+    try:
+        src = open_src()
+        if src is None:
+            result.skipped.append(Skipped(rel, "unreadable", "cannot be extracted"))
+            return 0
+        with src:
+            written = _copy_capped(src, dest, declared, budget, bar)
+    except FileExistsError:
+        result.skipped.append(Skipped(rel, "duplicate", "a file with this name was already extracted"))
+        return 0
+    except _Oversize:
+        reason = f"expands past its declared size of {declared} bytes (damaged, or a zip bomb); not extracted"
+        logger.warning("Skipping archive member %s: %s", rel, reason)
+        result.skipped.append(Skipped(rel, "unreadable", reason))
+        return 0
+    except _MEMBER_ERRORS as e:
+        logger.warning("Skipping archive member %s: cannot be extracted (%s)", rel, e)
+        result.skipped.append(Skipped(rel, "unreadable", f"cannot be extracted ({e})"))
+        return 0
+    if stored != rel:
+        logger.warning("Archive member %s: name too long for the filesystem, stored as %s", rel, stored)
+        result.stored[rel] = stored
+    result.bytes_unpacked += written
+    _record(rel, result)
     return written
 
 
@@ -221,7 +367,7 @@ def _zip_name(info: zipfile.ZipInfo) -> str:
 def _unpack_zip(path: Path, root: Path, limits: Limits, result: Unpacked) -> None:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise _Refused(f"the zip archive cannot be read ({e}); re-create it") from None
     with zf:
         files = [i for i in zf.infolist() if not i.is_dir()]
@@ -264,21 +410,7 @@ def _unpack_zip(path: Path, root: Path, limits: Limits, result: Unpacked) -> Non
             total=sum(i.file_size for i, _ in plan), unit="B", unit_scale=True, desc="Unpacking", mininterval=1
         ) as bar:
             for info, rel in plan:
-                dest = _inside(root, rel)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    with zf.open(info) as src:
-                        written = _copy_capped(src, dest, info.file_size, budget, rel, bar)
-                except FileExistsError:
-                    result.skipped.append(Skipped(rel, "duplicate", "a file with this name was already extracted"))
-                    continue
-                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-                    dest.unlink(missing_ok=True)
-                    result.skipped.append(Skipped(rel, "unreadable", f"cannot be extracted ({e})"))
-                    continue
-                budget -= written
-                result.bytes_unpacked += written
-                _record(rel, result)
+                budget -= _extract(lambda info=info: zf.open(info), root, rel, info.file_size, budget, bar, result)
 
 
 def _record(rel: str, result: Unpacked) -> None:
@@ -289,6 +421,32 @@ def _record(rel: str, result: Unpacked) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- tar
+
+
+def _tar_name(name: str) -> str:
+    """tarfile decodes names as UTF-8 with surrogateescape; a name whose bytes are not UTF-8 (old Windows or
+    Latin-1 tars) is read as Latin-1 instead, so every name is a printable string that JSON and the report can hold
+    (Latin-1 maps each byte to one character: distinct names stay distinct)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("latin-1")
+    return name
+
+
+def _check_tar_end(path: Path, offset: int, result: Unpacked) -> None:
+    """tarfile stops quietly at the first damaged header past the first one; what follows would be lost without a
+    word. Data (anything but the zero padding) after where reading stopped is reported."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        rest = f.read(1 << 20)
+    if rest.strip(b"\x00"):
+        reason = (
+            f"the tar archive is damaged at byte {offset} of {path.stat().st_size}: the members after that point "
+            "cannot be read and are missing; re-create the archive to include them"
+        )
+        logger.warning("Dataset archive: %s", reason)
+        result.skipped.append(Skipped("(rest of the archive)", "damaged", reason))
 
 
 def _unpack_tar(path: Path, root: Path, limits: Limits, result: Unpacked) -> None:
@@ -305,7 +463,7 @@ def _unpack_tar(path: Path, root: Path, limits: Limits, result: Unpacked) -> Non
                     continue
                 n_files += 1
                 _check_totals(n_files, total, limits)  # stop reading headers as soon as a cap is passed
-                rel = safe_relpath(member.name)
+                rel = safe_relpath(_tar_name(member.name))
                 if member.issym() or member.islnk():
                     _check_link(member, rel)
                     result.skipped.append(Skipped(rel, "link", "link (links are not followed)"))
@@ -331,6 +489,7 @@ def _unpack_tar(path: Path, root: Path, limits: Limits, result: Unpacked) -> Non
                 plan.append((member, rel))
         except tarfile.TarError as e:
             raise _Refused(f"the tar archive is damaged ({e}); re-create it") from None
+        _check_tar_end(path, tf.offset, result)
         result.files_in_upload = n_files
         _check_totals(n_files, total, limits)
         budget = limits.max_bytes
@@ -338,25 +497,7 @@ def _unpack_tar(path: Path, root: Path, limits: Limits, result: Unpacked) -> Non
             total=sum(m.size for m, _ in plan), unit="B", unit_scale=True, desc="Unpacking", mininterval=1
         ) as bar:
             for member, rel in plan:
-                dest = _inside(root, rel)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                src = tf.extractfile(member)
-                if src is None:
-                    result.skipped.append(Skipped(rel, "unreadable", "cannot be extracted"))
-                    continue
-                try:
-                    with src:
-                        written = _copy_capped(src, dest, member.size, budget, rel, bar)
-                except FileExistsError:
-                    result.skipped.append(Skipped(rel, "duplicate", "a file with this name was already extracted"))
-                    continue
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    dest.unlink(missing_ok=True)
-                    result.skipped.append(Skipped(rel, "unreadable", f"cannot be extracted ({e})"))
-                    continue
-                budget -= written
-                result.bytes_unpacked += written
-                _record(rel, result)
+                budget -= _extract(lambda m=member: tf.extractfile(m), root, rel, member.size, budget, bar, result)
 
 
 def _check_link(member: tarfile.TarInfo, rel: str) -> None:
@@ -440,11 +581,14 @@ def _unpack_compressed(kind: str, src: Path, dest: Path, limits: Limits) -> Unpa
             if stem.lower().endswith(suffix):
                 stem = stem[: -len(suffix)]
                 break
-    stem = posixpath.basename(safe_relpath(stem)) or "upload"
-    staging = dest.parent / f".{dest.name}.decompressed"
+    stem = unicodedata.normalize("NFC", stem.replace("\\", "/").split("/")[-1].replace("\x00", ""))
+    if stem in ("", ".", ".."):
+        stem = "upload"
+    stored = _short_component(stem, keep_ext=True)
+    # A fresh folder of our own beside `dest` (never one that happens to be there: that one is not ours to delete).
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.decompressed-", dir=dest.parent))
     try:
-        staging.mkdir(parents=True, exist_ok=True)
-        inner = staging / stem
+        inner = staging / stored
         with tqdm(desc=f"Decompressing ({_SUFFIX[kind]})", unit="B", unit_scale=True, mininterval=1) as bar:
             size = _decompress_capped(kind, src, inner, limits)
             bar.update(size)
@@ -460,8 +604,10 @@ def _unpack_compressed(kind: str, src: Path, dest: Path, limits: Limits) -> Unpa
         else:
             # A single compressed track (song.wav.gz): its only file; decoding decides whether it is audio.
             result = Unpacked(root=dest, kind=_SUFFIX[kind], files_in_upload=1, bytes_unpacked=size)
-            shutil.move(str(inner), _inside(dest, stem))
+            shutil.move(str(inner), _inside(dest, stored))
             result.audio.append(stem)
+            if stored != stem:
+                result.stored[stem] = stored
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
@@ -472,6 +618,8 @@ def unpack(dataset_path: str | Path, dest: Path, limits: Limits) -> Unpacked:
 
     A single audio file is not copied: `root` is then its folder and `audio` names just that file.
     """
+    if is_url(str(dataset_path)):
+        raise InputError(INPUT, url_message(str(dataset_path)))
     src = Path(dataset_path)
     if not src.exists():
         raise InputError(INPUT, f"{src} does not exist; pass the path of a zip/tar/gz archive or an audio file")

@@ -299,3 +299,88 @@ def test_bad_paths_name_the_input(tmp_path):
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
     with pytest.raises(InputError, match="cannot be read"):
         unpack(tmp_path / "broken.zip", tmp_path / "out2", GENEROUS)
+
+
+# ------------------------------------------------------------------------------------- names, clashes, damage (#12)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_names_too_long_for_the_filesystem_are_stored_shortened(tmp_path, fmt):
+    cjk = "曲" * 86  # 258 bytes, over the 255 a name may hold
+    members = {
+        f"{cjk}.wav": b"RIFF-cjk",
+        f"{cjk}.txt": b"its description",
+        f"{'F' * 300}/in_long_folder.wav": b"RIFF-folder",
+        "/".join(["folder" * 30] * 8) + "/deep.wav": b"RIFF-deep",  # 1.4 KB of path
+        "short.wav": b"RIFF-short",
+    }
+    archive = _zip(tmp_path / "a.zip", members) if fmt == "zip" else _tar(tmp_path / "a.tar", list(members.items()))
+    result = unpack(archive, tmp_path / "out", GENEROUS)  # main: OSError: File name too long
+    assert sorted(result.audio + result.texts) == sorted(members)  # the names as uploaded
+    for rel, data in members.items():
+        assert result.path(rel).read_bytes() == data
+    assert [r["file"] for r in result.renamed] == sorted(set(members) - {"short.wav"})
+    assert result.path("short.wav") == tmp_path / "out" / "short.wav"
+    for entry in result.renamed:
+        assert all(len(p.encode()) <= 255 for p in entry["stored_as"].split("/"))
+    assert result.skipped == []
+
+
+def test_a_long_name_inside_a_gz_is_shortened(tmp_path):
+    upload = tmp_path / "upload.gz"
+    with open(upload, "wb") as raw, gzip.GzipFile(filename="ß" * 150 + ".wav", fileobj=raw, mode="wb") as gz:
+        gz.write(WAV_BYTES)
+    result = unpack(upload, tmp_path / "out", GENEROUS)  # main: "the gzip stream is damaged (File name too long)"
+    assert result.audio == ["ß" * 150 + ".wav"] and result.path(result.audio[0]).read_bytes() == WAV_BYTES
+
+
+def test_file_and_folder_of_the_same_name_and_a_broken_member_are_skipped(tmp_path):
+    archive = _zip(
+        tmp_path / "clash.zip",
+        {"a.wav": b"RIFF-a", "a.wav/b.wav": b"RIFF-b", "c.wav/d.wav": b"RIFF-d", "c.wav": b"RIFF-c", "g.wav": b"RIFF"},
+        compression=zipfile.ZIP_STORED,
+    )
+    result = unpack(archive, tmp_path / "out", GENEROUS)  # main: FileExistsError traceback
+    assert result.audio == ["a.wav", "c.wav/d.wav", "g.wav"]
+    assert sorted((s.path, s.category) for s in result.skipped) == [("a.wav/b.wav", "conflict"), ("c.wav", "conflict")]
+    assert (tmp_path / "out" / "a.wav").read_bytes() == b"RIFF-a"  # the first one kept, untouched
+    # A member whose data is damaged (CRC mismatch): skipped, no partial file left, the others kept.
+    data = bytearray(_zip(tmp_path / "b.zip", {"ok.wav": b"RIFF" * 100, "bad.wav": b"RIFF" * 100}).read_bytes())
+    info = zipfile.ZipFile(tmp_path / "b.zip").getinfo("bad.wav")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + 3] ^= 0xFF
+    (tmp_path / "b.zip").write_bytes(bytes(data))
+    result = unpack(tmp_path / "b.zip", tmp_path / "out2", GENEROUS)
+    assert result.audio == ["ok.wav"] and [(s.path, s.category) for s in result.skipped] == [("bad.wav", "unreadable")]
+    assert _all_files(tmp_path / "out2") == ["ok.wav"]
+
+
+def test_a_damaged_tar_header_is_reported_not_silent(tmp_path):
+    archive = _tar(tmp_path / "d.tar", [("one.wav", WAV_BYTES), ("two.wav", WAV_BYTES), ("three.wav", WAV_BYTES)])
+    with tarfile.open(archive) as tf:
+        offset = tf.getmember("two.wav").offset
+    raw = bytearray(archive.read_bytes())
+    raw[offset + 148 : offset + 156] = b"0000000\x00"  # a wrong header checksum
+    archive.write_bytes(bytes(raw))
+    result = unpack(archive, tmp_path / "out", GENEROUS)  # main: one.wav only, without a word
+    assert result.audio == ["one.wav"]
+    (damaged,) = result.skipped
+    assert damaged.category == "damaged" and f"byte {offset}" in damaged.reason and "re-create" in damaged.reason
+
+
+def test_a_url_is_not_reported_as_missing(tmp_path):
+    with pytest.raises(InputError, match="is a URL") as err:
+        unpack("https://example.com/data.zip", tmp_path / "out", GENEROUS)
+    assert "does not exist" not in str(err.value) and "download it first" in str(err.value)
+
+
+def test_decompression_staging_never_reuses_a_folder_that_is_there(tmp_path):
+    theirs = tmp_path / ".out.decompressed"
+    theirs.mkdir()
+    (theirs / "precious.wav").write_bytes(b"mine")
+    upload = tmp_path / "song.wav.gz"
+    upload.write_bytes(gzip.compress(WAV_BYTES))
+    result = unpack(upload, tmp_path / "out", GENEROUS)  # main: rmtree(.out.decompressed) took precious.wav
+    assert result.audio == ["song.wav"]
+    assert (theirs / "precious.wav").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.decompressed", "out", "song.wav.gz"]
