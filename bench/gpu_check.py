@@ -260,9 +260,13 @@ def build_lm(arch: str, device: str):
 
     from bench.lora_memory import build_lm as bench_build_lm
 
-    with torch.device(device) if device.startswith("cuda") else contextlib.nullcontext():
-        lm = bench_build_lm(arch)
-    return lm.to(device)
+    if device.startswith("cuda"):
+        try:  # random init on the GPU: seconds instead of a minute for medium's 1.5 B parameters on the CPU
+            with torch.device(device):
+                return bench_build_lm(arch).to(device)
+        except Exception as e:  # noqa: BLE001 - built the slow way instead
+            print(f"building {arch} on {device} directly failed ({type(e).__name__}: {e}); building on the CPU")
+    return bench_build_lm(arch).to(device)
 
 
 def random_dataset(lm, seconds: float, n_clips: int, seed: int = 0):
@@ -590,7 +594,7 @@ def section_sampler(ctx: Context) -> None:
             ratio = statistics.median(ratios)
             ctx.add(
                 check,
-                judge(ratio >= SPEED_GOAL),
+                judge(ratio >= SPEED_GOAL) if ctx.cuda else INFO,  # CPU smoke: fp16 on a CPU is no goal
                 f"{what}: ours {ours['steps_per_s']:.1f} steps/s (RTF {ours['real_time_factor']:.2f}) vs audiocraft "
                 f"{ac['steps_per_s']:.1f} steps/s (RTF {ac['real_time_factor']:.2f}): {ratio:.2f}x",
                 f">= {SPEED_GOAL:g}x",
@@ -980,10 +984,15 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         from bench.common import append_result, git_commit, machine_name
 
+        try:
+            commit = git_commit()
+        except OSError:  # no git on the machine (a copied working tree)
+            commit = ""
+
         record = {
             "bench": "gpu_check",
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": git_commit(),
+            "commit": commit,
             "machine": machine_name(),
             "gpu": gpu,
             "device": args.device,
