@@ -150,3 +150,47 @@ def test_coglet_drops_an_unknown_input_before_our_code(server):
         assert status == 200 and body["status"] == "succeeded", body
         outputs.append(decode_data_uri(body["output"]))
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def _check_against(schema_key: str, inputs: dict) -> list[str]:
+    """What coglet would refuse in `inputs` under the combined schema (types, choices, bounds, required)."""
+    s = schemas()
+    spec = s[schema_key]
+    problems = [f"missing {name}" for name in spec.get("required", []) if name not in inputs]
+    json_types = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+    for name, value in inputs.items():
+        prop = spec["properties"].get(name)
+        if prop is None:
+            problems.append(f"unknown input {name}")
+            continue
+        if "allOf" in prop:
+            enum = s[prop["allOf"][0]["$ref"].rsplit("/", 1)[1]]["enum"]
+            if value not in enum:
+                problems.append(f"{name}={value!r} not a choice")
+            continue
+        if not isinstance(value, json_types[prop["type"]]) or isinstance(value, bool) != (prop["type"] == "boolean"):
+            problems.append(f"{name}={value!r} is not {prop['type']}")
+        if "minimum" in prop and value < prop["minimum"] or "maximum" in prop and value > prop["maximum"]:
+            problems.append(f"{name}={value!r} out of range")
+    return problems
+
+
+def test_the_readme_replicate_api_flow_sends_valid_inputs():
+    import ast
+
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("<!-- replicate-api -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    calls = {}
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            for kw in node.keywords:
+                if kw.arg == "input":
+                    calls[node.func.attr] = ast.literal_eval(kw.value)
+    assert set(calls) == {"create", "run"}, calls
+    assert _check_against("TrainingInput", calls["create"]) == []
+    assert _check_against("Input", calls["run"]) == []
+    # ... and the checker is not blind: what coglet refuses, it refuses.
+    assert _check_against("TrainingInput", {"model_version": "tiny"}) == ["missing dataset_path"]
+    assert _check_against("Input", {"duration": 0, "model_version": "huge"}) != []

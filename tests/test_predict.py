@@ -74,3 +74,26 @@ def test_cli_bad_input_is_one_line_naming_it(tmp_path):
     assert out.returncode == 2
     assert "Invalid input 'top_p'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_cli_output_format_mp3_with_the_default_name_writes_mp3(tmp_path):
+    out = run_cli("--model_version", "tiny", "--duration", "1", "--seed", "2", "--output_format", "mp3", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["output.mp3"]
+    head = (tmp_path / "output.mp3").read_bytes()[:3]
+    assert head == b"ID3" or (head[0] == 0xFF and head[1] & 0xE0 == 0xE0)  # an ID3 tag or an MPEG frame sync
+
+
+def test_cli_output_into_an_existing_folder(tmp_path):
+    folder = tmp_path / "renders"
+    folder.mkdir()
+    out = run_cli("--model_version", "tiny", "--duration", "1", "--output", str(folder))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [p.name for p in folder.iterdir()] == ["output.wav"]
+    assert not (tmp_path / "renders.wav").exists()
+
+
+def test_help_prints_open_ranges_without_none():
+    out = run_cli("--help").stdout
+    assert "None.." not in out and "..None" not in out
+    assert "[>= 0]" in " ".join(out.split())  # top_k: open above
