@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import types
 import typing as tp
 
@@ -175,13 +176,29 @@ def _coerce(name: str, value: tp.Any, base: type) -> tp.Any:
     return value
 
 
+def _check_finite(name: str, value: tp.Any, meta: tp.Mapping[str, tp.Any], default: tp.Any) -> None:
+    """NaN and inf are refused for every float input: a comparison with NaN is always False, so `ge`/`le` alone
+    let it through (`--weight_decay nan` trained to all-NaN weights, `temperature nan` became greedy sampling).
+    No input of ours documents inf as a meaning, so inf is refused too."""
+    if not isinstance(value, float) or math.isfinite(value):
+        return
+    what = "is not a number" if math.isnan(value) else "is not a finite number"
+    ge, le = meta.get("ge"), meta.get("le")
+    hints = [_range_text(ge, le).strip()[1:-1]] if ge is not None or le is not None else []
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        hints.append(f"default {default}")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    raise InputError(name, f"{value} {what}; give a finite value{hint}")
+
+
 def check_bounds(obj: tp.Any) -> None:
-    """Choices and ge/le of every field, with a message naming the input."""
+    """Finiteness, choices and ge/le of every field, with a message naming the input."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if value is None:
             continue
         meta = f.metadata
+        _check_finite(f.name, value, meta, f.default)
         if meta.get("choices") and value not in meta["choices"]:
             raise InputError(f.name, f"{value!r} is not one of: {', '.join(map(str, meta['choices']))}")
         if meta.get("ge") is not None and value < meta["ge"]:

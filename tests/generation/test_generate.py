@@ -161,6 +161,11 @@ def test_bad_inputs_name_the_input(generator, tmp_path, kw, name):
         ({"normalization_strategy": "loud"}, "normalization_strategy"),
         ({"temperature": "hot"}, "temperature"),
         ({"voice": "x"}, "voice"),
+        # NaN passes every `ge`/`le` comparison: refused by the finiteness rule (issue 12)
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"classifier_free_guidance": float("nan")}, "classifier_free_guidance"),
+        ({"classifier_free_guidance": float("inf")}, "classifier_free_guidance"),
     ],
 )
 def test_out_of_range_inputs_are_refused_before_loading(kw, name):
