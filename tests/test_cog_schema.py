@@ -110,7 +110,8 @@ def test_a_replicate_prediction_with_only_the_inputs_a_user_sets(server):
     assert isinstance(body["output"], str)  # one file, as meta/musicgen returns
     data, sr = sf.read(io.BytesIO(decode_data_uri(body["output"])), always_2d=True)
     assert sr == 32000 and data.shape == (32000, 1)
-    assert "seed" in body["logs"].lower(), body["logs"]  # the random seed used reaches the prediction's logs
+    assert "Random seed:" in body["logs"], body["logs"]  # the random seed used reaches the prediction's logs
+    assert "Loading MusicGen tiny" in server.log()  # setup()'s lines reach the server's log
 
 
 def test_an_optional_input_is_left_out_not_sent_as_null(server):
