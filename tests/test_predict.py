@@ -97,3 +97,13 @@ def test_help_prints_open_ranges_without_none():
     out = run_cli("--help").stdout
     assert "None.." not in out and "..None" not in out
     assert "[>= 0]" in " ".join(out.split())  # top_k: open above
+
+
+def test_a_training_only_model_version_is_refused_for_prediction_naming_the_fix():
+    import pytest
+
+    from core.params import InputError, from_kwargs
+    from generation.generate import validate_request
+
+    with pytest.raises(InputError, match="model_version.*replicate_weights"):
+        validate_request(from_kwargs(PredictParams, model_version="tiny-micro"), None)
