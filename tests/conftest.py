@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -15,3 +17,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Tiny models are cached per machine (deterministic builds); tests share that cache across runs.
 os.environ.setdefault("MGFT_CACHE", str(Path.home() / ".cache" / "musicgen-ft"))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The real Cog server in predict mode with the schema `cog build` writes, the tiny model preloaded; shared
+    by every test module that sends predictions (one start, ~7 s, instead of one per module)."""
+    from tests.helpers import CogServer
+
+    srv = CogServer(tmp_path_factory.mktemp("cog"), env={"MGFT_PRELOAD": "tiny"})
+    try:
+        assert srv.wait_ready()["status"] == "READY", srv.log()[-3000:]
+        yield srv
+    finally:
+        srv.stop()

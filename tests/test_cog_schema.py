@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from tests import cog_schema
-from tests.helpers import CogServer, decode_data_uri
+from tests.helpers import decode_data_uri
 
 # What a Replicate client sends: only the inputs the user set (the rest take the schema's defaults).
 REPLICATE_PREDICTION = {"model_version": "tiny", "prompt": "lofi beat", "duration": 1}
@@ -87,16 +87,6 @@ def test_the_generator_reads_the_old_signatures_as_the_issue_measured(tmp_path, 
 
 
 # ------------------------------------------------------------------ coglet serving the schema
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = CogServer(tmp_path_factory.mktemp("cog-schema"), env={"MGFT_PRELOAD": "tiny"})
-    try:
-        assert srv.wait_ready()["status"] == "READY", srv.log()[-3000:]
-        yield srv
-    finally:
-        srv.stop()
 
 
 def test_openapi_json_serves_the_schema(server):

@@ -19,16 +19,6 @@ from tests.helpers import CogServer, data_uri, decode_data_uri, tone
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = CogServer(tmp_path_factory.mktemp("cog"), env={"MGFT_PRELOAD": "tiny"})
-    try:
-        assert srv.wait_ready()["status"] == "READY", srv.log()[-3000:]
-        yield srv
-    finally:
-        srv.stop()
-
-
 def predict(srv: CogServer, **inputs) -> dict:
     status, body = srv.post("/predictions", {"input": inputs})
     assert status in (200, 422), (status, body)
