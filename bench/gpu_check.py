@@ -66,7 +66,9 @@ RESULTS = ROOT / "bench" / "results" / "gpu_check.jsonl"
 KL_GOAL = 0.01  # nats/token, fp16 vs fp32 next-token distributions (as for int8 on CPU)
 LOSS_FALL_MIN = 0.01  # the last loss at least 1% below the first on a fixed batch
 LOSS_CLOSE_REL = 0.03  # bf16 / fp16 final loss within 3% of fp32's after the same steps
-CHECKPOINTING_ATOL = 2e-3  # nats: gradient checkpointing on vs off, largest loss difference over the run
+# nats: gradient checkpointing on vs off, largest loss difference over the run. The recomputed forward is the same
+# math; CUDA's attention and embedding backward kernels are not bitwise deterministic, and bf16 logits round.
+CHECKPOINTING_ATOL = {"fp32": 2e-3, "bf16": 2e-2}
 DIST_ATOL = 2e-4  # losses and weights, N processes vs one (the gloo tests use 1e-5 on CPU)
 LORA_MEMORY_GOAL = 0.6  # LoRA peak <= 0.6x full fine-tuning's (issue 6)
 FITS_GIB = 24e9 / 2**30  # "fits a 24 GB GPU": peak reserved <= 24 GB (22.35 GiB; the CUDA context not counted)
@@ -436,9 +438,9 @@ def section_train(ctx: Context) -> None:
             d = max_abs_diff(losses, histories[precision])
             ctx.add(
                 check,
-                judge(d <= CHECKPOINTING_ATOL and all_finite(losses)),
+                judge(d <= CHECKPOINTING_ATOL[precision] and all_finite(losses)),
                 f"largest loss difference over {steps} steps {d:.2e} nats; {info['step_s'] * 1000:.0f} ms/step with it",
-                f"<= {CHECKPOINTING_ATOL:g} nats",
+                f"<= {CHECKPOINTING_ATOL[precision]:g} nats",
                 max_abs_diff=d,
                 **info,
             )
