@@ -402,6 +402,23 @@ def section_train(ctx: Context) -> None:
         }
         return losses, info
 
+    with ctx.guard("precision auto on this device"):
+        import torch
+
+        from training.loop import resolve_precision
+
+        name = resolve_precision("auto", ctx.device)[2]
+        if ctx.cuda:
+            major, minor = torch.cuda.get_device_capability()
+            expected = "bf16" if major >= 8 else "fp16"  # bf16 is emulated (slow) before Ampere
+            ctx.add(
+                "precision auto on this device",
+                judge(name == expected),
+                f"auto -> {name} on compute capability {major}.{minor}",
+                "bf16 from 8.0 (Ampere), else fp16 + scaler",
+            )
+        else:
+            ctx.add("precision auto on this device", INFO, f"auto -> {name} on the CPU")
     for precision in precisions:
         check = f"{precision}: finite, loss falls" + (" (GradScaler)" if precision == "fp16" else "")
         if precision == "fp16" and not ctx.cuda:
