@@ -46,8 +46,8 @@ def _decode(raw: bytes, complete: bool) -> tuple[str, str]:
 
 def _clean(line: str) -> str:
     """Whitespace runs become one space; control characters (a stray NUL, a bell) are dropped."""
-    text = " ".join(line.split())
-    return "".join(ch for ch in text if unicodedata.category(ch) != "Cc")
+    kept = "".join(ch for ch in line if ch.isspace() or unicodedata.category(ch) != "Cc")
+    return " ".join(kept.split())
 
 
 def shorten(text: str, limit: int = MAX_DESCRIPTION_CHARS) -> str:

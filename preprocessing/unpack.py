@@ -94,6 +94,10 @@ class Unpacked:
     bytes_unpacked: int = 0
     # logical name -> where it lies under `root`, for the names too long to be stored as they are
     stored: dict[str, str] = field(default_factory=dict)
+    # The names taken so far, as files and as folders: duplicates and file/folder clashes are judged on the names
+    # as uploaded, not on what the disk happens to allow (shortened names differ for a file and a folder).
+    _files: set[str] = field(default_factory=set, repr=False)
+    _folders: set[str] = field(default_factory=set, repr=False)
 
     def path(self, rel: str) -> Path:
         """Where the member `rel` (a name from `audio` / `texts`) lies on disk."""
@@ -312,6 +316,18 @@ def _extract(
 ) -> int:
     """Write one planned member; a member that cannot be written is skipped with its reason (never raised), so
     one bad member costs only itself. Returns the bytes written (0 when skipped)."""
+    parts = rel.split("/")
+    parents = {"/".join(parts[:i]) for i in range(1, len(parts))}
+    if rel in result._files:
+        result.skipped.append(Skipped(rel, "duplicate", "a file with this name was already extracted"))
+        return 0
+    if rel in result._folders:
+        result.skipped.append(Skipped(rel, "conflict", "a folder of the same name was already extracted"))
+        return 0
+    if parents & result._files:
+        result.skipped.append(Skipped(rel, "conflict", "its folder clashes with a file of the same name"))
+        return 0
+    result._folders |= parents
     stored = stored_relpath(rel)
     dest = _inside(root, stored)
     try:
@@ -344,6 +360,7 @@ def _extract(
         logger.warning("Skipping archive member %s: cannot be extracted (%s)", rel, e)
         result.skipped.append(Skipped(rel, "unreadable", f"cannot be extracted ({e})"))
         return 0
+    result._files.add(rel)
     if stored != rel:
         logger.warning("Archive member %s: name too long for the filesystem, stored as %s", rel, stored)
         result.stored[rel] = stored
