@@ -42,6 +42,7 @@ __all__ = [
     "is_adapter_key",
     "merge_lora_state",
     "apply_lora_files",
+    "set_lora_strength",
     "save_adapter",
     "add_t5_trigger",
     "T5TriggerMixin",
@@ -271,11 +272,21 @@ def read_adapter(folder: tp.Any) -> tuple[dict[str, torch.Tensor], dict[str, tp.
     return load_file(str(folder / ADAPTER_FILE)), json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
 
 
-def apply_lora_files(lm: nn.Module, folder: tp.Any, merge: bool = True) -> dict[str, tp.Any]:
+def apply_lora_files(lm: nn.Module, folder: tp.Any, merge: bool = True, strength: float = 1.0) -> dict[str, tp.Any]:
     """Apply the adapter in `folder` to a base `lm` (in place). `merge=True` folds it into the weights (plain
-    modules, as fast as the base); `merge=False` keeps adapter modules (as during training). Returns the config."""
+    modules, as fast as the base); `merge=False` keeps adapter modules (as during training). Returns the config.
+
+    `strength` (predict's `lora_scale`) multiplies the adapter's update: the weight becomes
+    `W + strength * (alpha / rank) * B A`. 0 leaves the base weights untouched (nothing is merged: the base model
+    exactly), 1 is the adapter as trained.
+    """
+    if not math.isfinite(strength) or strength < 0:
+        raise ValueError(f"LoRA strength must be a finite number >= 0, got {strength}")
     tensors, config = read_adapter(folder)
-    scale = float(config["alpha"]) / int(config["rank"])
+    scale = float(config["alpha"]) / int(config["rank"]) * strength
+    if merge and strength == 0:
+        logger.info("LoRA strength 0: the adapter in %s is not applied (the base model as it is)", folder)
+        return config
     if merge:
         state = {k: v for k, v in lm.state_dict().items()}
         merged = merge_lora_state({**state, **tensors}, scale)
@@ -286,14 +297,26 @@ def apply_lora_files(lm: nn.Module, folder: tp.Any, merge: bool = True) -> dict[
         if missing:
             raise ValueError(f"the adapter lacks {sorted(missing)[:3]}")
         lm.load_state_dict(tensors, strict=False)
+        if strength != 1.0:
+            set_lora_strength(lm, scale)
     logger.info(
-        "Applied LoRA adapter (rank %s, alpha %s, %d targets)%s",
+        "Applied LoRA adapter (rank %s, alpha %s, %d targets, strength %g)%s",
         config["rank"],
         config["alpha"],
         len(config["targets"]),
+        strength,
         " merged into the weights" if merge else "",
     )
     return config
+
+
+def set_lora_strength(lm: nn.Module, scale: float) -> None:
+    """Set the update scale (`alpha / rank * strength`) of every unmerged adapter module of `lm`."""
+    for module in lm.modules():
+        if isinstance(module, LoRALinear):
+            module.scale = scale
+        elif isinstance(module, LoRAInProj):
+            module.in_proj_lora_scale = scale
 
 
 # ------------------------------------------------------------------------------------------- partial weights

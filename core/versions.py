@@ -92,6 +92,14 @@ def hf_cache_hint() -> str:
     return hub
 
 
+def hub_cached(repo_id: str, filenames: tuple[str, ...] = CHECKPOINT_FILES) -> bool:
+    """Whether every file of `repo_id` is in the local Hugging Face cache. Reads only the disk
+    (`huggingface_hub.try_to_load_from_cache`): no request, so it answers at once with no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)
+
+
 def load_musicgen(model_version: str, device: str | None = None):
     """Load a MusicGen (audiocraft's `MusicGen`) by model version, local folder or HF id.
 

@@ -60,25 +60,49 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class ModelKey:
-    """What to load: `kind` is `weights` (a trained_model.tar path/URL) or `version` (a model_version/folder)."""
+    """What to load: `kind` is `weights` (a trained_model.tar reference: path, URL, data: URI, HF repo id) or
+    `version` (a model_version/folder). `lora_scale`: the LoRA adapter's strength the model was built with (a
+    change re-applies the adapter; always 1 for model versions)."""
 
     kind: str
     ref: str
+    lora_scale: float = 1.0
 
 
 def model_key(params: PredictParams, setup_weights: str | None) -> ModelKey:
+    scale = float(getattr(params, "lora_scale", 1.0))
     if params.replicate_weights:
         if params.model_version != FINE_TUNED:
             logger.warning(
                 "replicate_weights is set: using those weights; model_version=%s is ignored", params.model_version
             )
-        return ModelKey("weights", params.replicate_weights)
+        return ModelKey("weights", params.replicate_weights, scale)
+    if params.model_version == FINE_TUNED and setup_weights:
+        return ModelKey("weights", setup_weights, scale)
     if params.model_version == FINE_TUNED:
-        if setup_weights:
-            return ModelKey("weights", setup_weights)
         logger.warning("model_version=%s but no fine-tuned weights were given: using %s", FINE_TUNED, DEFAULT_BASE)
-        return ModelKey("version", DEFAULT_BASE)
-    return ModelKey("version", params.model_version)
+    version = DEFAULT_BASE if params.model_version == FINE_TUNED else params.model_version
+    if scale != 1.0:
+        logger.warning("lora_scale=%g is ignored: %s is a base model, not LoRA weights", scale, version)
+    return ModelKey("version", version)
+
+
+PRELOAD_ENV = "MGFT_PRELOAD"
+MIN_FREE_ENV = "MGFT_WEIGHTS_MIN_FREE_GB"
+
+
+def min_free_setting() -> int:
+    """Bytes of disk the weights cache keeps free (`MGFT_WEIGHTS_MIN_FREE_GB`, GiB; default 10 as flux-fine-tuner)."""
+    value = os.environ.get(MIN_FREE_ENV, "").strip()
+    if not value:
+        return weights.DEFAULT_MIN_FREE_BYTES
+    try:
+        gib = float(value)
+    except ValueError:
+        raise ValueError(f"{MIN_FREE_ENV}={value!r} is not a number of GiB (e.g. 10)") from None
+    if not gib >= 0 or gib == float("inf"):
+        raise ValueError(f"{MIN_FREE_ENV}={value!r}: give a finite number of GiB >= 0")
+    return int(gib * 2**30)
 
 
 QUANTIZE_ENV = "MGFT_QUANTIZE"
@@ -252,9 +276,21 @@ def check_batch_memory(params: PredictParams, model, available: int | None = Non
 class Generator:
     """Loads models on demand (one at a time) and generates."""
 
-    def __init__(self, device: str | None = None, setup_weights: str | None = None):
+    def __init__(
+        self,
+        device: str | None = None,
+        setup_weights: str | None = None,
+        *,
+        min_free_bytes: int | None = None,
+        free_bytes: weights.FreeBytes | None = None,
+    ):
         self.device = device or versions.default_device()
         self.setup_weights = setup_weights
+        # The weights cache keeps this much disk free (least-recently-used eviction, core.weights.evict); the
+        # weights loaded now and the setup weights (COG_WEIGHTS) are never evicted.
+        self.min_free_bytes = min_free_setting() if min_free_bytes is None else min_free_bytes
+        self.free_bytes = free_bytes
+        self._protected: set[Path] = set()
         self._key: ModelKey | None = None
         self._model = None
         self._mbd = None
@@ -271,32 +307,73 @@ class Generator:
         return self._sampler
 
     def model_for(self, key: ModelKey):
-        if key != self._key:
-            if self._model is not None and self._sampler is not None:
-                self._sampler.forget(self._model.lm)
-            self._model = None  # free the previous model before loading the next one
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            if key.kind == "weights":
-                self._model = weights.load_trained_model(key.ref, device=self.device)
-            else:
-                self._model = versions.load_musicgen(key.ref, device=self.device)
-            if _plain_lm(self._model.lm):
-                self.sampler().prepare(self._model.lm)  # quantize once here (setup), not in the first request
+        if key == self._key:
+            return self._model
+        same_weights = self._key is not None and (self._key.kind, self._key.ref) == (key.kind, key.ref)
+        if same_weights and not getattr(self._model, "is_lora", False):
+            # Only lora_scale changed, and these weights are no LoRA adapter: nothing to re-apply.
+            logger.warning("lora_scale=%g is ignored: %s are not LoRA weights", key.lora_scale, key.ref[:80])
             self._key = key
+            return self._model
+        previous = getattr(self._model, "weights_folder", None)
+        if self._model is not None and self._sampler is not None:
+            self._sampler.forget(self._model.lm)
+        self._model = None  # free the previous model before loading the next one
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if key.kind == "weights":
+            if same_weights:
+                logger.info("lora_scale changed to %g: re-applying the adapter on its base", key.lora_scale)
+            keep = {*self._protected, *([previous] if previous else [])}
+            self._model = weights.load_trained_model(
+                key.ref,
+                device=self.device,
+                lora_scale=key.lora_scale,
+                keep=keep,
+                min_free_bytes=self.min_free_bytes,
+                free_bytes=self.free_bytes,
+            )
+            if key.ref == self.setup_weights:
+                self._protected.add(Path(self._model.weights_folder))
+        else:
+            self._model = versions.load_musicgen(key.ref, device=self.device)
+        if _plain_lm(self._model.lm):
+            self.sampler().prepare(self._model.lm)  # quantize once here (setup), not in the first request
+        self._key = key
         return self._model
+
+    @property
+    def loaded_weights(self) -> Path | None:
+        """The folder of the fine-tuned weights loaded now (None for a base model): never evicted."""
+        folder = getattr(self._model, "weights_folder", None)
+        return Path(folder) if folder else None
 
     def preload(self) -> None:
         """Load what `setup()` should: the COG_WEIGHTS fine-tune (failing loudly: the deployment is unusable
-        without it), else the default base (`MGFT_PRELOAD`, default stereo-melody-large; empty: none), which
-        may be unavailable offline: then models load on the first request."""
+        without it), else the default base (`MGFT_PRELOAD`, default stereo-melody-large; empty: none).
+
+        The base is preloaded only when it is already on disk (for hub models, the local Hugging Face cache is
+        checked first, without any request): otherwise one line is logged and models load on the first request,
+        so a setup with an unreachable hub takes no time waiting for it.
+        """
         if self.setup_weights:
             self.model_for(ModelKey("weights", self.setup_weights))
             return
-        base = os.environ.get("MGFT_PRELOAD", DEFAULT_BASE)
+        base = os.environ.get(PRELOAD_ENV, DEFAULT_BASE)
         if not base:
             return
         try:
+            source = versions.resolve(base)
+            if source.kind == "hf" and not versions.hub_cached(source.location):
+                logger.warning(
+                    "Not preloading %s: %s is not in the local Hugging Face cache (%s); models load on the first "
+                    "request (set %s= to skip this check)",
+                    base,
+                    source.location,
+                    versions.hf_cache_hint(),
+                    PRELOAD_ENV,
+                )
+                return
             self.model_for(ModelKey("version", base))
         except versions.ModelUnavailableError as e:
             logger.warning("Could not preload %s; models will load on the first request. %s", base, e)

@@ -37,13 +37,15 @@ def test_url_is_downloaded_once_and_cached(tar, tmp_path, monkeypatch):
     server = serve(tar.parent)
     url = f"http://127.0.0.1:{server.server_address[1]}/trained_model.tar"
     try:
-        first = weights.fetch(url)
-        assert first.read_bytes() == tar.read_bytes()
+        first = weights.unpack(url)
+        assert (first / "state_dict.bin").is_file()
     finally:
         server.shutdown()
         server.server_close()
-    assert weights.fetch(url) == first  # the server is gone: only the cache can answer
+    assert weights.unpack(url) == first  # the server is gone: only the cache can answer
     assert weights.load_trained_model(url, device="cpu").lm.n_q == 4
+    # one copy on disk: the unpacked folder; the downloaded tar is gone
+    assert not [p for p in (tmp_path / "cache" / "downloads").iterdir()]
 
 
 def test_bad_url_is_a_clear_error(tmp_path, monkeypatch):
