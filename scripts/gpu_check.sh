@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
-    PY="$GPU_CHECK_PYTHON"
+    PY="$(command -v "$GPU_CHECK_PYTHON")" || { echo "gpu_check: GPU_CHECK_PYTHON=$GPU_CHECK_PYTHON not found" >&2; exit 2; }
 elif [ -x .venv/bin/python ]; then
     PY="$PWD/.venv/bin/python"
 else

@@ -208,3 +208,14 @@ def test_cpu_smoke_of_the_training_section(tmp_path):
     assert statuses["gradient checkpointing on vs off, fp32"] == "PASS"
     assert record["device"] == "cpu" and record["smoke"] is True
     assert "| train | bf16 vs fp32 after 6 steps | PASS |" in proc.stdout
+
+
+def test_run_comparison_and_speed_summary():
+    single = {"history": [{"loss": 5.0}, {"loss": 4.0}], "model": {"w": torch.ones(3), "b": torch.zeros(2)}}
+    run = {"history": [{"loss": 5.0}, {"loss": 4.0001}], "model": {"w": torch.ones(3) + 1e-6, "b": torch.zeros(2)}}
+    loss_d, weight_d = gc.compare_runs(run, single)
+    assert loss_d == pytest.approx(1e-4, rel=1e-3) and weight_d == pytest.approx(1e-6, rel=0.1)
+    assert gc.compare_runs({**run, "model": {"w": torch.ones(3)}}, single)[1] == math.inf  # a missing weight
+    s = gc.speed_summary([2.0, 1.0, 4.0], steps=100, duration=8.0, batch=4)
+    assert s["seconds"] == 2.0 and s["steps_per_s"] == 50.0 and s["real_time_factor"] == 16.0
+    assert s["samples_per_s"] == 2.0 and s["runs"] == [2.0, 1.0, 4.0]
