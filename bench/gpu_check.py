@@ -368,7 +368,6 @@ def prepare_method(lm, params) -> None:
 
 # ------------------------------------------------------------------------------------------------ section: train
 def section_train(ctx: Context) -> None:
-
     arch = "tiny" if ctx.smoke else "small"
     seconds, steps = (1.0, 6) if ctx.smoke else (5.0, 8)
     lr = 1e-3 if ctx.smoke else 1e-4
