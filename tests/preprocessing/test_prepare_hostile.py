@@ -20,12 +20,13 @@ import soundfile as sf
 from core.params import InputError, from_kwargs
 from preprocessing import PrepareParams, load_prepared, prepare
 from preprocessing import __main__ as cli
-from preprocessing.descriptions import MAX_DESCRIPTION_CHARS
-from preprocessing.prepare import OWNED_MARKER
 from tests.preprocessing.audio_files import track, write_audio
 
 # The module, not the function `preprocessing.prepare` that the package exports under the same name.
 prepare_mod = importlib.import_module("preprocessing.prepare")
+# Spelled out (not imported) so that this file also runs, and fails case by case, on code that predates them.
+OWNED_MARKER = ".musicgen-ft-owned"  # preprocessing.prepare.OWNED_MARKER
+MAX_DESCRIPTION_CHARS = 500  # preprocessing.descriptions.MAX_DESCRIPTION_CHARS
 ROOT = Path(__file__).resolve().parents[2]
 SR = 32000
 
@@ -110,6 +111,7 @@ def test_our_leftovers_are_removed_and_our_folders_carry_the_marker(tmp_path, sm
 
     monkeypatch.setattr(prepare_mod, "unpack", spy)
     dataset = prepare(params(small_zip), out)
+    assert prepare_mod.OWNED_MARKER == OWNED_MARKER
     assert seen["marked"] == [True, True, True]
     assert seen["dest"].parent == out / "unpacked"  # the upload never lands beside the marker
     assert not (out / "unpacked").exists() and not (out / "prepare-tmp").exists()
