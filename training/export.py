@@ -20,6 +20,7 @@ import torch
 
 from core import weights
 from core.audio import save_audio
+from core.params import secret_fields
 from training.data import ClipTokens
 from training.loop import TrainResult
 from training.melody import restore_for_generation
@@ -100,7 +101,9 @@ def export_trained_model(
         if c.info.get("prior")
     ]
     clips = [c for c in clips if not c.info.get("prior")]  # the report and samples describe the user's clips
-    inputs = dataclasses.asdict(params)
+    # Never a credential in a file we hand out (wandb_api_key, hf_token: core.params.secret_fields).
+    secrets = secret_fields(TrainParams)
+    inputs = {k: v for k, v in dataclasses.asdict(params).items() if k not in secrets}
     inputs["dataset_path"] = Path(str(params.dataset_path)).name if params.dataset_path else None
     if params.resume_from:
         inputs["resume_from"] = Path(str(params.resume_from)).name

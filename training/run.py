@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import typing as tp
 from pathlib import Path
@@ -25,9 +24,10 @@ import torch
 from core.params import InputError, from_kwargs
 from training import checkpoint as ckpt
 from training import dist as dist_mod
+from training import publish
 from training.data import ClipTokens, TokenDataset, encode_clips
 from training.dist import DistInfo
-from training.loop import RunPlan, plan_run, resolve_precision, train_loop
+from training.loop import RunPlan, TrainingInterrupted, plan_run, resolve_precision, train_loop
 from training.methods import enable_gradient_checkpointing, get_method, prior, scratch
 from training.params import TrainParams, prepare_kwargs, validate
 
@@ -52,15 +52,7 @@ def check_inputs(params: TrainParams) -> dict | None:
     validate(params)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     resolve_precision(params.precision, device)
-    if params.use_wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise InputError(
-                "use_wandb", "Weights & Biases is not installed (pip install wandb); or set use_wandb to false"
-            ) from None
-        if not os.environ.get("WANDB_API_KEY"):
-            raise InputError("use_wandb", "set the WANDB_API_KEY environment variable, or set use_wandb to false")
+    publish.check_inputs(params)  # wandb key, hf_repo_id + hf_token
     if params.resume_from:
         from training.loop import check_resume_compatible
 
@@ -99,12 +91,21 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
     nproc = dist_mod.visible_gpus() if nproc is None else nproc
     if nproc > 1 and not DistInfo.under_torchrun():
         params_file = output_dir / PARAMS_FILE
-        params_file.write_text(json.dumps(dataclasses.asdict(params), indent=1))
-        dist_mod.launch_torchrun(
-            nproc,
-            "training.run",
-            ["--params_json", str(params_file), "--dataset", str(dataset.folder), "--output_dir", str(output_dir)],
-        )
+        # Secrets go to the workers through their environment, never into this file (training/publish.py).
+        params_file.write_text(json.dumps(publish.public_inputs(params), indent=1))
+        try:
+            dist_mod.launch_torchrun(
+                nproc,
+                "training.run",
+                ["--params_json", str(params_file), "--dataset", str(dataset.folder), "--output_dir", str(output_dir)],
+                env=publish.worker_env(params),
+            )
+        except BaseException as e:
+            # Cancelled: the workers saved a resume checkpoint and exited; push it from here, where there is time
+            # (torchrun gives a worker only seconds after its SIGTERM).
+            if not isinstance(e, Exception):
+                publish.report_interrupted(params, output_dir / "checkpoints")
+            raise
     else:
         run_worker(params, dataset, output_dir)
     tar = output_dir / TAR_NAME
@@ -113,12 +114,11 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
     return tar
 
 
-def _wandb_logger(params: TrainParams, dist: DistInfo) -> tp.Any:
-    if not params.use_wandb or not dist.is_main:
+def _wandb_logger(params: TrainParams, dist: DistInfo, output_dir: Path) -> publish.WandbRun | None:
+    """Rank 0's wandb run, or None (off, or failed to start: logged, the training goes on)."""
+    if not dist.is_main:
         return None
-    import wandb
-
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "musicgen-fine-tune"), config=dataclasses.asdict(params))
+    return publish.start_wandb(params, output_dir)
 
 
 @dataclasses.dataclass
@@ -202,6 +202,10 @@ def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: Dis
 
     own_group = dist is None
     dist = dist or dist_mod.init()
+    # The loop, its checkpoints and the export get the inputs without the secrets: nothing they write can hold one.
+    # Only wandb and the Hugging Face push (training/publish.py) see `params` itself.
+    secrets, params = params, publish.without_secrets(params)
+    run = None
     try:
         if not dist.is_main:
             logging.getLogger().setLevel(logging.WARNING)
@@ -210,17 +214,25 @@ def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: Dis
         resume_state = None
         if params.resume_from:
             resume_state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from))
-        run = _wandb_logger(params, dist)
-        result = train_loop(
-            lm,
-            setup.tokens,
-            params,
-            setup.plan,
-            dist,
-            output_dir / "checkpoints",
-            resume_state=resume_state,
-            on_metrics=run.log if run is not None else None,
-        )
+        run = _wandb_logger(secrets, dist, output_dir)
+        try:
+            result = train_loop(
+                lm,
+                setup.tokens,
+                params,
+                setup.plan,
+                dist,
+                output_dir / "checkpoints",
+                resume_state=resume_state,
+                on_metrics=run.log if run is not None else None,
+            )
+        except BaseException as e:
+            # SIGTERM (TrainingInterrupted) or a cancel (Cog, Ctrl-C: not an Exception) left a resume checkpoint in
+            # a folder that dies with the container: push it to hf_repo_id, or say so (training/publish.py).
+            interrupted = isinstance(e, TrainingInterrupted) or not isinstance(e, Exception)
+            if dist.is_main and interrupted and not publish.parent_reports():
+                publish.report_interrupted(secrets, output_dir / "checkpoints")
+            raise
         del resume_state
         if result.lm is not None:  # FSDP: the trained LM is sharded; rank 0 exports from its whole copy
             setup.model.lm = result.lm
@@ -247,29 +259,17 @@ def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: Dis
                 },
             )
             if run is not None:
-                _log_samples(run, tar)
+                run.log_samples(tar)
                 run.finish()
+                run = None
+            publish.push_trained_model(secrets, tar)  # hf_repo_id: a failure is logged, the tar is still returned
         dist_mod.barrier(dist)
         return tar
     finally:
+        if run is not None:  # the training failed or was stopped: close the wandb run as failed
+            run.finish(exit_code=1)
         if own_group:
             dist_mod.shutdown(dist)
-
-
-def _log_samples(run: tp.Any, tar: Path) -> None:
-    import tarfile
-    import tempfile
-
-    import wandb
-
-    with tarfile.open(tar) as archive, tempfile.TemporaryDirectory() as tmp:
-        for member in archive.getmembers():
-            if member.name.startswith("samples/") and member.isfile():
-                target = Path(tmp) / Path(member.name).name
-                source = archive.extractfile(member)
-                if source is not None:
-                    target.write_bytes(source.read())
-                    run.log({f"samples/{target.stem}": wandb.Audio(str(target))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from preprocessing import load_prepared
 
-    params = from_kwargs(TrainParams, **json.loads(Path(args.params_json).read_text()))
+    # The params file has no secrets; run_training passed them in this process's environment.
+    params = from_kwargs(TrainParams, **json.loads(Path(args.params_json).read_text()), **publish.pop_secret_env())
     run_worker(params, load_prepared(args.dataset), Path(args.output_dir))
     return 0
 

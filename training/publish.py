@@ -1,0 +1,486 @@
+"""Training on Replicate: Weights & Biases logging, the push of the result to a Hugging Face model repo, and the
+secrets both need.
+
+On Replicate nothing outlives the container but what the training returns, so:
+
+- `wandb_api_key` (a Cog Secret) turns on Weights & Biases. The key goes to wandb in memory only
+  (`wandb.Settings(api_key=...)`): not into our environment, not into `~/.netrc`, not into a file of ours.
+- `hf_repo_id` + `hf_token` push `trained_model.tar`, a model card (README.md) and, beside it, the loss plot and
+  the samples the card links. A cancelled or SIGTERM-ed training pushes its resume checkpoint to `checkpoints/`
+  and logs the `resume_from` URL, since its temp folder is gone once the container stops.
+- Neither a failed wandb start nor a failed push stops a training or loses its weights: an ERROR line (secrets
+  masked) and the run goes on / the tar is still returned.
+
+Secret inputs (`core.params.secret_fields(TrainParams)`) never reach a file or a log line: the training loop, the
+checkpoints and finetune.json get the inputs with the secrets blanked (`without_secrets`); torchrun workers get
+them through their environment (`secret_env` / `pop_secret_env`), not through the params file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import tarfile
+import tempfile
+import typing as tp
+from pathlib import Path, PurePosixPath
+
+from core.params import InputError, secret_fields
+from training.params import TrainParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SECRET_FIELDS",
+    "public_inputs",
+    "without_secrets",
+    "redact",
+    "check_inputs",
+    "wandb_enabled",
+    "start_wandb",
+    "model_card",
+    "push_trained_model",
+    "push_checkpoint",
+    "report_interrupted",
+    "worker_env",
+    "parent_reports",
+    "pop_secret_env",
+]
+
+SECRET_FIELDS: tuple[str, ...] = secret_fields(TrainParams)
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+# Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..', no leading/trailing '-'/'.'
+# (the rules huggingface_hub's validate_repo_id applies, plus the namespace we need for the resume URL).
+_REPO_ID = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?$")
+_ENV_PREFIX = "MGFT_SECRET_"
+_PARENT_REPORTS = "MGFT_PARENT_REPORTS_INTERRUPTION"
+NON_COMMERCIAL = "cc-by-nc-4.0"
+
+
+# ---------------------------------------------------------------------------------------------------- secrets
+
+
+def _secret_values(params: TrainParams) -> list[str]:
+    return [v for name in SECRET_FIELDS if isinstance(v := getattr(params, name), str) and v]
+
+
+def public_inputs(params: TrainParams) -> dict[str, tp.Any]:
+    """The training inputs as a plain dict, without the secret ones (wandb config, model card)."""
+    return {k: v for k, v in dataclasses.asdict(params).items() if k not in SECRET_FIELDS}
+
+
+def without_secrets(params: TrainParams) -> TrainParams:
+    """`params` with every secret input blanked: what the loop, the checkpoints and the export are given, so that
+    no file they write can hold a credential."""
+    return dataclasses.replace(params, **{name: None for name in SECRET_FIELDS})
+
+
+def redact(text: str, params: TrainParams) -> str:
+    """`text` with every secret value of `params` masked (error messages of third-party libraries we log)."""
+    for value in _secret_values(params):
+        text = text.replace(value, "***")
+    return text
+
+
+def worker_env(params: TrainParams) -> dict[str, str]:
+    """Environment of the torchrun workers `run_training` starts: the secrets (the params file they read has none),
+    and a mark that this process, not the workers, reports an interruption."""
+    env = {_ENV_PREFIX + name.upper(): getattr(params, name) for name in SECRET_FIELDS if getattr(params, name)}
+    env[_PARENT_REPORTS] = "1"
+    return env
+
+
+def parent_reports() -> bool:
+    """True in a worker started by `run_training`, whose process pushes the checkpoint of an interrupted run."""
+    return os.environ.get(_PARENT_REPORTS) == "1"
+
+
+def pop_secret_env() -> dict[str, str]:
+    """In a torchrun worker: take the secrets out of the environment (so that the processes a worker starts, such
+    as wandb's service, do not inherit them) and return them as input values."""
+    return {name: value for name in SECRET_FIELDS if (value := os.environ.pop(_ENV_PREFIX + name.upper(), None))}
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def wandb_enabled(params: TrainParams) -> bool:
+    """use_wandb, or a wandb_api_key given (which turns it on)."""
+    return bool(params.use_wandb or params.wandb_api_key)
+
+
+def check_inputs(params: TrainParams) -> None:
+    """The wandb and Hugging Face inputs, checked before any long work."""
+    if wandb_enabled(params):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "use_wandb", "Weights & Biases is not installed (pip install wandb); or set use_wandb to false"
+            ) from None
+        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+        if not params.wandb_api_key and not os.environ.get("WANDB_API_KEY") and not offline:
+            raise InputError(
+                "use_wandb",
+                "no Weights & Biases API key: give wandb_api_key (https://wandb.ai/authorize), or set the "
+                "WANDB_API_KEY environment variable where the training runs, or set use_wandb to false",
+            )
+    if params.hf_repo_id and not params.hf_token:
+        raise InputError(
+            "hf_token",
+            f"hf_repo_id={params.hf_repo_id!r} needs a Hugging Face token with write access "
+            "(https://huggingface.co/settings/tokens) as hf_token; or leave hf_repo_id empty",
+        )
+    if params.hf_token and not params.hf_repo_id:
+        raise InputError(
+            "hf_repo_id",
+            "hf_token is set but hf_repo_id is empty: give the model repo to push to, as user/name (or org/name); "
+            "or leave hf_token empty",
+        )
+    if params.hf_repo_id:
+        repo_id = params.hf_repo_id
+        if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+            raise InputError(
+                "hf_repo_id",
+                f"{repo_id!r} is not a Hugging Face repo id: write user/name or org/name (letters, digits, '-', "
+                "'_', '.'; at most 96 characters per part; no '--' or '..'), e.g. alice/my-musicgen",
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- wandb
+
+
+class WandbRun:
+    """A wandb run whose failures never reach the training: the first error is logged, later calls do nothing."""
+
+    def __init__(self, run: tp.Any, params: TrainParams) -> None:
+        self.run = run
+        self._params = params
+        self._broken = False
+
+    def _guard(self, what: str, fn: tp.Callable[[], tp.Any]) -> None:
+        if self._broken:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - logging must never end a training
+            self._broken = True
+            logger.error(
+                "Weights & Biases %s failed (%s: %s); training continues without wandb logging",
+                what,
+                type(e).__name__,
+                redact(str(e), self._params),
+            )
+
+    def log(self, metrics: dict[str, tp.Any]) -> None:
+        self._guard("log", lambda: self.run.log(metrics))
+
+    def log_samples(self, tar: Path) -> None:
+        self._guard("sample upload", lambda: _log_samples(self.run, tar))
+
+    def finish(self, exit_code: int | None = None) -> None:
+        if not self._broken:
+            self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
+
+
+def start_wandb(params: TrainParams, output_dir: Path) -> WandbRun | None:
+    """Start a wandb run (rank 0), or None when wandb is off or cannot start (logged as an ERROR: the training
+    goes on without it). The run folder is `output_dir/wandb/` unless WANDB_DIR says otherwise."""
+    if not wandb_enabled(params):
+        return None
+    if params.wandb_api_key and not params.use_wandb:
+        logger.info("use_wandb turned on: wandb_api_key was given")
+    try:
+        import wandb
+
+        # The key goes to wandb in memory only: not into os.environ (every child process would inherit it) and not
+        # through wandb.login, which writes it to ~/.netrc.
+        key = (params.wandb_api_key or "").strip()  # a pasted key often ends with a newline
+        settings = wandb.Settings(api_key=key) if key else None
+        run_dir = Path(os.environ.get("WANDB_DIR") or output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=params.wandb_project or None,
+            entity=params.wandb_entity or None,
+            config=public_inputs(params),
+            dir=str(run_dir),
+            settings=settings,
+        )
+    except Exception as e:  # noqa: BLE001 - a bad key, no network, a wandb outage: never a reason to stop
+        logger.error(
+            "Weights & Biases could not start (%s: %s); training continues without wandb logging. Check "
+            "wandb_api_key, wandb_project and wandb_entity",
+            type(e).__name__,
+            redact(str(e), params),
+        )
+        return None
+    logger.info("Weights & Biases run: %s", getattr(run, "url", None) or getattr(run, "dir", ""))
+    return WandbRun(run, params)
+
+
+def _log_samples(run: tp.Any, tar: Path) -> None:
+    import wandb
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in _report_files(tar).items():
+            if name.startswith("samples/"):
+                target = Path(tmp) / PurePosixPath(name).name
+                target.write_bytes(data)
+                run.log({f"samples/{target.stem}": wandb.Audio(str(target))})
+
+
+# ---------------------------------------------------------------------------------------------------- model card
+
+
+def _base_repo(model_version: str) -> str | None:
+    from core.versions import PRETRAINED, STYLE_PRETRAINED
+
+    return {**PRETRAINED, **STYLE_PRETRAINED}.get(model_version)
+
+
+_METHODS = {
+    "full": "full fine-tuning (every weight of the language model)",
+    "lora": "LoRA (low-rank adapters on the attention and feed-forward projections)",
+    "text_projection": "text projection (only the projection of the text conditioning)",
+    "textual_inversion": "textual inversion (only the trigger word's new T5 token embeddings)",
+}
+
+
+def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str] = ()) -> str:
+    """README.md of the pushed repo, from the tar's finetune.json: base model, method, trigger, training inputs
+    (secrets dropped even if present), label vocabulary, descriptions, training summary, loss plot and samples
+    (`files`: the repo paths uploaded beside it, e.g. loss.png, samples/sample_0.wav), license."""
+    version = str(finetune.get("model_version", ""))
+    method = str(finetune.get("method", "full"))
+    inputs = {k: v for k, v in dict(finetune.get("training_inputs") or {}).items() if k not in SECRET_FIELDS}
+    base = _base_repo(version)
+    scratch = version in ("micro", "tiny-micro")
+    meta_weights = base is not None or version == "micro"  # micro trains on facebook/encodec_32khz
+    tags = ["musicgen", "audiocraft", "text-to-audio", "music", "fine-tuned", method.replace("_", "-")]
+    front = ["---", f"license: {NON_COMMERCIAL if meta_weights else 'other'}"]
+    if base:
+        front.append(f"base_model: {json.dumps(base)}")
+    front += ["library_name: audiocraft", "pipeline_tag: text-to-audio", f"tags: {json.dumps(tags)}", "---", ""]
+
+    name = repo_id.split("/")[-1]
+    lines = [f"# {name}", ""]
+    if base:
+        origin = f"[{base}](https://huggingface.co/{base})"
+    elif scratch:
+        origin = f"a new `{version}` language model trained from scratch"
+    else:
+        origin = f"the `{version}` model (a small random test model built offline)"
+    described = _METHODS.get(method, method)
+    lines.append(f"A MusicGen fine-tune of {origin}, method: {described}.")
+    if inputs.get("prior_preservation"):
+        lines.append("Trained with DreamBooth-style prior preservation (class examples generated by the base model).")
+    trigger = finetune.get("trigger")
+    if trigger:
+        lines += ["", f"Trigger word: `{trigger}`: start your prompts with it to call the trained style."]
+    tar_url = f"https://huggingface.co/{repo_id}/resolve/main/trained_model.tar"
+    lines += [
+        "",
+        "## Use",
+        "",
+        "`trained_model.tar` holds the weights. With the MusicGen fine-tuner's `predict.py`:",
+        "",
+        "```bash",
+        f"huggingface-cli download {repo_id} trained_model.tar --local-dir .",
+        f'python predict.py --weights trained_model.tar --prompt "{trigger + ", " if trigger else ""}rainy night lofi"',
+        "```",
+        "",
+        f"As `replicate_weights` of a MusicGen fine-tuner deployment: `{tar_url}` (this repo is created private: "
+        "a URL without your token works only once the repo is public).",
+    ]
+    training = dict(finetune.get("training") or {})
+    if training:
+        lines += ["", "## Training", ""]
+        for key, label in (
+            ("steps", "optimizer steps"),
+            ("clips", "training clips"),
+            ("first_loss", "first loss"),
+            ("final_loss", "final loss"),
+            ("precision", "precision"),
+            ("seconds", "seconds"),
+            ("world_size", "processes"),
+            ("global_batch", "batch"),
+            ("parallel", "parallelism"),
+        ):
+            if training.get(key) is not None:
+                value = training[key]
+                lines.append(f"- {label}: {round(value, 4) if isinstance(value, float) else value}")
+    if "loss.png" in files:
+        lines += ["", "![training loss](loss.png)"]
+    samples = [f for f in files if f.startswith("samples/")]
+    if samples:
+        described_samples = {s.get("file"): s.get("description", "") for s in finetune.get("samples") or []}
+        lines += ["", "## Samples", "", "Generated with these weights after training, from training descriptions:", ""]
+        for path in samples:
+            text = described_samples.get(path) or ""
+            lines.append(f"- [{path}]({path}){': ' + text if text else ''}")
+            lines.append(f'  <audio controls src="{path}"></audio>')
+    labels = dict(finetune.get("labels") or {})
+    if labels:
+        lines += ["", "## Labels", "", "The vocabulary of the training descriptions, per field:", ""]
+        for field, values in labels.items():
+            lines.append(f"- {field}: {', '.join(str(v) for v in values)}")
+    descriptions = list(finetune.get("descriptions") or [])
+    if descriptions:
+        lines += ["", "## Training descriptions", ""]
+        lines += [f"- {d}" for d in descriptions[:50]]
+        if len(descriptions) > 50:
+            lines.append(f"- ... ({len(descriptions) - 50} more in finetune.json inside the tar)")
+    if inputs:
+        lines += ["", "## Training inputs", "", "```json", json.dumps(inputs, indent=1, sort_keys=True), "```"]
+    lines += ["", "## License", ""]
+    if meta_weights:
+        lines.append(
+            "Derived from Meta's MusicGen weights (facebook/musicgen-*, facebook/encodec_32khz), released under "
+            "[CC-BY-NC 4.0](https://creativecommons.org/licenses/by-nc/4.0/): these weights are for non-commercial "
+            "use under the same license. Make sure you hold the rights to the training audio."
+        )
+    else:
+        lines.append("Built from a small random test model, with no Meta weights; no license is set here.")
+    return "\n".join(front + lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- push
+
+
+def _report_files(tar: Path) -> dict[str, bytes]:
+    """finetune.json, loss.png and samples/*.wav of a trained_model.tar (regular files only)."""
+    out: dict[str, bytes] = {}
+    with tarfile.open(tar) as archive:
+        for member in archive.getmembers():
+            wanted = member.name in ("finetune.json", "loss.png") or (
+                member.name.startswith("samples/") and member.name.endswith(".wav") and ".." not in member.name
+            )
+            if wanted and member.isfile():
+                source = archive.extractfile(member)
+                if source is not None:
+                    out[member.name] = source.read()
+    return out
+
+
+def _endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+
+
+@contextlib.contextmanager
+def _hub_online() -> tp.Iterator[None]:
+    """The user asked for a push: a deployment's HF_HUB_OFFLINE (meant for model loads) must not block it."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _commit(params: TrainParams, files: dict[str, bytes | Path], message: str) -> None:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=_endpoint(), token=(params.hf_token or "").strip())
+    with _hub_online():
+        api.create_repo(params.hf_repo_id, repo_type="model", private=True, exist_ok=True)
+        operations = [
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(data) if isinstance(data, Path) else data)
+            for path, data in files.items()
+        ]
+        api.create_commit(params.hf_repo_id, operations=operations, commit_message=message, repo_type="model")
+
+
+def push_trained_model(params: TrainParams, tar: Path) -> str | None:
+    """Push `tar`, its model card, loss plot and samples to `hf_repo_id`. Returns the repo URL, or None when there
+    is no repo to push to or the push failed (the error is logged; the tar stays where it is)."""
+    if not params.hf_repo_id or not params.hf_token:
+        return None
+    url = f"{_endpoint()}/{params.hf_repo_id}"
+    logger.info("Pushing %s (%.1f MB) to Hugging Face: %s", tar.name, tar.stat().st_size / 1e6, url)
+    try:
+        report = _report_files(tar)
+        finetune = json.loads(report.pop("finetune.json", b"{}"))
+        files: dict[str, bytes | Path] = {"trained_model.tar": tar, **report}
+        files["README.md"] = model_card(finetune, params.hf_repo_id, sorted(report)).encode()
+        _commit(params, files, f"Trained model ({finetune.get('method', '')} on {finetune.get('model_version', '')})")
+    except Exception as e:  # noqa: BLE001 - a failed push must never lose the trained weights
+        logger.error(
+            "Push to Hugging Face %s failed (%s: %s). The trained weights are still returned as %s",
+            params.hf_repo_id,
+            type(e).__name__,
+            redact(str(e), params),
+            tar.name,
+        )
+        return None
+    logger.info("Pushed to %s (trained_model.tar, README.md, %d report files)", url, len(report))
+    return url
+
+
+def push_checkpoint(params: TrainParams, checkpoint: Path) -> str | None:
+    """Push a resume checkpoint to `hf_repo_id`/checkpoints/. Returns its download URL, or None (error logged)."""
+    path_in_repo = f"checkpoints/{checkpoint.name}"
+    logger.info(
+        "Pushing the resume checkpoint %s (%.1f MB) to %s/%s",
+        checkpoint.name,
+        checkpoint.stat().st_size / 1e6,
+        params.hf_repo_id,
+        path_in_repo,
+    )
+    try:
+        _commit(params, {path_in_repo: checkpoint}, f"Resume checkpoint {checkpoint.name} (training interrupted)")
+    except Exception as e:  # noqa: BLE001 - reported; the interruption itself is what the caller re-raises
+        logger.error(
+            "Push of the resume checkpoint to Hugging Face %s failed (%s: %s)",
+            params.hf_repo_id,
+            type(e).__name__,
+            redact(str(e), params),
+        )
+        return None
+    return f"{_endpoint()}/{params.hf_repo_id}/resolve/main/{path_in_repo}"
+
+
+def report_interrupted(params: TrainParams, checkpoint_dir: Path) -> str | None:
+    """After a cancel or SIGTERM (rank 0): push the newest resume checkpoint when hf_repo_id+hf_token are given and
+    log how to resume; otherwise say where it is and whether it outlives the container. Returns the URL pushed."""
+    from training.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(checkpoint_dir))
+    if not found:
+        logger.warning("Training interrupted before a resume checkpoint could be saved: nothing to resume from")
+        return None
+    checkpoint = found[-1]
+    if params.hf_repo_id and params.hf_token:
+        url = push_checkpoint(params, checkpoint)
+        if url:
+            logger.warning(
+                "Training interrupted; resume checkpoint pushed. To continue, start a training with the same inputs "
+                "and resume_from=%s (the repo is private: make it public first, or download the file with your "
+                "token and pass that file as resume_from)",
+                url,
+            )
+            return url
+    in_temp = _inside(checkpoint, Path(tempfile.gettempdir()))
+    if in_temp:
+        logger.warning(
+            "Training interrupted; its resume checkpoint %s is in a temporary folder of this machine: on Replicate "
+            "(or any container) it cannot be reached after the container stops. Give hf_repo_id and hf_token to "
+            "have it pushed to your Hugging Face repo (checkpoints/) with the exact resume_from to continue",
+            checkpoint,
+        )
+    else:
+        logger.warning("Training interrupted; continue with the same inputs and resume_from=%s", checkpoint)
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
