@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 
 from core.params import InputError, build_parser, from_kwargs
 from core.versions import ModelUnavailableError
@@ -27,6 +29,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a container stop), turned into the same orderly exit as Ctrl-C: prepare()'s cleanup runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = vars(parser().parse_args(argv))
@@ -39,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if not output_dir:
         print("error: say where to write: OUT_DIR or --output_dir", file=sys.stderr)
         return 2
+    # Signal handlers can only be set from the main thread (main() may be called from another one).
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
         from preprocessing.prepare import prepare, summary
 
@@ -47,19 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # Like a shell command stopped by Ctrl-C: one line and 128 + SIGINT, not a traceback. prepare() has
+    except KeyboardInterrupt as e:
+        # Like a shell command stopped by Ctrl-C: one line and 128 + the signal, not a traceback. prepare() has
         # already removed its work folders; there is nothing to resume (preparation restarts from the upload).
+        how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
         print(
-            f"\ninterrupted: preparing {args['dataset_path']} into {output_dir} was stopped before it finished; "
+            f"\n{how}: preparing {args['dataset_path']} into {output_dir} was stopped before it finished; "
             "nothing usable was written (the unfinished dataset/ folder is replaced on the next run). Run the same "
             "command again to start over.",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     except OSError as e:  # a disk that fills up or a folder that turns read-only mid-run: say so in one line
         print(f"error: preparation stopped: {e}", file=sys.stderr)
         return 1
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     print(summary(dataset_out))
     return 0
 

@@ -259,25 +259,28 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, small_zip, monkeypatch, capsy
     assert not (out / "unpacked").exists() and not (out / "prepare-tmp").exists()  # cleaned on the way out
 
 
-def test_ctrl_c_signal_in_a_real_process(tmp_path, small_zip):
-    # A real SIGINT, delivered to the process while it prepares the first track.
+@pytest.mark.parametrize("sig,rc,word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_and_sigterm_in_a_real_process(tmp_path, small_zip, sig, rc, word):
+    # A real signal, delivered to the process while it prepares the first track.
+    out = tmp_path / "out"
     script = (
         "import os, signal, sys\n"
         "import importlib\n"
         "p = importlib.import_module('preprocessing.prepare')\n"
         "real = p.load_audio\n"
         "def load(path):\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        f"    os.kill(os.getpid(), signal.{sig})\n"
         "    return real(path)\n"
         "p.load_audio = load\n"
         "from preprocessing.__main__ import main\n"
-        f"sys.exit(main([{str(small_zip)!r}, {str(tmp_path / 'out')!r}, '--no-drop_vocals', '--no-auto_labeling']))\n"
+        f"sys.exit(main([{str(small_zip)!r}, {str(out)!r}, '--no-drop_vocals', '--no-auto_labeling']))\n"
     )
     env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 130, run.stderr[-2000:]
+    assert run.returncode == rc, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("interrupted: preparing")
+    assert run.stderr.strip().splitlines()[-1].startswith(f"{word}: preparing")
+    assert not (out / "unpacked").exists() and not (out / "prepare-tmp").exists()  # cleaned up, SIGTERM too
 
 
 # ------------------------------------------------------------------------------------------------------ audio sanity
