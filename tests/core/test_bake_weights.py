@@ -1,0 +1,196 @@
+"""scripts/bake_weights.py, offline: downloads from a loopback server, verified (a wrong checksum is retried, then
+fails naming the URL), retried with bounded backoff, landing atomically; Hugging Face files baked into the hub
+cache layout and verified against the (loopback) hub's metadata; the files and places agree with what the code
+loads."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import importlib.util
+import json
+import sys
+import threading
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bake_weights", ROOT / "scripts" / "bake_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bake = load_script()
+
+
+class Server:
+    """Loopback HTTP: each path answers from its list of (status, headers, body), the last one repeating."""
+
+    def __init__(self, routes: dict[str, list[tuple[int, dict[str, str], bytes]]], on_request=None):
+        self.routes = routes
+        self.hits: dict[str, int] = {}
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                path = urllib.parse.urlparse(self.path).path
+                n = outer.hits.get(path, 0)
+                outer.hits[path] = n + 1
+                if on_request:
+                    on_request(path)
+                answers = outer.routes.get(path, [(404, {}, b"not found")])
+                status, headers, body = answers[min(n, len(answers) - 1)]
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+DATA = b"model bytes " * 5000
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_good_file_lands_atomically_and_is_not_fetched_again(tmp_path):
+    dest = tmp_path / "out" / "weights.bin"
+    seen_before_done = []
+    with Server({"/w.bin": [(200, {}, DATA)]}, on_request=lambda _: seen_before_done.append(dest.exists())) as srv:
+        asset = bake.Asset(f"{srv.url}/w.bin", dest, sha256=SHA, size=len(DATA))
+        assert bake.download(asset, sleep=lambda s: None) == dest
+        assert dest.read_bytes() == DATA and seen_before_done == [False] and leftovers(dest.parent) == []
+        bake.download(asset, sleep=lambda s: None)  # already there and verified: no request
+        assert srv.hits["/w.bin"] == 1
+
+
+def test_a_wrong_checksum_is_retried_then_fails_clearly(tmp_path):
+    dest = tmp_path / "weights.bin"
+    waits: list[float] = []
+    with Server({"/w.bin": [(200, {}, DATA[:-1] + b"X")]}) as srv:
+        asset = bake.Asset(f"{srv.url}/w.bin", dest, sha256=SHA)
+        with pytest.raises(bake.BakeError) as err:
+            bake.download(asset, attempts=3, backoff=0.5, sleep=waits.append)
+        assert srv.hits["/w.bin"] == 3
+    message = str(err.value)
+    assert f"{srv.url}/w.bin" in message and f"expected {SHA}" in message and "after 3 attempt(s)" in message
+    assert waits == [0.5, 1.0]  # bounded, doubling
+    assert not dest.exists() and leftovers(tmp_path) == []  # nothing half-written carries a name
+
+
+def test_transient_errors_are_retried_and_client_errors_are_not(tmp_path):
+    waits: list[float] = []
+    routes = {"/flaky.bin": [(503, {}, b"busy"), (200, {}, DATA)], "/gone.bin": [(404, {}, b"no")]}
+    with Server(routes) as srv:
+        dest = bake.download(bake.Asset(f"{srv.url}/flaky.bin", tmp_path / "a.bin", sha256=SHA), sleep=waits.append)
+        assert dest.read_bytes() == DATA and srv.hits["/flaky.bin"] == 2 and waits == [bake.BACKOFF]
+        with pytest.raises(bake.BakeError, match="gone.bin.*404.*after 1 attempt"):
+            bake.download(bake.Asset(f"{srv.url}/gone.bin", tmp_path / "b.bin", sha256=SHA), sleep=waits.append)
+        assert srv.hits["/gone.bin"] == 1
+
+
+def test_strict_refuses_unpinned_files(tmp_path):
+    with pytest.raises(bake.BakeError, match="no sha256 is recorded"):
+        bake.download(bake.Asset("http://127.0.0.1:9/x.json", tmp_path / "x.json"), strict=True)
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()  # noqa: S324 - git's object id
+
+
+def test_hf_files_baked_into_the_hub_cache_and_verified(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+    from huggingface_hub import try_to_load_from_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session is offline; the build is not
+
+    config = json.dumps({"model_type": "encodec"}).encode()
+    weights = b"\x01\x02" * 40000
+    info = {
+        "id": "facebook/encodec_32khz",
+        "sha": COMMIT,
+        "siblings": [
+            {"rfilename": "config.json", "size": len(config), "blobId": git_blob_sha1(config)},
+            {
+                "rfilename": "model.safetensors",
+                "size": len(weights),
+                "blobId": "0" * 40,
+                "lfs": {"sha256": hashlib.sha256(weights).hexdigest(), "size": len(weights), "pointerSize": 134},
+            },  # fmt: skip
+            {"rfilename": "README.md", "size": 3, "blobId": "1" * 40},
+        ],
+    }
+    api = [(200, {"Content-Type": "application/json"}, json.dumps(info).encode())]
+    routes = {
+        "/api/models/facebook/encodec_32khz": api,
+        "/api/models/facebook/encodec_32khz/revision/main": api,
+        f"/facebook/encodec_32khz/resolve/{COMMIT}/config.json": [(200, {}, config)],
+        f"/facebook/encodec_32khz/resolve/{COMMIT}/model.safetensors": [(200, {}, weights)],
+    }
+    cache = tmp_path / "hub"
+    with Server(routes) as srv:
+        files = ("config.json", "model.safetensors", "missing.json")  # absent from the repo: skipped
+        snapshot = bake.bake_hf(
+            "facebook/encodec_32khz", files, required=("config.json",), cache=cache, endpoint=srv.url, sleep=print
+        )
+    assert snapshot == cache / "models--facebook--encodec_32khz" / "snapshots" / COMMIT
+    for name, data in (("config.json", config), ("model.safetensors", weights)):
+        found = try_to_load_from_cache("facebook/encodec_32khz", name, cache_dir=cache)
+        assert isinstance(found, str) and Path(found).read_bytes() == data  # what an offline loader reads
+    assert (cache / "models--facebook--encodec_32khz" / "refs" / "main").read_text() == COMMIT
+
+    routes[f"/facebook/encodec_32khz/resolve/{COMMIT}/model.safetensors"] = [(200, {}, weights[:-1] + b"\x00")]
+    with Server(routes) as srv, pytest.raises(bake.BakeError, match="model.safetensors.*sha256.*expected"):
+        bake.bake_hf("facebook/encodec_32khz", ("model.safetensors",), cache=tmp_path / "hub2", endpoint=srv.url,
+                     attempts=2, sleep=lambda s: None)  # fmt: skip
+
+
+def test_what_is_baked_is_what_the_code_loads(tmp_path, monkeypatch):
+    import torch
+
+    from preprocessing import analysis, vocals
+
+    assert [a.url for a in bake.essentia_assets()] == analysis.head_urls()
+    monkeypatch.setenv("MGFT_CACHE", str(tmp_path / "mgft"))
+    monkeypatch.delenv("MGFT_ESSENTIA_MODELS", raising=False)
+    assert bake.essentia_dir() == analysis.default_models_dir()
+    assert bake.HTDEMUCS_URL == vocals.WEIGHTS_URL
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert bake.torch_hub_checkpoints() == Path(torch.hub.get_dir()) / "checkpoints"
+    assert bake.htdemucs_assets()[0].dest == vocals.torch_cache_file()  # where vocal removal looks
+    assert bake.HTDEMUCS_SHA256.startswith(bake.HTDEMUCS_URL.rsplit("-", 1)[1].split(".")[0])  # torch.hub's rule
+    assert bake.HF_REPOS["t5"]["repo"] == "t5-base"  # the name audiocraft's musicgen configs give T5Conditioner
+
+
+def test_offline_mode_fails_at_once(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    waits: list[float] = []
+    with pytest.raises(bake.BakeError, match=r"OfflineModeIsEnabled.*after 1 attempt"):
+        bake.bake_hf("t5-base", ("config.json",), cache=tmp_path, endpoint="http://127.0.0.1:9", sleep=waits.append)
+    assert waits == []
