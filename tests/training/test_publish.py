@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -556,18 +557,97 @@ def test_ctrl_c_with_hf_repo_pushes_the_checkpoint_too(tmp_path, hub_env, monkey
 # ---------------------------------------------------------------------------------------------------- torchrun
 
 
-def test_torchrun_workers_get_secrets_from_their_environment_not_the_params_file(tmp_path, monkeypatch):
-    params = from_kwargs(TrainParams, dataset_path="x", wandb_api_key=WANDB_KEY, hf_repo_id=REPO, hf_token=HF_TOKEN)
-    params_file = tmp_path / run_mod.PARAMS_FILE
-    params_file.write_text(json.dumps(publish.public_inputs(params), indent=1))  # what run_training writes
-    assert all(s not in params_file.read_text() for s in SECRETS)
-    assert "hf_repo_id" in params_file.read_text()
-    for name, value in publish.worker_env(params).items():  # what run_training adds to torchrun's environment
-        monkeypatch.setenv(name, value)
-    seen: dict[str, TrainParams] = {}
-    monkeypatch.setattr(run_mod, "run_worker", lambda p, dataset, out, **kw: seen.setdefault("params", p))
-    monkeypatch.setattr("preprocessing.load_prepared", lambda folder: folder)
-    assert run_mod.main(["--params_json", str(params_file), "--dataset", "d", "--output_dir", str(tmp_path)]) == 0
-    assert seen["params"] == params  # the worker has every input, secrets included
-    assert all(s not in "".join(os.environ.values()) for s in SECRETS)  # taken out: wandb's service won't inherit
-    assert publish.parent_reports()  # and this worker leaves an interruption's push to the process that started it
+def _launch_in_process(monkeypatch, launched: list[dict], step_to_stop: int | None = None):
+    """A stand-in for `launch_torchrun` that runs the one worker `python -m training.run` would run, in this
+    process, with the arguments and environment run_training gives torchrun (a world of 1: RANK 0 of 1). With
+    `step_to_stop`, the worker gets a SIGTERM there, as torchrun relays a cancel, and the launch then raises Cog's
+    CancelationException, as launch_torchrun re-raises the cancel that made it stop its workers."""
+    from cog import CancelationException
+
+    def launch(nproc, module, args, env=None):
+        params_file = Path(args[args.index("--params_json") + 1])
+        launched.append({"nproc": nproc, "module": module, "env": dict(env or {}), "file": params_file.read_text()})
+        for name, value in {**(env or {}), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            monkeypatch.setenv(name, value)
+        if step_to_stop is not None:
+            _sigterm_at_step(monkeypatch, step_to_stop)
+        try:
+            run_mod.main(args)
+        except TrainingInterrupted:
+            raise CancelationException() from None
+        finally:
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                monkeypatch.delenv(name)
+
+    monkeypatch.setattr(run_mod.dist_mod, "launch_torchrun", launch)
+
+
+def test_torchrun_workers_get_the_secrets_from_their_environment_not_the_params_file(
+    tmp_path, hub_env, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO)
+    launched: list[dict] = []
+    _launch_in_process(monkeypatch, launched)
+    with FakeHub(HF_TOKEN) as hub:
+        hub_env(hub.url)
+        params = _short_params(_dataset(tmp_path), hf_repo_id=REPO, hf_token=HF_TOKEN, sample_duration=0.0)
+        out = tmp_path / "out"
+        tar = run_training(params, out, nproc=2)
+    (call,) = launched
+    assert call["module"] == "training.run"
+    inputs = json.loads(call["file"])  # train_params.json, as the workers read it
+    assert inputs["hf_repo_id"] == REPO and not set(publish.SECRET_FIELDS) & set(inputs)
+    assert HF_TOKEN in call["env"].values()  # the token reached the worker through its environment...
+    assert hub.files[REPO][TAR] == tar.read_bytes()  # ...which pushed with it
+    assert all(s not in "".join(os.environ.values()) for s in SECRETS)  # and took it out of its environment
+    assert _assert_no_secret_in_tree(out) > 5
+    _assert_no_secret_in_logs(_log_text(caplog))
+
+
+def test_a_cancelled_torchrun_run_pushes_its_checkpoint_once_from_the_launching_process(
+    tmp_path, hub_env, monkeypatch, caplog
+):
+    from cog import CancelationException
+
+    caplog.set_level(logging.INFO)
+    _launch_in_process(monkeypatch, [], step_to_stop=2)
+    with FakeHub(HF_TOKEN) as hub:
+        hub_env(hub.url)
+        params = _short_params(_dataset(tmp_path), hf_repo_id=REPO, hf_token=HF_TOKEN, save_every=0)
+        with pytest.raises(CancelationException):
+            run_training(params, tmp_path / "out", nproc=2)
+    assert list(hub.files[REPO]) == ["checkpoints/checkpoint-00000002.pt"]
+    assert len(hub.commits) == 1  # the worker left the push to the launching process: no second copy
+    assert f"resume_from={hub.url}/{REPO}/resolve/main/checkpoints/checkpoint-00000002.pt" in _log_text(caplog)
+
+
+def test_the_cog_entry_point_unwraps_secret_inputs_for_the_push(tmp_path, hub_env, caplog):
+    """train.py's `train()` as Cog calls it: secrets arrive as cog.Secret, omitted inputs as their defaults."""
+    from cog import Secret
+
+    import train as cog_train
+
+    caplog.set_level(logging.INFO)
+    with FakeHub(HF_TOKEN) as hub:
+        hub_env(hub.url)
+        output = cog_train.train(
+            dataset_path=str(_dataset(tmp_path)),
+            model_version="tiny",
+            auto_labeling=False,
+            drop_vocals=False,
+            epochs=1,
+            updates_per_epoch=2,
+            batch_size=2,
+            segment_duration=2.0,
+            sample_duration=0.0,
+            hf_repo_id=REPO,
+            hf_token=Secret(HF_TOKEN),
+        )
+    assert hub.files[REPO][TAR] == Path(output.weights).read_bytes()
+    assert "README.md" in hub.files[REPO]
+    _assert_no_secret_in_logs(_log_text(caplog))
+    work = Path(output.weights).parent  # train()'s own temporary training folder
+    try:
+        assert _assert_no_secret_in_tree(work) >= 3  # the tar and the code caches
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
