@@ -23,11 +23,55 @@ from core.params import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KEEP", "FORMAT", "save_checkpoint", "find_checkpoint", "load_checkpoint", "list_checkpoints"]
+__all__ = [
+    "KEEP",
+    "FORMAT",
+    "save_checkpoint",
+    "find_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "newest_checkpoint",
+    "checkpoint_step",
+    "first_non_finite",
+    "current_umask",
+]
 
 KEEP = 2
 FORMAT = "musicgen-ft-resume-1"
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def current_umask() -> int:
+    """The process umask: `os.umask` is the only portable way to read it, so it is set and put straight back."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def first_non_finite(tensors: tp.Iterable[tuple[str, tp.Any]]) -> tuple[str, str] | None:
+    """`(name, what)` of the first floating-point tensor holding NaN or inf (`what`: e.g. "3 NaN of 4096"),
+    or None when every one is finite."""
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(t).sum())
+            inf = int((~finite).sum()) - nan
+            counts = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+            return name, f"{counts} of {t.numel()} values"
+    return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint's name (`checkpoint-<step>.pt`), or None for another name."""
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -45,6 +89,8 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, tp.Any], keep: int
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
+        # mkstemp creates the file 0600; a checkpoint is the user's file like any other: 0666 less the umask.
+        os.chmod(tmp, 0o666 & ~current_umask())
         torch.save({"format": FORMAT, "step": step, **state}, tmp)
         os.replace(tmp, target)
     finally:

@@ -20,9 +20,11 @@ import torch
 
 from core import weights
 from core.audio import save_audio
+from core.errors import InputError
 from core.params import secret_fields
+from training import checkpoint as ckpt
 from training.data import ClipTokens
-from training.loop import TrainResult
+from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, finished_state, resume_hint
 from training.melody import restore_for_generation
 from training.methods import get_method
 from training.params import TrainParams
@@ -30,7 +32,16 @@ from training.report import plot_history
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export_trained_model", "label_vocabulary", "generate_samples", "N_SAMPLES"]
+__all__ = [
+    "export_trained_model",
+    "label_vocabulary",
+    "generate_samples",
+    "N_SAMPLES",
+    "ExportFailed",
+    "check_output_dir",
+    "check_exported_finite",
+    "keep_trained_state",
+]
 
 N_SAMPLES = 2
 REPORT_FILES = ("loss.png", "samples/")
@@ -92,8 +103,15 @@ def export_trained_model(
     clips: tp.Sequence[ClipTokens],
     dataset_report: dict | None = None,
     run_info: dict | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> Path:
-    """Write `out_tar` atomically: weights (fp16 LM + compression reference), finetune.json, loss.png, samples."""
+    """Write `out_tar` atomically: weights (fp16 LM + compression reference), finetune.json, loss.png, samples.
+
+    Every tensor that would go into the tar is checked finite first (`NonFiniteError` naming the step and the
+    tensor, and the last finite checkpoint in `checkpoint_dir`). If writing fails (full disk, permissions, Ctrl-C),
+    the training is not lost: the finished state is kept as a resume checkpoint (`checkpoint_dir`, else a temporary
+    folder) and the error says where and how to export it without training again.
+    """
     cfg = model.lm.cfg  # the base's config as audiocraft's loader read it (device/dtype dropped on export)
     prior_examples = [
         {"kind": c.info["prior"], "prompt": c.description, "file": Path(c.path).name, "track": c.info["prior_source"]}
@@ -132,6 +150,29 @@ def export_trained_model(
         finetune["prior_examples"] = prior_examples
     method_export = get_method(params.method).export(result.state_dict, model.lm, params)  # training/methods/
     finetune.update(method_export.info)
+    check_exported_finite(method_export, result.steps, checkpoint_dir)
+    try:
+        return _write(out_tar, model, result, params, clips, cfg, finetune, method_export)
+    except BaseException as e:
+        kept = keep_trained_state(result, params, checkpoint_dir)
+        replacement = _export_failure(e, Path(out_tar), result.steps, kept)
+        if replacement is None:
+            raise
+        raise replacement from (None if isinstance(e, KeyboardInterrupt) else e)
+
+
+def _write(
+    out_tar: Path,
+    model: tp.Any,
+    result: TrainResult,
+    params: TrainParams,
+    clips: tp.Sequence[ClipTokens],
+    cfg: tp.Any,
+    finetune: dict[str, tp.Any],
+    method_export: tp.Any,
+) -> Path:
+    """The part of the export that can fail on the disk: the report, the samples, the tar."""
+    history = result.history
     extra: dict[str, bytes] = {"loss.png": plot_history(history)}
     if params.sample_duration > 0:
         model.lm.load_state_dict(result.state_dict)
@@ -167,3 +208,135 @@ def export_trained_model(
         tmp.unlink(missing_ok=True)
     logger.info("Trained model written to %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
     return out_tar
+
+
+# ------------------------------------------------------------------------------------------------ nothing lost
+
+FP16_MAX = float(torch.finfo(torch.float16).max)  # the tar stores the LM and adapters in fp16
+
+
+class ExportFailed(InputError):
+    """Writing `trained_model.tar` into `output_dir` failed after the training finished; the message says where the
+    trained state was kept and how to export it without training again."""
+
+    def __init__(self, message: str):
+        super().__init__("output_dir", message)
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """`output_dir` and every folder the trainer writes in it (checkpoints/, work/, cache/) are folders we can
+    write to, before any work: creates `output_dir`; a file in the way or a read-only folder is an InputError
+    naming `output_dir` and the fix (not a traceback after the dataset was prepared, or after the training)."""
+    from training.run import TAR_NAME  # (run imports this module lazily: no cycle at import time)
+
+    folder = Path(output_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError("output_dir", f"{folder} is a file, not a folder; give a folder (created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(
+            "output_dir", f"cannot create {folder} ({e.strerror or e}); give a folder you can write to"
+        ) from None
+    # The subfolders are not created here (preparation marks its own work folder as ours); writing in the output
+    # folder covers creating them, and an existing one must be a writable folder itself.
+    for target in (folder, folder / "checkpoints", folder / "work", folder / "cache"):
+        if not target.exists():
+            continue
+        if not target.is_dir():
+            raise InputError(
+                "output_dir",
+                f"{target} is a file where the trainer writes its {target.name}/ folder; move it away or give "
+                "another output_dir",
+            )
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=target)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise InputError(
+                "output_dir",
+                f"{target} is not writable ({e.strerror or e}); make it writable (e.g. chmod u+w) or give another "
+                "output_dir",
+            ) from None
+    tar = folder / TAR_NAME
+    if tar.is_dir():
+        raise InputError("output_dir", f"{tar} is a folder, where the trained model goes; move it away")
+    return folder
+
+
+def _exported_tensors(method_export: tp.Any) -> tp.Iterator[tuple[str, torch.Tensor, str]]:
+    """`(name, tensor as the tar stores it, member)` for every tensor that goes into the tar."""
+    from safetensors.torch import load as load_safetensors
+
+    for name, t in method_export.state_dict.items():
+        # state_dict.bin holds fp16 (core.weights.lm_package): a finite fp32 value past 65504 becomes inf there
+        yield name, t.detach().to(torch.float16) if t.is_floating_point() else t, "state_dict.bin"
+    for member, data in method_export.extra_files.items():
+        if member.endswith(".safetensors"):
+            for name, t in load_safetensors(data).items():
+                yield name, t, member
+
+
+def check_exported_finite(method_export: tp.Any, step: int, checkpoint_dir: Path | None) -> None:
+    """No tar with NaN/inf weights: such a model loads and then fails (or plays noise) in predict."""
+    for name, stored, member in _exported_tensors(method_export):
+        bad = ckpt.first_non_finite([(name, stored)])
+        if bad is None:
+            continue
+        what = bad[1]
+        original = method_export.state_dict.get(name) if member == "state_dict.bin" else None
+        if original is not None and ckpt.first_non_finite([(name, original)]) is None:
+            what += f" once stored in fp16 (|value| > {FP16_MAX:.0f})"
+        last = ckpt.newest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        raise NonFiniteError(
+            f"The trained weights are not finite after step {step} (the last): '{name}' ({member}) holds {what}; "
+            f"no trained_model.tar was written. Last finite state: {resume_hint(last)}. Lower lr (adamw: e.g. "
+            "1e-5) or weight_decay, keep max_grad_norm on, or use precision bf16/fp32."
+        )
+
+
+def keep_trained_state(result: TrainResult, params: TrainParams, checkpoint_dir: Path | None) -> Path | None:
+    """A resume checkpoint of the finished run, for when its export failed: the one save_every already wrote at
+    the last step, else a new one in `checkpoint_dir`, else in a new temporary folder. None if nothing could be
+    written anywhere (every attempt is logged)."""
+    newest = ckpt.newest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if newest is not None and ckpt.checkpoint_step(newest) == result.steps:
+        return newest
+    state = finished_state(result, params)
+    folders: list[tp.Callable[[], Path]] = [lambda: Path(tempfile.mkdtemp(prefix="musicgen-ft-checkpoints-"))]
+    if checkpoint_dir is not None:
+        folders.insert(0, lambda: Path(checkpoint_dir))
+    for folder in folders:
+        try:
+            path = ckpt.save_checkpoint(folder(), result.steps, state)
+        except Exception as e:  # noqa: BLE001 - any failure: try the next place
+            logger.warning("Could not keep the trained state as a checkpoint (%s: %s)", type(e).__name__, e)
+            continue
+        logger.warning("The trained state of all %d steps is kept as a resume checkpoint: %s", result.steps, path)
+        return path
+    return None
+
+
+def _export_failure(error: BaseException, out_tar: Path, steps: int, kept: Path | None) -> BaseException | None:
+    """The error to raise for a failed export (None: re-raise `error` itself, with a note where the state is)."""
+    if kept is not None:
+        where = (
+            f"the trained state is kept in {kept}: export it without training again with the same inputs and "
+            f"--resume_from {kept.parent} (Cog: resume_from=<that file>)"
+        )
+    else:
+        where = "the trained state could not be saved anywhere either (see the log)"
+    if isinstance(error, KeyboardInterrupt):
+        return TrainingInterrupted(f"Ctrl-C stopped the export after all {steps} training steps; {where}", 130)
+    cause = f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError):
+        return ExportFailed(
+            f"writing {out_tar} failed after all {steps} training steps ({cause}); {where}, once the folder "
+            "has space and is writable"
+        )
+    if isinstance(error, Exception):
+        error.add_note(f"The export failed after all {steps} training steps; {where}")
+    else:  # Cog's cancel: it ends as a cancel; the log says where the state is
+        logger.warning("Export cancelled after all %d training steps; %s", steps, where)
+    return None

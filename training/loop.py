@@ -45,6 +45,8 @@ __all__ = [
     "TrainResult",
     "NonFiniteError",
     "TrainingInterrupted",
+    "finished_state",
+    "resume_hint",
     "train_loop",
     "cross_entropy",
     "resolve_precision",
@@ -60,9 +62,24 @@ class NonFiniteError(RuntimeError):
 
 
 class TrainingInterrupted(Interrupted):
-    """SIGTERM during training: a resume checkpoint was saved (its path is in the message)."""
+    """SIGTERM or Ctrl-C during training: the message says which resume checkpoint holds the completed steps."""
 
     exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by it
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code  # Ctrl-C: 130 (128 + SIGINT)
+
+
+def resume_hint(path: Path | None) -> str:
+    """How to continue from checkpoint `path` (None: nothing to resume), for the one line a stopped run prints."""
+    if path is None:
+        return "there is no resume checkpoint: run again to start over"
+    return (
+        f"resume checkpoint: {path}. Continue with the same inputs and --resume_from {path.parent} "
+        "(Cog: resume_from=<that file>)"
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,29 @@ class TrainResult:
     parallel: str = "single"  # single, ddp or fsdp
     # Under FSDP, rank 0's unsharded copy of the LM holding `state_dict` (the trained one is sharded); else None.
     lm: tp.Any = None
+    # For `finished_state` (a resume checkpoint of the end of the run, written only if the export fails):
+    rng: dict[str, tp.Any] = field(default_factory=dict)  # the RNG states at the end
+    ema_names: list[str] | None = None  # names of the EMA'd (trainable) weights, when ema is on
+    world_size: int = 1
+
+
+def finished_state(result: TrainResult, params: TrainParams) -> dict[str, tp.Any]:
+    """A resume checkpoint of a run that completed all its steps, from its result alone (no collective, no
+    optimizer: the optimizer state only serves steps still to train, and a run's step count cannot change on
+    resume, see RESUME_MUST_MATCH). Resuming it exports the same weights without training again. `model` holds the
+    weights to export (with ema on, the average: it is also the `ema` the resume exports)."""
+    model = {k: v.detach().cpu() for k, v in result.state_dict.items()}
+    return {
+        "model": model,
+        "optimizer": None,
+        "scaler": None,
+        "ema": [model[n] for n in result.ema_names] if result.ema_names is not None else None,
+        "rng": result.rng,
+        "history": list(result.history),
+        "params": dataclasses.asdict(params),
+        "world_size": result.world_size,
+        "finished": True,
+    }
 
 
 def format_duration(seconds: float) -> str:
@@ -209,25 +249,37 @@ class TrainStep(torch.nn.Module):
         return loss
 
 
-class _StopOnSigterm:
-    """Turns SIGTERM into a flag checked after each step (the loop then saves and stops cleanly)."""
+class _StopOnSignal:
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a flag checked after each step: the loop then saves a resume
+    checkpoint and stops cleanly (`requested`: "SIGTERM" or "Ctrl-C"). A second Ctrl-C stops at once
+    (KeyboardInterrupt: the completed steps are still saved if the weights are whole, see `train_loop`).
+
+    SIGINT is taken over only from Python's default handler: a host that installed its own (a server turning it
+    into its cancel) keeps it.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: tp.Any = None
+        self.requested: str | None = None
+        self._previous: dict[int, tp.Any] = {}
 
-    def __enter__(self) -> _StopOnSigterm:
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum: int, frame: tp.Any) -> None:
-        logger.warning("SIGTERM received: stopping after this step with a resume checkpoint")
-        self.requested = True
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if name == "Ctrl-C" and self.requested == "Ctrl-C":
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        self.requested = self.requested or name
+        again = " (Ctrl-C again: stop now)" if name == "Ctrl-C" else ""
+        logger.warning("%s received: stopping after this step with a resume checkpoint%s", name, again)
 
     def __exit__(self, *exc: tp.Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def build_optimizer(params: TrainParams, trainable: list[torch.Tensor], sharded: bool = False) -> torch.optim.Optimizer:
@@ -319,6 +371,7 @@ def train_loop(
     ema = [w.detach().clone() for w in weights] if params.ema else None
     history: list[dict[str, float]] = []
     start_step = 0
+    finished = False  # resumed from a checkpoint of a run that ended: only the export is left
 
     # ---- resume: weights, optimizer, scaler, EMA, RNGs, history; the schedule and data plan are pure in `step`
     if resume_state is not None:
@@ -327,7 +380,12 @@ def train_loop(
             fsdp_mod.load_full_state_dict(lm, resume_state["model"])
         else:
             lm.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])  # whole in the file, sharded here under FSDP
+        start_step = int(resume_state["step"])
+        # A run that ended (all its steps, or an early stop) and whose export failed left `finished_state`:
+        # no optimizer state, nothing to train; resuming it exports.
+        finished = bool(resume_state.get("finished")) or start_step >= plan.total_steps
+        if resume_state.get("optimizer") is not None:
+            optimizer.load_state_dict(resume_state["optimizer"])  # whole in the file, sharded here under FSDP
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         if ema is not None and resume_state.get("ema") is not None:
@@ -341,11 +399,13 @@ def train_loop(
         lm.cfg_dropout.rng.set_state(rng["cfg_dropout"])
         lm.att_dropout.rng.set_state(rng["att_dropout"])
         history = list(resume_state.get("history", []))
-        start_step = int(resume_state["step"])
         if dist.is_main:
             logger.info("Resumed at step %d of %d", start_step, plan.total_steps)
-        if start_step >= plan.total_steps:
-            logger.warning("The checkpoint already completed all %d steps: nothing left to train", plan.total_steps)
+        if finished and dist.is_main:
+            logger.warning(
+                "The checkpoint already completed all %d steps: nothing left to train, exporting its weights",
+                start_step,
+            )
 
     def checkpoint_state() -> dict[str, tp.Any]:
         """Whole (unsharded) state, on CPU; under FSDP a collective, complete on rank 0 only."""
@@ -366,9 +426,35 @@ def train_loop(
             "world_size": dist.world_size,
         }
 
+    def non_finite(state: dict[str, tp.Any] | None) -> tuple[str, str] | None:
+        """The first non-finite weight (or EMA weight) of a checkpoint state: a checkpoint never holds one, so the
+        newest on disk is always the last finite state. (The loss can stay finite while an update made weights
+        NaN, e.g. an update that overflowed on the last step, or NaN rows of an embedding no batch used.)"""
+        if state is None:
+            return None
+        return ckpt.first_non_finite(
+            [
+                *state["model"].items(),
+                *((f"{n} (EMA)", e) for n, e in zip(trainable_names, state["ema"] or [], strict=False)),
+            ]
+        )
+
+    def diverged(step_done: int, bad: tuple[str, str] | None) -> NonFiniteError:
+        where = f"'{bad[0]}' holds {bad[1]}" if bad else "on rank 0"
+        last = ckpt.newest_checkpoint(checkpoint_dir)
+        return NonFiniteError(
+            f"Training diverged at step {step_done}: the weights are not finite ({where}); no checkpoint was "
+            f"written for it. Last finite state: {resume_hint(last)}. Lower lr (adamw: e.g. 1e-5) "
+            "or weight_decay, keep max_grad_norm on, or use precision bf16/fp32."
+        )
+
     def save(step_done: int) -> Path | None:
         barrier(dist)
         state = checkpoint_state() if dist.is_main or sharded else None  # FSDP: every rank sends its shards
+        bad = non_finite(state) if dist.is_main else None
+        if any_rank(dist, bad is not None):  # every rank stops at the same step
+            del state
+            raise diverged(step_done, bad)
         path = ckpt.save_checkpoint(checkpoint_dir, step_done, state) if state is not None and dist.is_main else None
         del state
         barrier(dist)
@@ -381,9 +467,10 @@ def train_loop(
     consistent = True  # weights/optimizer reflect exactly `step` completed steps
     progress = tqdm(total=plan.total_steps, initial=start_step, desc="Training", unit="step", disable=not dist.is_main)
     log_every = max(1, plan.total_steps // 20)
+
     try:
-        with _StopOnSigterm() as stop:
-            for step in range(start_step, plan.total_steps):
+        with _StopOnSignal() as stop:
+            for step in range(start_step, start_step if finished else plan.total_steps):
                 t0 = time.perf_counter()
                 # ---- learning rate for this step
                 lr = get_lr(
@@ -495,29 +582,51 @@ def train_loop(
                         on_metrics(metrics)
                 # ---- checkpoint: every save_every steps and at the end; on SIGTERM, then stop
                 done = step + 1
-                stopping = any_rank(dist, stop.requested)
+                stopping = any_rank(dist, stop.requested is not None)
                 periodic = params.save_every > 0 and (done % params.save_every == 0 or done == plan.total_steps)
                 if periodic or stopping:
                     path = save(done)
                     if stopping:
+                        by = stop.requested or "SIGTERM"  # (another rank's signal: torchrun sends SIGTERM)
                         raise TrainingInterrupted(
-                            f"Training stopped by SIGTERM after step {done}; resume checkpoint: {path}. Continue "
-                            f"with the same inputs and --resume_from {checkpoint_dir} (Cog: resume_from=<that file>)"
+                            f"Training stopped by {by} after step {done}; resume checkpoint: {path}. Continue "
+                            f"with the same inputs and --resume_from {checkpoint_dir} (Cog: resume_from=<that file>)",
+                            exit_code=130 if by == "Ctrl-C" else 143,
                         )
     except BaseException as e:
         # Cancelled mid-step (Cog cancel, Ctrl-C): keep what the completed steps did, if anything and if whole.
         interrupted = not isinstance(e, Exception)
         done = len(history)
+        saved: Path | None = None
+        why = "no step completed" if done <= start_step else "stopped inside an optimizer update"
         if interrupted and consistent and done > start_step and dist.is_main:
             if sharded:  # gathering the shards needs every rank, which an interrupt does not coordinate
-                logger.warning(
-                    "Interrupted (%s) under FSDP: no checkpoint (only SIGTERM and save_every save sharded runs)",
-                    type(e).__name__,
-                )
+                why = "under FSDP only SIGTERM and save_every write checkpoints"
+                logger.warning("Interrupted (%s) under FSDP: no checkpoint (%s)", type(e).__name__, why)
             else:
-                logger.warning("Interrupted (%s): saving a resume checkpoint at step %d", type(e).__name__, done)
-                with contextlib.suppress(Exception):
-                    ckpt.save_checkpoint(checkpoint_dir, done, checkpoint_state())
+                state = checkpoint_state()
+                bad = non_finite(state)
+                if bad is not None:
+                    why = f"the weights are not finite: '{bad[0]}' holds {bad[1]}"
+                else:
+                    logger.warning("Interrupted (%s): saving a resume checkpoint at step %d", type(e).__name__, done)
+                    try:
+                        saved = ckpt.save_checkpoint(checkpoint_dir, done, state)
+                    except Exception as save_error:  # noqa: BLE001 - the interrupt is what must reach the user
+                        why = f"writing it failed: {type(save_error).__name__}: {save_error}"
+                del state
+        if isinstance(e, KeyboardInterrupt):
+            # Ctrl-C ends like SIGTERM: one line with the resume hint and exit 130, no traceback (core.errors).
+            # Cog's cancel (CancelationException, also a BaseException) goes on unchanged.
+            if saved is not None:
+                message = f"Training stopped by Ctrl-C after step {done}; {resume_hint(saved)}"
+            else:
+                older = ckpt.newest_checkpoint(checkpoint_dir)
+                if older is None and params.resume_from and start_step > 0:
+                    older = ckpt.find_checkpoint(params.resume_from)
+                message = f"Training stopped by Ctrl-C after step {done}, with no checkpoint of it ({why}); "
+                message += f"the newest {resume_hint(older)}" if older is not None else resume_hint(None)
+            raise TrainingInterrupted(message, exit_code=130) from None
         raise
     finally:
         progress.close()
@@ -537,6 +646,12 @@ def train_loop(
             state = {k: averaged.get(k, v).detach() for k, v in lm.state_dict().items()}
         else:
             state = {k: v.detach() for k, v in lm.state_dict().items()}
+    rng = {  # for `finished_state`: what a checkpoint of this point would hold
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cfg_dropout": lm.cfg_dropout.rng.get_state(),
+        "att_dropout": lm.att_dropout.rng.get_state(),
+    }
     return TrainResult(
         state_dict=state,
         history=history,
@@ -547,4 +662,7 @@ def train_loop(
         precision=resolve_precision(params.precision, device)[2],
         parallel=parallel,
         lm=export_lm,
+        rng=rng,
+        ema_names=list(trainable_names) if ema is not None else None,
+        world_size=dist.world_size,
     )

@@ -84,9 +84,10 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
     `nproc`: training processes; default one per visible GPU. More than one runs under torchrun (DDP or FSDP, see
     the `parallel` input); this process then only prepares the dataset and waits.
     """
+    from training.export import check_output_dir
+
     check_inputs(params)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_output_dir(output_dir)  # a file or a read-only folder: refused before any work
     dataset = prepare_dataset(params, output_dir / "work")
     nproc = dist_mod.visible_gpus() if nproc is None else nproc
     if nproc > 1 and not DistInfo.under_torchrun():
@@ -257,6 +258,7 @@ def run_worker(params: TrainParams, dataset: tp.Any, output_dir: Path, dist: Dis
                     "global_batch": setup.plan.global_batch,
                     "parallel": result.parallel,
                 },
+                checkpoint_dir=output_dir / "checkpoints",  # a failed export keeps the trained state there
             )
             if run is not None:
                 run.log_samples(tar)
