@@ -22,5 +22,5 @@ def configure_logging(level: int = logging.INFO, fmt: str = FORMAT) -> None:
         setattr(handler, _MARK, True)
         root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "numba", "fsspec"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "filelock", "numba", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
