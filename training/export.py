@@ -320,23 +320,23 @@ def keep_trained_state(result: TrainResult, params: TrainParams, checkpoint_dir:
 
 def _export_failure(error: BaseException, out_tar: Path, steps: int, kept: Path | None) -> BaseException | None:
     """The error to raise for a failed export (None: re-raise `error` itself, with a note where the state is)."""
+    finished = f"after the training finished ({steps} steps)"
     if kept is not None:
-        where = (
-            f"the trained state is kept in {kept}: export it without training again with the same inputs and "
+        how = (
+            f"the trained state is kept in {kept}; export it without training again: the same inputs and "
             f"--resume_from {kept.parent} (Cog: resume_from=<that file>)"
         )
     else:
-        where = "the trained state could not be saved anywhere either (see the log)"
+        how = "the trained state could not be saved anywhere either (see the log)"
     if isinstance(error, KeyboardInterrupt):
-        return TrainingInterrupted(f"Ctrl-C stopped the export after all {steps} training steps; {where}", 130)
+        return TrainingInterrupted(f"Ctrl-C stopped the export {finished}; {how}", 130)
     cause = f"{type(error).__name__}: {error}"
     if isinstance(error, OSError):
         return ExportFailed(
-            f"writing {out_tar} failed after all {steps} training steps ({cause}); {where}, once the folder "
-            "has space and is writable"
+            f"writing {out_tar} failed {finished} ({cause}): free space or make {out_tar.parent} writable; {how}"
         )
     if isinstance(error, Exception):
-        error.add_note(f"The export failed after all {steps} training steps; {where}")
+        error.add_note(f"The export failed {finished}; {how}")
     else:  # Cog's cancel: it ends as a cancel; the log says where the state is
-        logger.warning("Export cancelled after all %d training steps; %s", steps, where)
+        logger.warning("Export cancelled %s; %s", finished, how)
     return None

@@ -177,7 +177,8 @@ def test_failed_export_keeps_the_training_and_resume_exports_without_training(cl
     message = str(err.value)
     saved = ckpt.list_checkpoints(out / "checkpoints")
     assert [p.name for p in saved] == ["checkpoint-00000003.pt"]
-    assert err.value.name == "output_dir" and "after all 3 training steps" in message and "IsADirectoryError" in message
+    assert err.value.name == "output_dir" and "after the training finished (3 steps)" in message
+    assert "IsADirectoryError" in message and f"make {out} writable" in message
     assert str(saved[0]) in message and f"--resume_from {out / 'checkpoints'}" in message
     state = ckpt.load_checkpoint(saved[0])
     assert state["step"] == 3 and len(state["history"]) == 3 and state["finished"] is True
@@ -267,9 +268,26 @@ def test_ctrl_c_during_the_export_keeps_the_state_and_exits_130(clips, tmp_path,
     monkeypatch.setattr(export_mod.weights, "write_trained_model", ctrl_c)
     with pytest.raises(TrainingInterrupted) as err:
         run_training(quick(clips), out)
-    assert err.value.exit_code == 130 and "Ctrl-C stopped the export after all 3 training steps" in str(err.value)
+    assert err.value.exit_code == 130
+    assert "Ctrl-C stopped the export after the training finished (3 steps)" in str(err.value)
     assert str(out / "checkpoints" / "checkpoint-00000003.pt") in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_any_other_export_failure_keeps_the_state_and_says_where(clips, tmp_path, monkeypatch):
+    """Not a disk error (here: out of memory while generating the samples): the error itself goes on, with a note
+    naming the kept checkpoint."""
+    out = tmp_path / "out"
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(export_mod, "generate_samples", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        run_training(quick(clips, sample_duration=0.5), out)
+    kept = out / "checkpoints" / "checkpoint-00000003.pt"
+    assert kept.is_file() and ckpt.load_checkpoint(kept)["finished"] is True
+    assert any(str(kept) in note and "--resume_from" in note for note in err.value.__notes__)
 
 
 def test_export_with_a_save_every_checkpoint_points_at_it(clips, tmp_path, monkeypatch):
