@@ -237,6 +237,32 @@ def train(
         default="auto",
         choices=["auto", "ddp", "fsdp"],
     ),
+    validation_split: float = Input(
+        description="Share of the tracks held out to measure the validation loss (every clip of a track on one side, chosen from seed). Used from 5 tracks on (at least 1 held out); with fewer, all train and the log says so. 0: no validation. Ignored when validation_path is given.",
+        default=0.1,
+        ge=0.0,
+        le=0.5,
+    ),
+    validation_path: Path | None = Input(
+        description="Held-out audio to validate on instead of a share of dataset_path: an archive or audio file like dataset_path (prepared the same way), or locally a prepared folder.",
+        default=None,
+    ),
+    eval_every: int = Input(
+        description="Validation loss every this many optimizer steps, plus before the first step and at the end. 0: once per epoch.",
+        default=0,
+        ge=0,
+        le=1000000,
+    ),
+    keep_best: bool = Input(
+        description="With validation: export the weights of the evaluation with the lowest validation loss (the base model included) instead of the last step's.",
+        default=True,
+    ),
+    early_stop_patience: int = Input(
+        description="With validation: stop when this many evaluations in a row did not lower the best validation loss. 0: never stop early.",
+        default=0,
+        ge=0,
+        le=100000,
+    ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
     inputs = {name: _plain(value) for name, value in locals().items()}

@@ -28,7 +28,7 @@ from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, fini
 from training.melody import restore_for_generation
 from training.methods import get_method
 from training.params import TrainParams
-from training.report import plot_history
+from training.report import metrics_json, plot_history
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,14 @@ def export_trained_model(
             **(run_info or {}),
         },
     }
+    # Which weights are in the tar: with validation and keep_best, the best evaluation's (training/evaluate.py).
+    validation = result.evaluation
+    exported_step = result.steps
+    if validation is not None:
+        finetune["validation"] = validation
+        if validation.get("exported_step") is not None:
+            exported_step = validation["exported_step"]
+    finetune["training"]["exported_step"] = exported_step
     if prior_examples:
         finetune["prior_examples"] = prior_examples
     method_export = get_method(params.method).export(result.state_dict, model.lm, params)  # training/methods/
@@ -173,7 +181,8 @@ def _write(
 ) -> Path:
     """The part of the export that can fail on the disk: the report, the samples, the tar."""
     history = result.history
-    extra: dict[str, bytes] = {"loss.png": plot_history(history)}
+    extra: dict[str, bytes] = {"loss.png": plot_history(history, result.evaluation)}
+    extra["metrics.json"] = metrics_json(history, result.evaluation, finetune["training"]["exported_step"])
     if params.sample_duration > 0:
         model.lm.load_state_dict(result.state_dict)
         descriptions = sample_descriptions(clips)
@@ -206,6 +215,7 @@ def _write(
         os.replace(tmp, out_tar)
     finally:
         tmp.unlink(missing_ok=True)
+    (out_tar.parent / "metrics.json").write_bytes(extra["metrics.json"])  # beside the tar too, to read without it
     logger.info("Trained model written to %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
     return out_tar
 

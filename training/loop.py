@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from core.errors import InputError, Interrupted
 from training import checkpoint as ckpt
+from training import evaluate as evaluation
 from training import fsdp as fsdp_mod
 from training.data import Batch, TokenDataset
 from training.dist import DistInfo, all_reduce_mean, any_rank, barrier
@@ -110,6 +111,7 @@ class TrainResult:
     parallel: str = "single"  # single, ddp or fsdp
     # Under FSDP, rank 0's unsharded copy of the LM holding `state_dict` (the trained one is sharded); else None.
     lm: tp.Any = None
+    evaluation: dict | None = None  # the validation summary (training/evaluate.py); None: no validation
     # For `finished_state` (a resume checkpoint of the end of the run, written only if the export fails):
     rng: dict[str, tp.Any] = field(default_factory=dict)  # the RNG states at the end
     ema_names: list[str] | None = None  # names of the EMA'd (trainable) weights, when ema is on
@@ -216,6 +218,20 @@ def cross_entropy(
     return total / k_count, per_codebook
 
 
+def codebook_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[2, K]`: per codebook, the cross-entropy summed over the valid positions, and their count. Summed over
+    batches and divided, it is `cross_entropy` of them all as one batch (validation, training/evaluate.py)."""
+    k_count = targets.shape[1]
+    out = torch.zeros(2, k_count, dtype=torch.float32, device=targets.device)
+    for k in range(k_count):
+        mask_k = mask[:, k].reshape(-1)
+        if bool(mask_k.any()):
+            flat = logits[:, k].reshape(-1, logits.shape[-1])[mask_k]
+            out[0, k] = F.cross_entropy(flat, targets[:, k].reshape(-1)[mask_k], reduction="sum").float()
+        out[1, k] = mask_k.sum()
+    return out
+
+
 class TrainStep(torch.nn.Module):
     """The LM's training forward as one module, so DDP sees conditions, pattern and loss in its forward."""
 
@@ -226,15 +242,26 @@ class TrainStep(torch.nn.Module):
         self.parts: dict[str, torch.Tensor] = {}  # the last split loss (prior preservation), detached
 
     def forward(
-        self, codes: torch.Tensor, mask: torch.Tensor, attributes: list, prior: torch.Tensor | None = None
+        self,
+        codes: torch.Tensor,
+        mask: torch.Tensor,
+        attributes: list,
+        prior: torch.Tensor | None = None,
+        evaluate: bool = False,
     ) -> torch.Tensor:
         """`prior`: `[B]` bool, True for generated prior-preservation examples: the loss is then
-        `instance + prior_weight x prior` (DreamBooth), each a cross-entropy over its own examples."""
+        `instance + prior_weight x prior` (DreamBooth), each a cross-entropy over its own examples.
+
+        `evaluate`: validation (training/evaluate.py): the same loss without condition dropout, returned as
+        per-codebook sums (`codebook_sums`). Through this module so that DDP/FSDP wrappers see the forward."""
         lm = self.lm
-        attributes = lm.att_dropout(lm.cfg_dropout(attributes))
+        if not evaluate:
+            attributes = lm.att_dropout(lm.cfg_dropout(attributes))
         condition_tensors = lm.condition_provider(lm.condition_provider.tokenize(attributes))
         output = lm.compute_predictions(codes, [], condition_tensors)
         valid = mask & output.mask
+        if evaluate:
+            return codebook_sums(output.logits, codes, valid)
         self.parts = {}
         if prior is None or not bool(prior.any()):
             loss, _ = cross_entropy(output.logits, codes, valid)
@@ -325,8 +352,12 @@ def train_loop(
     checkpoint_dir: Path,
     resume_state: dict | None = None,
     on_metrics: tp.Callable[[dict[str, float]], None] | None = None,
+    evaluator: evaluation.Evaluator | None = None,
 ) -> TrainResult:
-    """Train `lm` (audiocraft LMModel, on `dist.device`) on `dataset` following `plan`; returns what to export."""
+    """Train `lm` (audiocraft LMModel, on `dist.device`) on `dataset` following `plan`; returns what to export.
+
+    `evaluator`: validation loss before the first step, every `eval_every` steps and at the end, best weights and
+    early stopping (training/evaluate.py); its metrics also go to `on_metrics`."""
     device = dist.device
     # ---- model: fp32 master weights (get_pretrained loads fp16 on GPUs), training mode, our cfg dropout
     lm.float()
@@ -371,6 +402,23 @@ def train_loop(
     ema = [w.detach().clone() for w in weights] if params.ema else None
     history: list[dict[str, float]] = []
     start_step = 0
+    eval_ctx = None
+    if evaluator is not None:  # what validation computes with and what it keeps (training/evaluate.py)
+        eval_module = step_module if sharded else train_step  # FSDP: the root, whose hooks gather the weights
+        eval_ctx = evaluation.EvalContext(
+            forward=lambda codes, mask, attributes: eval_module(codes, mask, attributes, None, True),
+            modules=train_step,
+            dist=dist,
+            device=device,
+            micro_batch=plan.per_rank_micro_batch(dist.world_size),
+            autocast=autocast,
+            weights=weights,
+            exported=ema if ema is not None else weights,
+            params=trainable,
+            sharded=sharded,
+            gather=lambda piece, p: fsdp_mod.gather(piece, p, dist),
+            shard_of=fsdp_mod.shard_of,
+        )
     finished = False  # resumed from a checkpoint of a run that ended: only the export is left
 
     # ---- resume: weights, optimizer, scaler, EMA, RNGs, history; the schedule and data plan are pure in `step`
@@ -399,6 +447,8 @@ def train_loop(
         lm.cfg_dropout.rng.set_state(rng["cfg_dropout"])
         lm.att_dropout.rng.set_state(rng["att_dropout"])
         history = list(resume_state.get("history", []))
+        if evaluator is not None:  # after the weights and the EMA: a best that equals them is copied from them
+            evaluator.load_state_dict(resume_state.get("evaluation"), eval_ctx)
         if dist.is_main:
             logger.info("Resumed at step %d of %d", start_step, plan.total_steps)
         if finished and dist.is_main:
@@ -422,6 +472,7 @@ def train_loop(
                 "att_dropout": lm.att_dropout.rng.get_state(),
             },
             "history": history,
+            "evaluation": evaluator.state_dict(eval_ctx, len(history)) if evaluator is not None else None,
             "params": dataclasses.asdict(params),
             "world_size": dist.world_size,
         }
@@ -468,8 +519,15 @@ def train_loop(
     progress = tqdm(total=plan.total_steps, initial=start_step, desc="Training", unit="step", disable=not dist.is_main)
     log_every = max(1, plan.total_steps // 20)
 
+    def run_evaluation(step_done: int) -> None:
+        metrics = evaluator.evaluate(step_done, eval_ctx)
+        if dist.is_main and on_metrics is not None:
+            on_metrics(metrics)
+
     try:
         with _StopOnSignal() as stop:
+            if evaluator is not None and start_step == 0 and not evaluator.history:
+                run_evaluation(0)  # the base model: what the fine-tune is measured against
             for step in range(start_step, start_step if finished else plan.total_steps):
                 t0 = time.perf_counter()
                 # ---- learning rate for this step
@@ -580,6 +638,11 @@ def train_loop(
                         )
                     if on_metrics is not None:
                         on_metrics(metrics)
+                # ---- validation: every eval_every steps and after the last (before the checkpoint, which keeps it)
+                stop_early = False
+                if evaluator is not None and evaluator.due(step + 1, plan.total_steps):
+                    run_evaluation(step + 1)
+                    stop_early = evaluator.should_stop  # the same on every rank: the losses are all-reduced
                 # ---- checkpoint: every save_every steps and at the end; on SIGTERM, then stop
                 done = step + 1
                 stopping = any_rank(dist, stop.requested is not None)
@@ -593,6 +656,10 @@ def train_loop(
                             f"with the same inputs and --resume_from {checkpoint_dir} (Cog: resume_from=<that file>)",
                             exit_code=130 if by == "Ctrl-C" else 143,
                         )
+                if stop_early:  # early_stop_patience: a checkpoint of where it stopped, then the export
+                    if params.save_every > 0 and not periodic:
+                        save(done)
+                    break
     except BaseException as e:
         # Cancelled mid-step (Cog cancel, Ctrl-C): keep what the completed steps did, if anything and if whole.
         interrupted = not isinstance(e, Exception)
@@ -633,6 +700,9 @@ def train_loop(
 
     seconds = time.perf_counter() - started
     trained_steps = plan.total_steps - start_step
+    exported_step = None
+    if evaluator is not None:  # keep_best: the best evaluation's tensors into what the export writes
+        exported_step = evaluator.restore_best(eval_ctx)
     if sharded:  # whole weights on rank 0 (every rank sends its shards), in a plain module for the export
         state = fsdp_mod.full_state_dict(lm, dist)
         if ema is not None:
@@ -655,13 +725,14 @@ def train_loop(
     return TrainResult(
         state_dict=state,
         history=history,
-        steps=plan.total_steps,
+        steps=len(history),  # fewer than planned after an early stop
         tokens_per_s=total_tokens / seconds if trained_steps else 0.0,
         peak_memory_mb=peak_memory_mb(device),
         seconds=seconds,
         precision=resolve_precision(params.precision, device)[2],
         parallel=parallel,
         lm=export_lm,
+        evaluation=evaluator.summary(exported_step) if evaluator is not None else None,
         rng=rng,
         ema_names=list(trainable_names) if ema is not None else None,
         world_size=dist.world_size,

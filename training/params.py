@@ -217,6 +217,39 @@ class TrainParams:
         "small ones. Ignored on one GPU.",
         choices=PARALLEL_MODES,
     )
+    validation_split: float = param(
+        0.1,
+        "Share of the tracks held out to measure the validation loss (every clip of a track on one side, chosen "
+        "from seed). Used from 5 tracks on (at least 1 held out); with fewer, all train and the log says so. "
+        "0: no validation. Ignored when validation_path is given.",
+        ge=0.0,
+        le=0.5,
+    )
+    validation_path: str | None = param(
+        None,
+        "Held-out audio to validate on instead of a share of dataset_path: an archive or audio file like "
+        "dataset_path (prepared the same way), or locally a prepared folder.",
+        file=True,
+    )
+    eval_every: int = param(
+        0,
+        "Validation loss every this many optimizer steps, plus before the first step and at the end. 0: once per "
+        "epoch.",
+        ge=0,
+        le=1000000,
+    )
+    keep_best: bool = param(
+        True,
+        "With validation: export the weights of the evaluation with the lowest validation loss (the base model "
+        "included) instead of the last step's.",
+    )
+    early_stop_patience: int = param(
+        0,
+        "With validation: stop when this many evaluations in a row did not lower the best validation loss. "
+        "0: never stop early.",
+        ge=0,
+        le=100000,
+    )
 
 
 # Inputs that shape the data order, the schedule or the update: a resumed run must use the same values.
@@ -248,6 +281,11 @@ RESUME_MUST_MATCH = (
     "lm_dim",
     "lm_layers",
     "lm_heads",
+    # validation (training/evaluate.py): the split changes the training set; the evaluation points and keeping the
+    # best weights change what is exported. validation_path is a path (it differs between machines) and is not here.
+    "validation_split",
+    "eval_every",
+    "keep_best",
 )
 PREPARE_FIELDS = ("dataset_path", "auto_labeling", "drop_vocals", "one_same_description", "trigger")
 
@@ -281,6 +319,9 @@ def validate(params: TrainParams) -> None:
     from training.methods import prior
 
     prior.check(params)
+    from training import evaluate
+
+    evaluate.check(params)
 
 
 def prepare_kwargs(params: TrainParams) -> dict[str, tp.Any]:

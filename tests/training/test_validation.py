@@ -1,0 +1,293 @@
+"""Validation (training/evaluate.py): the split by track, the validation loss, best weights, early stop, resume,
+the report, and DDP evaluation against one process."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import random
+import tarfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from core.params import InputError
+from core.versions import load_musicgen
+from preprocessing import load_prepared
+from tests.training.conftest import make_prepared, tiny_params
+from training import checkpoint as ckpt
+from training import fsdp as fsdp_mod
+from training.dist import DistInfo
+from training.evaluate import MIN_TRACKS, EvalContext, split_by_track, track_of
+from training.loop import TrainStep, train_loop
+from training.run import check_inputs, run_training, setup_training
+
+# Six one-clip tracks: with the default validation_split (0.1) one track is held out.
+SIX = [{"seconds": 2.2 + 0.3 * i, "freq": 200.0 + 60 * i, "description": f"tone {i}"} for i in range(6)]
+
+
+def _clips(tracks: int, per_track: int) -> list:
+    return [
+        SimpleNamespace(path=f"/data/t{t:02d}_{c:03d}.wav", source=f"t{t:02d}.mp3", duration=30.0, info={})
+        for t in range(tracks)
+        for c in range(per_track)
+    ]
+
+
+def _tar_json(tar, name: str) -> dict:
+    with tarfile.open(tar) as archive:
+        return json.load(archive.extractfile(name))
+
+
+def _tar_weights(tar) -> dict[str, torch.Tensor]:
+    with tarfile.open(tar) as archive:
+        data = archive.extractfile("state_dict.bin").read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["best_state"]
+
+
+# ------------------------------------------------------------------------------------------------ the split
+
+
+def test_the_split_holds_out_whole_tracks_from_the_seed():
+    clips = _clips(20, 3)
+    split = split_by_track(clips, 0.1, seed=42)
+    held = set(split.info["validation_tracks"])
+    assert len(held) == 2 and split.info["mode"] == "split"
+    # every clip of a track on one side: no neighbouring clip of a held-out track is trained on
+    assert {track_of(c) for c in split.validation} == held
+    assert not held & {track_of(c) for c in split.train}
+    assert len(split.validation) == 6 and len(split.train) == 54
+    # deterministic: the same seed picks the same tracks whatever the clip order; other seeds pick others
+    again = split_by_track(list(reversed(clips)), 0.1, seed=42)
+    assert again.info["validation_tracks"] == split.info["validation_tracks"]
+    picks = {tuple(split_by_track(clips, 0.1, seed=s).info["validation_tracks"]) for s in range(8)}
+    assert len(picks) > 1
+
+
+def test_the_split_needs_enough_tracks_and_says_so(caplog):
+    assert len(split_by_track(_clips(MIN_TRACKS, 2), 0.1, seed=0).info["validation_tracks"]) == 1  # at least one
+    assert len(split_by_track(_clips(MIN_TRACKS, 2), 0.9, seed=0).info["validation_tracks"]) == MIN_TRACKS - 1
+    with caplog.at_level(logging.INFO):
+        few = split_by_track(_clips(MIN_TRACKS - 1, 2), 0.1, seed=0)
+        off = split_by_track(_clips(10, 1), 0.0, seed=0)
+    assert few.validation == [] and len(few.train) == 2 * (MIN_TRACKS - 1) and few.info["mode"] == "off"
+    assert f"Validation off: {MIN_TRACKS - 1} track(s)" in caplog.text and "validation_path" in caplog.text
+    assert off.validation == [] and "Validation off (validation_split=0)" in caplog.text
+
+
+def test_validation_path_cannot_be_the_training_data(tmp_path):
+    dataset = make_prepared(tmp_path / "prepared", SIX[:2])
+    with pytest.raises(InputError, match="validation_path"):
+        check_inputs(tiny_params(dataset, validation_path=str(dataset)))
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def _context(lm, step: TrainStep) -> EvalContext:
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    return EvalContext(
+        forward=lambda codes, mask, attributes: step(codes, mask, attributes, None, True),
+        modules=step,
+        dist=DistInfo(),
+        device="cpu",
+        micro_batch=1,
+        autocast=contextlib.nullcontext(),
+        weights=trainable,
+        exported=trainable,
+        params=trainable,
+        sharded=False,
+        gather=lambda piece, p: piece,
+        shard_of=fsdp_mod.shard_of,
+    )
+
+
+def test_the_validation_loss_is_the_training_loss_without_condition_dropout(tmp_path):
+    specs = [{"seconds": 2.0, "freq": 200.0 + 60 * i, "description": f"tone {i}"} for i in range(6)]
+    dataset = make_prepared(tmp_path / "prepared", specs)
+    params = tiny_params(dataset, validation_split=0.5, segment_duration=1.0, cfg_p=1.0)
+    setup = setup_training(params, load_prepared(dataset), tmp_path / "work", DistInfo())
+    evaluator, lm = setup.evaluator, setup.model.lm
+    assert len(evaluator.tokens) == 3 and len(evaluator.crops) == 6  # 3 clips of 2 s, tiled by 1 s crops
+    assert {c.path for c in evaluator.tokens.clips}.isdisjoint(c.path for c in setup.clips)
+    step = TrainStep(lm)
+    lm.train()
+    lm.cfg_dropout.p = 1.0  # training would drop every condition: the evaluation must not
+    torch.manual_seed(0)
+    rng_before, python_before = torch.get_rng_state(), random.getstate()
+    metrics = evaluator.evaluate(0, _context(lm, step))
+    # training sees no trace of the evaluation
+    assert torch.equal(torch.get_rng_state(), rng_before) and random.getstate() == python_before
+    assert lm.training and step.training and lm.cfg_dropout.p == 1.0
+    # the training loss of every crop as one batch, with the conditions (p=0) and with none (p=1)
+    batch = evaluator.tokens.make_batch(evaluator.crops)
+    with torch.no_grad():
+        lm.cfg_dropout.p = 0.0
+        conditional = float(step(batch.codes, batch.mask, batch.attributes))
+        lm.cfg_dropout.p = 1.0
+        unconditional = float(step(batch.codes, batch.mask, batch.attributes))
+    assert metrics["val_loss"] == pytest.approx(conditional, rel=1e-5)
+    assert metrics["val_loss_uncond"] == pytest.approx(unconditional, rel=1e-5)
+    assert metrics["val_loss"] != pytest.approx(metrics["val_loss_uncond"], rel=1e-4)  # the conditions matter
+    per_codebook = [metrics[f"val_loss_q{k}"] for k in range(4)]
+    assert np.mean(per_codebook) == pytest.approx(metrics["val_loss"], rel=1e-6)
+    assert 0 < metrics["val_tokens"] <= float(batch.mask.sum())  # the positions valid in the pattern and the mask
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+
+
+@pytest.fixture(scope="module")
+def six_tracks(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("six") / "prepared", SIX)
+
+
+@pytest.fixture(scope="module")
+def validated_run(six_tracks, tmp_path_factory):
+    """A default-split run: 2 epochs x 6 steps, evaluations once per epoch (eval_every 0), checkpoints every 6."""
+    out = tmp_path_factory.mktemp("validated")
+    params = tiny_params(six_tracks, epochs=2, updates_per_epoch=6, save_every=6, optimizer="adamw", lr=3e-3)
+    return {"params": params, "out": out, "tar": run_training(params, out)}
+
+
+def test_a_run_reports_its_validation(validated_run):
+    info = _tar_json(validated_run["tar"], "finetune.json")
+    validation = info["validation"]
+    split = validation["split"]
+    assert split["mode"] == "split" and split["tracks"] == 6 and len(split["validation_tracks"]) == 1
+    assert split["training_clips"] == 5 and split["validation_clips"] == 1 and info["training"]["clips"] == 5
+    assert [e["step"] for e in validation["evaluations"]] == [0, 6, 12]  # the base model, each epoch's end
+    for e in validation["evaluations"]:
+        assert {"val_loss", "val_loss_uncond", "val_loss_q0", "val_loss_uncond_q3", "val_tokens"} <= set(e)
+    assert validation["base_loss"] == validation["evaluations"][0]["val_loss"]
+    assert validation["final_loss"] < validation["base_loss"] - 1.0  # the tones are easy to learn
+    assert validation["exported_step"] == validation["best_step"] == info["training"]["exported_step"] == 12
+    metrics = json.loads((validated_run["out"] / "metrics.json").read_text())
+    assert metrics == _tar_json(validated_run["tar"], "metrics.json")
+    assert metrics["exported_step"] == 12 and len(metrics["training"]) == 12
+    assert metrics["validation"]["evaluations"] == validation["evaluations"]
+    # the checkpoint keeps the evaluation history
+    state = ckpt.load_checkpoint(ckpt.find_checkpoint(validated_run["out"] / "checkpoints"))
+    assert [e["step"] for e in state["evaluation"]["history"]] == [0, 6, 12]
+    assert state["evaluation"]["best_is_current"] and state["evaluation"]["best"] is None  # no second copy
+
+
+def test_evaluation_does_not_change_the_training(validated_run, six_tracks, tmp_path):
+    """The same training clips without validation (validation_path elsewhere, the same 5 tracks): same losses and
+    weights: the evaluation takes nothing from the training's random streams or modes."""
+    split = _tar_json(validated_run["tar"], "finetune.json")["validation"]["split"]
+    lines = (six_tracks / "data.jsonl").read_text().splitlines()
+    sources = [track_of(c) for c in load_prepared(six_tracks).clips]
+    train_only = tmp_path / "train"  # the same clip files, the held-out track's line left out of the manifest
+    train_only.mkdir()
+    kept = [line for line, source in zip(lines, sources, strict=True) if source not in split["validation_tracks"]]
+    (train_only / "data.jsonl").write_text("\n".join(kept) + "\n")
+    params = dataclasses.replace(validated_run["params"], dataset_path=str(train_only), validation_split=0.0)
+    run_training(params, tmp_path / "plain")
+    plain = ckpt.load_checkpoint(ckpt.find_checkpoint(tmp_path / "plain" / "checkpoints"))
+    validated = ckpt.load_checkpoint(ckpt.find_checkpoint(validated_run["out"] / "checkpoints"))
+    assert plain["evaluation"] is None
+    assert [h["loss"] for h in plain["history"]] == pytest.approx([h["loss"] for h in validated["history"]], abs=1e-6)
+    for k, v in validated["model"].items():
+        torch.testing.assert_close(plain["model"][k], v, atol=1e-6, rtol=1e-5)
+
+
+def _absurd(dataset, **overrides):
+    """adamw at lr 0.09 (just under the refused 0.1) with a warmup: the first small steps help, then it wrecks the
+    model."""
+    values = {"epochs": 1, "updates_per_epoch": 12, "optimizer": "adamw", "lr": 0.09, "warmup": 4, "eval_every": 3}
+    values.update(overrides)
+    return tiny_params(dataset, **values)
+
+
+def test_the_best_evaluation_is_exported_and_early_stop(six_tracks, tmp_path):
+    params = _absurd(six_tracks, save_every=0, sample_duration=0.0)
+    setup = setup_training(params, load_prepared(six_tracks), tmp_path / "work", DistInfo())
+    lm = setup.model.lm
+    at_evaluation = {}
+
+    def remember(metrics):  # the weights each evaluation saw
+        if "val_loss" in metrics:
+            at_evaluation[metrics["step"]] = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+    result = train_loop(
+        lm,
+        setup.tokens,
+        params,
+        setup.plan,
+        DistInfo(),
+        tmp_path / "ck",
+        on_metrics=remember,
+        evaluator=setup.evaluator,
+    )
+    summary = result.evaluation
+    losses = {e["step"]: e["val_loss"] for e in summary["evaluations"]}
+    assert sorted(at_evaluation) == sorted(losses) == [0, 3, 6, 9, 12]
+    best = min(losses, key=losses.get)
+    assert summary["best_step"] == summary["exported_step"] == best < 12
+    assert losses[12] > 2 * losses[best]  # the validation loss rose (the tones' codes are few: it stays small)
+    for k, v in at_evaluation[best].items():
+        assert torch.equal(result.state_dict[k], v), k
+    assert not all(torch.equal(at_evaluation[12][k], v) for k, v in at_evaluation[best].items())
+
+    # early_stop_patience=1: the run stops at the first evaluation that does not improve
+    first_worse = next(s for s in sorted(losses) if s > best)
+    stopped = dataclasses.replace(params, early_stop_patience=1)
+    setup = setup_training(stopped, load_prepared(six_tracks), tmp_path / "work", DistInfo())
+    lm = setup.model.lm
+    result = train_loop(lm, setup.tokens, stopped, setup.plan, DistInfo(), tmp_path / "ck2", evaluator=setup.evaluator)
+    assert result.steps == len(result.history) == first_worse < 12
+    assert result.evaluation["stopped_early_at"] == first_worse and result.evaluation["exported_step"] == best
+    for k, v in at_evaluation[best].items():
+        assert torch.equal(result.state_dict[k], v), k
+
+
+def test_resume_keeps_the_evaluations_and_the_best_weights(six_tracks, tmp_path):
+    params = _absurd(six_tracks, save_every=3, sample_duration=0.0)
+    straight = run_training(params, tmp_path / "straight")
+    mid = tmp_path / "straight" / "checkpoints" / "checkpoint-00000009.pt"
+    saved = ckpt.load_checkpoint(mid)["evaluation"]
+    assert [e["step"] for e in saved["history"]] == [0, 3, 6, 9]
+    assert saved["best_step"] < 9 and saved["best"] is not None  # the early best is in the checkpoint
+    resumed = run_training(dataclasses.replace(params, resume_from=str(mid)), tmp_path / "resumed")
+    a, b = _tar_json(straight, "finetune.json")["validation"], _tar_json(resumed, "finetune.json")["validation"]
+    assert [e["step"] for e in b["evaluations"]] == [0, 3, 6, 9, 12]
+    for x, y in zip(a["evaluations"], b["evaluations"], strict=True):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5)
+    assert a["exported_step"] == b["exported_step"] == saved["best_step"]
+    a_weights, b_weights = _tar_weights(straight), _tar_weights(resumed)
+    for k, v in a_weights.items():
+        assert torch.equal(b_weights[k], v), k
+    if saved["best_step"] == 0:  # the base model was the best: its weights (fp16) are in the tar
+        base = load_musicgen("tiny", "cpu").lm.state_dict()
+        for k, v in a_weights.items():
+            assert torch.equal(v, base[k].half()), k
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one(tmp_path, capfd):
+    """DDP over 2 gloo processes: the crops are dealt out over the ranks (one per batch there, two per batch in
+    one process) and the sums all-reduced; the evaluations, the exported step and the weights match one process."""
+    specs = [{"seconds": 2.2 + 0.4 * i, "freq": 200.0 + 60 * i, "description": f"d{i}"} for i in range(6)]
+    dataset = make_prepared(tmp_path / "prepared", specs)
+    params = tiny_params(
+        dataset, batch_size=2, epochs=1, updates_per_epoch=4, eval_every=2, validation_split=0.5, save_every=4,
+        sample_duration=0.0, optimizer="adamw", lr=3e-3,
+    )  # fmt: skip
+    ddp = run_training(params, tmp_path / "ddp", nproc=2)
+    assert "All 2 ranks hold identical weights" in capfd.readouterr().err
+    single = run_training(params, tmp_path / "single", nproc=1)
+    a, b = _tar_json(ddp, "finetune.json")["validation"], _tar_json(single, "finetune.json")["validation"]
+    assert a["crops"] == b["crops"] >= 6
+    assert [e["step"] for e in a["evaluations"]] == [e["step"] for e in b["evaluations"]] == [0, 2, 4]
+    for x, y in zip(a["evaluations"], b["evaluations"], strict=True):
+        for key in ("val_loss", "val_loss_uncond", "val_loss_q0", "val_loss_q3", "val_tokens"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    assert a["exported_step"] == b["exported_step"]
+    for k, v in _tar_weights(single).items():
+        torch.testing.assert_close(_tar_weights(ddp)[k].float(), v.float(), atol=2e-3, rtol=1e-3)

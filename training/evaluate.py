@@ -1,0 +1,436 @@
+"""Held-out validation: the split by track, the validation loss, and keeping the best weights.
+
+- **Split** (`split_by_track`): a share of the *tracks* (`validation_split`) is held out, chosen from `seed`; every
+  clip of a track lands on the same side, so no neighbouring 30 s clip of a validation track is ever trained on.
+  Or `validation_path`: a second archive / prepared folder, prepared like `dataset_path` (`prepare_validation`).
+- **Loss** (`Evaluator.evaluate`): exactly the training loss (the LM's codebook pattern, the padding mask, each
+  clip's own description), without condition dropout, on fixed crops that tile every validation clip, summed over
+  every valid token per codebook and then averaged over codebooks (the training loss of the whole validation set
+  as one batch, whatever the batching and the number of processes). Conditional and unconditional (conditions
+  nulled as classifier-free guidance does), per codebook. Under several processes the crops are dealt out over
+  the ranks and the sums all-reduced.
+- **Best weights**: after each evaluation the tensors that the export writes (the trained ones: the whole LM for
+  `full`, only the adapters / embeddings for LoRA and textual inversion; the EMA when `ema` is on) are copied to
+  CPU memory when the validation loss is the lowest so far, and put back at the end (`keep_best`).
+  `early_stop_patience` stops after that many evaluations without a new best. Everything is in the resume
+  checkpoint (`state_dict`/`load_state_dict`).
+
+`train_loop` calls the evaluator at three points: before the first step (the base model), after every
+`eval_every` steps (0: each epoch's end) and after the last step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.params import InputError
+from training.data import TokenDataset
+from training.dist import DistInfo
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MIN_TRACKS",
+    "Split",
+    "Evaluator",
+    "EvalContext",
+    "check",
+    "track_of",
+    "split_by_track",
+    "select_validation",
+    "prepare_validation",
+    "fixed_crops",
+]
+
+# A share of the tracks is held out from this many tracks on: with fewer, every track is needed to train (and one
+# held-out track of 3 or 4 would be a quarter of the data or more).
+MIN_TRACKS = 5
+# Separates the split's random stream from the batch plan's (which seeds with [seed, epoch, pass]).
+_SPLIT_STREAM = 14_000_014
+VALIDATION_WORK = "work-validation"
+
+
+def check(params: tp.Any) -> None:
+    """Input checks of the validation inputs that need no data (in `training.params.validate`)."""
+    path = _text(params.validation_path)
+    if path is not None and _text(params.dataset_path) is not None:
+        same = Path(path).expanduser().resolve() == Path(str(params.dataset_path)).expanduser().resolve()
+        if same:
+            raise InputError(
+                "validation_path",
+                "is the training data itself (dataset_path): give other tracks, or leave it empty and let "
+                "validation_split hold out a share of dataset_path's tracks",
+            )
+
+
+def _text(value: tp.Any) -> str | None:
+    return str(value) if value is not None and str(value).strip() else None
+
+
+def track_of(clip: tp.Any) -> str:
+    """The track a prepared clip was cut from (`PreparedClip.source`, else its sidecar's `source`, else its file)."""
+    source = getattr(clip, "source", None) or (getattr(clip, "info", None) or {}).get("source")
+    return str(source or Path(str(clip.path)).name)
+
+
+@dataclass
+class Split:
+    """Which clips train and which validate, and what the report says about it (`info`)."""
+
+    train: list
+    validation: list
+    info: dict = field(default_factory=dict)
+
+
+def split_by_track(clips: tp.Sequence[tp.Any], share: float, seed: int) -> Split:
+    """Hold out `round(share x tracks)` tracks (at least 1, never all) chosen from `seed`; off below `MIN_TRACKS`
+    tracks or with `share` 0. The choice depends only on the set of track names and the seed, not on clip order."""
+    tracks = sorted({track_of(c) for c in clips})
+    base = {"validation_split": share, "tracks": len(tracks)}
+    if share <= 0:
+        logger.info("Validation off (validation_split=0): all %d track(s) train", len(tracks))
+        return Split(list(clips), [], {**base, "mode": "off"})
+    if len(tracks) < MIN_TRACKS:
+        logger.warning(
+            "Validation off: %d track(s); validation_split holds out whole tracks from %d tracks on, so all train "
+            "(give validation_path to validate on other tracks)",
+            len(tracks),
+            MIN_TRACKS,
+        )
+        return Split(list(clips), [], {**base, "mode": "off", "reason": f"fewer than {MIN_TRACKS} tracks"})
+    n_held = min(len(tracks) - 1, max(1, round(share * len(tracks))))
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(tracks))
+    held = sorted(tracks[i] for i in order[:n_held])
+    held_set = set(held)
+    train = [c for c in clips if track_of(c) not in held_set]
+    validation = [c for c in clips if track_of(c) in held_set]
+    info = {
+        **base,
+        "mode": "split",
+        "validation_tracks": held,
+        "training_tracks": sorted(set(tracks) - held_set),
+        "training_clips": len(train),
+        "validation_clips": len(validation),
+        "validation_seconds": round(sum(float(getattr(c, "duration", 0.0)) for c in validation), 2),
+    }
+    logger.info(
+        "Validation split (validation_split=%g, seed): %d of %d tracks held out (%d clips, %.1f s): %s",
+        share,
+        n_held,
+        len(tracks),
+        len(validation),
+        info["validation_seconds"],
+        ", ".join(held),
+    )
+    return Split(train, validation, info)
+
+
+def prepare_validation(params: tp.Any, output_dir: Path) -> tp.Any:
+    """`validation_path` as a prepared dataset (a prepared folder as is; anything else through
+    `preprocessing.prepare` with dataset_path's preparation inputs, into `output_dir/work-validation`), or None."""
+    path = _text(params.validation_path)
+    if path is None:
+        return None
+    from preprocessing import PrepareParams, load_prepared, prepare
+    from training.params import prepare_kwargs
+
+    source = Path(path).expanduser()
+    if source.is_dir() and (source / "data.jsonl").is_file():
+        dataset = load_prepared(source)
+    elif source.is_dir() and (source / "dataset" / "data.jsonl").is_file():
+        dataset = load_prepared(source / "dataset")
+    else:
+        kwargs = {**prepare_kwargs(params), "dataset_path": path}
+        try:
+            dataset = prepare(PrepareParams(**kwargs), output_dir / VALIDATION_WORK)
+        except InputError as e:  # preparation names dataset_path: here the input at fault is validation_path
+            if e.name != "dataset_path":
+                raise
+            raise InputError("validation_path", str(e).split(": ", 1)[-1]) from None
+    if not dataset.clips:
+        raise InputError("validation_path", f"no usable clips in {path}: give an archive or folder of audio tracks")
+    return dataset
+
+
+def select_validation(params: tp.Any, clips: tp.Sequence[tp.Any], validation_dataset: tp.Any = None) -> Split:
+    """The run's split: `validation_path`'s clips when given (every training clip trains), else `split_by_track`."""
+    if validation_dataset is not None:
+        held = list(validation_dataset.clips)
+        tracks = sorted({track_of(c) for c in held})
+        info = {
+            "mode": "path",
+            "validation_path": Path(str(params.validation_path)).name,
+            "tracks": len({track_of(c) for c in clips}),
+            "validation_tracks": tracks,
+            "training_clips": len(clips),
+            "validation_clips": len(held),
+            "validation_seconds": round(sum(float(getattr(c, "duration", 0.0)) for c in held), 2),
+        }
+        if params.validation_split > 0 and params.validation_split != 0.1:
+            logger.info("validation_split=%g is ignored: validating on validation_path", params.validation_split)
+        logger.info("Validation on %s: %d clips of %d tracks", info["validation_path"], len(held), len(tracks))
+        return Split(list(clips), held, info)
+    return split_by_track(clips, params.validation_split, params.seed)
+
+
+def fixed_crops(tokens: TokenDataset) -> list[tuple[int, int]]:
+    """`(clip, start frame)` crops tiling every clip from its start: each code of every clip is in one crop
+    (the last crop of a clip is padded and masked like a short training clip)."""
+    crops = []
+    for i, clip in enumerate(tokens.clips):
+        crops += [(i, start) for start in range(0, max(1, clip.n_frames), tokens.segment_frames)]
+    return crops
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation needs from the training loop (built once in `train_loop`).
+
+    `forward(codes, mask, attributes)` returns `[2, K]` per-codebook cross-entropy sums and valid-token counts
+    (the loop's step module in evaluation mode: under FSDP the sharded root, so every rank's all-gathers run).
+    `weights`: what the model computes with (this rank's pieces under FSDP); `exported`: what the export writes
+    (the EMA when on, else `weights`); `params`: the parameters they belong to (for gathering whole tensors).
+    """
+
+    forward: tp.Callable[[torch.Tensor, torch.Tensor, list], torch.Tensor]
+    modules: torch.nn.Module
+    dist: DistInfo
+    device: str
+    micro_batch: int
+    autocast: tp.Any
+    weights: list[torch.Tensor]
+    exported: list[torch.Tensor]
+    params: list[torch.Tensor]
+    sharded: bool
+    gather: tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (piece, param) -> whole on rank 0
+    shard_of: tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (whole, param) -> this rank's piece
+
+
+class Evaluator:
+    """Validation loss at fixed points of a run, and the weights of the best evaluation.
+
+    Args:
+        tokens: the validation clips as a `TokenDataset` (same crop length, padding and conditions as training).
+        info: the split, for the report.
+        every: evaluate after every `every` steps (and before the first, and after the last).
+        keep_best: keep the best evaluation's exported tensors and export them.
+        patience: stop after this many evaluations without a new best (0: never).
+    """
+
+    def __init__(self, tokens: TokenDataset, info: dict, *, every: int, keep_best: bool, patience: int):
+        self.tokens = tokens
+        self.info = dict(info)
+        self.every = max(1, int(every))
+        self.keep_best = keep_best
+        self.patience = int(patience)
+        self.crops = fixed_crops(tokens)
+        self.history: list[dict[str, float]] = []
+        self.best_step: int | None = None
+        self.best_loss = math.inf
+        self.since_best = 0
+        self.best: list[torch.Tensor] | None = None  # CPU copies of the exported tensors (this rank's pieces)
+        self.stopped_early_at: int | None = None
+        self.seconds = 0.0
+
+    # ---- when
+    def due(self, done: int, total_steps: int) -> bool:
+        return done % self.every == 0 or done == total_steps
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.since_best >= self.patience
+
+    # ---- the loss
+    @torch.no_grad()
+    def losses(self, ctx: EvalContext) -> dict[str, float]:
+        """Validation metrics of the model as it is now (identical on every rank)."""
+        from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
+
+        nullify = ClassifierFreeGuidanceDropout(p=1.0)  # what generation uses for the unconditional branch
+        size = max(1, ctx.micro_batch)
+        batches = [self.crops[i : i + size] for i in range(0, len(self.crops), size)]
+        world, rank = ctx.dist.world_size, ctx.dist.rank
+        mine = batches[rank::world]
+        if ctx.sharded:  # FSDP all-gathers in every forward: every rank must run as many as the others
+            per_rank = math.ceil(len(batches) / world)
+            mine = mine + [None] * (per_rank - len(mine))
+        k = self.tokens.clips[0].codes.shape[0]
+        sums = torch.zeros(2, 2, k, dtype=torch.float64, device=ctx.device)  # [cond/uncond, sum/count, K]
+        for crops in mine:
+            batch = self.tokens.make_batch(crops if crops is not None else batches[0][:1])
+            mask = batch.mask if crops is not None else torch.zeros_like(batch.mask)  # padding slot: counts nothing
+            codes, mask = batch.codes.to(ctx.device), mask.to(ctx.device)
+            for j, attributes in enumerate((batch.attributes, nullify(batch.attributes))):
+                with ctx.autocast:
+                    sums[j] += ctx.forward(codes, mask, attributes).to(torch.float64)
+        if ctx.dist.distributed:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+        sums = sums.cpu()
+        per_codebook = sums[:, 0] / sums[:, 1].clamp(min=1)  # [2, K]
+        metrics = {
+            "val_loss": float(per_codebook[0].mean()),
+            "val_loss_uncond": float(per_codebook[1].mean()),
+            "val_tokens": float(sums[0, 1].sum()),
+        }
+        for q in range(k):
+            metrics[f"val_loss_q{q}"] = float(per_codebook[0, q])
+            metrics[f"val_loss_uncond_q{q}"] = float(per_codebook[1, q])
+        return metrics
+
+    def evaluate(self, step: int, ctx: EvalContext) -> dict[str, float]:
+        """Evaluate the weights after `step` steps (0: the base model), update the best, return the metrics.
+
+        Training sees no trace of it: the RNG states (torch, Python's `random`) and every module's train/eval mode
+        are restored, and with EMA the EMA weights are evaluated (they are what the export writes) and swapped back.
+        """
+        started = time.perf_counter()
+        modes = {m: m.training for m in ctx.modules.modules()}
+        python_state = random.getstate()
+        swapped = None
+        devices = [ctx.device] if ctx.device.startswith("cuda") else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                ctx.modules.eval()
+                if ctx.exported is not ctx.weights:  # EMA: evaluate the averaged weights
+                    swapped = [w.detach().clone() for w in ctx.weights]
+                    with torch.no_grad():
+                        for w, e in zip(ctx.weights, ctx.exported, strict=True):
+                            w.copy_(e)
+                metrics = self.losses(ctx)
+        finally:
+            if swapped is not None:
+                with torch.no_grad():
+                    for w, s in zip(ctx.weights, swapped, strict=True):
+                        w.copy_(s)
+            for m, mode in modes.items():
+                m.train(mode)
+            random.setstate(python_state)
+        if not math.isfinite(metrics["val_loss"]):
+            logger.warning("Validation loss at step %d is %s: not a candidate for the best weights", step, metrics)
+        improved = math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < self.best_loss
+        if improved:
+            self.best_loss, self.best_step, self.since_best = metrics["val_loss"], step, 0
+            if self.keep_best:
+                self.best = [t.detach().to("cpu", copy=True) for t in ctx.exported]
+        else:
+            self.since_best += 1
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        metrics = {"step": step, **metrics, "best": 1.0 if improved else 0.0, "eval_s": seconds}
+        self.history.append(metrics)
+        if ctx.dist.is_main:
+            logger.info(
+                "Validation at step %d: loss %.4f (unconditional %.4f) over %d tokens of %d clips; best %.4f at "
+                "step %d (%.1f s)",
+                step,
+                metrics["val_loss"],
+                metrics["val_loss_uncond"],
+                metrics["val_tokens"],
+                len(self.tokens),
+                self.best_loss,
+                -1 if self.best_step is None else self.best_step,
+                seconds,
+            )
+        if self.should_stop:
+            self.stopped_early_at = step
+            if ctx.dist.is_main:
+                logger.warning(
+                    "Early stop after step %d: %d evaluations without a lower validation loss than step %d's %.4f "
+                    "(early_stop_patience=%d)",
+                    step,
+                    self.since_best,
+                    self.best_step,
+                    self.best_loss,
+                    self.patience,
+                )
+        return metrics
+
+    # ---- the best weights
+    @torch.no_grad()
+    def restore_best(self, ctx: EvalContext) -> int | None:
+        """Put the best evaluation's tensors back into what the export writes; returns the exported step."""
+        last = self.history[-1]["step"] if self.history else None
+        if not self.keep_best or self.best is None or self.best_step is None:
+            return last
+        if self.best_step != last:
+            for target, saved in zip(ctx.exported, self.best, strict=True):
+                target.copy_(saved.to(target.device, target.dtype))
+            if ctx.dist.is_main:
+                logger.info(
+                    "Exporting the weights of step %d (validation loss %.4f), the best evaluation; the last, step "
+                    "%d, had %.4f (keep_best)",
+                    self.best_step,
+                    self.best_loss,
+                    last,
+                    self.history[-1]["val_loss"],
+                )
+        return self.best_step
+
+    # ---- resume
+    def state_dict(self, ctx: EvalContext, done: int) -> dict[str, tp.Any]:
+        """Plain containers for the checkpoint of step `done`; whole tensors (gathered on rank 0 under FSDP: a
+        collective). When the best evaluation is of step `done` its weights are the checkpoint's own: not copied."""
+        best_is_current = self.best_step == done
+        best = None
+        if self.best is not None and not best_is_current:
+            best = [ctx.gather(b.to(w.device), p) for b, w, p in zip(self.best, ctx.exported, ctx.params, strict=True)]
+        return {
+            "history": list(self.history),
+            "best_step": self.best_step,
+            "best_loss": self.best_loss,
+            "since_best": self.since_best,
+            "best": best,
+            "best_is_current": best_is_current,
+            "stopped_early_at": self.stopped_early_at,
+            "info": self.info,
+        }
+
+    def load_state_dict(self, state: dict[str, tp.Any] | None, ctx: EvalContext) -> None:
+        """Continue from a checkpoint's evaluation state (after the weights are loaded: `best_is_current` copies
+        them)."""
+        if not state:
+            logger.warning("The checkpoint has no evaluation history (trained without validation): it starts here")
+            return
+        self.history = list(state.get("history", []))
+        self.best_step = state.get("best_step")
+        self.best_loss = float(state.get("best_loss", math.inf))
+        self.since_best = int(state.get("since_best", 0))
+        self.stopped_early_at = state.get("stopped_early_at")
+        self.best = None
+        if self.keep_best and self.best_step is not None:
+            if state.get("best_is_current"):
+                self.best = [t.detach().to("cpu", copy=True) for t in ctx.exported]
+            elif state.get("best") is not None:
+                self.best = [ctx.shard_of(b, p).cpu() for b, p in zip(state["best"], ctx.params, strict=True)]
+
+    # ---- the report
+    def summary(self, exported_step: int | None) -> dict[str, tp.Any]:
+        """What finetune.json / metrics.json say about the validation."""
+        base = next((h for h in self.history if h["step"] == 0), None)
+        last = self.history[-1] if self.history else None
+        return {
+            "split": self.info,
+            "clips": len(self.tokens),
+            "crops": len(self.crops),
+            "eval_every": self.every,
+            "keep_best": self.keep_best,
+            "early_stop_patience": self.patience,
+            "stopped_early_at": self.stopped_early_at,
+            "base_loss": base["val_loss"] if base else None,
+            "base_loss_uncond": base["val_loss_uncond"] if base else None,
+            "final_loss": last["val_loss"] if last else None,
+            "best_loss": self.best_loss if self.best_step is not None else None,
+            "best_step": self.best_step,
+            "exported_step": exported_step,
+            "seconds": round(self.seconds, 2),
+            "evaluations": self.history,
+        }
