@@ -100,6 +100,21 @@ def hub_cached(repo_id: str, filenames: tuple[str, ...] = CHECKPOINT_FILES) -> b
     return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)
 
 
+@contextlib.contextmanager
+def hub_offline():
+    """Within: huggingface_hub (and transformers, which asks it) read only the local cache, as with
+    `HF_HUB_OFFLINE=1`. Both read `huggingface_hub.constants.HF_HUB_OFFLINE` at each call, so flipping it here
+    works after import. For loads known to be fully cached: no request, so no wait on an unreachable hub."""
+    import huggingface_hub.constants as constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def load_musicgen(model_version: str, device: str | None = None):
     """Load a MusicGen (audiocraft's `MusicGen`) by model version, local folder or HF id.
 

@@ -14,6 +14,7 @@ examples): the sampler predict uses (`sampler_for`), the same windowing and deco
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -353,8 +354,9 @@ class Generator:
         without it), else the default base (`MGFT_PRELOAD`, default stereo-melody-large; empty: none).
 
         The base is preloaded only when it is already on disk (for hub models, the local Hugging Face cache is
-        checked first, without any request): otherwise one line is logged and models load on the first request,
-        so a setup with an unreachable hub takes no time waiting for it.
+        checked first, without any request), and then from the cache alone (`versions.hub_offline`): otherwise one
+        line is logged and models load on the first request, so a setup with an unreachable hub takes no time
+        waiting for it.
         """
         if self.setup_weights:
             self.model_for(ModelKey("weights", self.setup_weights))
@@ -374,7 +376,10 @@ class Generator:
                     PRELOAD_ENV,
                 )
                 return
-            self.model_for(ModelKey("version", base))
+            # Cached: load from the cache alone. Asking the hub whether the files changed would wait on it when
+            # it is unreachable; a file the cache lacks (e.g. T5) fails fast here and loads on the first request.
+            with versions.hub_offline() if source.kind == "hf" else contextlib.nullcontext():
+                self.model_for(ModelKey("version", base))
         except versions.ModelUnavailableError as e:
             logger.warning("Could not preload %s; models will load on the first request. %s", base, e)
 

@@ -144,7 +144,7 @@ def blackhole():
 
 def test_preload_without_fine_tune_skips_an_unreachable_hub(tmp_path, blackhole):
     """The default MGFT_PRELOAD (stereo-melody-large) is not in the (empty) cache: setup logs one line and returns
-    at once instead of waiting on the hub (before: ~35 s of retries, then a failure)."""
+    at once instead of waiting on the hub (measured: 0.14 s; before, no return within 150 s)."""
     write_sitecustomize(tmp_path)
     script = textwrap.dedent(
         """
@@ -171,3 +171,45 @@ def test_preload_without_fine_tune_skips_an_unreachable_hub(tmp_path, blackhole)
     assert out.count("Not preloading stereo-melody-large") == 1, out[-3000:]
     assert "facebook/musicgen-stereo-melody-large is not in the local Hugging Face cache" in out
     assert time.monotonic() - started < 90
+
+
+def test_preload_of_a_cached_model_asks_no_hub(tmp_path, blackhole):
+    """A base already in the Hugging Face cache is preloaded from the cache alone: with the hub a blackhole, asking
+    whether the files changed would wait on it (huggingface_hub's etag check) before falling back to the cache."""
+    import hashlib
+
+    from core import tiny
+
+    write_sitecustomize(tmp_path)
+    root = tmp_path / "hf-home" / "hub" / "models--facebook--musicgen-small"
+    commit = "a" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for name in ("state_dict.bin", "compression_state_dict.bin"):  # the tiny model standing in for musicgen-small
+        data = (tiny.ensure_tiny("tiny") / name).read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (root / "snapshots" / commit / name).symlink_to(os.path.relpath(blob, root / "snapshots" / commit))
+    script = textwrap.dedent(
+        """
+        import logging, time
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+        import audiocraft.models  # imported before the clock starts: its import time is not about the hub
+        from generation.generate import Generator
+        generator = Generator(device="cpu")
+        start = time.monotonic()
+        generator.preload()
+        print(f"PRELOAD_SECONDS {time.monotonic() - start:.3f}")
+        print("LOADED", generator._model.name, generator._model.lm.n_q)
+        """
+    )
+    env = child_env(tmp_path, HF_ENDPOINT=blackhole, MGFT_CACHE=str(tmp_path / "mgft"), MGFT_PRELOAD="small")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "LOADED small 4" in out, out[-3000:]
+    assert float(out.split("PRELOAD_SECONDS ")[1].split()[0]) < 3.0, out[-3000:]  # measured 0.2 s (was 23 s)
