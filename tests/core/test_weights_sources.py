@@ -290,3 +290,18 @@ def test_min_free_env(monkeypatch):
     monkeypatch.setenv("MGFT_WEIGHTS_MIN_FREE_GB", "lots")
     with pytest.raises(ValueError, match="MGFT_WEIGHTS_MIN_FREE_GB"):
         min_free_setting()
+
+
+def test_hf_repo_with_only_the_adapter_files_offline(cache, hub, tmp_path, caplog):
+    """A repo holding just adapter.safetensors + adapter_config.json (as LoRA repos usually do): its base comes from
+    adapter_config.json; with no finetune.json there is nothing to verify (logged)."""
+    from tests.core.lora_tars import lora_tar
+
+    tar = lora_tar(tmp_path / "lora.tar", seed=4)
+    with tarfile.open(tar) as archive:
+        files = {n: archive.extractfile(n).read() for n in ("adapter.safetensors", "adapter_config.json")}
+    hub_cache_repo(hub, "alice/lofi-lora", files)
+    with caplog.at_level(logging.INFO, logger="core.weights"):
+        model = weights.load_trained_model("alice/lofi-lora", device="cpu")
+    assert model.is_lora and model.name == "adapter fine-tune of tiny"
+    assert "alice/lofi-lora records no checksums" in caplog.text
