@@ -408,11 +408,17 @@ def unpack(
             logger.info("Using the cached weights of %s (%s)", source.label, folder)
             _touch(folder)
             return folder
-        evict([*keep], need_bytes=_content_length(source.location), **evict_kw)
-        logger.info("Downloading weights from %s", source.label)
-        download = cache_dir("downloads") / (folder.name + ".tar")
+        # Earlier versions kept each download as downloads/<key>.tar forever, beside its unpacked folder: unpack
+        # that one instead of downloading again, then delete it like any download.
+        legacy = cache_dir("downloads") / (_key(source.location) + ".tar")
+        download = legacy if legacy.is_file() else cache_dir("downloads") / (folder.name + ".tar")
         try:
-            _download(source.location, download)
+            if download is legacy:
+                logger.info("Unpacking the earlier download of %s (then deleting it)", source.label)
+            else:
+                evict([*keep], need_bytes=_content_length(source.location), **evict_kw)
+                logger.info("Downloading weights from %s", source.label)
+                _download(source.location, download)
             _extract(download, source.label, folder)
         finally:
             download.unlink(missing_ok=True)  # the unpacked folder is the one copy

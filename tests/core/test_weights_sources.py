@@ -305,3 +305,14 @@ def test_hf_repo_with_only_the_adapter_files_offline(cache, hub, tmp_path, caplo
         model = weights.load_trained_model("alice/lofi-lora", device="cpu")
     assert model.is_lora and model.name == "adapter fine-tune of tiny"
     assert "alice/lofi-lora records no checksums" in caplog.text
+
+
+def test_a_download_kept_by_an_earlier_version_is_unpacked_and_deleted(cache, tmp_path):
+    """Earlier versions kept downloads/<sha256(url)[:24]>.tar forever beside the unpacked folder."""
+    url = "https://weights.example/run-7/trained_model.tar"  # never requested: the legacy file answers
+    legacy = cache / "downloads" / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".tar")
+    legacy.parent.mkdir(parents=True)
+    shutil.copy(make_tar(tmp_path / "trained_model.tar"), legacy)
+    folder = weights.unpack(url)
+    assert (folder / "state_dict.bin").is_file() and not legacy.exists()
+    assert weights.unpack(url) == folder
