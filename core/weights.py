@@ -536,8 +536,8 @@ def _fetch_hf(
         info = HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT)
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise WeightsError(
-            f"Weights {label}: no such Hugging Face model repo, or it is private/gated ({type(e).__name__}). Check "
-            "the repo id (user/name); for a private repo set HF_TOKEN."
+            f"Weights {label}: no such Hugging Face model repo, or it is private/gated ({type(e).__name__}), and no "
+            f"such local path. Check the repo id (user/name) or the path; for a private repo set HF_TOKEN."
         ) from None
     except RevisionNotFoundError:
         raise WeightsError(f"Weights {label}: the repo has no revision {revision!r}.") from None
@@ -552,9 +552,9 @@ def _fetch_hf(
             )
         except Exception:  # noqa: BLE001 - not cached either: one message below
             raise WeightsError(
-                f"Weights {label}: the Hugging Face hub could not be reached ({type(e).__name__}: {e}) and the repo "
-                f"is not cached (looked in {cache_dir('weights')} and {versions_hub_cache()}). Connect to the network "
-                "or give the trained_model.tar as a path or URL."
+                f"Weights {label}: not a local path, and as a Hugging Face repo id: the hub could not be reached "
+                f"({type(e).__name__}: {e}) and the repo is not cached (looked in {cache_dir('weights')} and "
+                f"{versions_hub_cache()}). Connect to the network, or give the trained_model.tar as a path or URL."
             ) from None
         return _from_snapshot(snapshot, source, folder, keep, min_free_bytes, free_bytes)
     files = [s.rfilename for s in info.siblings or []]

@@ -183,7 +183,7 @@ def test_hf_repo_with_tar_from_local_cache_offline(cache, hub, tmp_path):
     model = weights.load_trained_model("alice/lofi-ft", device="cpu")
     assert model.lm.n_q == 4 and model.weights_folder.parent == cache / "weights"
     assert weights.unpack("alice/lofi-ft") == model.weights_folder  # then from our cache
-    with pytest.raises(weights.WeightsError, match="alice/missing.*could not be reached.*not cached"):
+    with pytest.raises(weights.WeightsError, match="alice/missing: not a local path.*could not be reached.*not cached"):
         weights.unpack("alice/missing")
 
 
