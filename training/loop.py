@@ -148,13 +148,16 @@ def format_duration(seconds: float) -> str:
 def resolve_precision(precision: str, device: str) -> tuple[torch.dtype | None, bool, str]:
     """`(autocast dtype or None, use a GradScaler, name)` for a `precision` input on `device`."""
     cuda = device.startswith("cuda")
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    # Pre-Ampere GPUs (V100, T4) only emulate bf16 (slowly): `auto` takes fp16 with loss scaling there.
+    bf16_native = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
-        precision = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+        precision = ("bf16" if bf16_native else "fp16") if cuda else "fp32"
     if precision == "fp16" and not cuda:
         raise InputError("precision", "fp16 needs a GPU; use fp32 (or bf16) on CPU, or auto")
-    if precision == "bf16" and cuda and not bf16_ok:
-        raise InputError("precision", "this GPU has no bf16 support; use fp16 or auto")
+    if precision == "bf16" and cuda and not bf16_native:
+        if not torch.cuda.is_bf16_supported():
+            raise InputError("precision", "this GPU has no bf16 support; use fp16 or auto")
+        logger.warning("precision=bf16: this GPU only emulates bf16 (slow); fp16 (or auto) would be faster")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     return dtype, precision == "fp16", precision
 
