@@ -247,6 +247,33 @@ def test_the_best_evaluation_is_exported_and_early_stop(six_tracks, tmp_path):
         assert torch.equal(result.state_dict[k], v), k
 
 
+def test_lora_keeps_only_the_adapters_of_the_best_evaluation(six_tracks, tmp_path):
+    params = _absurd(six_tracks, method="lora", lora_rank=2, save_every=0, sample_duration=0.0)
+    setup = setup_training(params, load_prepared(six_tracks), tmp_path / "work", DistInfo())
+    lm = setup.model.lm
+    trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    at_evaluation = {}
+
+    def remember(metrics):
+        if "val_loss" in metrics:
+            at_evaluation[metrics["step"]] = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+    evaluator = setup.evaluator
+    result = train_loop(
+        lm, setup.tokens, params, setup.plan, DistInfo(), tmp_path / "ck", on_metrics=remember, evaluator=evaluator
+    )
+    best = result.evaluation["best_step"]
+    assert result.evaluation["exported_step"] == best and sorted(at_evaluation) == [0, 3, 6, 9, 12]
+    # only the adapters were copied (a few % of the LM), and they are the best evaluation's
+    kept = sum(t.numel() for t in evaluator.best)
+    assert len(evaluator.best) == len(trainable) and kept < 0.2 * sum(v.numel() for v in lm.state_dict().values())
+    for k, v in at_evaluation[best].items():
+        assert torch.equal(result.state_dict[k], v), k
+    if best == 0:  # LoRA starts from B = 0: the exported adapter is the base model
+        assert all(not result.state_dict[n].any() for n in trainable if n.endswith("lora_B"))
+
+
 def test_resume_keeps_the_evaluations_and_the_best_weights(six_tracks, tmp_path):
     params = _absurd(six_tracks, save_every=3, sample_duration=0.0)
     straight = run_training(params, tmp_path / "straight")
@@ -270,20 +297,24 @@ def test_resume_keeps_the_evaluations_and_the_best_weights(six_tracks, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_processes_evaluate_like_one(tmp_path, capfd):
-    """DDP over 2 gloo processes: the crops are dealt out over the ranks (one per batch there, two per batch in
-    one process) and the sums all-reduced; the evaluations, the exported step and the weights match one process."""
-    specs = [{"seconds": 2.2 + 0.4 * i, "freq": 200.0 + 60 * i, "description": f"d{i}"} for i in range(6)]
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_evaluate_like_one(parallel, tmp_path, capfd):
+    """DDP / FSDP over 2 gloo processes: the crops are dealt out over the ranks (one per batch there, two per batch
+    in one process; FSDP pads the shorter rank) and the sums all-reduced; the evaluations, the exported step and the
+    weights match one process."""
+    # 1.5 s clips (the crops shortened to them): one crop each; 3 clips held out: one rank gets fewer
+    specs = [{"seconds": 1.5, "freq": 200.0 + 60 * i, "description": f"d{i}"} for i in range(6)]
     dataset = make_prepared(tmp_path / "prepared", specs)
     params = tiny_params(
         dataset, batch_size=2, epochs=1, updates_per_epoch=4, eval_every=2, validation_split=0.5, save_every=4,
-        sample_duration=0.0, optimizer="adamw", lr=3e-3,
+        sample_duration=0.0, optimizer="adamw", lr=3e-3, parallel=parallel,
     )  # fmt: skip
     ddp = run_training(params, tmp_path / "ddp", nproc=2)
-    assert "All 2 ranks hold identical weights" in capfd.readouterr().err
+    log = capfd.readouterr().err
+    assert "All 2 ranks hold identical weights" in log and f"{parallel.upper()}" in log, log[-3000:]
     single = run_training(params, tmp_path / "single", nproc=1)
     a, b = _tar_json(ddp, "finetune.json")["validation"], _tar_json(single, "finetune.json")["validation"]
-    assert a["crops"] == b["crops"] >= 6
+    assert a["crops"] == b["crops"] == 3
     assert [e["step"] for e in a["evaluations"]] == [e["step"] for e in b["evaluations"]] == [0, 2, 4]
     for x, y in zip(a["evaluations"], b["evaluations"], strict=True):
         for key in ("val_loss", "val_loss_uncond", "val_loss_q0", "val_loss_q3", "val_tokens"):
