@@ -197,6 +197,35 @@ def test_evaluation_does_not_change_the_training(validated_run, six_tracks, tmp_
         torch.testing.assert_close(plain["model"][k], v, atol=1e-6, rtol=1e-5)
 
 
+def test_validation_path_validates_on_other_tracks(tmp_path):
+    """An archive of other tracks: prepared like dataset_path (into work-validation/), every training track trains
+    (even with 5+ of them), the split says where the validation came from."""
+    import zipfile
+
+    import soundfile as sf
+
+    from tests.helpers import tone
+
+    train = make_prepared(tmp_path / "train", SIX)
+    upload = tmp_path / "held_out.zip"
+    with zipfile.ZipFile(upload, "w") as archive:
+        for i, freq in enumerate((250.0, 410.0)):
+            buffer = io.BytesIO()
+            sf.write(buffer, tone(6.0, 32000, 1, freq=freq, seed=10 + i), 32000, format="WAV", subtype="PCM_16")
+            archive.writestr(f"other{i}.wav", buffer.getvalue())
+            archive.writestr(f"other{i}.txt", f"other tone {i}")
+    params = tiny_params(train, validation_path=str(upload), epochs=1, updates_per_epoch=4, save_every=0)
+    info = _tar_json(run_training(params, tmp_path / "out"), "finetune.json")
+    split = info["validation"]["split"]
+    assert split["mode"] == "path" and split["validation_path"] == "held_out.zip"
+    assert split["validation_tracks"] == ["other0.wav", "other1.wav"] and split["validation_clips"] == 2
+    assert info["training"]["clips"] == 6  # no track of dataset_path held out
+    assert (tmp_path / "out" / "work-validation" / "dataset" / "data.jsonl").is_file()
+    assert [e["step"] for e in info["validation"]["evaluations"]] == [0, 4]
+    with pytest.raises(InputError, match="validation_path"):  # a bad upload names the validation input
+        run_training(dataclasses.replace(params, validation_path=str(tmp_path / "missing.zip")), tmp_path / "bad")
+
+
 def _absurd(dataset, **overrides):
     """adamw at lr 0.09 (just under the refused 0.1) with a warmup: the first small steps help, then it wrecks the
     model."""
