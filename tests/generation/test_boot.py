@@ -70,14 +70,21 @@ def write_sitecustomize(tmp_path: Path) -> None:
     (tmp_path / "site" / "sitecustomize.py").write_text(NO_NETWORK)
 
 
-def test_trained_version_sets_up_and_predicts_with_no_network(tmp_path):
-    """COG_WEIGHTS (a LoRA on tiny-t5: T5 and the base come from local caches) served on loopback, as Replicate
-    hands a trained version its weights; every other connection refused, HF_HUB_OFFLINE=1."""
+@pytest.mark.parametrize("given_as", ["url", "data"])
+def test_trained_version_sets_up_and_predicts_with_no_network(tmp_path, given_as):
+    """COG_WEIGHTS (a LoRA on tiny-t5: T5 and the base come from local caches) served on loopback as Replicate
+    hands a trained version its weights, or inline as a data: URI; every other connection refused,
+    HF_HUB_OFFLINE=1."""
+    import base64
+
     tar = lora_tar(tmp_path / "www" / "trained_model.tar", base="tiny-t5", seed=2)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tar.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/trained_model.tar"
+    if given_as == "data":  # read by the child from a file: a data: URI this long exceeds an argv/env string
+        url = "data:application/x-tar;base64," + base64.b64encode(tar.read_bytes()).decode()
+    (tmp_path / "weights.txt").write_text(url)
     write_sitecustomize(tmp_path)
     script = textwrap.dedent(
         f"""
@@ -91,7 +98,7 @@ def test_trained_version_sets_up_and_predicts_with_no_network(tmp_path):
         from core.params import from_kwargs
         from generation.params import PredictParams
         predictor = Predictor()
-        predictor.setup(weights={url!r})
+        predictor.setup(weights=open({str(tmp_path / "weights.txt")!r}).read())
         params = from_kwargs(PredictParams, prompt="calm piano", duration=1, top_k=50, seed=3)
         result = predictor.generator.generate(params, progress=False)
         print("GENERATED", tuple(result.wavs.shape), predictor.generator._model.name)
