@@ -125,7 +125,14 @@ def architecture_fingerprint(cfg: tp.Any) -> str:
 
 
 def _user_mode(mode: int = 0o644) -> int:
-    """`mode` less the process umask (read by setting it and putting it back: there is no read-only call)."""
+    """`mode` less the process umask. Read from /proc where it is (Linux): setting the umask to read it back would
+    leave, for a moment, another umask for the process's other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return mode & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return mode & ~umask
