@@ -151,10 +151,15 @@ def test_lora_merge_exports_the_full_model(dataset, tmp_path, lora_run):
     assert plain.lm is not None
 
 
+def test_lora_rank_0_is_refused_by_its_bound():
+    with pytest.raises(InputError) as err:  # ge=1: the schema `cog build` writes refuses it too (HTTP 422)
+        from_kwargs(TrainParams, dataset_path="x.zip", model_version="tiny", method="lora", lora_rank=0)
+    assert err.value.name == "lora_rank" and "minimum 1" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "inputs,name,words",
     [
-        ({"method": "lora", "lora_rank": 0}, "lora_rank", "at least 1"),
         ({"method": "lora", "lora_alpha": 0.0}, "lora_alpha", "above 0"),
         ({"method": "lora", "lora_targets": "attn_q"}, "lora_targets", "transformer.layers.<0-1>.self_attn.q"),
         ({"method": "lora", "lora_targets": " , "}, "lora_targets", "valid targets"),
