@@ -415,9 +415,11 @@ class Evaluator:
     # ---- the report
     def summary(self, exported_step: int | None) -> dict[str, tp.Any]:
         """What finetune.json / metrics.json say about the validation."""
+        from training.report import finite_json
+
         base = next((h for h in self.history if h["step"] == 0), None)
         last = self.history[-1] if self.history else None
-        return {
+        summary = {
             "split": self.info,
             "clips": len(self.tokens),
             "crops": len(self.crops),
@@ -434,3 +436,4 @@ class Evaluator:
             "seconds": round(self.seconds, 2),
             "evaluations": self.history,
         }
+        return finite_json(summary)  # finetune.json is strict JSON: a diverged loss is null, not NaN

@@ -8,7 +8,7 @@ import json
 import math
 import typing as tp
 
-__all__ = ["plot_history", "metrics_json"]
+__all__ = ["plot_history", "metrics_json", "finite_json"]
 
 
 def plot_history(history: tp.Sequence[dict[str, float]], validation: dict | None = None) -> bytes:
@@ -46,14 +46,14 @@ def plot_history(history: tp.Sequence[dict[str, float]], validation: dict | None
     return buffer.getvalue()
 
 
-def _finite(value: tp.Any) -> tp.Any:
+def finite_json(value: tp.Any) -> tp.Any:
     """JSON has no NaN/inf: a diverged value is written as null (strict parsers reject `NaN`)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -65,4 +65,4 @@ def metrics_json(history: tp.Sequence[dict[str, float]], validation: dict | None
         "training": list(history),
         "validation": validation,
     }
-    return json.dumps(_finite(data), indent=1).encode()
+    return json.dumps(finite_json(data), indent=1).encode()

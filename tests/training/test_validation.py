@@ -303,6 +303,30 @@ def test_lora_keeps_only_the_adapters_of_the_best_evaluation(six_tracks, tmp_pat
         assert all(not result.state_dict[n].any() for n in trainable if n.endswith("lora_B"))
 
 
+def test_with_ema_the_average_is_evaluated_and_kept(six_tracks, tmp_path):
+    params = tiny_params(six_tracks, ema=True, epochs=1, updates_per_epoch=6, eval_every=3, optimizer="adamw", lr=3e-3)
+    runs = {}
+    for name, validate in (("plain", False), ("validated", True)):
+        setup = setup_training(params, load_prepared(six_tracks), tmp_path / "work", DistInfo())
+        evaluator = setup.evaluator if validate else None
+        lm = setup.model.lm
+        result = train_loop(lm, setup.tokens, params, setup.plan, DistInfo(), tmp_path / name, evaluator=evaluator)
+        runs[name] = (result, evaluator, [n for n, p in lm.named_parameters() if p.requires_grad], lm)
+    plain, (validated, evaluator, names, lm) = runs["plain"][0], runs["validated"]
+    # the EMA was swapped in for each evaluation and the trained weights back: the training did not change
+    assert [h["loss"] for h in validated.history] == [h["loss"] for h in plain.history]
+    for k, v in runs["plain"][3].state_dict().items():  # the trained (raw) weights end the same too
+        assert torch.equal(lm.state_dict()[k], v), k
+    best = validated.evaluation["best_step"]
+    kept = dict(zip(names, evaluator.best, strict=True))
+    for k, v in kept.items():  # exported: the EMA of the best evaluation
+        assert torch.equal(validated.state_dict[k], v), k
+    if best == 6:  # the last evaluation: exactly the EMA the plain run exports
+        for k, v in plain.state_dict.items():
+            assert torch.equal(validated.state_dict[k], v), k
+    assert validated.evaluation["evaluations"][0]["val_loss"] != validated.evaluation["evaluations"][1]["val_loss"]
+
+
 def test_resume_keeps_the_evaluations_and_the_best_weights(six_tracks, tmp_path):
     params = _absurd(six_tracks, save_every=3, sample_duration=0.0)
     straight = run_training(params, tmp_path / "straight")
