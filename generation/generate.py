@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import random
@@ -137,6 +138,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def bounded_prompt(params: PredictParams) -> PredictParams:
+    """The prompt cut to what MusicGen's T5 reads (512 tokens; audiocraft tokenizes untruncated, so a 100 KB prompt
+    costs tens of GB), at a word boundary, with a warning: never a silent change, never an out-of-memory kill."""
+    from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
+
+    if not params.prompt or len(params.prompt) <= MAX_DESCRIPTION_CHARS:
+        return params
+    short = shorten(params.prompt)
+    logger.warning(
+        "prompt is %d characters; the text encoder reads at most 512 tokens: using its first %d (%r...)",
+        len(params.prompt),
+        len(short),
+        short[:60],
+    )
+    return dataclasses.replace(params, prompt=short)
 
 
 def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
@@ -410,6 +428,7 @@ class Generator:
     def generate(
         self, params: PredictParams, *, sample_fn: SampleFn | None = None, progress: bool = True
     ) -> GenerationResult:
+        params = bounded_prompt(params)
         input_audio = load_input_audio(params)
         style_audio = style.load_style_audio(params)
         validate_request(params, input_audio)

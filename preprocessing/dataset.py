@@ -102,6 +102,23 @@ def write_report(folder: Path, report: dict) -> Path:
     return write_text_atomic(folder / REPORT, json.dumps(report, ensure_ascii=False, indent=1))
 
 
+def _bounded(description: str, clip: Path) -> str:
+    """A folder prepared elsewhere (or edited by hand) may hold a description longer than the text encoder reads:
+    cut it as preparation does (preprocessing/descriptions.py), saying so."""
+    from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
+
+    if len(description) <= MAX_DESCRIPTION_CHARS:
+        return description
+    short = shorten(description)
+    logger.warning(
+        "The description of %s is %d characters; the text encoder reads at most 512 tokens: using its first %d",
+        clip.name,
+        len(description),
+        len(short),
+    )
+    return short
+
+
 def load_prepared(folder: str | Path) -> PreparedDataset:
     """Read a prepared folder back: `data.jsonl` + each clip's sidecar (+ `report.json` when present).
 
@@ -142,7 +159,7 @@ def load_prepared(folder: str | Path) -> PreparedDataset:
                 duration=float(meta["duration"]),
                 sample_rate=int(meta.get("sample_rate", SAMPLE_RATE)),
                 channels=int(channels),
-                description=info.get("description") or "",
+                description=_bounded(info.get("description") or "", path),
                 info=info,
                 source=info.get("source") or path.name,
             )
