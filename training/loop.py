@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.errors import InputError, Interrupted
+from core.errors import InputError, Interrupted, NonFiniteError
 from training import checkpoint as ckpt
 from training import evaluate as evaluation
 from training import fsdp as fsdp_mod
@@ -56,10 +56,6 @@ __all__ = [
 
 BETAS = (0.9, 0.95)  # audiocraft's MusicGen optimizer settings
 EPS = 1e-8
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient became NaN/inf; nothing was saved from the failing step."""
 
 
 class TrainingInterrupted(Interrupted):
