@@ -10,7 +10,15 @@ import sys
 import typing as tp
 from dataclasses import dataclass
 
-__all__ = ["InputError", "ModelUnavailableError", "WeightsError", "Interrupted", "USER_ERRORS", "cli_errors"]
+__all__ = [
+    "InputError",
+    "ModelUnavailableError",
+    "WeightsError",
+    "NonFiniteError",
+    "Interrupted",
+    "USER_ERRORS",
+    "cli_errors",
+]
 
 
 class InputError(ValueError):
@@ -29,6 +37,11 @@ class WeightsError(ValueError):
     """A weights file is missing, corrupt or not ours; the message says what was expected."""
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: the loss, a gradient or an exported weight became NaN/inf. The message names the step and
+    what to change (a lower lr, fp32); the last finite state is kept as a checkpoint where one exists."""
+
+
 class Interrupted(RuntimeError):
     """A run stopped early by a signal (SIGTERM, Ctrl-C) or a cancel, leaving what can be resumed; the message
     says where it is and how to resume. `exit_code` is what the CLI exits with (128 + the signal)."""
@@ -36,7 +49,7 @@ class Interrupted(RuntimeError):
     exit_code = 130
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (InputError, ModelUnavailableError, WeightsError)
+USER_ERRORS: tuple[type[Exception], ...] = (InputError, ModelUnavailableError, WeightsError, NonFiniteError)
 
 
 @dataclass
