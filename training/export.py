@@ -28,7 +28,7 @@ from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, fini
 from training.melody import restore_for_generation
 from training.methods import get_method
 from training.params import TrainParams
-from training.report import metrics_json, plot_history
+from training.report import metrics_json, plot_history, reference_clip, render_html
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,10 @@ def _write(
         finetune["samples"] = [
             {"file": f"samples/sample_{i}.wav", "description": d} for i, d in enumerate(descriptions)
         ]
+    # report.html: all of the above on one self-contained page, the samples next to a training clip
+    samples = [(name, data) for name, data in extra.items() if name.startswith("samples/")]
+    reference = reference_clip(clips, params.sample_duration) if samples else None
+    extra["report.html"] = render_html(finetune, extra["loss.png"], samples, reference)
     out_tar = Path(out_tar)
     out_tar.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".trained_model-", suffix=".tar", dir=out_tar.parent)
@@ -216,6 +220,7 @@ def _write(
     finally:
         tmp.unlink(missing_ok=True)
     (out_tar.parent / "metrics.json").write_bytes(extra["metrics.json"])  # beside the tar too, to read without it
+    (out_tar.parent / "report.html").write_bytes(extra["report.html"])
     logger.info("Trained model written to %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
     return out_tar
 

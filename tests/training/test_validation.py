@@ -177,6 +177,44 @@ def test_a_run_reports_its_validation(validated_run):
     assert state["evaluation"]["best_is_current"] and state["evaluation"]["best"] is None  # no second copy
 
 
+def test_the_report_page_is_self_contained(validated_run):
+    import base64
+    from html.parser import HTMLParser
+
+    with tarfile.open(validated_run["tar"]) as archive:
+        page = archive.extractfile("report.html").read()
+    assert page == (validated_run["out"] / "report.html").read_bytes()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.sources, self.rows, self.text = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if "src" in attrs or "href" in attrs:
+                self.sources.append((tag, attrs.get("src") or attrs.get("href")))
+            if tag == "tr" and attrs.get("class") == "exported":
+                self.rows.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parsed = Collect()
+    parsed.feed(page.decode())
+    text = " ".join(parsed.text)
+    assert all(src.startswith("data:") for _, src in parsed.sources)  # nothing to fetch: opens offline, anywhere
+    kinds = [(tag, src.split(";")[0]) for tag, src in parsed.sources]
+    assert kinds.count(("img", "data:image/png")) == 1 and kinds.count(("audio", "data:audio/wav")) == 3
+    for tag, src in parsed.sources:
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data.startswith(b"\x89PNG" if tag == "img" else b"RIFF")
+    validation = _tar_json(validated_run["tar"], "finetune.json")["validation"]
+    assert f"from {validation['base_loss']:.3f} (base model)" in text and "at step 12" in text
+    assert len(parsed.rows) == 1 and "held-out tracks" in text and validation["split"]["validation_tracks"][0] in text
+    assert "training clip (track" in text and "tone " in text  # a training clip to compare the samples with
+
+
 def test_evaluation_does_not_change_the_training(validated_run, six_tracks, tmp_path):
     """The same training clips without validation (validation_path elsewhere, the same 5 tracks): same losses and
     weights: the evaluation takes nothing from the training's random streams or modes."""
