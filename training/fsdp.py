@@ -9,7 +9,7 @@ What this module gives the loop (`training.loop.train_loop`), everything else is
 - `resolve_parallel`: which kind of data parallelism a run uses (`parallel` input: auto / ddp / fsdp);
 - `shard`: `fully_shard` on each transformer layer, then on the training step module (the root);
 - `ShardedOptimizer`: the chosen optimizer stepping each rank's shards as plain tensors. D-Adaptation's step size
-  needs sums over all weights, which its own FSDP branch all-reduces; torch's DTensor cannot run its per-weight
+  needs sums over all weights, which `dadaptation_step` all-reduces; torch's DTensor cannot run its per-weight
   `flatten` on unevenly sharded weights, so it gets the local shards. Its `state_dict` is the full, unsharded
   optimizer state in exactly the layout of a single-process run, so checkpoints resume under any `parallel`;
 - `full_state_dict` / `load_full_state_dict`: full weights gathered (kept on rank 0) and a full state dict
@@ -24,7 +24,6 @@ import contextlib
 import copy
 import logging
 import typing as tp
-from unittest import mock
 
 import torch
 from torch import nn
@@ -235,7 +234,9 @@ class ShardedOptimizer:
     def step(self) -> None:
         if not self._every_rank_moved:
             self._check_every_rank_has_gradients()
-        with _dadaptation_sums_on(self.shards[0].device):
+        if "d" in self.optimizer.param_groups[0]:
+            dadaptation_step(self.optimizer, self.shards[0].device)
+        else:
             self.optimizer.step()
 
     def _check_every_rank_has_gradients(self) -> None:
@@ -311,14 +312,46 @@ def gather(shard: torch.Tensor, like: torch.Tensor, dist: DistInfo) -> torch.Ten
     return out.cpu() if dist.is_main else out[:0]
 
 
-@contextlib.contextmanager
-def _dadaptation_sums_on(device: torch.device) -> tp.Iterator[None]:
-    """dadaptation's FSDP branch builds its 2-value sum tensor with `.cuda()`; on CPU (gloo) keep it there."""
-    if device.type == "cuda":
-        yield
+@torch.no_grad()
+def dadaptation_step(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """One step of D-Adaptation Adam (`dadaptation.DAdaptAdam`) on this rank's shards, its step size `d` estimated
+    from sums over all ranks, with the very operations of its own `fsdp_in_use` branch.
+
+    That branch builds its 2-value sum tensor with `.cuda()`, which fails on CPU (gloo). So the optimizer steps
+    with only local sums (`fsdp_in_use` off for the call: no collective inside), which moves the weights exactly
+    as the sharded step would (the update uses the `d` from before the step), and `d` is then recomputed here from
+    the all-reduced sums, on `device`. The local `numerator_weighted` it keeps is what its FSDP branch keeps too.
+    """
+    groups = optimizer.param_groups
+    first = groups[0]
+    d, k, growth_rate = first["d"], first["k"], first["growth_rate"]
+    sqrt_beta2 = first["betas"][1] ** 0.5
+    flags = [group["fsdp_in_use"] for group in groups]
+    for group in groups:
+        group["fsdp_in_use"] = False
+    try:
+        optimizer.step()
+    finally:
+        for group, flag in zip(groups, flags, strict=True):
+            group["fsdp_in_use"] = flag
+    if first["k"] == k or max(group["lr"] for group in groups) <= 0.0:
+        # no gradient seen yet (it returned before its sums, as its FSDP branch does) or lr 0 (d stays)
         return
-    with mock.patch.object(torch.Tensor, "cuda", lambda self, *args, **kwargs: self):
-        yield
+    # its `sk_l1`, summed in the same order with the same float operations (`s` is not changed after it is summed)
+    sk_l1 = 0.0
+    for group in groups:
+        if group["lr"] > 0.0:
+            for p in group["params"]:
+                if p.grad is not None:
+                    sk_l1 += group["layer_scale"] * optimizer.state[p]["s"].abs().sum().item()
+    sums = torch.zeros(2, device=device)
+    sums[0] = first["numerator_weighted"]
+    sums[1] = sk_l1
+    torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+    d_hat = sums[0] / ((1 - sqrt_beta2) * sums[1])
+    d = max(d, min(d_hat, d * growth_rate))
+    for group in groups:
+        group["d"] = d
 
 
 def skeleton(module: nn.Module) -> nn.Module:
