@@ -195,7 +195,7 @@ def _write(
     # report.html: all of the above on one self-contained page, the samples next to a training clip
     samples = [(name, data) for name, data in extra.items() if name.startswith("samples/")]
     reference = reference_clip(clips, params.sample_duration) if samples else None
-    extra["report.html"] = render_html(finetune, extra["loss.png"], samples, reference)
+    extra["report.html"] = render_html(finetune, history, samples, reference)
     out_tar = Path(out_tar)
     out_tar.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".trained_model-", suffix=".tar", dir=out_tar.parent)

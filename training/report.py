@@ -10,7 +10,7 @@ import math
 import typing as tp
 from pathlib import Path
 
-__all__ = ["plot_history", "metrics_json", "finite_json", "render_html", "reference_clip"]
+__all__ = ["plot_history", "svg_chart", "metrics_json", "finite_json", "render_html", "reference_clip"]
 
 
 def plot_history(history: tp.Sequence[dict[str, float]], validation: dict | None = None) -> bytes:
@@ -46,6 +46,60 @@ def plot_history(history: tp.Sequence[dict[str, float]], validation: dict | None
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def svg_chart(history: tp.Sequence[dict[str, float]], validation: dict | None = None) -> str:
+    """The loss curves as a small inline SVG for report.html (a few KB: the page stays small inside a LoRA tar of
+    a few MB, where matplotlib's SVG alone is ~20 KB): training loss (line), validation loss (dots, conditional;
+    crosses, unconditional), the exported step (dashed)."""
+    from html import escape
+
+    width, height, left, right, top, bottom = 720, 300, 56, 12, 14, 36
+    evaluations = [e for e in (validation or {}).get("evaluations") or [] if e.get("val_loss") is not None]
+    points = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None and math.isfinite(h["loss"])]
+    points += [(e["step"], e["val_loss"]) for e in evaluations]
+    points += [(e["step"], e["val_loss_uncond"]) for e in evaluations if e.get("val_loss_uncond") is not None]
+    if not points:
+        return ""
+    x_max = max(1, max(p[0] for p in points))
+    y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
+    y_min, y_max = (y_min - 0.5, y_max + 0.5) if y_max - y_min < 1e-9 else (y_min, y_max)
+
+    def x(v: float) -> float:
+        return left + (width - left - right) * v / x_max
+
+    def y(v: float) -> float:
+        return top + (height - top - bottom) * (1 - (v - y_min) / (y_max - y_min))
+
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {height}' width='{width}' height='{height}'"]
+    out.append(" font-family='sans-serif' font-size='11'>")
+    out.append(f"<rect x='{left}' y='{top}' width='{width - left - right}' height='{height - top - bottom}'")
+    out.append(" fill='none' stroke='#bbb'/>")
+    for i in range(5):  # value ticks and step ticks
+        v = y_min + (y_max - y_min) * i / 4
+        out.append(f"<text x='{left - 4}' y='{y(v) + 4:.1f}' text-anchor='end'>{v:.2f}</text>")
+        s = x_max * i / 4
+        out.append(f"<text x='{x(s):.1f}' y='{height - bottom + 14}' text-anchor='middle'>{s:g}</text>")
+    out.append(f"<text x='{(left + width) / 2}' y='{height - 4}' text-anchor='middle'>step</text>")
+    train = " ".join(f"{x(h['step']):.1f},{y(h['loss']):.1f}" for h in history if h.get("loss") is not None)
+    if train:
+        out.append(f"<polyline points='{train}' fill='none' stroke='#1f77b4' stroke-width='1.5'/>")
+    for e in evaluations:
+        out.append(f"<circle cx='{x(e['step']):.1f}' cy='{y(e['val_loss']):.1f}' r='3.5' fill='#2ca02c'/>")
+        if e.get("val_loss_uncond") is not None:
+            cx, cy = x(e["step"]), y(e["val_loss_uncond"])
+            out.append(f"<path d='M{cx - 3:.1f},{cy - 3:.1f}l6,6m0,-6l-6,6' stroke='#777' stroke-width='1.5'/>")
+    exported = (validation or {}).get("exported_step")
+    if exported is not None and evaluations:
+        out.append(f"<line x1='{x(exported):.1f}' x2='{x(exported):.1f}' y1='{top}' y2='{height - bottom}'")
+        out.append(" stroke='#d62728' stroke-dasharray='4 3'/>")
+    legend = [("#1f77b4", "training loss"), ("#2ca02c", "validation loss"), ("#777", "validation, unconditional")]
+    legend = legend[: 3 if evaluations else 1] + ([("#d62728", f"exported (step {exported})")] if evaluations else [])
+    for i, (color, label) in enumerate(legend):
+        out.append(f"<rect x='{width - right - 190}' y='{top + 8 + 16 * i}' width='10' height='10' fill='{color}'/>")
+        out.append(f"<text x='{width - right - 175}' y='{top + 17 + 16 * i}'>{escape(label)}</text>")
+    out.append("</svg>")
+    return "".join(out)
 
 
 def finite_json(value: tp.Any) -> tp.Any:
@@ -93,7 +147,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-botto
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.2em 0.7em; border: 1px solid #ddd; }
 th { background: #f4f4f4; text-align: left; } tr.exported td { background: #e8f5e9; font-weight: bold; }
 .verdict { font-size: 1.1em; padding: 0.6em 1em; background: #f4f8ff; border-left: 4px solid #4a7bd0; }
-.warn { background: #fff4e5; border-left-color: #e08a00; } img { max-width: 100%; } audio { width: 22em; }
+.warn { background: #fff4e5; border-left-color: #e08a00; } svg { max-width: 100%; height: auto; } audio { width: 22em; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
@@ -130,13 +184,13 @@ def _verdict(validation: dict | None) -> tuple[str, str]:
 
 def render_html(
     finetune: dict[str, tp.Any],
-    png: bytes,
+    history: tp.Sequence[dict[str, float]],
     samples: tp.Sequence[tuple[str, bytes]],
     reference: tuple[str, str, bytes] | None = None,
 ) -> bytes:
-    """`report.html`: one self-contained page (the plot and the audio inline as data: URIs, no script, no external
-    resource): the verdict, the data and the split, the curves, every evaluation, the samples next to a training
-    clip, the run and its inputs."""
+    """`report.html`: one self-contained page (the curves as inline SVG, the audio as data: URIs; no script, no
+    external resource): the verdict, the data and the split, the curves (`svg_chart`), every evaluation, the
+    samples next to a training clip, the run and its inputs."""
     import base64
     from html import escape
 
@@ -174,7 +228,8 @@ def render_html(
             )
         )
     parts.append("</table><h2>Curves</h2>")
-    parts.append(f"<img alt='training and validation loss, learning rate' src='{uri('image/png', png)}'>")
+    parts.append("<figure>" + svg_chart(history, validation) + "<figcaption>loss against the step")
+    parts.append("</figcaption></figure>")
     if validation and validation.get("evaluations"):
         evaluations = validation["evaluations"]
         codebooks = sorted(k for k in evaluations[0] if k.startswith("val_loss_q"))

@@ -196,6 +196,8 @@ def test_the_report_page_is_self_contained(validated_run):
                 self.sources.append((tag, attrs.get("src") or attrs.get("href")))
             if tag == "tr" and attrs.get("class") == "exported":
                 self.rows.append(tag)
+            if tag == "svg":
+                self.rows.append(tag)
 
         def handle_data(self, data):
             self.text.append(data)
@@ -205,14 +207,41 @@ def test_the_report_page_is_self_contained(validated_run):
     text = " ".join(parsed.text)
     assert all(src.startswith("data:") for _, src in parsed.sources)  # nothing to fetch: opens offline, anywhere
     kinds = [(tag, src.split(";")[0]) for tag, src in parsed.sources]
-    assert kinds.count(("img", "data:image/png")) == 1 and kinds.count(("audio", "data:audio/wav")) == 3
-    for tag, src in parsed.sources:
-        data = base64.b64decode(src.split(",", 1)[1])
-        assert data.startswith(b"\x89PNG" if tag == "img" else b"RIFF")
+    assert kinds == [("audio", "data:audio/wav")] * 3  # 2 samples and a training clip
+    for _, src in parsed.sources:
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"RIFF")
+    assert parsed.rows.count("svg") == 1 and "validation loss" in text  # the curves, inline (legend text)
     validation = _tar_json(validated_run["tar"], "finetune.json")["validation"]
     assert f"from {validation['base_loss']:.3f} (base model)" in text and "at step 12" in text
-    assert len(parsed.rows) == 1 and "held-out tracks" in text and validation["split"]["validation_tracks"][0] in text
+    assert parsed.rows.count("tr") == 1  # the exported evaluation, highlighted
+    assert "held-out tracks" in text and validation["split"]["validation_tracks"][0] in text
     assert "training clip (track" in text and "tone " in text  # a training clip to compare the samples with
+
+
+def test_the_evaluations_go_to_wandb(six_tracks, tmp_path, monkeypatch):
+    import wandb
+
+    from tests.training.test_publish import WANDB_KEY, _wandb_history_and_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    wandb.teardown()  # wandb reads its environment once per process
+    try:
+        params = tiny_params(
+            six_tracks, epochs=1, updates_per_epoch=4, eval_every=2, save_every=0, sample_duration=0.0,
+            wandb_api_key=WANDB_KEY,
+        )  # fmt: skip
+        run_training(params, tmp_path / "out")
+    finally:
+        wandb.teardown()
+    history, _ = _wandb_history_and_config(tmp_path / "out")
+    evaluations = [h for h in history if "val_loss" in h]
+    assert [h["step"] for h in evaluations] == [0, 2, 4]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["validation"]["evaluations"]
+    for logged, saved in zip(evaluations, metrics, strict=True):
+        for key in ("val_loss", "val_loss_uncond", "val_loss_q0", "val_loss_uncond_q3"):
+            assert logged[key] == pytest.approx(saved[key], rel=1e-9), key
 
 
 def test_evaluation_does_not_change_the_training(validated_run, six_tracks, tmp_path):
