@@ -8,6 +8,8 @@ Targets and their names (`lora_target_names`):
   bare `in_proj_weight` Parameter applied with `F.linear` (sliced for cross-attention), so wrapping an `nn.Linear`
   misses it. `LoRAInProj` gives the attention a class-level `in_proj_weight` property returning
   `W + scale * [B_q A_q; B_k A_k; B_v A_v]` on the adapted row blocks: every use of the weight sees the adapted one.
+  This is the one class change left (`lora_attention_class`); why it is not `torch.nn.utils.parametrize` nor a
+  wrapper module is said there.
 - `<attn>.out_proj`, `transformer.layers.<i>.linear1` / `linear2`, `linears.<k>` (output heads): `nn.Linear`s,
   replaced by `LoRALinear`, which computes `x W^T + scale * (x A^T) B^T` without forming the weight delta.
 
@@ -18,6 +20,7 @@ adapted model starts exactly equal to its base. `merge_lora_state` folds adapter
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -35,6 +38,8 @@ __all__ = [
     "ADAPTER_FILE",
     "ADAPTER_CONFIG_FILE",
     "LoRALinear",
+    "lora_attention_class",
+    "base_parameters_exposed",
     "lora_target_names",
     "select_targets",
     "add_lora",
@@ -106,12 +111,17 @@ class LoRAInProj:
     """Mixin put in front of an attention module's class: `in_proj_weight` becomes the adapted weight.
 
     The base Parameter stays in `_parameters['in_proj_weight']` (same state-dict key); the factors live in the
-    `in_proj_lora` submodule (`q`/`k`/`v` -> `_LoRAFactors`) with scale `in_proj_lora_scale`.
+    `in_proj_lora` submodule (`q`/`k`/`v` -> `_LoRAFactors`) with scale `in_proj_lora_scale`. While
+    `in_proj_lora_base_exposed` is true (`base_parameters_exposed`) the property answers with that Parameter itself.
     """
+
+    in_proj_lora_base_exposed = False
 
     @property
     def in_proj_weight(self) -> torch.Tensor:  # type: ignore[override]
         weight = self._parameters["in_proj_weight"]
+        if self.in_proj_lora_base_exposed:
+            return weight
         adapters = self._modules["in_proj_lora"]
         rows = _qkv_rows(self)
         blocks = []
@@ -122,6 +132,42 @@ class LoRAInProj:
                 block = block + self.in_proj_lora_scale * (factors.lora_B @ factors.lora_A).to(block.dtype)
             blocks.append(block)
         return torch.cat(blocks, dim=0)
+
+
+_LORA_ATTENTION_CLASSES: dict[type, type] = {}
+
+
+def lora_attention_class(cls: type) -> type:
+    """`LoRA<cls>`: attention class `cls` with `LoRAInProj` in front (one per class, made on first use).
+
+    Why a class change, and not `torch.nn.utils.parametrize` or a wrapper: audiocraft's attention applies the bare
+    `in_proj_weight` Parameter with `F.linear(x, self.in_proj_weight)` inside its own forward (sliced for
+    cross-attention) and fast generation reads it the same way, so only the attribute lookup itself can hand out
+    the adapted weight, and Python looks data descriptors up on the type. `parametrize` does exactly this too (it
+    puts a `Parametrized<cls>` class with a property in front), but it moves the Parameter to
+    `parametrizations.in_proj_weight.original`: the base weight would leave `_parameters['in_proj_weight']` and
+    the state-dict key `...in_proj_weight` that checkpoints, merges and the tests use. A wrapper module around the
+    attention would hide it from audiocraft's streaming state and from the `isinstance` checks of the generation
+    code. So the class changes, once per attention module, by `add_lora` only; nothing of audiocraft is patched.
+    """
+    if cls not in _LORA_ATTENTION_CLASSES:
+        _LORA_ATTENTION_CLASSES[cls] = type(f"LoRA{cls.__name__}", (LoRAInProj, cls), {})
+    return _LORA_ATTENTION_CLASSES[cls]
+
+
+@contextlib.contextmanager
+def base_parameters_exposed(module: nn.Module) -> tp.Iterator[None]:
+    """Within: every LoRA attention in `module` answers `in_proj_weight` with its base Parameter, as a plain
+    attention does. For code that reads registered parameters back by name (FSDP2's lazy init, which would
+    otherwise take the adapted weight for the parameter); the forward must not run meanwhile."""
+    adapted = [m for m in module.modules() if isinstance(m, LoRAInProj)]
+    for m in adapted:
+        m.in_proj_lora_base_exposed = True
+    try:
+        yield
+    finally:
+        for m in adapted:
+            del m.in_proj_lora_base_exposed  # back to the class default: the adapted weight
 
 
 def _attention_modules(lm: nn.Module) -> dict[str, nn.Module]:
@@ -204,8 +250,7 @@ def add_lora(lm: nn.Module, targets: tp.Sequence[str], rank: int, alpha: float) 
             if "in_proj_lora" not in attn._modules:
                 attn.add_module("in_proj_lora", nn.ModuleDict())
                 attn.in_proj_lora_scale = alpha / rank
-                cls = type(attn)
-                attn.__class__ = type(f"LoRA{cls.__name__}", (LoRAInProj, cls), {})
+                attn.__class__ = lora_attention_class(type(attn))  # why a class change: lora_attention_class
             weight = attn._parameters["in_proj_weight"]
             rows = _qkv_rows(attn)[last]
             factors = _LoRAFactors(weight.shape[1], rows.stop - rows.start, rank, weight.device, weight.dtype)

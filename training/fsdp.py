@@ -20,7 +20,6 @@ What this module gives the loop (`training.loop.train_loop`), everything else is
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import typing as tp
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from core import adapters
 from training.dist import DistInfo
 from training.params import PARALLEL_MODES
 
@@ -102,7 +102,7 @@ def shard(step_module: nn.Module, lm: nn.Module) -> nn.Module:
     # FSDP reads each parameter back once with getattr, in its lazy init (normally on the first forward). LoRA puts
     # a class-level property in front of attention's `in_proj_weight` Parameter (core/adapters.py: it returns the
     # adapted weight), so run that init now, with those modules briefly answering with the Parameter itself.
-    with _parameters_unshadowed(step_module):
+    with adapters.base_parameters_exposed(step_module):
         step_module._get_fsdp_state()._lazy_init()
     return step_module
 
@@ -121,26 +121,6 @@ def _placement_fn(world_size: int) -> tp.Callable[[nn.Parameter], tp.Any]:
         return None
 
     return placement
-
-
-@contextlib.contextmanager
-def _parameters_unshadowed(module: nn.Module) -> tp.Iterator[None]:
-    """Modules whose class hides one of their parameters behind a property get, meanwhile, the nearest base class
-    without it (for LoRA's `LoRA<Attention>` class: the attention class)."""
-    swapped = []
-    for m in module.modules():
-        cls = type(m)
-        hidden = [name for name in m._parameters if isinstance(getattr(cls, name, None), property)]
-        if not hidden:
-            continue
-        base = next(b for b in cls.__mro__ if not any(isinstance(getattr(b, n, None), property) for n in hidden))
-        swapped.append((m, cls))
-        m.__class__ = base
-    try:
-        yield
-    finally:
-        for m, cls in swapped:
-            m.__class__ = cls
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
