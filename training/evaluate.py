@@ -437,3 +437,87 @@ class Evaluator:
             "evaluations": self.history,
         }
         return finite_json(summary)  # finetune.json is strict JSON: a diverged loss is null, not NaN
+
+
+# ---------------------------------------------------------------------------------------------- audio check
+# Base vs fine-tuned on the held-out descriptions, at the audio level (evaluation/embed.py, evaluation/frechet.py):
+# the base model's samples are generated before training (set-up, like prior preservation's), the fine-tuned
+# model's at the export, from the same prompts and seeds.
+
+AUDIO_PROMPTS = 2
+MAX_COPY_CLIPS = 64  # training clips the copy check compares with (embedding all of a large dataset is slow)
+
+
+def audio_prompts(clips: tp.Sequence[tp.Any], n: int = AUDIO_PROMPTS) -> list[str]:
+    """`n` held-out descriptions, distinct ones first (empty descriptions: unconditional samples)."""
+    distinct = list(dict.fromkeys(c.description or "" for c in clips)) or [""]
+    return [distinct[i % len(distinct)] for i in range(n)]
+
+
+def generate_for_check(model: tp.Any, prompts: list[str], seconds: float, seed: int) -> torch.Tensor:
+    """`[B, C, T]` CPU float audio from `prompts` with predict's sampler, seeded; the caller's RNG states kept."""
+    from generation.generate import generate_audio, quantize_setting
+    from training.melody import restore_for_generation
+
+    restore_for_generation(model.lm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = random.getstate()
+        try:
+            wav = generate_audio(model, prompts, seconds, quantize=quantize_setting())
+        finally:
+            random.setstate(state)
+    return wav.float().cpu()
+
+
+def base_reference(model: tp.Any, held_out: tp.Sequence[tp.Any], params: tp.Any) -> dict[str, tp.Any]:
+    """The base model's samples of the held-out prompts (before anything trains) and the held-out clips' files."""
+    prompts = audio_prompts(held_out)
+    logger.info(
+        "Audio check: %d samples of %.1f s with the base model: %s", len(prompts), params.sample_duration, prompts
+    )
+    return {
+        "prompts": prompts,
+        "seconds": float(params.sample_duration),
+        "seed": int(params.seed),
+        "base": generate_for_check(model, prompts, params.sample_duration, params.seed),
+        "validation_clips": [str(c.path) for c in held_out],
+    }
+
+
+def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.Sequence[tp.Any]) -> dict[str, tp.Any]:
+    """Fréchet distance to the held-out clips of the base model's and the fine-tuned model's samples (same prompts
+    and seeds), in the frozen EnCodec's latent space, and the copy check of the fine-tuned samples against the
+    training clips. Returns the summary and, under `"audio"`, the samples (`[C, T]` tensors) for the report page."""
+    from core.audio import load_audio
+    from evaluation.embed import copy_check, encodec_latents
+    from evaluation.frechet import embedding_frechet
+
+    compression, sample_rate = model.compression_model, int(model.sample_rate)
+    tuned = generate_for_check(model, reference["prompts"], reference["seconds"], reference["seed"])
+    held = np.concatenate([encodec_latents(compression, *load_audio(p)) for p in reference["validation_clips"]])
+    base = [encodec_latents(compression, w, sample_rate) for w in reference["base"]]
+    mine = [encodec_latents(compression, w, sample_rate) for w in tuned]
+    clips = list(training_clips)[:MAX_COPY_CLIPS]
+    copies = copy_check(
+        mine,
+        [encodec_latents(compression, *load_audio(c.path)) for c in clips],
+        [Path(str(c.path)).name for c in clips],
+    )
+    summary = {
+        "embedding": "EnCodec encoder latents before quantization (frames)",
+        "prompts": reference["prompts"],
+        "seconds": reference["seconds"],
+        "frechet_base": embedding_frechet(np.concatenate(base), held),
+        "frechet_finetuned": embedding_frechet(np.concatenate(mine), held),
+        "copy_check": copies,
+    }
+    logger.info(
+        "Audio check on the held-out prompts: Fréchet distance to the held-out clips %.3f (base) -> %.3f "
+        "(fine-tuned); %d of %d samples flagged as near copies of a training clip",
+        summary["frechet_base"],
+        summary["frechet_finetuned"],
+        copies["copies"],
+        len(copies["samples"]),
+    )
+    return {**summary, "audio": {"base": list(reference["base"]), "finetuned": list(tuned), "rate": sample_rate}}

@@ -28,7 +28,7 @@ from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, fini
 from training.melody import restore_for_generation
 from training.methods import get_method
 from training.params import TrainParams
-from training.report import metrics_json, plot_history, reference_clip, render_html
+from training.report import finite_json, metrics_json, plot_history, reference_clip, render_html
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def export_trained_model(
     clips: tp.Sequence[ClipTokens],
     dataset_report: dict | None = None,
     run_info: dict | None = None,
+    audio_reference: dict | None = None,
     checkpoint_dir: Path | None = None,
 ) -> Path:
     """Write `out_tar` atomically: weights (fp16 LM + compression reference), finetune.json, loss.png, samples.
@@ -160,7 +161,7 @@ def export_trained_model(
     finetune.update(method_export.info)
     check_exported_finite(method_export, result.steps, checkpoint_dir)
     try:
-        return _write(out_tar, model, result, params, clips, cfg, finetune, method_export)
+        return _write(out_tar, model, result, params, clips, cfg, finetune, method_export, audio_reference)
     except BaseException as e:
         kept = keep_trained_state(result, params, checkpoint_dir)
         replacement = _export_failure(e, Path(out_tar), result.steps, kept)
@@ -178,6 +179,7 @@ def _write(
     cfg: tp.Any,
     finetune: dict[str, tp.Any],
     method_export: tp.Any,
+    audio_reference: dict | None = None,
 ) -> Path:
     """The part of the export that can fail on the disk: the report, the samples, the tar."""
     history = result.history
@@ -192,10 +194,17 @@ def _write(
         finetune["samples"] = [
             {"file": f"samples/sample_{i}.wav", "description": d} for i, d in enumerate(descriptions)
         ]
+    comparison = None  # base vs fine-tuned samples of held-out prompts (training/evaluate.py: audio_check)
+    if audio_reference is not None and finetune.get("validation") is not None and params.sample_duration > 0:
+        from training.evaluate import audio_check
+
+        check = audio_check(model, audio_reference, clips)  # the LM holds the exported weights (loaded above)
+        comparison = check.pop("audio")
+        finetune["validation"]["audio"] = finite_json(check)
     # report.html: all of the above on one self-contained page, the samples next to a training clip
     samples = [(name, data) for name, data in extra.items() if name.startswith("samples/")]
     reference = reference_clip(clips, params.sample_duration) if samples else None
-    extra["report.html"] = render_html(finetune, history, samples, reference)
+    extra["report.html"] = render_html(finetune, history, samples, reference, comparison)
     out_tar = Path(out_tar)
     out_tar.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".trained_model-", suffix=".tar", dir=out_tar.parent)

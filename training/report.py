@@ -141,6 +141,18 @@ def reference_clip(clips: tp.Sequence[tp.Any], seconds: float) -> tuple[str, str
     return None
 
 
+def _wav_bytes(wav: tp.Any, rate: int) -> bytes:
+    """16-bit WAV of a `[C, T]` float tensor (peak-normalised when it clips, as predict's default does)."""
+    import numpy as np
+    import soundfile as sf
+
+    data = np.asarray(wav, dtype=np.float32).T
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    buffer = io.BytesIO()
+    sf.write(buffer, data / peak if peak > 1.0 else data, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -187,10 +199,12 @@ def render_html(
     history: tp.Sequence[dict[str, float]],
     samples: tp.Sequence[tuple[str, bytes]],
     reference: tuple[str, str, bytes] | None = None,
+    comparison: dict[str, tp.Any] | None = None,
 ) -> bytes:
     """`report.html`: one self-contained page (the curves as inline SVG, the audio as data: URIs; no script, no
     external resource): the verdict, the data and the split, the curves (`svg_chart`), every evaluation, the
-    samples next to a training clip, the run and its inputs."""
+    samples next to a training clip, base vs fine-tuned on held-out prompts (`comparison`: the audio check's samples,
+    `{"base": [[C, T] tensors], "finetuned": [...], "rate": Hz}`), the run and its inputs."""
     import base64
     from html import escape
 
@@ -255,6 +269,32 @@ def render_html(
                 f"<tr><td>training clip ({escape(name)})</td><td>{escape(description)}</td>"
                 f"<td><audio controls preload='none' src='{uri('audio/wav', data)}'></audio></td></tr>"
             )
+        parts.append("</table>")
+    check = (validation or {}).get("audio")
+    if check and comparison:
+        flagged = check["copy_check"]["copies"]
+        parts.append("<h2>Base vs fine-tuned, on held-out prompts</h2><table>")
+        parts.append(
+            _rows(
+                [
+                    ("Fréchet distance to the held-out clips, base model", f"{check['frechet_base']:.3f}"),
+                    ("Fréchet distance to the held-out clips, fine-tuned", f"{check['frechet_finetuned']:.3f}"),
+                    ("fine-tuned samples flagged as near copies of a training clip", flagged),
+                ]
+            )
+        )
+        parts.append("</table><p>Lower Fréchet distance: closer to the held-out music (EnCodec latents).</p>")
+        parts.append(
+            "<table><tr><th>prompt</th><th>base model</th><th>fine-tuned</th><th>nearest training clip</th></tr>"
+        )
+        rate = comparison["rate"]
+        for i, prompt in enumerate(check["prompts"]):
+            cells = [escape(prompt or "(unconditional)")]
+            for wav in (comparison["base"][i], comparison["finetuned"][i]):
+                cells.append(f"<audio controls preload='none' src='{uri('audio/wav', _wav_bytes(wav, rate))}'></audio>")
+            near = check["copy_check"]["samples"][i]
+            cells.append(escape(f"{near['nearest']} ({near['distance']:.3f}{', near copy' if near['copy'] else ''})"))
+            parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     parts.append("<h2>Run</h2><table>")
     parts.append(_rows((k, v) for k, v in training.items()))

@@ -207,7 +207,7 @@ def test_the_report_page_is_self_contained(validated_run):
     text = " ".join(parsed.text)
     assert all(src.startswith("data:") for _, src in parsed.sources)  # nothing to fetch: opens offline, anywhere
     kinds = [(tag, src.split(";")[0]) for tag, src in parsed.sources]
-    assert kinds == [("audio", "data:audio/wav")] * 3  # 2 samples and a training clip
+    assert kinds == [("audio", "data:audio/wav")] * 7  # 2 samples, a training clip, 2 x (base, fine-tuned)
     for _, src in parsed.sources:
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"RIFF")
     assert parsed.rows.count("svg") == 1 and "validation loss" in text  # the curves, inline (legend text)
@@ -216,6 +216,14 @@ def test_the_report_page_is_self_contained(validated_run):
     assert parsed.rows.count("tr") == 1  # the exported evaluation, highlighted
     assert "held-out tracks" in text and validation["split"]["validation_tracks"][0] in text
     assert "training clip (track" in text and "tone " in text  # a training clip to compare the samples with
+    # base vs fine-tuned on held-out prompts: the Fréchet distances and the copy check
+    audio = validation["audio"]
+    held = int(validation["split"]["validation_tracks"][0][len("track") :][:2])  # trackNN.wav: its description
+    assert audio["prompts"] == [f"tone {held}"] * 2
+    assert audio["frechet_base"] >= 0 and audio["frechet_finetuned"] >= 0
+    assert audio["frechet_base"] != audio["frechet_finetuned"]
+    assert len(audio["copy_check"]["samples"]) == 2 and audio["copy_check"]["reference"] > 0
+    assert f"{audio['frechet_finetuned']:.3f}" in text and "Base vs fine-tuned, on held-out prompts" in text
 
 
 def test_the_evaluations_go_to_wandb(six_tracks, tmp_path, monkeypatch):
