@@ -54,6 +54,7 @@ __all__ = [
 # A share of the tracks is held out from this many tracks on: with fewer, every track is needed to train (and one
 # held-out track of 3 or 4 would be a quarter of the data or more).
 MIN_TRACKS = 5
+MAX_LISTED = 200  # track names listed in finetune.json (as its descriptions are)
 # Separates the split's random stream from the batch plan's (which seeds with [seed, epoch, pass]).
 _SPLIT_STREAM = 14_000_014
 VALIDATION_WORK = "work-validation"
@@ -117,7 +118,7 @@ def split_by_track(clips: tp.Sequence[tp.Any], share: float, seed: int) -> Split
         **base,
         "mode": "split",
         "validation_tracks": held,
-        "training_tracks": sorted(set(tracks) - held_set),
+        "training_tracks": sorted(set(tracks) - held_set)[:MAX_LISTED],  # the report lists at most this many
         "training_clips": len(train),
         "validation_clips": len(validation),
         "validation_seconds": round(sum(float(getattr(c, "duration", 0.0)) for c in validation), 2),
@@ -175,8 +176,8 @@ def select_validation(params: tp.Any, clips: tp.Sequence[tp.Any], validation_dat
             "validation_clips": len(held),
             "validation_seconds": round(sum(float(getattr(c, "duration", 0.0)) for c in held), 2),
         }
-        if params.validation_split > 0 and params.validation_split != 0.1:
-            logger.info("validation_split=%g is ignored: validating on validation_path", params.validation_split)
+        if params.validation_split > 0:
+            logger.info("validation_split is not used: validating on validation_path, every track trains")
         logger.info("Validation on %s: %d clips of %d tracks", info["validation_path"], len(held), len(tracks))
         return Split(list(clips), held, info)
     return split_by_track(clips, params.validation_split, params.seed)
