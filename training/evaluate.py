@@ -35,6 +35,7 @@ import torch
 from core.params import InputError
 from training.data import TokenDataset
 from training.dist import DistInfo
+from training.style import style_conditioners
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ MAX_LISTED = 200  # track names listed in finetune.json (as its descriptions are
 # Separates the split's random stream from the batch plan's (which seeds with [seed, epoch, pass]).
 _SPLIT_STREAM = 14_000_014
 VALIDATION_WORK = "work-validation"
+EVAL_SEED = 14_000_015
 
 
 def check(params: tp.Any) -> None:
@@ -292,6 +294,8 @@ class Evaluator:
 
         Training sees no trace of it: the RNG states (torch, Python's `random`) and every module's train/eval mode
         are restored, and with EMA the EMA weights are evaluated (they are what the export writes) and swapped back.
+        The model is in eval mode except MusicGen-Style's style conditioners, whose training behaviour (the style
+        taken from the example's own audio) belongs to the loss; their random excerpts are seeded per evaluation.
         """
         started = time.perf_counter()
         modes = {m: m.training for m in ctx.modules.modules()}
@@ -300,7 +304,16 @@ class Evaluator:
         devices = [ctx.device] if ctx.device.startswith("cuda") else []
         try:
             with torch.random.fork_rng(devices=devices):
+                # Whatever draws randomly in the forward (MusicGen-Style's excerpts) draws the same at every
+                # evaluation: the evaluations compare weights, not excerpts.
+                torch.manual_seed(EVAL_SEED)
+                random.seed(EVAL_SEED)
                 ctx.modules.eval()
+                lm = getattr(ctx.modules, "lm", None)
+                for conditioner in style_conditioners(lm).values() if lm is not None else ():
+                    # its training behaviour is part of the training loss: the style comes from the example's own
+                    # audio (eval mode would read the placeholder), an excerpt as in training
+                    conditioner.train()
                 if ctx.exported is not ctx.weights:  # EMA: evaluate the averaged weights
                     swapped = [w.detach().clone() for w in ctx.weights]
                     with torch.no_grad():

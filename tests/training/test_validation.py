@@ -139,6 +139,27 @@ def test_the_validation_loss_is_the_training_loss_without_condition_dropout(tmp_
     assert 0 < metrics["val_tokens"] <= float(batch.mask.sum())  # the positions valid in the pattern and the mask
 
 
+def test_musicgen_style_is_evaluated_with_its_own_audio_as_style(tmp_path):
+    """The style conditioner keeps its training behaviour (the example's own audio as style: eval mode would read
+    the silent placeholder) and its random excerpts are the same at every evaluation."""
+    dataset = make_prepared(tmp_path / "prepared", SIX)
+    params = tiny_params(dataset, model_version="tiny-style", validation_split=0.5)
+    setup = setup_training(params, load_prepared(dataset), tmp_path / "work", DistInfo())
+    lm = setup.model.lm
+    lm.train()
+    step = TrainStep(lm)
+    first = setup.evaluator.evaluate(0, _context(lm, step))
+    second = setup.evaluator.evaluate(0, _context(lm, step))
+    assert first["val_loss"] == second["val_loss"] and np.isfinite(first["val_loss"])
+    from training.style import style_conditioners
+
+    conditioner = next(iter(style_conditioners(lm).values()))
+    source, calls = conditioner.audio_source, []
+    conditioner.audio_source = lambda x: calls.append(1) or source(x)  # the clip audio is read for the style
+    setup.evaluator.evaluate(0, _context(lm, step))
+    assert calls and conditioner.training  # and its mode is back as it was
+
+
 # ------------------------------------------------------------------------------------------------ whole runs
 
 
