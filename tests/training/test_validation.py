@@ -471,3 +471,26 @@ def test_two_processes_evaluate_like_one(parallel, tmp_path, capfd):
     assert a["exported_step"] == b["exported_step"]
     for k, v in _tar_weights(single).items():
         torch.testing.assert_close(_tar_weights(ddp)[k].float(), v.float(), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_and_resumes_the_best_weights(six_tracks, tmp_path, capfd):
+    """Under FSDP the kept best tensors are this rank's shards: a checkpoint gathers them whole, a resume cuts them
+    again; resumed under FSDP the export is the straight run's, and it is the single-process run's."""
+    params = _absurd(six_tracks, save_every=3, sample_duration=0.0, parallel="fsdp")
+    straight = run_training(params, tmp_path / "straight", nproc=2)
+    assert "FSDP" in capfd.readouterr().err
+    mid = tmp_path / "straight" / "checkpoints" / "checkpoint-00000009.pt"
+    saved = ckpt.load_checkpoint(mid)["evaluation"]
+    assert saved["best_step"] < 9 and saved["best"] is not None  # gathered from both ranks' shards
+    lm = load_musicgen("tiny", "cpu").lm
+    base, names = lm.state_dict(), [n for n, _ in lm.named_parameters()]
+    assert [tuple(b.shape) for b in saved["best"]] == [tuple(base[n].shape) for n in names]  # whole tensors
+    resumed = run_training(dataclasses.replace(params, resume_from=str(mid)), tmp_path / "resumed", nproc=2)
+    single = run_training(dataclasses.replace(params, parallel="auto"), tmp_path / "single", nproc=1)
+    a, b, c = (_tar_json(t, "finetune.json")["validation"] for t in (straight, resumed, single))
+    assert a["exported_step"] == b["exported_step"] == c["exported_step"] == saved["best_step"]
+    weights = [_tar_weights(t) for t in (straight, resumed, single)]
+    for k in names:
+        assert torch.equal(weights[1][k], weights[0][k]), k
+        torch.testing.assert_close(weights[0][k].float(), weights[2][k].float(), atol=2e-3, rtol=1e-3)
