@@ -408,6 +408,20 @@ class Evaluator:
             "info": self.info,
         }
 
+    def final_state(self) -> dict[str, tp.Any]:
+        """The state after `restore_best`, for the checkpoint of a finished run (`training.loop.finished_state`):
+        that checkpoint's weights are the exported ones, i.e. the best evaluation's, so no tensor is copied."""
+        return {
+            "history": list(self.history),
+            "best_step": self.best_step,
+            "best_loss": self.best_loss,
+            "since_best": self.since_best,
+            "best": None,
+            "best_is_current": True,
+            "stopped_early_at": self.stopped_early_at,
+            "info": self.info,
+        }
+
     def load_state_dict(self, state: dict[str, tp.Any] | None, ctx: EvalContext) -> None:
         """Continue from a checkpoint's evaluation state (after the weights are loaded: `best_is_current` copies
         them)."""

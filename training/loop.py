@@ -108,6 +108,7 @@ class TrainResult:
     # Under FSDP, rank 0's unsharded copy of the LM holding `state_dict` (the trained one is sharded); else None.
     lm: tp.Any = None
     evaluation: dict | None = None  # the validation summary (training/evaluate.py); None: no validation
+    evaluation_state: dict | None = None  # for `finished_state`: the evaluations (the best = the exported weights)
     # For `finished_state` (a resume checkpoint of the end of the run, written only if the export fails):
     rng: dict[str, tp.Any] = field(default_factory=dict)  # the RNG states at the end
     ema_names: list[str] | None = None  # names of the EMA'd (trainable) weights, when ema is on
@@ -129,6 +130,7 @@ def finished_state(result: TrainResult, params: TrainParams) -> dict[str, tp.Any
         "history": list(result.history),
         "params": dataclasses.asdict(params),
         "world_size": result.world_size,
+        "evaluation": result.evaluation_state,  # its resume reports the same evaluations and exported step
         "finished": True,
     }
 
@@ -732,6 +734,7 @@ def train_loop(
         parallel=parallel,
         lm=export_lm,
         evaluation=evaluator.summary(exported_step) if evaluator is not None else None,
+        evaluation_state=evaluator.final_state() if evaluator is not None else None,
         rng=rng,
         ema_names=list(trainable_names) if ema is not None else None,
         world_size=dist.world_size,

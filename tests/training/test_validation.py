@@ -372,6 +372,27 @@ def test_the_best_evaluation_is_exported_and_early_stop(six_tracks, tmp_path):
         assert torch.equal(result.state_dict[k], v), k
 
 
+def test_a_finished_runs_checkpoint_keeps_the_evaluations(six_tracks, tmp_path):
+    """The checkpoint kept when an export fails (training.loop.finished_state: the exported weights, no optimizer)
+    resumes to the same evaluations, exported step and weights."""
+    from training.loop import finished_state
+
+    params = _absurd(six_tracks, save_every=0, sample_duration=0.0)
+    setup = setup_training(params, load_prepared(six_tracks), tmp_path / "work", DistInfo())
+    lm = setup.model.lm
+    result = train_loop(lm, setup.tokens, params, setup.plan, DistInfo(), tmp_path / "ck", evaluator=setup.evaluator)
+    kept = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "kept", result.steps, finished_state(result, params)))
+    again = setup_training(params, load_prepared(six_tracks), tmp_path / "work", DistInfo())
+    resumed = train_loop(
+        again.model.lm, again.tokens, params, again.plan, DistInfo(), tmp_path / "ck2", resume_state=kept,
+        evaluator=again.evaluator,
+    )  # fmt: skip
+    assert resumed.evaluation["exported_step"] == result.evaluation["exported_step"] < 12
+    assert resumed.evaluation["evaluations"] == result.evaluation["evaluations"]
+    for k, v in result.state_dict.items():
+        assert torch.equal(resumed.state_dict[k], v), k
+
+
 def test_lora_keeps_only_the_adapters_of_the_best_evaluation(six_tracks, tmp_path):
     params = _absurd(six_tracks, method="lora", lora_rank=2, save_every=0, sample_duration=0.0)
     setup = setup_training(params, load_prepared(six_tracks), tmp_path / "work", DistInfo())
