@@ -229,8 +229,21 @@ class Evaluator:
         patience: stop after this many evaluations without a new best (0: never).
     """
 
-    def __init__(self, tokens: TokenDataset, info: dict, *, every: int, keep_best: bool, patience: int):
+    def __init__(
+        self,
+        tokens: TokenDataset,
+        info: dict,
+        *,
+        every: int,
+        keep_best: bool,
+        patience: int,
+        forgetting: TokenDataset | None = None,
+    ):
         self.tokens = tokens
+        # Forgetting: the same loss on general music the base model generated (prior preservation's examples of
+        # other genres), at every evaluation; reported only, the best weights follow the validation loss.
+        self.forgetting = forgetting
+        self.forget_crops = fixed_crops(forgetting) if forgetting is not None else []
         self.info = dict(info)
         self.every = max(1, int(every))
         self.keep_best = keep_best
@@ -253,24 +266,27 @@ class Evaluator:
         return self.patience > 0 and self.since_best >= self.patience
 
     # ---- the loss
-    @torch.no_grad()
     def losses(self, ctx: EvalContext) -> dict[str, float]:
         """Validation metrics of the model as it is now (identical on every rank)."""
+        return self._losses(ctx, self.tokens, self.crops)
+
+    @torch.no_grad()
+    def _losses(self, ctx: EvalContext, tokens: TokenDataset, crops: list[tuple[int, int]]) -> dict[str, float]:
         from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
         nullify = ClassifierFreeGuidanceDropout(p=1.0)  # what generation uses for the unconditional branch
         size = max(1, ctx.micro_batch)
-        batches = [self.crops[i : i + size] for i in range(0, len(self.crops), size)]
+        batches = [crops[i : i + size] for i in range(0, len(crops), size)]
         world, rank = ctx.dist.world_size, ctx.dist.rank
         mine = batches[rank::world]
         if ctx.sharded:  # FSDP all-gathers in every forward: every rank must run as many as the others
             per_rank = math.ceil(len(batches) / world)
             mine = mine + [None] * (per_rank - len(mine))
-        k = self.tokens.clips[0].codes.shape[0]
+        k = tokens.clips[0].codes.shape[0]
         sums = torch.zeros(2, 2, k, dtype=torch.float64, device=ctx.device)  # [cond/uncond, sum/count, K]
-        for crops in mine:
-            batch = self.tokens.make_batch(crops if crops is not None else batches[0][:1])
-            mask = batch.mask if crops is not None else torch.zeros_like(batch.mask)  # padding slot: counts nothing
+        for chunk in mine:
+            batch = tokens.make_batch(chunk if chunk is not None else batches[0][:1])
+            mask = batch.mask if chunk is not None else torch.zeros_like(batch.mask)  # padding slot: counts nothing
             codes, mask = batch.codes.to(ctx.device), mask.to(ctx.device)
             for j, attributes in enumerate((batch.attributes, nullify(batch.attributes))):
                 with ctx.autocast:
@@ -320,6 +336,10 @@ class Evaluator:
                         for w, e in zip(ctx.weights, ctx.exported, strict=True):
                             w.copy_(e)
                 metrics = self.losses(ctx)
+                if self.forgetting is not None:
+                    forgot = self._losses(ctx, self.forgetting, self.forget_crops)
+                    metrics["forget_loss"] = forgot["val_loss"]
+                    metrics["forget_loss_uncond"] = forgot["val_loss_uncond"]
         finally:
             if swapped is not None:
                 with torch.no_grad():
@@ -353,6 +373,13 @@ class Evaluator:
                 self.best_loss,
                 -1 if self.best_step is None else self.best_step,
                 seconds,
+            )
+        if ctx.dist.is_main and "forget_loss" in metrics:
+            logger.info(
+                "Forgetting at step %d: loss %.4f on %d clips of other genres the base model generated",
+                step,
+                metrics["forget_loss"],
+                len(self.forgetting),
             )
         if self.should_stop:
             self.stopped_early_at = step
@@ -464,6 +491,14 @@ class Evaluator:
             "seconds": round(self.seconds, 2),
             "evaluations": self.history,
         }
+        if self.forgetting is not None:
+            exported = next((h for h in self.history if h["step"] == exported_step), None)
+            summary["forgetting"] = {
+                "clips": len(self.forgetting),
+                "base_loss": base.get("forget_loss") if base else None,
+                "exported_loss": exported.get("forget_loss") if exported else None,
+                "final_loss": last.get("forget_loss") if last else None,
+            }
         return finite_json(summary)  # finetune.json is strict JSON: a diverged loss is null, not NaN
 
 
@@ -473,6 +508,7 @@ class Evaluator:
 # model's at the export, from the same prompts and seeds.
 
 AUDIO_PROMPTS = 2
+MAX_FORGET_CLIPS = 32  # prior-preservation examples of other genres the forgetting loss is measured on
 MAX_COPY_CLIPS = 64  # training clips the copy check compares with (embedding all of a large dataset is slow)
 
 

@@ -247,11 +247,13 @@ def render_html(
     if validation and validation.get("evaluations"):
         evaluations = validation["evaluations"]
         codebooks = sorted(k for k in evaluations[0] if k.startswith("val_loss_q"))
-        header = ["step", "validation loss", "unconditional", *codebooks]
+        forgetting = ["forget_loss"] if "forget_loss" in evaluations[0] else []  # prior preservation's other genres
+        header = ["step", "validation loss", "unconditional", *codebooks, *(["forgetting"] if forgetting else [])]
         parts.append("<h2>Evaluations</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
         for e in evaluations:
             cls = " class='exported'" if e.get("step") == validation.get("exported_step") else ""
-            cells = [e.get("step"), e.get("val_loss"), e.get("val_loss_uncond"), *(e.get(k) for k in codebooks)]
+            keys = ["val_loss", "val_loss_uncond", *codebooks, *forgetting]
+            cells = [e.get("step"), *(e.get(k) for k in keys)]
             text = ["-" if c is None else (f"{c:.4f}" if isinstance(c, float) else str(c)) for c in cells]
             parts.append(f"<tr{cls}>" + "".join(f"<td class='num'>{escape(t)}</td>" for t in text) + "</tr>")
         parts.append("</table><p>Highlighted: the exported weights.</p>")

@@ -200,18 +200,27 @@ def setup_training(
     )
     evaluator = None
     if held_out:  # the same crop length, padding and conditions as the training examples
-        held_tokens = TokenDataset(
-            held_out,
-            segment_frames=plan.segment_frames,
-            special_token_id=lm.special_token_id,
-            frame_rate=compression.frame_rate,
-            sample_rate=compression.sample_rate,
-            text_conditions=lm.condition_provider.text_conditions,
-            wav_conditions=[*melody, *styled],
-        )
-        every = params.eval_every or plan.steps_per_epoch
+
+        def evaluated(examples: list[ClipTokens]) -> TokenDataset:
+            return TokenDataset(
+                examples,
+                segment_frames=plan.segment_frames,
+                special_token_id=lm.special_token_id,
+                frame_rate=compression.frame_rate,
+                sample_rate=compression.sample_rate,
+                text_conditions=lm.condition_provider.text_conditions,
+                wav_conditions=[*melody, *styled],
+            )
+
+        # forgetting: prior preservation's examples of other genres, general music the base model generated
+        general = [c for c in clips if c.info.get("prior") == "dissimilar"][: evaluation.MAX_FORGET_CLIPS]
         evaluator = evaluation.Evaluator(
-            held_tokens, split.info, every=every, keep_best=params.keep_best, patience=params.early_stop_patience
+            evaluated(held_out),
+            split.info,
+            every=params.eval_every or plan.steps_per_epoch,
+            keep_best=params.keep_best,
+            patience=params.early_stop_patience,
+            forgetting=evaluated(general) if general else None,
         )
     elif params.early_stop_patience and dist.is_main:
         logger.warning("early_stop_patience=%d is ignored: there is no validation set", params.early_stop_patience)

@@ -273,6 +273,19 @@ def test_the_evaluations_go_to_wandb(six_tracks, tmp_path, monkeypatch):
             assert logged[key] == pytest.approx(saved[key], rel=1e-9), key
 
 
+def test_forgetting_is_measured_on_prior_preservations_other_genres(six_tracks, tmp_path):
+    params = tiny_params(
+        six_tracks, prior_preservation=True, class_samples=0, dissimilar_samples=1, epochs=1, updates_per_epoch=4,
+        eval_every=2, save_every=0, sample_duration=0.0,
+    )  # fmt: skip
+    tar = run_training(params, tmp_path / "out")
+    validation = _tar_json(tar, "finetune.json")["validation"]
+    assert validation["forgetting"]["clips"] == 5  # one example of another genre per training track
+    losses = [e["forget_loss"] for e in validation["evaluations"]]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and validation["forgetting"]["base_loss"] == losses[0]
+    assert "forgetting" in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_evaluation_does_not_change_the_training(validated_run, six_tracks, tmp_path):
     """The same training clips without validation (validation_path elsewhere, the same 5 tracks): same losses and
     weights: the evaluation takes nothing from the training's random streams or modes."""
