@@ -32,4 +32,14 @@ else
   echo "Reusing the virtual environment $venv"
 fi
 ln -sfn "$venv" .venv
+
+# Headless Chromium (Debian's package): a test renders the training report (report.html) in a real browser.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing chromium (Debian) for the report's browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: no chromium: the report's browser test will fail; install it (e.g. apt-get install chromium)" >&2
+  fi
+fi
 echo "Ready: .venv -> $venv"

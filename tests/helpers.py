@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -144,3 +145,17 @@ def data_uri(path: Path, mime: str = "application/octet-stream") -> str:
 def decode_data_uri(uri: str) -> bytes:
     assert uri.startswith("data:"), uri[:80]
     return base64.b64decode(uri.split(",", 1)[1])
+
+
+def render_in_chromium(page: Path, out_png: Path, width: int = 1200, height: int = 2600) -> list[str]:
+    """Open `page` in headless Chromium (Debian's package, installed by scripts/setup.sh), screenshot it to
+    `out_png`, and return the page's console messages (errors included), as a person's browser would show them."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium is not installed (scripts/setup.sh installs it)"
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         f"--window-size={width},{height}", f"--screenshot={out_png}", Path(page).resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out_png.is_file(), run.stderr[-3000:]
+    return [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
