@@ -162,6 +162,22 @@ def rows() -> list[tuple[str, ...]]:
                 lm["date"][:10],
             )
         )
+    ev = latest("eval_overhead")
+    if ev:
+        out.append(
+            (
+                "evaluation overhead (`bench/eval_overhead.py`)",
+                f"{ev['arch']} model, {ev['steps']} steps x batch {ev['batch']} x {ev['segment_s']:.0f} s, "
+                f"{ev['validation_crops']} held-out crops, {ev['evaluations']} evaluations",
+                f"training {ev['train_s']:.0f} s",
+                f"evaluation {ev['eval_s']:.1f} s",
+                f"{ev['overhead'] * 100:.1f} % ({ev['overhead_at_100_steps_per_epoch'] * 100:.1f} % at 100 steps/epoch)",
+                f"<= {ev['goal'] * 100:.0f} %",
+                _met(ev["overhead"], ev["goal"], higher=False),
+                ev["machine"],
+                ev["date"][:10],
+            )
+        )
     out += gpu_check_rows()
     return out
 
