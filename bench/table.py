@@ -171,7 +171,7 @@ def rows() -> list[tuple[str, ...]]:
                 f"{ev['validation_crops']} held-out crops, {ev['evaluations']} evaluations",
                 f"training {ev['train_s']:.0f} s",
                 f"evaluation {ev['eval_s']:.1f} s",
-                f"{ev['overhead'] * 100:.1f} % ({ev['overhead_at_100_steps_per_epoch'] * 100:.1f} % at 100 steps/epoch)",
+                f"{ev['overhead']:.1%} ({ev['overhead_at_100_steps_per_epoch']:.1%} at 100 steps/epoch)",
                 f"<= {ev['goal'] * 100:.0f} %",
                 _met(ev["overhead"], ev["goal"], higher=False),
                 ev["machine"],
