@@ -1,4 +1,4 @@
-"""Cog runner (`cog predict`) and command line (`python predict.py --help`): generate music with MusicGen.
+"""Cog runner (`cog run`, Replicate predictions) and command line (`python predict.py --help`): generate music.
 
 The inputs are defined once, in `generation.params.PredictParams`; the signature below repeats them as literal
 `Input(...)`s because `cog build` reads it statically (tests/test_predict.py checks that both agree, and
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     from core.errors import cli_errors
 
     parser = build_parser(
-        PredictParams, prog="predict.py", description="Generate music with MusicGen (the inputs of `cog predict`)."
+        PredictParams,
+        prog="predict.py",
+        description="Generate music with MusicGen (the inputs of a Cog prediction, `cog run`).",
     )
     parser.add_argument(
         "--output",
