@@ -189,38 +189,31 @@ def setup_training(
         world_size=dist.world_size,
         device=dist.device,
     )
-    tokens = TokenDataset(
-        clips,
-        segment_frames=plan.segment_frames,
-        special_token_id=lm.special_token_id,
-        frame_rate=compression.frame_rate,
-        sample_rate=compression.sample_rate,
-        text_conditions=lm.condition_provider.text_conditions,
-        wav_conditions=[*melody, *styled],
-    )
+
+    def token_dataset(examples: list[ClipTokens]) -> TokenDataset:
+        """Training and held-out examples alike: the same crop length, padding and conditions."""
+        return TokenDataset(
+            examples,
+            segment_frames=plan.segment_frames,
+            special_token_id=lm.special_token_id,
+            frame_rate=compression.frame_rate,
+            sample_rate=compression.sample_rate,
+            text_conditions=lm.condition_provider.text_conditions,
+            wav_conditions=[*melody, *styled],
+        )
+
+    tokens = token_dataset(clips)
     evaluator = None
-    if held_out:  # the same crop length, padding and conditions as the training examples
-
-        def evaluated(examples: list[ClipTokens]) -> TokenDataset:
-            return TokenDataset(
-                examples,
-                segment_frames=plan.segment_frames,
-                special_token_id=lm.special_token_id,
-                frame_rate=compression.frame_rate,
-                sample_rate=compression.sample_rate,
-                text_conditions=lm.condition_provider.text_conditions,
-                wav_conditions=[*melody, *styled],
-            )
-
+    if held_out:
         # forgetting: prior preservation's examples of other genres, general music the base model generated
         general = [c for c in clips if c.info.get("prior") == "dissimilar"][: evaluation.MAX_FORGET_CLIPS]
         evaluator = evaluation.Evaluator(
-            evaluated(held_out),
+            token_dataset(held_out),
             split.info,
             every=params.eval_every or plan.steps_per_epoch,
             keep_best=params.keep_best,
             patience=params.early_stop_patience,
-            forgetting=evaluated(general) if general else None,
+            forgetting=token_dataset(general) if general else None,
         )
     elif params.early_stop_patience and dist.is_main:
         logger.warning("early_stop_patience=%d is ignored: there is no validation set", params.early_stop_patience)

@@ -26,7 +26,7 @@ from core.errors import InputError
 from preprocessing import load_prepared
 from tests.helpers import ROOT
 from tests.training.conftest import make_prepared, tiny_params
-from tests.training.test_train_cli import wait_for
+from tests.training.test_train_cli import signal_after
 from training import checkpoint as ckpt
 from training import export as export_mod
 from training import run as run_mod
@@ -436,17 +436,7 @@ def test_cli_ctrl_c_saves_a_checkpoint_prints_one_line_and_exits_130(tmp_path):
             "--epochs", "1", "--updates_per_epoch", "40", "--batch_size", "2", "--segment_duration", "2",
             "--sample_duration", "0", "--output_dir", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "first.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            wait_for(log, "step 1/40", proc)
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = log.read_text()
+    code, text = signal_after(args, tmp_path / "first.log", signal.SIGINT, "step 1/40", tmp_path)
     assert code == 130, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     lines = [line for line in text.splitlines() if line.startswith("interrupted:")]

@@ -31,6 +31,21 @@ def wait_for(path, text, proc, timeout=240.0):
     raise TimeoutError(f"no {text!r} after {timeout} s:\n{path.read_text()[-3000:]}")
 
 
+def signal_after(args: list[str], log, sig: int, text: str, cwd) -> tuple[int, str]:
+    """Run a `train.py` command, send it `sig` once `text` is in its output; `(exit code, output)`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            wait_for(log, text, proc)
+            proc.send_signal(sig)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return code, log.read_text()
+
+
 def test_cli_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     dataset = make_prepared(
         tmp_path / "prepared",
@@ -58,17 +73,7 @@ def test_cli_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
         str(out),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "first.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            wait_for(log, "step 1/40", proc)
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = log.read_text()
+    code, text = signal_after(args, tmp_path / "first.log", signal.SIGTERM, "step 1/40", tmp_path)
     assert code == 143, text[-3000:]
     assert "Training stopped by SIGTERM after step" in text and "--resume_from" in text
     saved = ckpt.list_checkpoints(out / "checkpoints")
