@@ -148,7 +148,8 @@ def main() -> None:
         print(json.dumps(measure_rss(args.rss_child, args.duration, args.threads, args.quantize)))
         return
 
-    from generation.fast import FastLM, next_token_kl
+    from bench.kl import next_token_kl
+    from generation.fast import FastLM
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]

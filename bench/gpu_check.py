@@ -110,7 +110,7 @@ def max_abs_diff(a: tp.Sequence[float], b: tp.Sequence[float]) -> float:
 
 def kl_divergence(ref_logits: tp.Any, test_logits: tp.Any) -> float:
     """Mean KL(softmax(ref) || softmax(test)) in nats over the leading dimensions of `[..., card]` logits (the
-    quantity `generation.fast.next_token_kl` reports per token)."""
+    quantity `bench.kl.next_token_kl` reports per token)."""
     import torch
 
     log_p = torch.log_softmax(torch.as_tensor(ref_logits).double(), dim=-1)
@@ -568,7 +568,8 @@ def section_sampler(ctx: Context) -> None:
     from audiocraft.models import MusicGen
 
     from bench.generate import DESCRIPTION, SEED, run_audiocraft, run_fast
-    from generation.fast import FastLM, next_token_kl
+    from bench.kl import next_token_kl
+    from generation.fast import FastLM
 
     arch = "tiny" if ctx.smoke else "small"
     duration, runs, kl_frames = (0.5, 1, 40) if ctx.smoke else (8.0, 3, 300)

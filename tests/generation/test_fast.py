@@ -15,8 +15,9 @@ import pytest
 import torch
 from audiocraft.modules.conditioners import ConditioningAttributes
 
+from bench.kl import next_token_kl
 from core.versions import load_musicgen
-from generation.fast import FastLM, FastSampler, Int8Linear, generate_tokens, next_token_kl, unsupported_reason
+from generation.fast import FastLM, FastSampler, Int8Linear, generate_tokens, unsupported_reason
 from tests.helpers import tone
 
 GEN_LEN = 40  # frames (0.8 s at 50 Hz): enough steps for the delay pattern, the prompt region and divergence
