@@ -35,3 +35,14 @@ def test_samples_converge_to_the_distance_of_their_gaussians():
     assert mu == pytest.approx([0.0, 0.0], abs=0.02) and np.diag(cov) == pytest.approx([1.0, 4.0], rel=0.02)
     with pytest.raises(ValueError, match="at least 2 vectors"):
         gaussian_stats(x[:1])
+
+
+def test_few_vectors_in_many_dimensions_match_the_covariance_form():
+    """Fewer vectors than dimensions (discogs-effnet's 1280-d): the nuclear-norm form equals sqrtm's."""
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((6, 40)), 2.0 * rng.standard_normal((9, 40)) + 0.3
+    expected = frechet_distance(*gaussian_stats(x), *gaussian_stats(y))
+    assert embedding_frechet(x, y) == pytest.approx(expected, rel=1e-7)
+    assert embedding_frechet(x, x) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2 vectors"):
+        embedding_frechet(x, y[:1])
