@@ -143,10 +143,12 @@ class Analyzer:
         self.submitted = 0
         self.broken: str | None = None
 
-    def submit(self, track_id: str, clips: list[Path], tags: bool) -> None:
+    def submit(self, track_id: str, clips: list[Path], tags: bool, embed: Path | None = None) -> None:
+        """Analyse a track (key, bpm, and `tags`), or with `embed` save its discogs-effnet embeddings there."""
         if self.broken:
             return
-        line = json.dumps({"id": track_id, "clips": [str(p) for p in clips], "tags": tags}) + "\n"
+        request = {"id": track_id, "clips": [str(p) for p in clips], "tags": tags}
+        line = json.dumps({**request, "embed": str(embed)} if embed is not None else request) + "\n"
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write(line.encode("utf-8"))

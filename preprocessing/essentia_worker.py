@@ -7,7 +7,9 @@ from the project (it is started as a script, not through the `preprocessing` pac
     python essentia_worker.py CONFIG_JSON  < requests (one JSON per line: {"id", "clips": [wav paths], "tags"})
 
 It appends one JSON line per track to `config["results"]` (first a `{"type": "status"}` line saying which tag
-heads loaded), flushing after each so the parent can show progress.
+heads loaded), flushing after each so the parent can show progress. A request with `"embed": OUT.npy` asks for the
+discogs-effnet embeddings of its clips instead (`[patches, 1280]` saved to OUT.npy; the audio check's Fréchet
+distance, evaluation/effnet.py).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ class Tagger:
 
         emb = config["embeddings"]
         self.embedder = es.TensorflowPredictEffnetDiscogs(
-            graphFilename=emb["pb"], input=emb["input"], output=emb["output"]
+            graphFilename=emb["pb"],
+            input=emb["input"],
+            output=emb["output"],
+            lastPatchMode=emb.get("last_patch", "discard"),  # "repeat": a short sample still gets an embedding
         )
         self.heads: dict[str, dict] = {}
         self.errors: dict[str, str] = {}
@@ -86,6 +91,19 @@ class Tagger:
             picked = [(head["classes"][i], float(scores[i])) for i in order if scores[i] >= head["threshold"]]
             out[family] = [[label, round(score, 4)] for label, score in picked[: head["top"]]]
         return out
+
+
+def embed(request: dict, tagger: Tagger | None) -> dict:
+    import essentia.standard as es
+    import numpy as np
+
+    if tagger is None:
+        raise RuntimeError("no discogs-effnet graph loaded (see the status line)")
+    audio, sr = _load_track(request["clips"])
+    audio16k = es.Resample(inputSampleRate=sr, outputSampleRate=16000, quality=1)(audio) if sr != 16000 else audio
+    embeddings = np.asarray(tagger.embedder(audio16k), dtype=np.float32)
+    np.save(request["embed"], embeddings.reshape(-1, embeddings.shape[-1]) if embeddings.size else embeddings)
+    return {"type": "track", "id": request["id"], "embed": request["embed"], "patches": int(len(embeddings))}
 
 
 def analyze(request: dict, tagger: Tagger | None) -> dict:
@@ -132,7 +150,7 @@ def main(argv: list[str]) -> int:
                 continue
             request = json.loads(line)
             try:
-                emit(analyze(request, tagger))
+                emit(embed(request, tagger) if request.get("embed") else analyze(request, tagger))
             except Exception as e:  # noqa: BLE001 - one bad track must not stop the others
                 traceback.print_exc()
                 emit({"type": "track", "id": request.get("id"), "error": f"{type(e).__name__}: {e}"})
