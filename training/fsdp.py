@@ -4,7 +4,7 @@ DDP keeps a whole fp32 copy of the LM, its gradients and the optimizer's two mom
 parameter, ~24 GB for musicgen-medium (1.5 B) and ~53 GB for large (3.3 B) before activations. FSDP keeps 1/N of
 each on each of N processes and gathers one transformer layer at a time for its forward and backward.
 
-What this module gives the loop (`training.loop.train_loop`), everything else is the same loop:
+What this module gives the FSDP strategy (`training.parallel.FullySharded`); the loop is the same:
 
 - `resolve_parallel`: which kind of data parallelism a run uses (`parallel` input: auto / ddp / fsdp);
 - `shard`: `fully_shard` on each transformer layer, then on the training step module (the root);

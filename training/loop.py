@@ -1,10 +1,13 @@
 """The training loop: one function, read top to bottom (`train_loop`).
 
 lr from the pure `get_lr(step)` -> micro-batches with gradient accumulation (DDP syncs on the last one) ->
-unscale + clip -> optimizer step -> EMA -> log (loss, lr, grad norm, tokens/s, peak memory) -> checkpoint.
+unscale + clip -> optimizer step -> EMA -> log (loss, lr, grad norm, tokens/s, peak memory) -> validation ->
+checkpoint. Its set-up (`_setup`), resume (`_resume`), checkpoints (`_save`), cancel (`_on_interrupt`) and
+export (`_export`) are the functions before it.
 
 Several processes train as DDP (a whole model each) or FSDP (`training/fsdp.py`: weights, gradients and optimizer
-state sharded); checkpoints and the returned weights are whole, unsharded, in the same layout either way.
+state sharded); what differs between them is behind `training.parallel.Parallel`, so the loop has no branch on
+it. Checkpoints and the returned weights are whole, unsharded, in the same layout either way.
 
 The loss is audiocraft's MusicGen solver loss: the LM's codebook pattern (`compute_predictions`), conditions from
 the LM's own condition provider after classifier-free-guidance dropout, and cross-entropy per codebook over the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -33,9 +37,9 @@ from tqdm import tqdm
 from core.errors import InputError, Interrupted, NonFiniteError
 from training import checkpoint as ckpt
 from training import evaluate as evaluation
-from training import fsdp as fsdp_mod
 from training.data import Batch, TokenDataset
 from training.dist import DistInfo, all_reduce_mean, any_rank, barrier
+from training.parallel import Parallel, parallel_for
 from training.params import EMA_DECAY, RESUME_MUST_MATCH, TrainParams
 from training.schedule import get_lr
 
@@ -344,6 +348,342 @@ def check_resume_compatible(state: dict, params: TrainParams) -> None:
             )
 
 
+@dataclass
+class _Training:
+    """What one run trains with (`_setup`), and where it stands."""
+
+    params: TrainParams
+    plan: RunPlan
+    dist: DistInfo
+    lm: torch.nn.Module
+    train_step: TrainStep
+    module: torch.nn.Module  # what the loop calls: `train_step`, wrapped by the parallel strategy
+    parallel: Parallel
+    optimizer: tp.Any
+    scaler: tp.Any  # fp16 loss scaling, else None
+    autocast: tp.Any
+    ema: list[torch.Tensor] | None  # the EMA of `parallel.weights`, when on
+    prior_flags: list[bool]  # per clip: a prior-preservation example (training/methods/prior.py)
+    checkpoint_dir: Path
+    lr_at: tp.Callable[[int], float]  # the schedule: step -> lr
+    micro_batches: tp.Callable[[int], list[Batch]]  # step -> this process's micro-batches
+    evaluator: evaluation.Evaluator | None = None
+    eval_ctx: evaluation.EvalContext | None = None
+    on_metrics: tp.Callable[[dict[str, float]], None] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_step: int = 0
+    finished: bool = False  # resumed from a checkpoint of a run that ended: only the export is left
+    consistent: bool = True  # weights/optimizer reflect exactly `len(history)` completed steps
+
+    @property
+    def end_step(self) -> int:
+        return self.start_step if self.finished else self.plan.total_steps
+
+
+def _setup(
+    lm: torch.nn.Module,
+    dataset: TokenDataset,
+    params: TrainParams,
+    plan: RunPlan,
+    dist: DistInfo,
+    checkpoint_dir: Path,
+    evaluator: evaluation.Evaluator | None,
+    on_metrics: tp.Callable[[dict[str, float]], None] | None,
+) -> _Training:
+    """The model (fp32 master weights: get_pretrained loads fp16 on GPUs; training mode; our cfg dropout), its
+    wrapping by the parallel strategy, the optimizer, loss scaler, autocast and EMA, and validation's context."""
+    lm.float()
+    lm.train()
+    lm.cfg_dropout.p = params.cfg_p
+    lm.cfg_dropout.rng.manual_seed(params.seed)
+    lm.att_dropout.rng.manual_seed(params.seed + 1)
+    torch.manual_seed(params.seed)
+    train_step = TrainStep(lm, prior_weight=params.prior_loss_weight)
+    prior_flags = [bool(c.info.get("prior")) for c in dataset.clips]
+    parallel = parallel_for(params, dist)
+    module = parallel.wrap(train_step, lm)
+    optimizer = parallel.build_optimizer(lambda tensors, sharded: build_optimizer(params, tensors, sharded))
+    scaler = parallel.grad_scaler(plan.use_scaler)
+    autocast = (
+        torch.autocast(device_type=dist.device.split(":")[0], dtype=plan.autocast_dtype)
+        if plan.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    ema = [w.detach().clone() for w in parallel.weights] if params.ema else None
+    run = _Training(
+        params=params,
+        plan=plan,
+        dist=dist,
+        lm=lm,
+        train_step=train_step,
+        module=module,
+        parallel=parallel,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast,
+        ema=ema,
+        prior_flags=prior_flags,
+        checkpoint_dir=checkpoint_dir,
+        lr_at=functools.partial(
+            get_lr, lr=params.lr, scheduler=params.lr_scheduler, warmup=params.warmup, total_steps=plan.total_steps
+        ),
+        micro_batches=functools.partial(
+            dataset.rank_micro_batches,
+            global_batch=plan.global_batch,
+            steps_per_epoch=plan.steps_per_epoch,
+            seed=params.seed,
+            dist=dist,
+            grad_accumulation=plan.grad_accumulation,
+        ),
+        evaluator=evaluator,
+        on_metrics=on_metrics,
+    )
+    if evaluator is not None:  # what validation computes with and what it keeps (training/evaluate.py)
+        eval_module = parallel.eval_module(train_step)
+        run.eval_ctx = evaluation.EvalContext(
+            forward=lambda codes, mask, attributes: eval_module(codes, mask, attributes, None, True),
+            modules=train_step,
+            dist=dist,
+            device=dist.device,
+            micro_batch=plan.per_rank_micro_batch(dist.world_size),
+            autocast=autocast,
+            weights=parallel.weights,
+            exported=ema if ema is not None else parallel.weights,
+            params=parallel.trainable,
+            sharded=parallel.sharded,
+            gather=parallel.gather,
+            shard_of=parallel.shard_of,
+        )
+    return run
+
+
+def _rng_state(lm: torch.nn.Module) -> dict[str, tp.Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # MusicGen-Style draws its excerpts from `random`
+        "cfg_dropout": lm.cfg_dropout.rng.get_state(),
+        "att_dropout": lm.att_dropout.rng.get_state(),
+    }
+
+
+def _resume(run: _Training, state: dict[str, tp.Any]) -> None:
+    """Weights, optimizer, scaler, EMA, RNGs, history and validation from a checkpoint (written under any
+    `parallel`); the schedule and the data plan are pure in the step."""
+    params, plan, lm = run.params, run.plan, run.lm
+    check_resume_compatible(state, params)
+    run.parallel.load(state, run.ema)
+    run.start_step = int(state["step"])
+    # A run that ended (all its steps, or an early stop) and whose export failed left `finished_state`:
+    # no optimizer state, nothing to train; resuming it exports.
+    run.finished = bool(state.get("finished")) or run.start_step >= plan.total_steps
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng.get("python") is not None:
+        version, python_state, gauss = rng["python"]
+        random.setstate((version, tuple(python_state), gauss))
+    lm.cfg_dropout.rng.set_state(rng["cfg_dropout"])
+    lm.att_dropout.rng.set_state(rng["att_dropout"])
+    run.history = list(state.get("history", []))
+    if run.evaluator is not None:  # after the weights and the EMA: a best that equals them is copied from them
+        run.evaluator.load_state_dict(state.get("evaluation"), run.eval_ctx)
+    if run.dist.is_main:
+        logger.info("Resumed at step %d of %d", run.start_step, plan.total_steps)
+        if run.finished:
+            logger.warning(
+                "The checkpoint already completed all %d steps: nothing left to train, exporting its weights",
+                run.start_step,
+            )
+
+
+def _checkpoint_state(run: _Training) -> dict[str, tp.Any]:
+    """Whole (unsharded) state, on CPU; under FSDP a collective, complete on rank 0 only."""
+    state = run.parallel.full_state(run.ema)
+    return {
+        "model": state["model"],
+        "optimizer": state["optimizer"],
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "ema": state["ema"],
+        "rng": _rng_state(run.lm),
+        "history": run.history,
+        "evaluation": run.evaluator.state_dict(run.eval_ctx, len(run.history)) if run.evaluator is not None else None,
+        "params": dataclasses.asdict(run.params),
+        "world_size": run.dist.world_size,
+    }
+
+
+def _non_finite(run: _Training, state: dict[str, tp.Any] | None) -> tuple[str, str] | None:
+    """The first non-finite weight (or EMA weight) of a checkpoint state: a checkpoint never holds one, so the
+    newest on disk is always the last finite state. (The loss can stay finite while an update made weights NaN,
+    e.g. an update that overflowed on the last step, or NaN rows of an embedding no batch used.)"""
+    if state is None:
+        return None
+    names = run.parallel.names
+    return ckpt.first_non_finite(
+        [*state["model"].items(), *((f"{n} (EMA)", e) for n, e in zip(names, state["ema"] or [], strict=False))]
+    )
+
+
+def _save(run: _Training, step_done: int) -> Path | None:
+    """A resume checkpoint after `step_done` steps (every rank calls it; rank 0 writes); its path on rank 0."""
+    dist = run.dist
+    barrier(dist)
+    state = _checkpoint_state(run) if run.parallel.builds_state else None
+    bad = _non_finite(run, state) if dist.is_main else None
+    if any_rank(dist, bad is not None):  # every rank stops at the same step
+        del state
+        where = f"'{bad[0]}' holds {bad[1]}" if bad else "on rank 0"
+        last = ckpt.newest_checkpoint(run.checkpoint_dir)
+        raise NonFiniteError(
+            f"Training diverged at step {step_done}: the weights are not finite ({where}); no checkpoint was "
+            f"written for it. Last finite state: {resume_hint(last)}. Lower lr (adamw: e.g. 1e-5) "
+            "or weight_decay, keep max_grad_norm on, or use precision bf16/fp32."
+        )
+    path = ckpt.save_checkpoint(run.checkpoint_dir, step_done, state) if state is not None and dist.is_main else None
+    del state
+    barrier(dist)
+    return path
+
+
+def _evaluate(run: _Training, step_done: int) -> None:
+    metrics = run.evaluator.evaluate(step_done, run.eval_ctx)
+    if run.dist.is_main and run.on_metrics is not None:
+        run.on_metrics(metrics)
+
+
+def _forward_backward(run: _Training, micro_batches: list[Batch]) -> tuple[float, float, dict[str, float]]:
+    """Gradients of this process's micro-batches, accumulated. Returns the step's loss (the mean over ranks), the
+    tokens seen by all ranks, and the split losses of prior preservation (this rank's)."""
+    device, accumulation = run.dist.device, run.plan.grad_accumulation
+    loss_sum = torch.zeros([], device=device)
+    part_sums: dict[str, float] = {}
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        with run.parallel.no_sync(last=i == len(micro_batches) - 1):
+            with run.autocast:
+                prior = torch.tensor([run.prior_flags[c] for c in batch.items]) if any(run.prior_flags) else None
+                loss = run.module(batch.codes.to(device), batch.mask.to(device), batch.attributes, prior)
+            for name, value in run.train_step.parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + float(value) / accumulation
+            scaled = loss / accumulation
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+        tokens += batch.n_tokens
+    stats = torch.stack([loss_sum / accumulation, torch.tensor(float(tokens), device=device)])
+    stats = all_reduce_mean(run.dist, stats)
+    return float(stats[0]), float(stats[1]) * run.dist.world_size, part_sums
+
+
+def _check_finite(step_done: int, what: str, value: float, lower_lr: str) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"Training diverged at step {step_done}: the {what} is {value}. Nothing from this step was saved. "
+            f"{lower_lr}, keep max_grad_norm on, or use precision bf16/fp32."
+        )
+
+
+def _optimizer_step(run: _Training) -> None:
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _log(run: _Training, metrics: dict[str, float], progress: tqdm, started: float) -> None:
+    """Progress bar, a log line about 20 times a run (and the first and last step), `on_metrics`: rank 0 only."""
+    if not run.dist.is_main:
+        return
+    done, total = int(metrics["step"]), run.plan.total_steps
+    progress.update(1)
+    progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", gn=f"{metrics['grad_norm']:.2f}")
+    if done % max(1, total // 20) == 0 or done == total or done - 1 == run.start_step:
+        per_step = (time.perf_counter() - started) / (done - run.start_step)
+        logger.info(
+            "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s peak %.0f MB, ETA %s",
+            done,
+            total,
+            metrics["loss"],
+            metrics["lr"],
+            metrics["grad_norm"],
+            metrics["tokens_per_s"],
+            metrics["peak_memory_mb"],
+            format_duration(per_step * (total - done)),
+        )
+    if run.on_metrics is not None:
+        run.on_metrics(metrics)
+
+
+def _stopped(run: _Training, by: str, done: int, path: Path | None) -> TrainingInterrupted:
+    return TrainingInterrupted(
+        f"Training stopped by {by} after step {done}; resume checkpoint: {path}. Continue with the same inputs "
+        f"and --resume_from {run.checkpoint_dir} (Cog: resume_from=<that file>)",
+        exit_code=130 if by == "Ctrl-C" else 143,
+    )
+
+
+def _on_interrupt(run: _Training, e: BaseException) -> None:
+    """Cancelled mid-step (Cog cancel, Ctrl-C): keep what the completed steps did, if anything and if whole.
+    A Ctrl-C then ends like SIGTERM (TrainingInterrupted: one line with the resume hint, exit 130, no traceback);
+    anything else goes on unchanged (Cog's CancelationException is a BaseException too)."""
+    interrupted = not isinstance(e, Exception)
+    done = len(run.history)
+    saved: Path | None = None
+    why = "no step completed" if done <= run.start_step else "stopped inside an optimizer update"
+    if interrupted and run.consistent and done > run.start_step and run.dist.is_main:
+        if not run.parallel.saves_on_interrupt:
+            why = f"under {run.parallel.name.upper()} only SIGTERM and save_every write checkpoints"
+            name = run.parallel.name.upper()
+            logger.warning("Interrupted (%s) under %s: no checkpoint (%s)", type(e).__name__, name, why)
+        else:
+            state = _checkpoint_state(run)
+            bad = _non_finite(run, state)
+            if bad is not None:
+                why = f"the weights are not finite: '{bad[0]}' holds {bad[1]}"
+            else:
+                logger.warning("Interrupted (%s): saving a resume checkpoint at step %d", type(e).__name__, done)
+                try:
+                    saved = ckpt.save_checkpoint(run.checkpoint_dir, done, state)
+                except Exception as save_error:  # noqa: BLE001 - the interrupt is what must reach the user
+                    why = f"writing it failed: {type(save_error).__name__}: {save_error}"
+            del state
+    if isinstance(e, KeyboardInterrupt):
+        if saved is not None:
+            message = f"Training stopped by Ctrl-C after step {done}; {resume_hint(saved)}"
+        else:
+            older = ckpt.newest_checkpoint(run.checkpoint_dir)
+            if older is None and run.params.resume_from and run.start_step > 0:
+                older = ckpt.find_checkpoint(run.params.resume_from)
+            message = f"Training stopped by Ctrl-C after step {done}, with no checkpoint of it ({why}); "
+            message += f"the newest {resume_hint(older)}" if older is not None else resume_hint(None)
+        raise TrainingInterrupted(message, exit_code=130) from None
+
+
+def _export(run: _Training, seconds: float, total_tokens: float) -> TrainResult:
+    """The weights to export (keep_best: the best evaluation's; ema: the average) and the run's summary."""
+    evaluator, device = run.evaluator, run.dist.device
+    exported_step = evaluator.restore_best(run.eval_ctx) if evaluator is not None else None
+    state, export_lm = run.parallel.export(run.ema)
+    return TrainResult(
+        state_dict=state,
+        history=run.history,
+        steps=len(run.history),  # fewer than planned after an early stop
+        tokens_per_s=total_tokens / seconds if run.plan.total_steps - run.start_step else 0.0,
+        peak_memory_mb=peak_memory_mb(device),
+        seconds=seconds,
+        precision=resolve_precision(run.params.precision, device)[2],
+        parallel=run.parallel.name,
+        lm=export_lm,
+        evaluation=evaluator.summary(exported_step) if evaluator is not None else None,
+        evaluation_state=evaluator.final_state() if evaluator is not None else None,
+        rng=_rng_state(run.lm),  # for `finished_state`: what a checkpoint of this point would hold
+        ema_names=list(run.parallel.names) if run.ema is not None else None,
+        world_size=run.dist.world_size,
+    )
+
+
 def train_loop(
     lm: torch.nn.Module,
     dataset: TokenDataset,
@@ -359,254 +699,46 @@ def train_loop(
 
     `evaluator`: validation loss before the first step, every `eval_every` steps and at the end, best weights and
     early stopping (training/evaluate.py); its metrics also go to `on_metrics`."""
-    device = dist.device
-    # ---- model: fp32 master weights (get_pretrained loads fp16 on GPUs), training mode, our cfg dropout
-    lm.float()
-    lm.train()
-    lm.cfg_dropout.p = params.cfg_p
-    lm.cfg_dropout.rng.manual_seed(params.seed)
-    lm.att_dropout.rng.manual_seed(params.seed + 1)
-    torch.manual_seed(params.seed)
-    train_step = TrainStep(lm, prior_weight=params.prior_loss_weight)
-    step_module: torch.nn.Module = train_step
-    prior_flags = [bool(c.info.get("prior")) for c in dataset.clips]  # prior-preservation examples (methods/prior)
-    parallel = fsdp_mod.resolve_parallel(params.parallel, params.model_version, dist)
-    sharded = parallel == "fsdp"
-    # FSDP replaces the LM's parameters by shards: rank 0 keeps a weightless copy of the module to export from.
-    export_skeleton = fsdp_mod.skeleton(lm) if sharded and dist.is_main else None
-    if parallel == "ddp":
-        step_module = torch.nn.parallel.DistributedDataParallel(step_module, broadcast_buffers=False)
-    elif sharded:
-        step_module = fsdp_mod.shard(train_step, lm)
-    trainable_names = [n for n, p in lm.named_parameters() if p.requires_grad]
-    trainable = [p for p in lm.parameters() if p.requires_grad]  # under FSDP: sharded DTensor parameters
-    optimizer: tp.Any
-    if sharded:
-        optimizer = fsdp_mod.ShardedOptimizer(trainable, lambda shards: build_optimizer(params, shards, True), dist)
-        weights = optimizer.shards  # what the optimizer and the EMA update: this rank's pieces
-    else:
-        optimizer = build_optimizer(params, trainable)
-        weights = trainable
-    scaler: tp.Any = None
-    if plan.use_scaler:
-        if sharded:  # every rank must skip the same overflowing steps: found-inf is all-reduced
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            scaler = ShardedGradScaler("cuda")
-        else:
-            scaler = torch.amp.GradScaler("cuda")
-    autocast = (
-        torch.autocast(device_type=device.split(":")[0], dtype=plan.autocast_dtype)
-        if plan.autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    ema = [w.detach().clone() for w in weights] if params.ema else None
-    history: list[dict[str, float]] = []
-    start_step = 0
-    eval_ctx = None
-    if evaluator is not None:  # what validation computes with and what it keeps (training/evaluate.py)
-        eval_module = step_module if sharded else train_step  # FSDP: the root, whose hooks gather the weights
-        eval_ctx = evaluation.EvalContext(
-            forward=lambda codes, mask, attributes: eval_module(codes, mask, attributes, None, True),
-            modules=train_step,
-            dist=dist,
-            device=device,
-            micro_batch=plan.per_rank_micro_batch(dist.world_size),
-            autocast=autocast,
-            weights=weights,
-            exported=ema if ema is not None else weights,
-            params=trainable,
-            sharded=sharded,
-            gather=lambda piece, p: fsdp_mod.gather(piece, p, dist),
-            shard_of=fsdp_mod.shard_of,
-        )
-    finished = False  # resumed from a checkpoint of a run that ended: only the export is left
-
-    # ---- resume: weights, optimizer, scaler, EMA, RNGs, history; the schedule and data plan are pure in `step`
+    run = _setup(lm, dataset, params, plan, dist, checkpoint_dir, evaluator, on_metrics)
     if resume_state is not None:
-        check_resume_compatible(resume_state, params)
-        if sharded:
-            fsdp_mod.load_full_state_dict(lm, resume_state["model"])
-        else:
-            lm.load_state_dict(resume_state["model"])
-        start_step = int(resume_state["step"])
-        # A run that ended (all its steps, or an early stop) and whose export failed left `finished_state`:
-        # no optimizer state, nothing to train; resuming it exports.
-        finished = bool(resume_state.get("finished")) or start_step >= plan.total_steps
-        if resume_state.get("optimizer") is not None:
-            optimizer.load_state_dict(resume_state["optimizer"])  # whole in the file, sharded here under FSDP
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        if ema is not None and resume_state.get("ema") is not None:
-            for e, saved, p in zip(ema, resume_state["ema"], trainable, strict=True):
-                e.copy_(fsdp_mod.shard_of(saved, p))
-        rng = resume_state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("python") is not None:
-            version, state, gauss = rng["python"]
-            random.setstate((version, tuple(state), gauss))
-        lm.cfg_dropout.rng.set_state(rng["cfg_dropout"])
-        lm.att_dropout.rng.set_state(rng["att_dropout"])
-        history = list(resume_state.get("history", []))
-        if evaluator is not None:  # after the weights and the EMA: a best that equals them is copied from them
-            evaluator.load_state_dict(resume_state.get("evaluation"), eval_ctx)
-        if dist.is_main:
-            logger.info("Resumed at step %d of %d", start_step, plan.total_steps)
-        if finished and dist.is_main:
-            logger.warning(
-                "The checkpoint already completed all %d steps: nothing left to train, exporting its weights",
-                start_step,
-            )
-
-    def checkpoint_state() -> dict[str, tp.Any]:
-        """Whole (unsharded) state, on CPU; under FSDP a collective, complete on rank 0 only."""
-        ema_state = None if ema is None else [fsdp_mod.gather(e, p, dist) for e, p in zip(ema, trainable, strict=True)]
-        return {
-            "model": fsdp_mod.full_state_dict(lm, dist),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema_state,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),  # MusicGen-Style draws its excerpts from `random`
-                "cfg_dropout": lm.cfg_dropout.rng.get_state(),
-                "att_dropout": lm.att_dropout.rng.get_state(),
-            },
-            "history": history,
-            "evaluation": evaluator.state_dict(eval_ctx, len(history)) if evaluator is not None else None,
-            "params": dataclasses.asdict(params),
-            "world_size": dist.world_size,
-        }
-
-    def non_finite(state: dict[str, tp.Any] | None) -> tuple[str, str] | None:
-        """The first non-finite weight (or EMA weight) of a checkpoint state: a checkpoint never holds one, so the
-        newest on disk is always the last finite state. (The loss can stay finite while an update made weights
-        NaN, e.g. an update that overflowed on the last step, or NaN rows of an embedding no batch used.)"""
-        if state is None:
-            return None
-        return ckpt.first_non_finite(
-            [
-                *state["model"].items(),
-                *((f"{n} (EMA)", e) for n, e in zip(trainable_names, state["ema"] or [], strict=False)),
-            ]
-        )
-
-    def diverged(step_done: int, bad: tuple[str, str] | None) -> NonFiniteError:
-        where = f"'{bad[0]}' holds {bad[1]}" if bad else "on rank 0"
-        last = ckpt.newest_checkpoint(checkpoint_dir)
-        return NonFiniteError(
-            f"Training diverged at step {step_done}: the weights are not finite ({where}); no checkpoint was "
-            f"written for it. Last finite state: {resume_hint(last)}. Lower lr (adamw: e.g. 1e-5) "
-            "or weight_decay, keep max_grad_norm on, or use precision bf16/fp32."
-        )
-
-    def save(step_done: int) -> Path | None:
-        barrier(dist)
-        state = checkpoint_state() if dist.is_main or sharded else None  # FSDP: every rank sends its shards
-        bad = non_finite(state) if dist.is_main else None
-        if any_rank(dist, bad is not None):  # every rank stops at the same step
-            del state
-            raise diverged(step_done, bad)
-        path = ckpt.save_checkpoint(checkpoint_dir, step_done, state) if state is not None and dist.is_main else None
-        del state
-        barrier(dist)
-        return path
-
+        _resume(run, resume_state)
+    optimizer, device = run.optimizer, dist.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     total_tokens = 0.0
-    consistent = True  # weights/optimizer reflect exactly `step` completed steps
-    progress = tqdm(total=plan.total_steps, initial=start_step, desc="Training", unit="step", disable=not dist.is_main)
-    log_every = max(1, plan.total_steps // 20)
-
-    def run_evaluation(step_done: int) -> None:
-        metrics = evaluator.evaluate(step_done, eval_ctx)
-        if dist.is_main and on_metrics is not None:
-            on_metrics(metrics)
-
+    progress = tqdm(
+        total=plan.total_steps, initial=run.start_step, desc="Training", unit="step", disable=not dist.is_main
+    )
     try:
         with _StopOnSignal() as stop:
-            if evaluator is not None and start_step == 0 and not evaluator.history:
-                run_evaluation(0)  # the base model: what the fine-tune is measured against
-            for step in range(start_step, start_step if finished else plan.total_steps):
+            if evaluator is not None and run.start_step == 0 and not evaluator.history:
+                _evaluate(run, 0)  # the base model: what the fine-tune is measured against
+            for step in range(run.start_step, run.end_step):
                 t0 = time.perf_counter()
+                done = step + 1
                 # ---- learning rate for this step
-                lr = get_lr(
-                    step,
-                    lr=params.lr,
-                    scheduler=params.lr_scheduler,
-                    warmup=params.warmup,
-                    total_steps=plan.total_steps,
-                )
+                lr = run.lr_at(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                # ---- forward/backward over this process's micro-batches
-                micro_batches: list[Batch] = dataset.rank_micro_batches(
-                    step,
-                    global_batch=plan.global_batch,
-                    steps_per_epoch=plan.steps_per_epoch,
-                    seed=params.seed,
-                    dist=dist,
-                    grad_accumulation=plan.grad_accumulation,
-                )
-                loss_sum = torch.zeros([], device=device)
-                part_sums: dict[str, float] = {}
-                tokens = 0
-                for i, batch in enumerate(micro_batches):
-                    last = i == len(micro_batches) - 1
-                    no_sync = step_module.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()
-                    with no_sync:
-                        with autocast:
-                            prior = torch.tensor([prior_flags[i] for i in batch.items]) if any(prior_flags) else None
-                            loss = step_module(batch.codes.to(device), batch.mask.to(device), batch.attributes, prior)
-                        for name, value in train_step.parts.items():
-                            part_sums[name] = part_sums.get(name, 0.0) + float(value) / plan.grad_accumulation
-                        scaled = loss / plan.grad_accumulation
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    loss_sum += loss.detach().float()
-                    tokens += batch.n_tokens
-                # ---- reduce, check, clip, step
-                stats = all_reduce_mean(
-                    dist, torch.stack([loss_sum / plan.grad_accumulation, torch.tensor(float(tokens), device=device)])
-                )
-                step_loss, step_tokens = float(stats[0]), float(stats[1]) * dist.world_size
-                if not math.isfinite(step_loss):
-                    raise NonFiniteError(
-                        f"Training diverged at step {step + 1}: the loss is {step_loss}. Nothing from this step was "
-                        "saved. Lower lr (adamw: e.g. 1e-5), keep max_grad_norm on, or use precision bf16/fp32."
-                    )
-                if sharded:
-                    optimizer.collect_grads()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                max_norm = params.max_grad_norm if params.max_grad_norm > 0 else float("inf")
-                if sharded:  # the norm of the whole gradient, over every rank's shards
-                    grad_norm = optimizer.clip_grad_norm_(max_norm)
-                else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-                skipped = False
-                if not math.isfinite(grad_norm):
-                    if scaler is None:
-                        raise NonFiniteError(
-                            f"Training diverged at step {step + 1}: the gradient norm is {grad_norm}. Nothing from "
-                            "this step was saved. Lower lr, keep max_grad_norm on, or use precision bf16/fp32."
-                        )
-                    skipped = True  # fp16 overflow: the scaler skips this update and lowers its scale
-                consistent = False
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None and not skipped:
-                    torch._foreach_lerp_(ema, [w.detach() for w in weights], 1.0 - EMA_DECAY)
+                # ---- forward/backward over this process's micro-batches (DDP syncs on the last one)
+                step_loss, step_tokens, part_sums = _forward_backward(run, run.micro_batches(step))
+                _check_finite(done, "loss", step_loss, "Lower lr (adamw: e.g. 1e-5)")
+                # ---- unscale + clip (the whole gradient's norm), step; fp16 overflow: the scaler skips the step
+                grad_norm = run.parallel.clip(run.scaler, params.max_grad_norm)
+                skipped = not math.isfinite(grad_norm)
+                if run.scaler is None:
+                    _check_finite(done, "gradient norm", grad_norm, "Lower lr")
+                run.consistent = False
+                _optimizer_step(run)
+                # ---- EMA
+                if run.ema is not None and not skipped:
+                    torch._foreach_lerp_(run.ema, [w.detach() for w in run.parallel.weights], 1.0 - EMA_DECAY)
                 # ---- log
                 seconds = time.perf_counter() - t0
                 total_tokens += step_tokens
                 metrics = {
-                    "step": step + 1,
+                    "step": done,
                     "loss": step_loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
@@ -619,123 +751,28 @@ def train_loop(
                     metrics["dadapt_d"] = float(optimizer.param_groups[0]["d"])
                 if skipped:
                     metrics["skipped"] = 1.0
-                history.append(metrics)
-                consistent = True
-                if dist.is_main:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", gn=f"{grad_norm:.2f}")
-                    if (step + 1) % log_every == 0 or step + 1 == plan.total_steps or step == start_step:
-                        per_step = (time.perf_counter() - started) / (step + 1 - start_step)
-                        logger.info(
-                            "step %d/%d loss %.4f lr %.3e grad_norm %.3f %.0f tokens/s peak %.0f MB, ETA %s",
-                            step + 1,
-                            plan.total_steps,
-                            step_loss,
-                            lr,
-                            grad_norm,
-                            metrics["tokens_per_s"],
-                            metrics["peak_memory_mb"],
-                            format_duration(per_step * (plan.total_steps - step - 1)),
-                        )
-                    if on_metrics is not None:
-                        on_metrics(metrics)
+                run.history.append(metrics)
+                run.consistent = True
+                _log(run, metrics, progress, started)
                 # ---- validation: every eval_every steps and after the last (before the checkpoint, which keeps it)
                 stop_early = False
-                if evaluator is not None and evaluator.due(step + 1, plan.total_steps):
-                    run_evaluation(step + 1)
+                if evaluator is not None and evaluator.due(done, plan.total_steps):
+                    _evaluate(run, done)
                     stop_early = evaluator.should_stop  # the same on every rank: the losses are all-reduced
                 # ---- checkpoint: every save_every steps and at the end; on SIGTERM, then stop
-                done = step + 1
                 stopping = any_rank(dist, stop.requested is not None)
                 periodic = params.save_every > 0 and (done % params.save_every == 0 or done == plan.total_steps)
                 if periodic or stopping:
-                    path = save(done)
-                    if stopping:
-                        by = stop.requested or "SIGTERM"  # (another rank's signal: torchrun sends SIGTERM)
-                        raise TrainingInterrupted(
-                            f"Training stopped by {by} after step {done}; resume checkpoint: {path}. Continue "
-                            f"with the same inputs and --resume_from {checkpoint_dir} (Cog: resume_from=<that file>)",
-                            exit_code=130 if by == "Ctrl-C" else 143,
-                        )
+                    path = _save(run, done)
+                    if stopping:  # (another rank's signal: torchrun sends SIGTERM)
+                        raise _stopped(run, stop.requested or "SIGTERM", done, path)
                 if stop_early:  # early_stop_patience: a checkpoint of where it stopped, then the export
                     if params.save_every > 0 and not periodic:
-                        save(done)
+                        _save(run, done)
                     break
     except BaseException as e:
-        # Cancelled mid-step (Cog cancel, Ctrl-C): keep what the completed steps did, if anything and if whole.
-        interrupted = not isinstance(e, Exception)
-        done = len(history)
-        saved: Path | None = None
-        why = "no step completed" if done <= start_step else "stopped inside an optimizer update"
-        if interrupted and consistent and done > start_step and dist.is_main:
-            if sharded:  # gathering the shards needs every rank, which an interrupt does not coordinate
-                why = "under FSDP only SIGTERM and save_every write checkpoints"
-                logger.warning("Interrupted (%s) under FSDP: no checkpoint (%s)", type(e).__name__, why)
-            else:
-                state = checkpoint_state()
-                bad = non_finite(state)
-                if bad is not None:
-                    why = f"the weights are not finite: '{bad[0]}' holds {bad[1]}"
-                else:
-                    logger.warning("Interrupted (%s): saving a resume checkpoint at step %d", type(e).__name__, done)
-                    try:
-                        saved = ckpt.save_checkpoint(checkpoint_dir, done, state)
-                    except Exception as save_error:  # noqa: BLE001 - the interrupt is what must reach the user
-                        why = f"writing it failed: {type(save_error).__name__}: {save_error}"
-                del state
-        if isinstance(e, KeyboardInterrupt):
-            # Ctrl-C ends like SIGTERM: one line with the resume hint and exit 130, no traceback (core.errors).
-            # Cog's cancel (CancelationException, also a BaseException) goes on unchanged.
-            if saved is not None:
-                message = f"Training stopped by Ctrl-C after step {done}; {resume_hint(saved)}"
-            else:
-                older = ckpt.newest_checkpoint(checkpoint_dir)
-                if older is None and params.resume_from and start_step > 0:
-                    older = ckpt.find_checkpoint(params.resume_from)
-                message = f"Training stopped by Ctrl-C after step {done}, with no checkpoint of it ({why}); "
-                message += f"the newest {resume_hint(older)}" if older is not None else resume_hint(None)
-            raise TrainingInterrupted(message, exit_code=130) from None
+        _on_interrupt(run, e)
         raise
     finally:
         progress.close()
-
-    seconds = time.perf_counter() - started
-    trained_steps = plan.total_steps - start_step
-    exported_step = None
-    if evaluator is not None:  # keep_best: the best evaluation's tensors into what the export writes
-        exported_step = evaluator.restore_best(eval_ctx)
-    if sharded:  # whole weights on rank 0 (every rank sends its shards), in a plain module for the export
-        state = fsdp_mod.full_state_dict(lm, dist)
-        if ema is not None:
-            averaged = {n: fsdp_mod.gather(e, p, dist) for n, e, p in zip(trainable_names, ema, trainable, strict=True)}
-            state = {k: averaged.get(k, v) for k, v in state.items()}
-        export_lm = fsdp_mod.materialize(export_skeleton, state, device) if export_skeleton is not None else None
-    else:
-        export_lm = None
-        if ema is not None:
-            averaged = dict(zip(trainable_names, ema, strict=True))
-            state = {k: averaged.get(k, v).detach() for k, v in lm.state_dict().items()}
-        else:
-            state = {k: v.detach() for k, v in lm.state_dict().items()}
-    rng = {  # for `finished_state`: what a checkpoint of this point would hold
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "cfg_dropout": lm.cfg_dropout.rng.get_state(),
-        "att_dropout": lm.att_dropout.rng.get_state(),
-    }
-    return TrainResult(
-        state_dict=state,
-        history=history,
-        steps=len(history),  # fewer than planned after an early stop
-        tokens_per_s=total_tokens / seconds if trained_steps else 0.0,
-        peak_memory_mb=peak_memory_mb(device),
-        seconds=seconds,
-        precision=resolve_precision(params.precision, device)[2],
-        parallel=parallel,
-        lm=export_lm,
-        evaluation=evaluator.summary(exported_step) if evaluator is not None else None,
-        evaluation_state=evaluator.final_state() if evaluator is not None else None,
-        rng=rng,
-        ema_names=list(trainable_names) if ema is not None else None,
-        world_size=dist.world_size,
-    )
+    return _export(run, time.perf_counter() - started, total_tokens)

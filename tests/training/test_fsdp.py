@@ -70,6 +70,8 @@ def test_fsdp_two_processes_match_one_process(tmp_path, capfd):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # the optimizer state is whole, in the single-process layout (a checkpoint resumes under any `parallel`)
     assert sharded["optimizer"]["param_groups"][0]["d"] == pytest.approx(single["optimizer"]["param_groups"][0]["d"])
+    # D-Adaptation's own flag is saved as it was under FSDP (loading it elsewhere resets it: the test below)
+    assert sharded["optimizer"]["param_groups"][0]["fsdp_in_use"] is True
     for index, state in single["optimizer"]["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
@@ -125,3 +127,28 @@ def test_weights_with_fewer_rows_than_processes_are_cut_along_another_dim():
     assert placement(torch.nn.Parameter(torch.zeros(3, 5, 16))) == Shard(2)
     assert placement(torch.nn.Parameter(torch.zeros(64, 64))) is None  # FSDP's default: rows
     assert placement(torch.nn.Parameter(torch.zeros(3, 5))) is None  # nothing divides: rows, some ranks empty
+
+
+def test_a_dadam_checkpoint_of_fsdp_steps_in_one_process():
+    """D-Adaptation keeps `fsdp_in_use` in its param groups and a checkpoint written under FSDP holds it True:
+    loaded as it is by one process, the next step would all-reduce over a process group that is not there."""
+    from dadaptation import DAdaptAdam
+
+    from training.parallel import SingleProcess
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    saved = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": DAdaptAdam(model.parameters(), lr=1.0, fsdp_in_use=True).state_dict(),
+        "ema": None,
+    }
+    parallel = SingleProcess(DistInfo())
+    parallel.wrap(model, model)
+    optimizer = parallel.build_optimizer(lambda tensors, sharded: DAdaptAdam(tensors, lr=1.0, fsdp_in_use=sharded))
+    parallel.load(saved, None)
+    assert [group["fsdp_in_use"] for group in optimizer.param_groups] == [False]
+    before = model.weight.detach().clone()
+    model(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.weight, before)
