@@ -40,8 +40,9 @@ from audiocraft.utils import utils
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from core.errors import ModelUnavailableError
+from core.hub import hf_cache_hint
 from core.sampling import sample_next_token
-from core.versions import ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def load_mert(device: str | torch.device) -> nn.Module:
 
         model = AutoModel.from_pretrained(MERT_NAME, trust_remote_code=True)
     except Exception as e:  # noqa: BLE001 - one actionable message instead of a hub stack trace
-        from core.versions import hf_cache_hint
-
         raise ModelUnavailableError(
             f"MusicGen-Style's feature extractor {MERT_NAME} could not be loaded ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). Looked in the Hugging Face cache "

@@ -30,14 +30,18 @@ import tempfile
 import typing as tp
 from pathlib import Path
 
+import audiocraft
 import torch
+from audiocraft.models import builders
+from omegaconf import OmegaConf
+
+from core.catalogue import STYLE_TINY_VERSIONS, TINY_VERSIONS
+from core.style import build_style_lm
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSIONS = ("tiny", "tiny-stereo", "tiny-melody", "tiny-t5")
-# MusicGen-Style stand-ins (core/style.py): kept apart from TINY_VERSIONS, which lists the models audiocraft's own
-# loaders can build (training choices, weights export).
-STYLE_TINY_VERSIONS = ("tiny-style",)
+# (TINY_VERSIONS: the tiny models audiocraft's own loaders build; STYLE_TINY_VERSIONS: the MusicGen-Style stand-in,
+# built by core/style.py. Both are the catalogue's, importable from here as before.)
 SEED = 1234
 # Bump when a change to this file changes the weights it builds: the cache key includes it.
 BUILDER_VERSION = 2
@@ -224,13 +228,8 @@ def _add_style(cfg: dict) -> None:
 
 
 def _build_lm(name: str, cfg: dict):
-    if name in STYLE_TINY_VERSIONS:
-        from core.style import build_style_lm  # audiocraft's builders do not know the style conditioner
-
+    if name in STYLE_TINY_VERSIONS:  # audiocraft's builders do not know the style conditioner
         return build_style_lm(copy.deepcopy(cfg))
-    from audiocraft.models import builders
-    from omegaconf import OmegaConf
-
     return builders.get_lm_model(OmegaConf.create(copy.deepcopy(cfg)))
 
 
@@ -313,10 +312,6 @@ def tiny_demucs(model_dir: Path) -> tp.Iterator[None]:
 
 
 def _build(name: str, folder: Path, cfg: dict | None = None) -> None:
-    import audiocraft
-    from audiocraft.models import builders
-    from omegaconf import OmegaConf
-
     version = audiocraft.__version__
     torch.manual_seed(SEED)
     ccfg = compression_cfg()

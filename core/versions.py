@@ -8,43 +8,56 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from audiocraft.models import MusicGen
+
 from core import tiny
+from core.catalogue import (
+    ALL_MODEL_VERSIONS,
+    CHECKPOINT_FILES,
+    FINE_TUNED,
+    MODEL_VERSION_CHOICES,
+    MODEL_VERSIONS,
+    PRETRAINED,
+    SCRATCH_VERSIONS,
+    STYLE_PRETRAINED,
+    STYLE_TINY_VERSIONS,
+    STYLE_VERSIONS,
+    TINY_VERSIONS,
+    TRAINABLE_VERSIONS,
+)
 from core.errors import ModelUnavailableError
+from core.hub import hf_cache_hint, hub_cached, hub_offline
+from core.style import is_style_folder, load_style_musicgen
 
 logger = logging.getLogger(__name__)
 
-PRETRAINED: dict[str, str] = {
-    "small": "facebook/musicgen-small",
-    "medium": "facebook/musicgen-medium",
-    "large": "facebook/musicgen-large",
-    "melody": "facebook/musicgen-melody",
-    "melody-large": "facebook/musicgen-melody-large",
-    "stereo-small": "facebook/musicgen-stereo-small",
-    "stereo-medium": "facebook/musicgen-stereo-medium",
-    "stereo-large": "facebook/musicgen-stereo-large",
-    "stereo-melody": "facebook/musicgen-stereo-melody",
-    "stereo-melody-large": "facebook/musicgen-stereo-melody-large",
-}
-MODEL_VERSIONS: tuple[str, ...] = (*PRETRAINED, *tiny.TINY_VERSIONS)
-# MusicGen-Style (core/style.py): loaded by our own loader (audiocraft 1.3.0 has no style conditioner), so listed
-# apart from MODEL_VERSIONS (the models audiocraft's loaders, and so training and export, handle as they are).
-STYLE_PRETRAINED: dict[str, str] = {"style": "facebook/musicgen-style"}
-STYLE_VERSIONS: tuple[str, ...] = (*STYLE_PRETRAINED, *tiny.STYLE_TINY_VERSIONS)
-ALL_MODEL_VERSIONS: tuple[str, ...] = (*MODEL_VERSIONS, *STYLE_VERSIONS)
-# New LMs trained from scratch on an existing EnCodec (training/methods/scratch.py): trainable, not loadable.
-SCRATCH_VERSIONS: tuple[str, ...] = ("micro", "tiny-micro")
-# predict's "the weights this deployment was trained into" (COG_WEIGHTS / replicate_weights).
-FINE_TUNED = "fine-tuned"
-# The one `model_version` choice list of both predict and train. Cog names a choice list's schema component after
-# the input, and `cog build` keeps one component per name for both modes: two different lists under one name
-# would leave training with predict's. Each side refuses the choices that are not its own, naming the fix.
-MODEL_VERSION_CHOICES: tuple[str, ...] = (FINE_TUNED, *ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS)
-TRAINABLE_VERSIONS: tuple[str, ...] = (*ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS)
-CHECKPOINT_FILES = ("state_dict.bin", "compression_state_dict.bin")
+# The catalogue's names and the hub helpers stay importable from here, where callers have always found them.
+__all__ = [
+    "ALL_MODEL_VERSIONS",
+    "CHECKPOINT_FILES",
+    "FINE_TUNED",
+    "MODEL_VERSION_CHOICES",
+    "MODEL_VERSIONS",
+    "PRETRAINED",
+    "SCRATCH_VERSIONS",
+    "STYLE_PRETRAINED",
+    "STYLE_VERSIONS",
+    "TRAINABLE_VERSIONS",
+    "ModelUnavailableError",
+    "ModelSource",
+    "resolve",
+    "hf_cache_hint",
+    "hub_cached",
+    "hub_offline",
+    "load_musicgen",
+    "is_style_source",
+    "describe_load_failure",
+    "default_device",
+]
 
 
 @dataclass(frozen=True)
@@ -63,11 +76,11 @@ def resolve(model_version: str) -> ModelSource:
     """Map a `model_version` input (a choice, a facebook/* id or a local folder) to where it is loaded from."""
     if model_version in PRETRAINED:
         return ModelSource(model_version, PRETRAINED[model_version], "hf")
-    if model_version in tiny.TINY_VERSIONS:
+    if model_version in TINY_VERSIONS:
         return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
     if model_version in STYLE_PRETRAINED:
         return ModelSource(model_version, STYLE_PRETRAINED[model_version], "hf")
-    if model_version in tiny.STYLE_TINY_VERSIONS:
+    if model_version in STYLE_TINY_VERSIONS:
         return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
     path = Path(model_version).expanduser()
     if path.is_dir():
@@ -86,42 +99,11 @@ def resolve(model_version: str) -> ModelSource:
     )
 
 
-def hf_cache_hint() -> str:
-    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    hub = os.environ.get("HF_HUB_CACHE", str(Path(home) / "hub"))
-    return hub
-
-
-def hub_cached(repo_id: str, filenames: tuple[str, ...] = CHECKPOINT_FILES) -> bool:
-    """Whether every file of `repo_id` is in the local Hugging Face cache. Reads only the disk
-    (`huggingface_hub.try_to_load_from_cache`): no request, so it answers at once with no network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return all(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)
-
-
-@contextlib.contextmanager
-def hub_offline():
-    """Within: huggingface_hub (and transformers, which asks it) read only the local cache, as with
-    `HF_HUB_OFFLINE=1`. Both read `huggingface_hub.constants.HF_HUB_OFFLINE` at each call, so flipping it here
-    works after import. For loads known to be fully cached: no request, so no wait on an unreachable hub."""
-    import huggingface_hub.constants as constants
-
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
 def load_musicgen(model_version: str, device: str | None = None):
     """Load a MusicGen (audiocraft's `MusicGen`) by model version, local folder or HF id.
 
     Raises `ModelUnavailableError` with the model, where it looked and the fix, instead of a hub stack trace.
     """
-    from audiocraft.models import MusicGen
-
     source = resolve(model_version)
     device = device or default_device()
     logger.info("Loading MusicGen %s from %s on %s", source.name, source.location, device)
@@ -142,14 +124,10 @@ def is_style_source(source: ModelSource) -> bool:
     """A MusicGen-Style checkpoint (its LM cfg has a style conditioner)? Hub ids are known by name."""
     if source.kind == "hf":
         return source.location in STYLE_PRETRAINED.values()
-    from core.style import is_style_folder
-
     return is_style_folder(source.location)
 
 
 def _load_style(source: ModelSource, device: str):
-    from core.style import load_style_musicgen
-
     try:
         return load_style_musicgen(source.location, device, name=source.name)
     except ModelUnavailableError:
@@ -175,6 +153,4 @@ def describe_load_failure(source: ModelSource, error: Exception) -> str:
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from core import tiny, versions
+from core import catalogue, tiny, versions
 
 
 def test_every_version_is_listed():
@@ -39,6 +39,10 @@ def test_tiny_models_load(version, channels, n_q, melody):
     assert model.sample_rate == 32000 and model.audio_channels == channels and model.lm.n_q == n_q
     assert model.frame_rate == 50 and model.max_duration == 30
     assert ("self_wav" in model.lm.condition_provider.conditioners) is melody
+    # the catalogue's families and layouts (core/catalogue.py) say the same of the models it names
+    assert (version in catalogue.STEREO_VERSIONS) is (channels == 2)
+    assert (version in catalogue.MELODY_VERSIONS) is melody
+    assert catalogue.LM_LAYOUTS[version] == (len(model.lm.transformer.layers), n_q)
 
 
 def test_local_folder_is_a_model(tmp_path):
