@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import typing as tp
 
 import torch
 
 from core import audio
+from core import style as core_style
 from core.params import InputError
-
-if tp.TYPE_CHECKING:
-    from generation.params import PredictParams
+from generation.params import PredictParams
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +34,7 @@ Audio = tuple[torch.Tensor, int]  # ([C, T] float32, sample rate)
 
 def style_conditioners(model) -> dict[str, tp.Any]:
     """The `core.style.StyleConditioner`s of a loaded MusicGen (empty for other models)."""
-    module = sys.modules.get("core.style")
-    if module is None:  # no style model was built in this process: nothing to import for the other models
-        return {}
-    return module.style_conditioners(model.lm)
+    return core_style.style_conditioners(model.lm)
 
 
 def is_style_model(model) -> bool:

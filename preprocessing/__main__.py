@@ -13,9 +13,10 @@ import signal
 import sys
 import threading
 
+from core.errors import ModelUnavailableError
 from core.params import InputError, build_parser, from_kwargs
-from core.versions import ModelUnavailableError
 from preprocessing.params import PrepareParams
+from preprocessing.prepare import prepare, summary
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
-        from preprocessing.prepare import prepare, summary
-
         params = from_kwargs(PrepareParams, **args)
         dataset_out = prepare(params, output_dir)
     except (InputError, ModelUnavailableError) as e:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.params import InputError
+from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def write_report(folder: Path, report: dict) -> Path:
 def _bounded(description: str, clip: Path) -> str:
     """A folder prepared elsewhere (or edited by hand) may hold a description longer than the text encoder reads:
     cut it as preparation does (preprocessing/descriptions.py), saying so."""
-    from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
-
     if len(description) <= MAX_DESCRIPTION_CHARS:
         return description
     short = shorten(description)

@@ -3,11 +3,12 @@ by `train()` (which passes the matching Cog inputs through)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from core.params import InputError, param
 
-__all__ = ["PrepareParams", "DEVICES", "validate"]
+__all__ = ["PrepareParams", "DEVICES", "validate", "is_url", "url_message"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -64,8 +65,6 @@ def validate(params: PrepareParams) -> None:
     """Checks that need more than one field or a look at the disk; raised before any long work."""
     if not params.dataset_path or not str(params.dataset_path).strip():
         raise InputError("dataset_path", "no training data given; pass a zip/tar/gz archive or an audio file")
-    from preprocessing.unpack import is_url, url_message
-
     if is_url(str(params.dataset_path)):
         raise InputError("dataset_path", url_message(str(params.dataset_path)))
     if params.min_clip_seconds > params.chunk_seconds:
@@ -74,3 +73,18 @@ def validate(params: PrepareParams) -> None:
             f"{params.min_clip_seconds} s is longer than chunk_seconds ({params.chunk_seconds} s); "
             "choose a value up to chunk_seconds",
         )
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(text: str) -> bool:
+    return bool(_URL.match(text.strip()))
+
+
+def url_message(text: str) -> str:
+    return (
+        f"{text} is a URL; a local run reads files only. URLs work as Cog inputs (`cog train -i "
+        f"dataset_path=<url>` or the Replicate API download it for you); here, download it first (e.g. "
+        f"`curl -L -o data.zip '{text}'`) and pass the file"
+    )

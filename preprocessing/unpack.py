@@ -39,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.params import InputError
+from preprocessing.params import is_url, url_message
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +57,6 @@ INPUT = "dataset_path"
 MAX_COMPONENT_BYTES = 200
 # PATH_MAX is 4096 bytes including the work folder in front; deeper member paths are stored flattened.
 MAX_STORED_PATH_BYTES = 1024
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_url(text: str) -> bool:
-    return bool(_URL.match(text.strip()))
-
-
-def url_message(text: str) -> str:
-    return (
-        f"{text} is a URL; a local run reads files only. URLs work as Cog inputs (`cog train -i "
-        f"dataset_path=<url>` or the Replicate API download it for you); here, download it first (e.g. "
-        f"`curl -L -o data.zip '{text}'`) and pass the file"
-    )
 
 
 @dataclass

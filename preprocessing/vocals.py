@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from core.versions import ModelUnavailableError
+from core.errors import InputError, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,6 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from core.params import InputError
-
         raise InputError("device", "cuda was asked for but no GPU is visible; use auto or cpu")
     return device
 

@@ -11,8 +11,8 @@ import dataclasses
 import typing as tp
 from dataclasses import dataclass
 
+from core.catalogue import FINE_TUNED, METHODS, MODEL_VERSION_CHOICES, TRAINABLE_VERSIONS
 from core.params import InputError, param
-from core.versions import FINE_TUNED, MODEL_VERSION_CHOICES, TRAINABLE_VERSIONS
 
 __all__ = [
     "TrainParams",
@@ -30,7 +30,6 @@ OPTIMIZERS = ("dadam", "adamw")
 LR_SCHEDULERS = ("cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")  # training/fsdp.py
-METHODS = ("full", "lora", "textual_inversion", "text_projection")
 EMA_DECAY = 0.99
 # AdamW diverges far below this; an lr this large only makes sense for D-Adaptation (where it is a multiplier).
 ADAMW_MAX_LR = 0.1
@@ -291,7 +290,10 @@ PREPARE_FIELDS = ("dataset_path", "auto_labeling", "drop_vocals", "one_same_desc
 
 
 def validate(params: TrainParams) -> None:
-    """Checks that need more than one field; raised before any long work, naming the input and the fix."""
+    """Checks that need more than one field; raised before any long work, naming the input and the fix.
+
+    The checks of one method's or feature's inputs live with it (`training.methods.check_inputs`,
+    `training.evaluate.check`); `training.run.check_inputs` runs them all, this first."""
     if params.dataset_path is None or not str(params.dataset_path).strip():
         raise InputError("dataset_path", "no training data given; pass a zip/tar/gz archive or an audio file")
     if params.lr <= 0:
@@ -310,18 +312,6 @@ def validate(params: TrainParams) -> None:
         )
     if params.model_version not in TRAINABLE_VERSIONS:
         raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(TRAINABLE_VERSIONS)}")
-    from training.methods import scratch
-
-    scratch.check(params)
-    from training.methods import get_method
-
-    get_method(params.method).check(params)
-    from training.methods import prior
-
-    prior.check(params)
-    from training import evaluate
-
-    evaluate.check(params)
 
 
 def prepare_kwargs(params: TrainParams) -> dict[str, tp.Any]:

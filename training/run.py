@@ -21,16 +21,21 @@ from pathlib import Path
 
 import torch
 
+from core import versions
 from core.params import InputError, from_kwargs
+from preprocessing import PrepareParams, load_prepared, prepare
 from training import checkpoint as ckpt
 from training import dist as dist_mod
 from training import evaluate as evaluation
 from training import publish
 from training.data import ClipTokens, TokenDataset, encode_clips
 from training.dist import DistInfo
-from training.loop import RunPlan, TrainingInterrupted, plan_run, resolve_precision, train_loop
+from training.loop import RunPlan, TrainingInterrupted, check_resume_compatible, plan_run, resolve_precision, train_loop
+from training.melody import melody_conditioners, prepare_melody_training
+from training.methods import check_inputs as check_method_inputs
 from training.methods import enable_gradient_checkpointing, get_method, prior, scratch
 from training.params import TrainParams, prepare_kwargs, validate
+from training.style import prepare_style_training
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +56,12 @@ PARAMS_FILE = "train_params.json"
 def check_inputs(params: TrainParams) -> dict | None:
     """Every check on the inputs that can fail, before any long work. Returns the resume checkpoint's header."""
     validate(params)
+    check_method_inputs(params)  # from scratch, the method's own, prior preservation (training/methods/)
+    evaluation.check(params)  # validation_split / validation_path and friends (training/evaluate.py)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     resolve_precision(params.precision, device)
     publish.check_inputs(params)  # wandb key, hf_repo_id + hf_token
     if params.resume_from:
-        from training.loop import check_resume_compatible
-
         state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from), mmap=True)
         check_resume_compatible(state, params)
         return {"step": state["step"]}
@@ -65,8 +70,6 @@ def check_inputs(params: TrainParams) -> dict | None:
 
 def prepare_dataset(params: TrainParams, work_dir: Path) -> tp.Any:
     """The clips to train on: an already prepared folder as is, anything else through `preprocessing.prepare`."""
-    from preprocessing import PrepareParams, load_prepared, prepare
-
     source = Path(str(params.dataset_path)).expanduser()
     if source.is_dir() and (source / "data.jsonl").is_file():
         dataset = load_prepared(source)
@@ -144,14 +147,10 @@ def setup_training(
 
     `validation`: validation_path's prepared dataset, else a share of `dataset`'s tracks is held out
     (training/evaluate.py); the held-out clips are encoded like the others and only evaluated."""
-    from core.versions import load_musicgen
-    from training.melody import melody_conditioners, prepare_melody_training
-    from training.style import prepare_style_training
-
     if params.model_version in scratch.SCRATCH_VERSIONS:  # a new LM from random init (training/methods/scratch.py)
         model = scratch.build_scratch_musicgen(params, dist.device)
     else:
-        model = load_musicgen(params.model_version, dist.device)
+        model = versions.load_musicgen(params.model_version, dist.device)
     compression, lm = model.compression_model, model.lm
     compression.eval()
     for p in compression.parameters():  # frozen: only the LM trains
@@ -325,8 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation_dataset", default=None, help="validation_path, prepared by run_training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from preprocessing import load_prepared
-
     # The params file has no secrets; run_training passed them in this process's environment.
     params = from_kwargs(TrainParams, **json.loads(Path(args.params_json).read_text()), **publish.pop_secret_env())
     validation = load_prepared(args.validation_dataset) if args.validation_dataset else None

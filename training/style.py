@@ -20,20 +20,14 @@ import random
 import typing as tp
 
 import torch
+from audiocraft.modules.conditioners import WavCondition
 
+from core.style import freeze_style_conditioners, style_conditioners
 from training.data import load_clip_audio
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ClipAudioSource", "prepare_style_training", "style_conditioners"]
-
-
-def style_conditioners(lm: tp.Any) -> dict[str, tp.Any]:
-    """The style conditioners of `lm` (none unless it is a MusicGen-Style LM; core.style is imported only then)."""
-    import sys
-
-    module = sys.modules.get("core.style")
-    return module.style_conditioners(lm) if module is not None else {}
 
 
 class ClipAudioSource:
@@ -57,8 +51,6 @@ class ClipAudioSource:
         return audio
 
     def __call__(self, x: tp.Any) -> tp.Any:
-        from audiocraft.modules.conditioners import WavCondition
-
         if not any(p is not None for p in x.path) or not bool((x.length > 0).any()):
             return x
         wav = x.wav.clone()  # [B, 1, T]: T = the longest crop of the batch, in samples
@@ -81,8 +73,6 @@ def prepare_style_training(lm: tp.Any, seed: int) -> dict[str, tp.Any]:
     conditioners = style_conditioners(lm)
     if not conditioners:
         return {}
-    from core.style import freeze_style_conditioners
-
     freeze_style_conditioners(lm)
     for name, conditioner in conditioners.items():
         conditioner.audio_source = ClipAudioSource(conditioner.sample_rate)

@@ -1,9 +1,10 @@
 """Fine-tuning methods: what the model learns and what the weights tar carries.
 
-Each method is one small module with the same interface (`Method`); the engine calls it at three points and
-nowhere else:
+Each method is one small module with the same interface (`Method`, in `training/methods/base.py`); the engine
+calls it at four points and nowhere else:
 
-- `check(params)`: input checks that need no model, in `training.run.check_inputs` (before any long work);
+- `check(params)`: input checks that need no model, in `check_inputs` (run by `training.run.check_inputs` before
+  any long work);
 - `adjust_clips(clips, lm, params)`: after `prepare`, the encoded training examples, changed or extended;
 - `prepare(lm, params)`: after the base model is loaded (`training.run.setup_training`): change the model (add
   adapters) and decide what trains (`requires_grad`); the loop optimizes exactly the parameters that require grad;
@@ -17,83 +18,54 @@ and `text_projection` learn only the text side (`training/methods/text.py`).
 from __future__ import annotations
 
 import logging
-import typing as tp
-from dataclasses import dataclass, field
 
 import torch
 
 from core.params import InputError
+from training.methods import prior, scratch
+from training.methods.base import Method, MethodExport, trainable_summary
+from training.methods.lora import LoRAMethod
+from training.methods.text import TextProjectionMethod, TextualInversionMethod
+from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Method", "MethodExport", "get_method", "method_names", "enable_gradient_checkpointing"]
+__all__ = [
+    "Method",
+    "MethodExport",
+    "get_method",
+    "method_names",
+    "check_inputs",
+    "enable_gradient_checkpointing",
+    "trainable_summary",
+]
 
-
-@dataclass
-class MethodExport:
-    """What a method puts in the weights tar.
-
-    `state_dict`: the LM weights for `state_dict.bin` (empty when the tar references its base and carries only
-    `extra_files`); `extra_files`: e.g. `adapter.safetensors`; `info`: added to `finetune.json`.
-    """
-
-    state_dict: dict[str, torch.Tensor]
-    extra_files: dict[str, bytes] = field(default_factory=dict)
-    info: dict[str, tp.Any] = field(default_factory=dict)
-
-
-class Method:
-    """`full`: every weight of the language model trains; the export is the whole LM."""
-
-    name = "full"
-    # inputs that belong to other methods: a non-default value with this method is logged as ignored
-    foreign_inputs: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_targets", "lora_merge")
-
-    def check(self, params: tp.Any) -> None:
-        from training.params import TrainParams
-
-        defaults = TrainParams()
-        for name in self.foreign_inputs:
-            if getattr(params, name) != getattr(defaults, name):
-                logger.warning("%s=%r is ignored with method=%s", name, getattr(params, name), self.name)
-
-    def prepare(self, lm: torch.nn.Module, params: tp.Any) -> None:
-        """Nothing to change: every LM weight already trains (except what the model kind freezes itself, e.g. the
-        MusicGen-Style conditioner)."""
-
-    def adjust_clips(self, clips: list, lm: torch.nn.Module, params: tp.Any) -> list:
-        """The training examples (`training.data.ClipTokens`), changed or extended as the method needs."""
-        return clips
-
-    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: tp.Any) -> MethodExport:
-        return MethodExport(state_dict=state_dict)
-
-
-def _registry() -> dict[str, Method]:
-    from training.methods.lora import LoRAMethod
-    from training.methods.text import TextProjectionMethod, TextualInversionMethod
-
-    return {m.name: m for m in (Method(), LoRAMethod(), TextualInversionMethod(), TextProjectionMethod())}
+# One instance per method (they hold no state), in the order of the catalogue's METHODS (the `method` input's
+# choices); tests/test_architecture.py proves both name the same methods.
+_METHODS: dict[str, Method] = {
+    m.name: m for m in (Method(), LoRAMethod(), TextualInversionMethod(), TextProjectionMethod())
+}
 
 
 def method_names() -> tuple[str, ...]:
-    return tuple(_registry())
+    return tuple(_METHODS)
 
 
 def get_method(name: str) -> Method:
-    methods = _registry()
-    if name not in methods:
-        raise InputError("method", f"{name!r} is not one of: {', '.join(methods)}")
-    return methods[name]
+    if name not in _METHODS:
+        raise InputError("method", f"{name!r} is not one of: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def check_inputs(params: TrainParams) -> None:
+    """The method-specific input checks that need no model (after `training.params.validate`): from scratch,
+    the chosen method's own, prior preservation."""
+    scratch.check(params)
+    get_method(params.method).check(params)
+    prior.check(params)
 
 
 def enable_gradient_checkpointing(lm: torch.nn.Module) -> None:
     """Recompute each transformer layer in the backward pass (audiocraft's own `checkpointing='torch'`)."""
     lm.transformer.checkpointing = "torch"
     logger.info("Gradient checkpointing on: each of %d layers is recomputed in backward", len(lm.transformer.layers))
-
-
-def trainable_summary(lm: torch.nn.Module) -> tuple[int, int]:
-    """(trainable parameters, all parameters) of `lm`."""
-    total = sum(p.numel() for p in lm.parameters())
-    return sum(p.numel() for p in lm.parameters() if p.requires_grad), total

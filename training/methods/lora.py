@@ -7,33 +7,16 @@ frozen. The tar carries `adapter.safetensors` (fp16) + `adapter_config.json` and
 from __future__ import annotations
 
 import logging
-import typing as tp
 
 import torch
 
 from core import adapters
+from core.catalogue import LM_LAYOUTS
 from core.params import InputError
-from training.methods import Method, MethodExport, trainable_summary
+from training.methods.base import Method, MethodExport, trainable_summary
+from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
-
-# Transformer layers, codebooks per model version: lets a bad `lora_targets` fail before the dataset is prepared.
-# (The authoritative check runs on the loaded model.)
-KNOWN_LAYOUTS = {
-    "small": (24, 4),
-    "medium": (48, 4),
-    "large": (48, 4),
-    "melody": (48, 4),
-    "melody-large": (48, 4),
-    "stereo-small": (24, 8),
-    "stereo-medium": (48, 8),
-    "stereo-large": (48, 8),
-    "stereo-melody": (48, 8),
-    "stereo-melody-large": (48, 8),
-    "tiny": (2, 4),
-    "tiny-stereo": (2, 8),
-    "tiny-melody": (2, 4),
-}
 
 
 def layout_target_names(n_layers: int, n_q: int) -> list[str]:
@@ -49,32 +32,26 @@ def layout_target_names(n_layers: int, n_q: int) -> list[str]:
 
 
 def check_targets(patterns: str, names: list[str]) -> list[str]:
-    valid = names
-    items = [p.strip() for p in patterns.split(",") if p.strip()]
-    if not items:
-        raise InputError("lora_targets", f"empty; valid targets: {adapters.describe_targets(valid)}")
-    for pattern in items:
-        if not any(adapters._matches(n, pattern) for n in valid):
-            raise InputError(
-                "lora_targets", f"{pattern!r} matches no module; valid targets: {adapters.describe_targets(valid)}"
-            )
-    return [n for n in valid if any(adapters._matches(n, p) for p in items)]
+    try:
+        return adapters.match_targets(names, patterns)
+    except ValueError as e:
+        raise InputError("lora_targets", str(e)) from None
 
 
 class LoRAMethod(Method):
     name = "lora"
     foreign_inputs: tuple[str, ...] = ()
 
-    def check(self, params: tp.Any) -> None:
+    def check(self, params: TrainParams) -> None:
         if params.lora_rank < 1:
             raise InputError("lora_rank", f"{params.lora_rank}: method=lora needs a rank of at least 1 (try 16)")
         if params.lora_alpha <= 0:
             raise InputError("lora_alpha", f"{params.lora_alpha} must be above 0 (the update scale is alpha/rank)")
-        layout = KNOWN_LAYOUTS.get(params.model_version)
+        layout = LM_LAYOUTS.get(params.model_version)  # none for local folders: checked on the loaded model
         if layout is not None:
             check_targets(params.lora_targets, layout_target_names(*layout))
 
-    def prepare(self, lm: torch.nn.Module, params: tp.Any) -> None:
+    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> None:
         try:
             targets = adapters.select_targets(lm, params.lora_targets)
         except ValueError as e:
@@ -101,7 +78,7 @@ class LoRAMethod(Method):
             100 * trainable / total,
         )
 
-    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: tp.Any) -> MethodExport:
+    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: TrainParams) -> MethodExport:
         config = {"format": "musicgen-ft-lora", "version": 1, "base_model": params.model_version, **lm.lora_config}
         if params.lora_merge:
             merged = adapters.merge_lora_state(state_dict, params.lora_alpha / params.lora_rank)

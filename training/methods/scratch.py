@@ -11,19 +11,24 @@ copy for `tiny-micro`); predict generates unconditionally from it and ignores a 
 from __future__ import annotations
 
 import logging
-import typing as tp
 
+import torch
+from audiocraft.models import MusicGen, builders
+from audiocraft.models.loaders import load_compression_model
+from omegaconf import OmegaConf
+
+from core import tiny
+from core.catalogue import PRETRAINED_COMPRESSION, SCRATCH_VERSIONS
+from core.errors import ModelUnavailableError
 from core.params import InputError
-from core.versions import SCRATCH_VERSIONS
+from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SCRATCH_VERSIONS", "check", "build_scratch_musicgen", "scratch_lm_cfg"]
 
-PRETRAINED_COMPRESSION = "facebook/encodec_32khz"
 
-
-def check(params: tp.Any) -> None:
+def check(params: TrainParams) -> None:
     if params.model_version not in SCRATCH_VERSIONS:
         return
     if params.method != "full":
@@ -36,10 +41,8 @@ def check(params: tp.Any) -> None:
         raise InputError("lm_heads", f"lm_dim ({params.lm_dim}) must be a multiple of lm_heads ({params.lm_heads})")
 
 
-def scratch_lm_cfg(params: tp.Any, n_q: int, card: int) -> dict:
+def scratch_lm_cfg(params: TrainParams, n_q: int, card: int) -> dict:
     """The LM config: audiocraft's MusicGen keys (as the tiny models'), no conditioners, delay pattern."""
-    from core import tiny
-
     cfg = tiny.lm_cfg("tiny")
     cfg["transformer_lm"].update(
         n_q=n_q, card=card, dim=params.lm_dim, num_heads=params.lm_heads, num_layers=params.lm_layers
@@ -51,16 +54,8 @@ def scratch_lm_cfg(params: tp.Any, n_q: int, card: int) -> dict:
     return cfg
 
 
-def build_scratch_musicgen(params: tp.Any, device: str) -> tp.Any:
+def build_scratch_musicgen(params: TrainParams, device: str) -> MusicGen:
     """A MusicGen with a new randomly initialized unconditional LM (seeded by `params.seed`)."""
-    import torch
-    from audiocraft.models import MusicGen, builders
-    from audiocraft.models.loaders import load_compression_model
-    from omegaconf import OmegaConf
-
-    from core import tiny
-    from core.versions import ModelUnavailableError
-
     if params.model_version == "tiny-micro":
         compression = load_compression_model(str(tiny.ensure_tiny("tiny")), device=device)
     else:

@@ -25,10 +25,12 @@ import logging
 import typing as tp
 
 import torch
+from audiocraft.modules.conditioners import LUTConditioner, NoopTokenizer
 
 from core import adapters
 from core.params import InputError
-from training.methods import Method, MethodExport, trainable_summary
+from training.methods.base import Method, MethodExport, trainable_summary
+from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +57,14 @@ def _log_trainable(lm: torch.nn.Module, what: str) -> None:
 class TextProjectionMethod(Method):
     name = "text_projection"
 
-    def prepare(self, lm: torch.nn.Module, params: tp.Any) -> None:
+    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> None:
         conditioner = text_conditioner(lm)
         _freeze(lm)
         for p in conditioner.output_proj.parameters():
             p.requires_grad_(True)
         _log_trainable(lm, "text_projection (the text conditioner's output projection)")
 
-    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: tp.Any) -> MethodExport:
+    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: TrainParams) -> MethodExport:
         prefix = f"condition_provider.conditioners.{TEXT_ATTRIBUTE}.output_proj."
         tensors = {k: v.to(torch.float32) for k, v in state_dict.items() if k.startswith(prefix)}
         metadata = {"method": self.name, "base_model": str(params.model_version)}
@@ -76,14 +78,12 @@ class TextProjectionMethod(Method):
 class TextualInversionMethod(Method):
     name = "textual_inversion"
 
-    def check(self, params: tp.Any) -> None:
+    def check(self, params: TrainParams) -> None:
         super().check(params)
         if not params.trigger or not params.trigger.strip():
             raise InputError("trigger", "method=textual_inversion learns the trigger word's embedding: give a trigger")
 
-    def prepare(self, lm: torch.nn.Module, params: tp.Any) -> None:
-        from audiocraft.modules.conditioners import LUTConditioner, NoopTokenizer
-
+    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> None:
         conditioner = text_conditioner(lm)
         trigger = params.trigger.strip()
         _freeze(lm)
@@ -108,7 +108,7 @@ class TextualInversionMethod(Method):
         lm.trigger_rows = rows
         _log_trainable(lm, f"textual_inversion of {trigger!r} (LUT rows {rows})")
 
-    def adjust_clips(self, clips: list, lm: torch.nn.Module, params: tp.Any) -> list:
+    def adjust_clips(self, clips: list, lm: torch.nn.Module, params: TrainParams) -> list:
         trigger = params.trigger.strip()
         if getattr(lm, "trigger_tokens", None):
             return _carry_trigger(clips, trigger)
@@ -123,7 +123,7 @@ class TextualInversionMethod(Method):
             clip.description = trigger
         return clips
 
-    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: tp.Any) -> MethodExport:
+    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: TrainParams) -> MethodExport:
         trigger = params.trigger.strip()
         metadata = {"method": self.name, "trigger": trigger, "base_model": str(params.model_version)}
         prefix = f"condition_provider.conditioners.{TEXT_ATTRIBUTE}."
