@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from core import adapters
+from core.catalogue import FSDP_AUTO_VERSIONS  # 1.5 B parameters and more: auto shards them
 from training.dist import DistInfo
 from training.params import PARALLEL_MODES
 
@@ -48,19 +49,6 @@ __all__ = [
     "skeleton",
     "materialize",
 ]
-
-# 1.5 B parameters and more (medium, melody, style) : auto shards them when there is more than one process.
-FSDP_AUTO_VERSIONS = (
-    "medium",
-    "large",
-    "melody",
-    "melody-large",
-    "stereo-medium",
-    "stereo-large",
-    "stereo-melody",
-    "stereo-melody-large",
-    "style",
-)
 
 
 def resolve_parallel(parallel: str, model_version: str, dist: DistInfo) -> str:
