@@ -21,6 +21,7 @@ from cog import BaseModel, FieldInfo, Input, Path, Secret
 from core.logs import configure_logging
 from core.params import build_parser, from_kwargs
 from training.params import TrainParams
+from training.report import summary_lines
 from training.run import run_training
 
 logger = logging.getLogger("train")
@@ -263,6 +264,11 @@ def train(
         ge=0,
         le=100000,
     ),
+    forgetting_check: str = Input(
+        description="With validation: also measure the loss on general music the base model generates for fixed genre prompts (prior_preservation's examples of other genres when there are), base vs fine-tuned, and flag it when it rises. auto: on with a GPU or with prior_preservation, off on CPU (generating is slow there).",
+        default="auto",
+        choices=["auto", "on", "off"],
+    ),
 ) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
     inputs = {name: _plain(value) for name, value in locals().items()}
@@ -273,7 +279,14 @@ def train(
     output_dir = _Path(tempfile.mkdtemp(prefix=_WORK_PREFIX))
     _last_work.append(output_dir)
     tar = run_training(params, output_dir)
+    _log_summary(tar)
     return TrainingOutput(weights=Path(tar))
+
+
+def _log_summary(tar: _Path) -> None:
+    """The last lines of the log: where report.html is and its headline (training/report.py)."""
+    for line in summary_lines(tar):
+        logger.info(line)
 
 
 def _plain(value: tp.Any) -> tp.Any:
@@ -304,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     with cli_errors("training") as outcome:
         params = from_kwargs(TrainParams, **args)
         tar = run_training(params, output_dir)
+        _log_summary(tar)
         print(f"Wrote {tar}")
     return outcome.code
 

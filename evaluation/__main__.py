@@ -14,6 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
+from core.errors import cli_errors
+from evaluation.compare import compare, format_table
+from training.report import finite_json
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
@@ -27,10 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the whole report as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from core.errors import cli_errors
-    from evaluation.compare import compare, format_table
-    from training.report import finite_json
-
     if args.samples < 0 or args.duration <= 0 or not 1.0 <= args.segment <= 30.0:
         print("error: --samples must be >= 0, --duration > 0 and --segment within 1..30 s", file=sys.stderr)
         return 2

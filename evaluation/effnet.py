@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.audio import save_audio
+from evaluation.frechet import embedding_frechet
 from preprocessing import analysis
 
 __all__ = ["effnet_graph", "effnet_embeddings", "effnet_frechet"]
@@ -63,9 +65,6 @@ def effnet_frechet(
 ) -> dict[str, tp.Any]:
     """Fréchet distance in discogs-effnet space from each set of `generated` samples (`[C, T]` tensors at `rate`)
     to the `reference_files` (the held-out clips): `{"frechet_<set>": d, ...}`, or `{"skipped": why}`."""
-    from core.audio import save_audio
-    from evaluation.frechet import embedding_frechet
-
     graph, reason = effnet_graph()
     if graph is None:
         return {"skipped": reason}

@@ -21,6 +21,7 @@ __all__ = [
     "PRECISIONS",
     "METHODS",
     "PARALLEL_MODES",
+    "FORGETTING_CHECKS",
     "EMA_DECAY",
     "validate",
     "prepare_kwargs",
@@ -30,6 +31,7 @@ OPTIMIZERS = ("dadam", "adamw")
 LR_SCHEDULERS = ("cosine", "exponential", "polynomial_decay", "inverse_sqrt", "linear_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")  # training/fsdp.py
+FORGETTING_CHECKS = ("auto", "on", "off")  # training/evaluate.py: forgetting_wanted
 EMA_DECAY = 0.99
 # AdamW diverges far below this; an lr this large only makes sense for D-Adaptation (where it is a multiplier).
 ADAMW_MAX_LR = 0.1
@@ -248,6 +250,13 @@ class TrainParams:
         "0: never stop early.",
         ge=0,
         le=100000,
+    )
+    forgetting_check: str = param(
+        "auto",
+        "With validation: also measure the loss on general music the base model generates for fixed genre "
+        "prompts (prior_preservation's examples of other genres when there are), base vs fine-tuned, and flag it "
+        "when it rises. auto: on with a GPU or with prior_preservation, off on CPU (generating is slow there).",
+        choices=FORGETTING_CHECKS,
     )
 
 

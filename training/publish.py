@@ -29,7 +29,9 @@ import tempfile
 import typing as tp
 from pathlib import Path, PurePosixPath
 
+from core.catalogue import PRETRAINED, SCRATCH_VERSIONS, STYLE_PRETRAINED
 from core.params import InputError, secret_fields
+from training.checkpoint import list_checkpoints
 from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -237,8 +239,6 @@ def _log_samples(run: tp.Any, tar: Path) -> None:
 
 
 def _base_repo(model_version: str) -> str | None:
-    from core.versions import PRETRAINED, STYLE_PRETRAINED
-
     return {**PRETRAINED, **STYLE_PRETRAINED}.get(model_version)
 
 
@@ -258,7 +258,7 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
     method = str(finetune.get("method", "full"))
     inputs = {k: v for k, v in dict(finetune.get("training_inputs") or {}).items() if k not in SECRET_FIELDS}
     base = _base_repo(version)
-    scratch = version in ("micro", "tiny-micro")
+    scratch = version in SCRATCH_VERSIONS
     meta_weights = base is not None or version == "micro"  # micro trains on facebook/encodec_32khz
     tags = ["musicgen", "audiocraft", "text-to-audio", "music", "fine-tuned", method.replace("_", "-")]
     front = ["---", f"license: {NON_COMMERCIAL if meta_weights else 'other'}"]
@@ -448,8 +448,6 @@ def push_checkpoint(params: TrainParams, checkpoint: Path) -> str | None:
 def report_interrupted(params: TrainParams, checkpoint_dir: Path) -> str | None:
     """After a cancel or SIGTERM (rank 0): push the newest resume checkpoint when hf_repo_id+hf_token are given and
     log how to resume; otherwise say where it is and whether it outlives the container. Returns the URL pushed."""
-    from training.checkpoint import list_checkpoints
-
     found = list_checkpoints(Path(checkpoint_dir))
     if not found:
         logger.warning("Training interrupted before a resume checkpoint could be saved: nothing to resume from")

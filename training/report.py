@@ -10,7 +10,17 @@ import math
 import typing as tp
 from pathlib import Path
 
-__all__ = ["plot_history", "svg_chart", "metrics_json", "finite_json", "render_html", "reference_clip"]
+__all__ = [
+    "plot_history",
+    "svg_chart",
+    "metrics_json",
+    "finite_json",
+    "render_html",
+    "reference_clip",
+    "comparison_rows",
+    "headline",
+    "summary_lines",
+]
 
 
 def plot_history(history: tp.Sequence[dict[str, float]], validation: dict | None = None) -> bytes:
@@ -160,7 +170,7 @@ table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.2em 0.
 th { background: #f4f4f4; text-align: left; } tr.exported td { background: #e8f5e9; font-weight: bold; }
 .verdict { font-size: 1.1em; padding: 0.6em 1em; background: #f4f8ff; border-left: 4px solid #4a7bd0; }
 .warn { background: #fff4e5; border-left-color: #e08a00; } svg { max-width: 100%; height: auto; } audio { width: 22em; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } td.flag { color: #b00020; font-weight: bold; }
 """
 
 
@@ -188,10 +198,129 @@ def _verdict(validation: dict | None) -> tuple[str, str]:
         f"On {tracks} held-out track(s) never trained on, the validation loss went from {base:.3f} (base model) to "
         f"{best:.3f} at step {step}, {100 * (base - best) / base:.1f} % lower; those weights were exported."
     )
-    if final is not None and final > best * 1.05:
-        text += f" It rose to {final:.3f} by the end (over-fitting or a too high lr): later weights were worse."
-        return "warn", text
-    return "", text
+    flags = validation.get("flags") or []
+    if "validation up" in flags:
+        rose = "diverged" if final is None else f"rose to {final:.3f}"
+        text += f" It {rose} by the end (over-fitting or a too high lr): later weights were worse."
+    if "forgetting up" in flags:
+        text += " " + _forgetting_sentence(validation["forgetting"])
+    return ("warn" if flags else ""), text
+
+
+def _pct(base: float | None, value: float | None) -> str:
+    return "diverged" if value is None else ("" if not base else f"{100 * (value / base - 1):+.1f} %")
+
+
+def _forgetting_sentence(forgetting: dict) -> str:
+    base, exported, final = forgetting.get("base_loss"), forgetting.get("exported_loss"), forgetting.get("final_loss")
+    where = "the exported weights" if forgetting.get("exported_up") else "the last weights (not exported)"
+    worst = exported if forgetting.get("exported_up") else final
+    value = "diverged" if worst is None else f"{worst:.3f} ({_pct(base, worst)})"
+    return (
+        f"Forgetting up: on general music of other genres the base model generated, the loss of {where} is {value} "
+        f"against the base model's {base:.3f} (flagged above +{100 * forgetting.get('threshold', 0):.0f} %)."
+    )
+
+
+def _num(value: tp.Any, digits: int = 4) -> str:
+    return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+def comparison_rows(validation: dict) -> list[tuple[str, str, str, str, str]]:
+    """The base-vs-fine-tuned table: `(measure, base model, fine-tuned (exported), last evaluation, flag)`."""
+    evaluations = validation.get("evaluations") or []
+    base = next((e for e in evaluations if e.get("step") == 0), {})
+    exported = next((e for e in evaluations if e.get("step") == validation.get("exported_step")), {})
+    last = evaluations[-1] if evaluations else {}
+    flags = validation.get("flags") or []
+    rows = [
+        ("validation loss", _num(base.get("val_loss")), _num(exported.get("val_loss")), _num(last.get("val_loss")),
+         "validation up" if "validation up" in flags else ""),
+        ("validation loss, unconditional", _num(base.get("val_loss_uncond")), _num(exported.get("val_loss_uncond")),
+         _num(last.get("val_loss_uncond")), ""),
+    ]  # fmt: skip
+    forgetting = validation.get("forgetting")
+    if forgetting:
+        rows.append(
+            (
+                f"forgetting: loss on general music ({forgetting.get('clips')} clips, {forgetting.get('source')})",
+                _num(forgetting.get("base_loss")),
+                _num(forgetting.get("exported_loss")),
+                _num(forgetting.get("final_loss")),
+                "forgetting up" if "forgetting up" in flags else "",
+            )
+        )
+    else:
+        rows.append(("forgetting", "-", "-", "-", "not measured (forgetting_check; on CPU auto is off)"))
+    audio = validation.get("audio")
+    if audio:
+        rows.append(
+            (
+                "Fréchet distance to the held-out clips, EnCodec latents",
+                _num(audio.get("frechet_base"), 3),
+                _num(audio.get("frechet_finetuned"), 3),
+                "-",
+                "",
+            )
+        )
+        effnet = audio.get("effnet") or {}
+        if effnet.get("frechet_base") is not None:
+            rows.append(
+                (
+                    "Fréchet distance to the held-out clips, discogs-effnet (essentia)",
+                    _num(effnet.get("frechet_base"), 3),
+                    _num(effnet.get("frechet_finetuned"), 3),
+                    "-",
+                    "",
+                )
+            )
+        else:
+            reason = effnet.get("skipped") or "not computed"
+            rows.append(("Fréchet distance, discogs-effnet (essentia)", "-", "-", "-", f"skipped: {reason}"))
+        copies = audio.get("copy_check") or {}
+        flagged = copies.get("copies", 0)
+        rows.append(
+            (
+                "copy check: fine-tuned samples near a training clip",
+                "-",
+                f"{flagged} of {len(copies.get('samples') or [])}",
+                "-",
+                "near copies" if flagged else "",
+            )
+        )
+    else:
+        rows.append(("Fréchet distance, copy check", "-", "-", "-", "skipped: sample_duration is 0"))
+    return rows
+
+
+def headline(validation: dict | None, exported_step: int | None) -> str:
+    """One line for the log: validation loss base -> fine-tuned, the exported step, the flags."""
+    if not validation or validation.get("base_loss") is None:
+        return f"Result: no validation (fewer than 5 tracks, or validation_split=0); exported step {exported_step}"
+    best = validation.get("best_loss")
+    line = (
+        f"Result: validation loss {_num(validation['base_loss'])} (base) -> {_num(best)} (fine-tuned, exported "
+        f"step {exported_step}), last {_num(validation.get('final_loss'))}"
+    )
+    forgetting = validation.get("forgetting")
+    if forgetting:
+        line += (
+            f"; forgetting {_num(forgetting.get('base_loss'))} (base) -> {_num(forgetting.get('exported_loss'))} "
+            f"(exported), last {_num(forgetting.get('final_loss'))}"
+        )
+    flags = validation.get("flags") or []
+    return line + (f"; flags: {', '.join(flags)}" if flags else "; no flags")
+
+
+def summary_lines(tar: Path) -> list[str]:
+    """Where the report is and its headline, from `metrics.json` beside `tar` (the end of `train.py`'s log)."""
+    folder = Path(tar).parent
+    lines = [f"Report: {folder / 'report.html'} (also report.html inside {Path(tar).name}); open it in a browser"]
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError) as e:  # the weights are written; a missing summary only costs this line
+        return [*lines, f"Result: metrics.json unreadable ({e})"]
+    return [*lines, headline(metrics.get("validation"), metrics.get("exported_step"))]
 
 
 def render_html(
@@ -245,6 +374,17 @@ def render_html(
     parts.append("<figure>" + svg_chart(history, validation) + "<figcaption>loss against the step")
     parts.append("</figcaption></figure>")
     if validation and validation.get("evaluations"):
+        header = ["", "base model", f"fine-tuned (step {validation.get('exported_step')}, exported)", "last", "flag"]
+        parts.append("<h2>Base vs fine-tuned</h2><table><tr>")
+        parts.append("".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
+        for row in comparison_rows(validation):
+            cells = [f"<th>{escape(row[0])}</th>", *(f"<td class='num'>{escape(c)}</td>" for c in row[1:4])]
+            flag = f"<td class='flag'>{escape(row[4])}</td>" if row[4] else "<td></td>"
+            parts.append("<tr>" + "".join(cells) + flag + "</tr>")
+        rises = validation.get("thresholds") or {}
+        parts.append("</table><p>Lower is better everywhere. Flags: validation up (the last evaluation over the ")
+        parts.append(f"best by more than {100 * rises.get('validation_up', 0):.0f} %), forgetting up (the loss on ")
+        parts.append(f"general music over the base's by more than {100 * rises.get('forgetting_up', 0):.0f} %).</p>")
         evaluations = validation["evaluations"]
         codebooks = sorted(k for k in evaluations[0] if k.startswith("val_loss_q"))
         forgetting = ["forget_loss"] if "forget_loss" in evaluations[0] else []  # prior preservation's other genres

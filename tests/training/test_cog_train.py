@@ -30,8 +30,14 @@ def make_zip(path, sr=44100):
 
 def test_cog_train_then_predict_with_the_weights(tmp_path):
     upload = make_zip(tmp_path / "dataset.zip")
+    held_out = tmp_path / "held_out.zip"  # validation_path: one other track, so the log has a validation headline
+    with zipfile.ZipFile(held_out, "w") as z:
+        buffer = io.BytesIO()
+        sf.write(buffer, tone(5.5, 32000, 1, freq=275.0), 32000, format="WAV")
+        z.writestr("c.wav", buffer.getvalue())
     inputs = {
         "dataset_path": data_uri(upload, "application/zip"),
+        "validation_path": data_uri(held_out, "application/zip"),
         "model_version": "tiny",
         "auto_labeling": False,
         "drop_vocals": False,
@@ -52,6 +58,10 @@ def test_cog_train_then_predict_with_the_weights(tmp_path):
     logs = body["logs"]  # the training's progress and summary reach Cog's logs (logging configured in train())
     assert "step 1/4 loss" in logs and "step 4/4 loss" in logs and "ETA" in logs, logs[-3000:]
     assert "Training tiny (full) on" in logs and "Wrote" in logs, logs[-3000:]
+    # the last lines: where the report is, and its headline (train.py, training/report.py: summary_lines)
+    assert "/report.html (also report.html inside trained_model.tar)" in logs, logs[-3000:]
+    headline = next(line for line in logs.splitlines() if "Result: validation loss" in line)
+    assert "(base) -> " in headline and "(fine-tuned, exported step " in headline, headline
     tar = tmp_path / "trained_model.tar"
     tar.write_bytes(decode_data_uri(body["output"]["weights"]))
     with tarfile.open(tar) as archive:
