@@ -37,10 +37,12 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ADAPTER_FILE",
     "ADAPTER_CONFIG_FILE",
+    "fold_lora",
     "LoRALinear",
     "lora_attention_class",
     "base_parameters_exposed",
     "lora_target_names",
+    "match_targets",
     "select_targets",
     "add_lora",
     "lora_state_dict",
@@ -68,6 +70,13 @@ def _qkv_rows(attn: nn.Module) -> dict[str, slice]:
 def _rows_from_shape(out_dim: int, dim: int, part: str) -> slice:
     kv = (out_dim - dim) // 2
     return {"q": slice(0, dim), "k": slice(dim, dim + kv), "v": slice(dim + kv, out_dim)}[part]
+
+
+def fold_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """`W + scale * (B @ A)`: the weight an adapter makes of `weight` `[out, in]` (`A` `[rank, in]`, `B`
+    `[out, rank]`), in `weight`'s dtype. A new tensor (differentiable: the adapted attention weight of every
+    forward); the inputs are left as they are. Callers wanting the sum in another precision pass tensors in it."""
+    return weight + scale * (lora_B @ lora_A).to(weight.dtype)
 
 
 class _LoRAFactors(nn.Module):
@@ -100,7 +109,7 @@ class LoRALinear(nn.Module):
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         out = out.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.weight + self.scale * (self.lora_B @ self.lora_A).to(self.weight))
+            out.weight.copy_(fold_lora(self.weight, self.lora_A, self.lora_B, self.scale))
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         out.weight.requires_grad_(self.weight.requires_grad)
@@ -129,7 +138,7 @@ class LoRAInProj:
             block = weight[rows[part]]
             if part in adapters:
                 factors = adapters[part]
-                block = block + self.in_proj_lora_scale * (factors.lora_B @ factors.lora_A).to(block.dtype)
+                block = fold_lora(block, factors.lora_A, factors.lora_B, self.in_proj_lora_scale)
             blocks.append(block)
         return torch.cat(blocks, dim=0)
 
@@ -196,23 +205,25 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
-def select_targets(lm: nn.Module, patterns: str) -> list[str]:
-    """The target names matching `patterns`: comma-separated globs, each matched against the full name or its
-    trailing components (`q` = every attention's q; `self_attn.*`; `layers.0.*`; `linears.*` = output heads).
+def match_targets(names: tp.Sequence[str], patterns: str) -> list[str]:
+    """The names among `names` (LoRA target names, in model order) that `patterns` select: comma-separated globs,
+    each matched against the full name or its trailing components (`q` = every attention's q; `self_attn.*`;
+    `layers.0.*`; `linears.*` = output heads). In `names`' order, each once.
 
-    Raises ValueError when a pattern matches nothing, listing the valid names (compactly, per layer).
+    Raises ValueError when no pattern is given or one matches nothing, listing the valid names (compactly).
     """
-    valid = lora_target_names(lm)
     items = [p.strip() for p in patterns.split(",") if p.strip()]
     if not items:
-        raise ValueError(f"no LoRA target given; valid targets: {describe_targets(valid)}")
-    chosen = []
+        raise ValueError(f"no LoRA target given; valid targets: {describe_targets(names)}")
     for pattern in items:
-        hits = [n for n in valid if _matches(n, pattern)]
-        if not hits:
-            raise ValueError(f"{pattern!r} matches no module; valid targets: {describe_targets(valid)}")
-        chosen.extend(h for h in hits if h not in chosen)
-    return [n for n in valid if n in chosen]
+        if not any(_matches(n, pattern) for n in names):
+            raise ValueError(f"{pattern!r} matches no module; valid targets: {describe_targets(names)}")
+    return [n for n in names if any(_matches(n, p) for p in items)]
+
+
+def select_targets(lm: nn.Module, patterns: str) -> list[str]:
+    """The target names of `lm` (`lora_target_names`) that `patterns` select (`match_targets`, which raises)."""
+    return match_targets(lora_target_names(lm), patterns)
 
 
 def describe_targets(names: tp.Sequence[str]) -> str:
@@ -282,16 +293,16 @@ def merge_lora_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
         if not key.endswith(".lora_A"):
             continue
         prefix = key[: -len(".lora_A")]
-        delta = scale * (state[prefix + ".lora_B"].float() @ state[key].float())
+        lora_A, lora_B = state[key].float(), state[prefix + ".lora_B"].float()  # summed in fp32 (fp16 adapter files)
         if ".in_proj_lora." in prefix:  # <attn>.in_proj_lora.<q|k|v>
             attn, part = prefix.split(".in_proj_lora.")
             weight = out[attn + ".in_proj_weight"].clone()
             rows = _rows_from_shape(weight.shape[0], weight.shape[1], part)
-            weight[rows] = (weight[rows].float() + delta).to(weight.dtype)
+            weight[rows] = fold_lora(weight[rows].float(), lora_A, lora_B, scale).to(weight.dtype)
             out[attn + ".in_proj_weight"] = weight
         else:
             weight = out[prefix + ".weight"]
-            out[prefix + ".weight"] = (weight.float() + delta).to(weight.dtype)
+            out[prefix + ".weight"] = fold_lora(weight.float(), lora_A, lora_B, scale).to(weight.dtype)
     return out
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from core import adapters, tiny
+from core.devices import default_device
 from core.errors import WeightsError
 from core.versions import CHECKPOINT_FILES, PRETRAINED, STYLE_PRETRAINED, ModelUnavailableError
 
@@ -146,15 +147,15 @@ def write_trained_model(
     base_model: str,
     finetune: dict[str, tp.Any],
     extra_files: dict[str, bytes] | None = None,
+    report_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write `trained_model.tar` atomically (a partial file never carries the final name), mode 0644 less the
-    umask (a file handed to users; `mkstemp` alone would leave it 0600).
+    """Write `trained_model.tar` (through `write_tar`: atomic, mode 0644 less the umask).
 
     `finetune.json` gets `integrity`: the sha256 of each weights member and `architecture_fingerprint(cfg)` (the
     base's architecture: `cfg` is the base's LM cfg for adapter exports, the trained LM's for full ones).
+    `extra_files`: adapter / embeddings members (`OPTIONAL_FILES`), hashed like the weights. `report_files`: the
+    training report (loss plot, samples, report.html: for people, not read on load), after the weights, not hashed.
     """
-    out_tar = Path(out_tar)
-    out_tar.parent.mkdir(parents=True, exist_ok=True)
     members: dict[str, bytes] = {}
     for name, obj in (("state_dict.bin", lm_package(state_dict, cfg)), ("compression_state_dict.bin", None)):
         buffer = io.BytesIO()
@@ -170,6 +171,24 @@ def write_trained_model(
     }
     info = {"format_version": FORMAT_VERSION, "base_model": base_model, **finetune, "integrity": integrity}
     members[FINETUNE_FILE] = json.dumps(info, indent=2, sort_keys=True, default=str).encode()
+    for name, data in (report_files or {}).items():
+        if name in KNOWN_FILES:
+            raise ValueError(f"{name} is a weights member, not a report file; name the report file otherwise")
+        members[name] = data
+    out_tar = write_tar(out_tar, members)
+    logger.info("Wrote %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
+    return out_tar
+
+
+def write_tar(out_tar: str | Path, members: tp.Mapping[str, bytes]) -> Path:
+    """Write the tar `out_tar` holding `members` (name -> bytes, in that order); the one writer of our tars.
+
+    Atomic: written to a temp file beside it, then renamed, so a partial file never carries the final name. The
+    file is mode 0644 less the umask (a file handed to users; `mkstemp` alone would leave it 0600). Every member is
+    a regular file, mode 0644, mtime 0, owner 0: the same members make the same archive byte for byte.
+    """
+    out_tar = Path(out_tar)
+    out_tar.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".trained_model-", suffix=".tar", dir=out_tar.parent)
     os.close(fd)
     try:
@@ -178,13 +197,13 @@ def write_trained_model(
                 member = tarfile.TarInfo(name)
                 member.size = len(data)
                 member.mode = 0o644
+                member.mtime = 0
                 tar.addfile(member, io.BytesIO(data))
         os.chmod(tmp, _user_mode())
         os.replace(tmp, out_tar)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("Wrote %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
     return out_tar
 
 
@@ -774,8 +793,6 @@ def load_trained_model(
     """
     from audiocraft.models import MusicGen
     from audiocraft.models.loaders import load_compression_model, load_lm_model
-
-    from core.versions import default_device
 
     label = classify(weights).label
     folder = unpack(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.devices import default_device
 from core.params import InputError
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def compare(
 
     if not weights:
         raise InputError("weights", "give at least one: a base version (e.g. small) or a trained_model.tar")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     with contextlib.ExitStack() as stack:
         work = Path(work_dir) if work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eval-")))
         held_out = load_dataset(dataset, work, "dataset")

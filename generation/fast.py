@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.adapters import fold_lora
 from core.sampling import sample_next_token
 
 if tp.TYPE_CHECKING:
@@ -180,15 +181,14 @@ def _linear_weights(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     `core.adapters.LoRALinear` keeps the base `weight` and adds `scale * (x A^T) B^T` in its forward: reading only
     `.weight` would silently drop what LoRA training learned. The adapter is folded into a new tensor (the
-    module's own parameters are left as they are). Duck-typed (`lora_A`, `lora_B`, `scale`) so that generation does
-    not import the training-side adapters module.
+    module's own parameters are left as they are), by the one fold formula (`core.adapters.fold_lora`).
     """
     lora_a = getattr(module, "lora_A", None)
     if lora_a is None:
         return module.weight, module.bias
     weight = module.weight
     with torch.no_grad():
-        folded = weight + (module.scale * (module.lora_B @ lora_a)).to(weight.dtype)
+        folded = fold_lora(weight, lora_a, module.lora_B, module.scale)
     return folded, module.bias
 
 

@@ -18,6 +18,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,12 @@ from preprocessing.dataset import (
     write_sidecar,
 )
 from preprocessing.params import PrepareParams, validate
-from preprocessing.unpack import Limits, Skipped, unpack
+from preprocessing.unpack import Limits, Skipped, Unpacked, unpack
+
+if tp.TYPE_CHECKING:
+    import torch
+
+    from preprocessing.vocals import VocalRemover
 
 logger = logging.getLogger(__name__)
 
@@ -195,209 +201,52 @@ def _description_file(rel: str, index: dict[str, str]) -> str | None:
 
 def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
     """Turn `params.dataset_path` into 32 kHz clips + manifest under `work_dir/dataset`. Raises `InputError`
-    (naming the input) for bad uploads, `ModelUnavailableError` when vocal removal has no weights."""
+    (naming the input) for bad uploads, `ModelUnavailableError` when vocal removal has no weights.
+
+    Phases: check the folders -> load what can refuse the job (vocal model, label models) -> unpack -> per track
+    (`_prepare_track`: decode, separate, resample, clip, write; `_analyse`: its text file, key/bpm/tags) -> collect
+    the analysis -> describe (`_describe`: descriptions, sidecars, manifest) -> report."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     validate(params)
     work_dir = _output_folder(work_dir)
-    folder = work_dir / DATASET_DIR
-    scratch = work_dir / SCRATCH_DIR
-    unpack_dir = work_dir / UNPACK_DIR
-    # Nothing is deleted before every folder in the way is known to be ours.
-    _refuse_dataset_inside(params.dataset_path, (folder, scratch, unpack_dir))
-    for work in (scratch, unpack_dir):
-        _check_work_folder(work)
-    _check_dataset_folder(folder)
-    for leftover in (scratch, unpack_dir):  # ours (marked or empty), from an interrupted run
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    _mark(scratch)
+    folder, scratch, unpack_dir = work_dir / DATASET_DIR, work_dir / SCRATCH_DIR, work_dir / UNPACK_DIR
+    _claim_work_folders(params, folder, scratch, unpack_dir)
     warnings: list[str] = []
     remover = None
     analyzer = None
     try:
         # Everything that can refuse the job runs first: inputs, vocal model, label models, then the archive.
-        if params.drop_vocals:
-            from preprocessing import vocals
-
-            device = vocals.pick_device(params.device)
-            remover = vocals.VocalRemover(vocals.resolve_repo(params.demucs_repo, scratch), device)
-        tagger_config = None
-        if params.auto_labeling:
-            models = analysis.resolve_models(params.essentia_models)
-            if models.complete:
-                tagger_config = models.worker_config()
-            else:
-                message = analysis.missing_models_message(models)
-                logger.warning(message)
-                warnings.append(message)
+        remover = _vocal_remover(params, scratch)
+        tagger_config = _tagger_config(params, warnings)
         _fresh_output(folder)
-        clips_dir = folder / CLIPS_DIR
-        limits = Limits(
-            max_bytes=int(params.max_unpacked_gb * 2**30),
-            max_files=params.max_files,
-            max_ratio=params.max_compression_ratio,
-        )
         t0 = time.perf_counter()
-        _mark(unpack_dir)
-        unpacked = unpack(params.dataset_path, unpack_dir / UNPACKED_FILES, limits)
+        unpacked = _unpack(params, unpack_dir)
         timings["unpack"] = time.perf_counter() - t0
-        skipped: list[Skipped] = list(unpacked.skipped)
-        extra: dict[str, list] = {"names_shortened": list(unpacked.renamed), "normalized": []}
-        text_index = _text_index(unpacked.texts)
-        one_same = (params.one_same_description or "").strip() or None
         if not unpacked.audio:
-            raise InputError("dataset_path", _nothing_usable(params, unpacked, skipped))
+            raise InputError("dataset_path", _nothing_usable(params, unpacked, list(unpacked.skipped)))
         analyzer = analysis.Analyzer(scratch, tagger_config)
+        run = _Run(params, unpacked, folder / CLIPS_DIR, analyzer, warnings)
 
         t0 = time.perf_counter()
         tracks: list[_Track] = []
-        clips_skipped: list[dict] = []
-        namer = ClipNamer()
-        written: set[str] = set()
         for rel in tqdm(unpacked.audio, desc="Preparing tracks", unit="track", mininterval=1):
-            path = unpacked.path(rel)
-            try:
-                wav, sr = load_audio(path)
-            except AudioDecodeError as e:
-                logger.warning("Skipping %s: cannot be decoded (%s)", rel, e)
-                skipped.append(Skipped(rel, "corrupt", f"cannot be decoded as audio ({e})"))
-                continue
-            seconds = wav.shape[-1] / sr
-            if seconds < params.min_clip_seconds:
-                logger.warning("Skipping %s: %.1f s is shorter than min_clip_seconds", rel, seconds)
-                reason = f"{seconds:.1f} s, shorter than min_clip_seconds={params.min_clip_seconds:g}"
-                skipped.append(Skipped(rel, "too_short", reason))
-                continue
-            samples = wav.numpy()  # [C, T], no copy
-            level = signal_dbfs(samples, axis=-1)
-            if level < SILENCE_DBFS:
-                reason = _silence_reason(samples, level)
-                logger.warning("Skipping %s: %s", rel, reason)
-                skipped.append(Skipped(rel, "silent", reason))
-                continue
-            source_peak = float(max(samples.max(), -samples.min()))
-            track = _Track(rel, namer.track_base(rel), seconds, sr, wav.shape[0])
-            if len(base_name(rel, None).encode("utf-8")) > MAX_NAME_BYTES:
-                extra["names_shortened"].append(
-                    {"file": rel, "clips": f"{track.base}_NNN.wav", "reason": f"clip names are cut to "
-                     f"{MAX_NAME_BYTES} bytes (a file name may hold 255, with room kept for the index and .json)"}
-                )  # fmt: skip
-            if wav.shape[0] > 2:
-                logger.info("%s has %d channels: keeping the first two (front left/right)", rel, wav.shape[0])
-                wav = wav[:2]
-            if remover is not None:
-                wav, sr = remover(wav, sr)
-            data = resample_fast(wav, sr, SAMPLE_RATE).numpy().T  # [T, C]
-            del wav, samples
-            if remover is not None and signal_dbfs(data) < SILENCE_DBFS:
-                logger.warning("Skipping %s: nothing left after vocal removal", rel)
-                skipped.append(Skipped(rel, "silent", "silent once vocals were removed (an a cappella track?)"))
-                continue
-            normalized = _fit_full_scale(data, source_peak, rel)
-            if normalized:
-                extra["normalized"].append(normalized)
-            spans, dropped = plan_clips(len(data), SAMPLE_RATE, params.chunk_seconds, params.min_clip_seconds)
-            if dropped:
-                clips_skipped.append(
-                    {"track": rel, "reason": f"last {dropped / SAMPLE_RATE:.1f} s shorter than min_clip_seconds"}
-                )
-            for span in spans:
-                # The track fits full scale already (`_fit_full_scale`); the clip only guards float rounding.
-                segment = np.clip(data[span.start : span.end], -1.0, 1.0)
-                silence = clip_silence(segment)
-                if silence:
-                    clips_skipped.append({"track": rel, "clip": span.index, "reason": silence})
-                    continue
-                name = ClipNamer.clip_name(track.base, span.index)
-                if name.casefold() in written:  # ClipNamer makes this impossible; never overwrite a clip
-                    raise RuntimeError(f"clip name collision: {name}")
-                written.add(name.casefold())
-                clip_path = clips_dir / name
-                sf.write(str(clip_path), _to_pcm16(segment), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-                track.clips.append(
-                    PreparedClip(
-                        path=clip_path,
-                        duration=(span.end - span.start) / SAMPLE_RATE,
-                        sample_rate=SAMPLE_RATE,
-                        channels=int(data.shape[1]),
-                        description="",
-                        info={"start_seconds": round(span.start / SAMPLE_RATE, 3), "clip_index": span.index},
-                        source=rel,
-                    )
-                )
-            if not track.clips:
-                skipped.append(Skipped(rel, "silent", "every clip was silent"))
-                continue
-            tracks.append(track)
-            text_file = _description_file(rel, text_index)
-            if text_file:
-                track.text, text_warnings = descriptions.read_text_description(unpacked.path(text_file), text_file)
-                warnings += text_warnings
-                if not track.text:
-                    logger.warning("%s is empty: %s gets no description from it", text_file, rel)
-            needs_tags = params.auto_labeling and not one_same and not track.text
-            analyzer.submit(track.rel, [c.path for c in track.clips], tags=needs_tags)
+            track = _prepare_track(rel, run, remover)
+            if track is not None:
+                tracks.append(track)
+                _analyse(track, run)
         timings["tracks"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        results, status, analysis_warnings = analyzer.collect()
+        results = _collect_analysis(analyzer, warnings)
         timings["analysis_wait"] = time.perf_counter() - t0
-        for family, error in (status.get("errors") or {}).items():
-            analysis_warnings.append(f"auto-labeling: the {family} model could not be used ({error}); skipped")
-        for message in analysis_warnings:
-            logger.warning(message)
-        warnings += analysis_warnings
 
         if not tracks:
-            report = _report(params, unpacked, tracks, skipped, clips_skipped, {}, warnings, timings, started)
-            write_report(folder, {**report, **extra})
-            raise InputError("dataset_path", _nothing_usable(params, unpacked, skipped))
-
-        dataset = PreparedDataset(folder=folder, manifest=folder / MANIFEST)
-        sources: collections.Counter[str] = collections.Counter()
-        cut_warnings: dict[str, None] = {}  # each once (one_same_description would repeat it per track)
-        for track in tracks:
-            fields = captions.label_fields(results.get(track.rel))
-            if one_same:
-                description, origin, label = one_same, "one_same_description", "one_same_description"
-            elif track.text:
-                description, origin = track.text, "text_file"
-                label = _description_file(track.rel, text_index) or track.rel
-            elif params.auto_labeling and captions.caption(fields):
-                description, origin, label = captions.caption(fields), "auto_labels", f"auto-labels of {track.rel}"
-            else:
-                description, origin, label = "", "none", track.rel
-            description, notes = descriptions.compose(description, params.trigger, label)
-            cut_warnings.update(dict.fromkeys(notes))
-            sources[origin] += 1
-            title = posixpath.splitext(posixpath.basename(track.rel))[0]
-            for clip in track.clips:
-                clip.description = description
-                clip.info = {
-                    "title": title,
-                    "artist": None,
-                    **{k: fields[k] for k in ("key", "bpm", "genre", "moods", "keywords", "instrument")},
-                    "description": description,
-                    "name": clip.path.stem,
-                    "source": track.rel,
-                    "description_source": origin,
-                    "channels": clip.channels,
-                    **clip.info,
-                }
-                write_sidecar(clip)
-                dataset.clips.append(clip)
-        for message in cut_warnings:
-            logger.warning(message)
-        warnings += list(cut_warnings)
-        write_manifest(dataset)
-        report = _report(params, unpacked, tracks, skipped, clips_skipped, results, warnings, timings, started)
-        report["descriptions"] = dict(sources)
-        used = {_description_file(t.rel, text_index) for t in tracks}
-        report["unmatched_text_files"] = [t for t in unpacked.texts if t not in used]
-        report.update(extra)
-        dataset.report = report
-        write_report(folder, report)
+            report = _report(params, unpacked, tracks, run.skipped, run.clips_skipped, {}, warnings, timings, started)
+            write_report(folder, {**report, **run.extra})
+            raise InputError("dataset_path", _nothing_usable(params, unpacked, run.skipped))
+        dataset, sources = _describe(folder, tracks, results, run)
+        dataset.report = _final_report(run, tracks, results, sources, timings, started)
+        write_report(folder, dataset.report)
     finally:
         if analyzer is not None:
             analyzer.close()
@@ -411,6 +260,283 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         shutil.rmtree(unpack_dir, ignore_errors=True)
     logger.info(summary(dataset))
     return dataset
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def _claim_work_folders(params: PrepareParams, folder: Path, scratch: Path, unpack_dir: Path) -> None:
+    """Nothing is deleted before every folder in the way is known to be ours; then an interrupted run's leftovers
+    go and a fresh, marked scratch folder is made."""
+    _refuse_dataset_inside(params.dataset_path, (folder, scratch, unpack_dir))
+    for work in (scratch, unpack_dir):
+        _check_work_folder(work)
+    _check_dataset_folder(folder)
+    for leftover in (scratch, unpack_dir):  # ours (marked or empty), from an interrupted run
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    _mark(scratch)
+
+
+def _vocal_remover(params: PrepareParams, scratch: Path) -> VocalRemover | None:
+    """The vocal remover with `drop_vocals` (raises `ModelUnavailableError` without its weights), else None."""
+    if not params.drop_vocals:
+        return None
+    from preprocessing import vocals  # demucs (and its model) only when vocals are dropped
+
+    device = vocals.pick_device(params.device)
+    return vocals.VocalRemover(vocals.resolve_repo(params.demucs_repo, scratch), device)
+
+
+def _tagger_config(params: PrepareParams, warnings: list[str]) -> dict | None:
+    """The essentia worker's label models with `auto_labeling`, when all are there (else a warning: no tags)."""
+    if not params.auto_labeling:
+        return None
+    models = analysis.resolve_models(params.essentia_models)
+    if models.complete:
+        return models.worker_config()
+    message = analysis.missing_models_message(models)
+    logger.warning(message)
+    warnings.append(message)
+    return None
+
+
+def _unpack(params: PrepareParams, unpack_dir: Path) -> Unpacked:
+    limits = Limits(
+        max_bytes=int(params.max_unpacked_gb * 2**30),
+        max_files=params.max_files,
+        max_ratio=params.max_compression_ratio,
+    )
+    _mark(unpack_dir)
+    return unpack(params.dataset_path, unpack_dir / UNPACKED_FILES, limits)
+
+
+@dataclass
+class _Run:
+    """One preparation as its per-track steps see it: the inputs, the analyzer, and what the report lists
+    (skipped files and clips, shortened names and normalized tracks in `extra`, warnings), filled track by track.
+    Not the vocal remover: `prepare` alone holds it, so that dropping it frees the GPU."""
+
+    params: PrepareParams
+    unpacked: Unpacked
+    clips_dir: Path
+    analyzer: analysis.Analyzer
+    warnings: list[str]
+    skipped: list[Skipped] = field(init=False)
+    extra: dict[str, list] = field(init=False)
+    text_index: dict[str, str] = field(init=False)
+    one_same: str | None = field(init=False)
+    clips_skipped: list[dict] = field(default_factory=list)
+    namer: ClipNamer = field(default_factory=ClipNamer)
+    written: set[str] = field(default_factory=set)  # clip names, casefolded: never one written twice
+
+    def __post_init__(self) -> None:
+        self.skipped = list(self.unpacked.skipped)
+        self.extra = {"names_shortened": list(self.unpacked.renamed), "normalized": []}
+        self.text_index = _text_index(self.unpacked.texts)
+        self.one_same = (self.params.one_same_description or "").strip() or None
+
+
+# ------------------------------------------------------------------------------------------------ one track
+
+
+def _prepare_track(rel: str, run: _Run, remover: VocalRemover | None) -> _Track | None:
+    """Decode, (separate with `remover`), resample, cut and write the clips of track `rel`; None when it is
+    skipped (logged, and recorded in `run.skipped`)."""
+    decoded = _decode(rel, run)
+    if decoded is None:
+        return None
+    wav, sr, source_peak = decoded
+    track = _Track(rel, run.namer.track_base(rel), wav.shape[-1] / sr, sr, wav.shape[0])
+    if len(base_name(rel, None).encode("utf-8")) > MAX_NAME_BYTES:
+        run.extra["names_shortened"].append(
+            {"file": rel, "clips": f"{track.base}_NNN.wav", "reason": f"clip names are cut to "
+             f"{MAX_NAME_BYTES} bytes (a file name may hold 255, with room kept for the index and .json)"}
+        )  # fmt: skip
+    data = _separate_and_resample(rel, wav, sr, remover, run)
+    del wav  # the decoded track: only its 32 kHz copy is needed from here
+    if data is None:
+        return None
+    normalized = _fit_full_scale(data, source_peak, rel)
+    if normalized:
+        run.extra["normalized"].append(normalized)
+    _write_clips(track, data, run)
+    if not track.clips:
+        run.skipped.append(Skipped(rel, "silent", "every clip was silent"))
+        return None
+    return track
+
+
+def _decode(rel: str, run: _Run) -> tuple[torch.Tensor, int, float] | None:
+    """Track `rel` decoded (`[C, T]` tensor, its sample rate) and its peak; None when it cannot be decoded, is
+    shorter than min_clip_seconds or is silent."""
+    path = run.unpacked.path(rel)
+    try:
+        wav, sr = load_audio(path)
+    except AudioDecodeError as e:
+        logger.warning("Skipping %s: cannot be decoded (%s)", rel, e)
+        run.skipped.append(Skipped(rel, "corrupt", f"cannot be decoded as audio ({e})"))
+        return None
+    seconds = wav.shape[-1] / sr
+    if seconds < run.params.min_clip_seconds:
+        logger.warning("Skipping %s: %.1f s is shorter than min_clip_seconds", rel, seconds)
+        reason = f"{seconds:.1f} s, shorter than min_clip_seconds={run.params.min_clip_seconds:g}"
+        run.skipped.append(Skipped(rel, "too_short", reason))
+        return None
+    samples = wav.numpy()  # [C, T], no copy
+    level = signal_dbfs(samples, axis=-1)
+    if level < SILENCE_DBFS:
+        reason = _silence_reason(samples, level)
+        logger.warning("Skipping %s: %s", rel, reason)
+        run.skipped.append(Skipped(rel, "silent", reason))
+        return None
+    return wav, sr, float(max(samples.max(), -samples.min()))
+
+
+def _separate_and_resample(
+    rel: str, wav: torch.Tensor, sr: int, remover: VocalRemover | None, run: _Run
+) -> np.ndarray | None:
+    """`[T, C]` at 32 kHz, at most two channels, vocals removed with a remover; None when nothing is left."""
+    if wav.shape[0] > 2:
+        logger.info("%s has %d channels: keeping the first two (front left/right)", rel, wav.shape[0])
+        wav = wav[:2]
+    if remover is not None:
+        wav, sr = remover(wav, sr)
+    data = resample_fast(wav, sr, SAMPLE_RATE).numpy().T  # [T, C]
+    del wav
+    if remover is not None and signal_dbfs(data) < SILENCE_DBFS:
+        logger.warning("Skipping %s: nothing left after vocal removal", rel)
+        run.skipped.append(Skipped(rel, "silent", "silent once vocals were removed (an a cappella track?)"))
+        return None
+    return data
+
+
+def _write_clips(track: _Track, data: np.ndarray, run: _Run) -> None:
+    """Cut `data` (`[T, C]` at 32 kHz) into clips, write the non-silent ones as 16-bit WAV into `track.clips`."""
+    params = run.params
+    spans, dropped = plan_clips(len(data), SAMPLE_RATE, params.chunk_seconds, params.min_clip_seconds)
+    if dropped:
+        run.clips_skipped.append(
+            {"track": track.rel, "reason": f"last {dropped / SAMPLE_RATE:.1f} s shorter than min_clip_seconds"}
+        )
+    for span in spans:
+        # The track fits full scale already (`_fit_full_scale`); the clip only guards float rounding.
+        segment = np.clip(data[span.start : span.end], -1.0, 1.0)
+        silence = clip_silence(segment)
+        if silence:
+            run.clips_skipped.append({"track": track.rel, "clip": span.index, "reason": silence})
+            continue
+        name = ClipNamer.clip_name(track.base, span.index)
+        if name.casefold() in run.written:  # ClipNamer makes this impossible; never overwrite a clip
+            raise RuntimeError(f"clip name collision: {name}")
+        run.written.add(name.casefold())
+        clip_path = run.clips_dir / name
+        sf.write(str(clip_path), _to_pcm16(segment), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        track.clips.append(
+            PreparedClip(
+                path=clip_path,
+                duration=(span.end - span.start) / SAMPLE_RATE,
+                sample_rate=SAMPLE_RATE,
+                channels=int(data.shape[1]),
+                description="",
+                info={"start_seconds": round(span.start / SAMPLE_RATE, 3), "clip_index": span.index},
+                source=track.rel,
+            )
+        )
+
+
+def _analyse(track: _Track, run: _Run) -> None:
+    """The track's own description (`<track>.txt`), and its clips handed to the essentia worker (key, bpm and,
+    where no description will come from elsewhere, tags)."""
+    text_file = _description_file(track.rel, run.text_index)
+    if text_file:
+        track.text, text_warnings = descriptions.read_text_description(run.unpacked.path(text_file), text_file)
+        run.warnings.extend(text_warnings)
+        if not track.text:
+            logger.warning("%s is empty: %s gets no description from it", text_file, track.rel)
+    needs_tags = run.params.auto_labeling and not run.one_same and not track.text
+    run.analyzer.submit(track.rel, [c.path for c in track.clips], tags=needs_tags)
+
+
+# ------------------------------------------------------------------------------------------------ describe
+
+
+def _collect_analysis(analyzer: analysis.Analyzer, warnings: list[str]) -> dict:
+    """The essentia worker's results per track; what it could not do becomes a warning."""
+    results, status, analysis_warnings = analyzer.collect()
+    for family, error in (status.get("errors") or {}).items():
+        analysis_warnings.append(f"auto-labeling: the {family} model could not be used ({error}); skipped")
+    for message in analysis_warnings:
+        logger.warning(message)
+    warnings.extend(analysis_warnings)
+    return results
+
+
+def _describe(
+    folder: Path, tracks: list[_Track], results: dict, run: _Run
+) -> tuple[PreparedDataset, collections.Counter[str]]:
+    """Each track's description (one_same_description, else its text file, else its auto-labels, else none; the
+    trigger added) and labels into its clips' sidecars, then the manifest. Returns the dataset and how many tracks
+    took their description from where."""
+    params = run.params
+    dataset = PreparedDataset(folder=folder, manifest=folder / MANIFEST)
+    sources: collections.Counter[str] = collections.Counter()
+    cut_warnings: dict[str, None] = {}  # each once (one_same_description would repeat it per track)
+    for track in tracks:
+        fields = captions.label_fields(results.get(track.rel))
+        if run.one_same:
+            description, origin, label = run.one_same, "one_same_description", "one_same_description"
+        elif track.text:
+            description, origin = track.text, "text_file"
+            label = _description_file(track.rel, run.text_index) or track.rel
+        elif params.auto_labeling and captions.caption(fields):
+            description, origin, label = captions.caption(fields), "auto_labels", f"auto-labels of {track.rel}"
+        else:
+            description, origin, label = "", "none", track.rel
+        description, notes = descriptions.compose(description, params.trigger, label)
+        cut_warnings.update(dict.fromkeys(notes))
+        sources[origin] += 1
+        title = posixpath.splitext(posixpath.basename(track.rel))[0]
+        for clip in track.clips:
+            clip.description = description
+            clip.info = {
+                "title": title,
+                "artist": None,
+                **{k: fields[k] for k in ("key", "bpm", "genre", "moods", "keywords", "instrument")},
+                "description": description,
+                "name": clip.path.stem,
+                "source": track.rel,
+                "description_source": origin,
+                "channels": clip.channels,
+                **clip.info,
+            }
+            write_sidecar(clip)
+            dataset.clips.append(clip)
+    for message in cut_warnings:
+        logger.warning(message)
+    run.warnings.extend(cut_warnings)
+    write_manifest(dataset)
+    return dataset, sources
+
+
+def _final_report(
+    run: _Run,
+    tracks: list[_Track],
+    results: dict,
+    sources: collections.Counter[str],
+    timings: dict[str, float],
+    started: float,
+) -> dict:
+    """report.json of a preparation that made a dataset: `_report`, where the descriptions came from, the text files
+    no track matched, and the shortened names and normalized tracks."""
+    report = _report(
+        run.params, run.unpacked, tracks, run.skipped, run.clips_skipped, results, run.warnings, timings, started
+    )
+    report["descriptions"] = dict(sources)
+    used = {_description_file(t.rel, run.text_index) for t in tracks}
+    report["unmatched_text_files"] = [t for t in run.unpacked.texts if t not in used]
+    report.update(run.extra)
+    return report
 
 
 def _silence_reason(samples: np.ndarray, level: float) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from core.devices import default_device
 from core.errors import InputError, ModelUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _link_repo(weights: Path, scratch: Path) -> Path:
 
 def pick_device(device: str) -> str:
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("device", "cuda was asked for but no GPU is visible; use auto or cpu")
     return device

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from core.devices import default_device
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -61,7 +63,7 @@ def visible_gpus() -> int:
 def init(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """The DistInfo of this process; joins the process group when started by torchrun (nccl on GPUs, else gloo)."""
     if not DistInfo.under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistInfo(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return DistInfo(device=device or default_device())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and device != "cpu"

@@ -8,10 +8,8 @@ from training descriptions.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
-import tarfile
 import tempfile
 import typing as tp
 from pathlib import Path
@@ -44,7 +42,6 @@ __all__ = [
 ]
 
 N_SAMPLES = 2
-REPORT_FILES = ("loss.png", "samples/")
 VOCAB_FIELDS = ("genre", "moods", "instrument", "key", "keywords")
 
 
@@ -205,29 +202,15 @@ def _write(
     samples = [(name, data) for name, data in extra.items() if name.startswith("samples/")]
     reference = reference_clip(clips, params.sample_duration) if samples else None
     extra["report.html"] = render_html(finetune, history, samples, reference, comparison)
-    out_tar = Path(out_tar)
-    out_tar.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".trained_model-", suffix=".tar", dir=out_tar.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        weights.write_trained_model(
-            tmp,
-            state_dict=method_export.state_dict,
-            cfg=cfg,
-            base_model=params.model_version,
-            finetune=finetune,
-            extra_files=method_export.extra_files,
-        )
-        with tarfile.open(tmp, "a") as tar:
-            for name, data in extra.items():
-                member = tarfile.TarInfo(name)
-                member.size = len(data)
-                member.mode = 0o644
-                tar.addfile(member, io.BytesIO(data))
-        os.replace(tmp, out_tar)
-    finally:
-        tmp.unlink(missing_ok=True)
+    out_tar = weights.write_trained_model(
+        out_tar,
+        state_dict=method_export.state_dict,
+        cfg=cfg,
+        base_model=params.model_version,
+        finetune=finetune,
+        extra_files=method_export.extra_files,
+        report_files=extra,
+    )
     (out_tar.parent / "metrics.json").write_bytes(extra["metrics.json"])  # beside the tar too, to read without it
     (out_tar.parent / "report.html").write_bytes(extra["report.html"])
     report = out_tar.parent / "report.html"

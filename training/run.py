@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from core import versions
+from core.devices import default_device
 from core.params import InputError, from_kwargs
 from preprocessing import PrepareParams, load_prepared, prepare
 from training import checkpoint as ckpt
@@ -58,7 +59,7 @@ def check_inputs(params: TrainParams) -> dict | None:
     validate(params)
     check_method_inputs(params)  # from scratch, the method's own, prior preservation (training/methods/)
     evaluation.check(params)  # validation_split / validation_path and friends (training/evaluate.py)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     resolve_precision(params.precision, device)
     publish.check_inputs(params)  # wandb key, hf_repo_id + hf_token
     if params.resume_from:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import tarfile
 
 import pytest
@@ -78,6 +80,47 @@ def test_unpack_is_cached_by_content(tmp_path):
     a = weights.unpack(weights.write_trained_model(tmp_path / "a.tar", **kw))
     b = weights.unpack(weights.write_trained_model(tmp_path / "b.tar", **kw))
     assert a == b and (a / "state_dict.bin").is_file()
+
+
+def test_the_tar_writer_report_members_modes_and_same_bytes(tmp_path):
+    """One writer for the whole tar: the report after the weights (not hashed), every member a 0644 file with
+    mtime 0, the file 0644 less the umask, no temp file left, and the same inputs give the same bytes."""
+    model = load_musicgen("tiny", device="cpu")
+    report = {"loss.png": b"png", "samples/sample_0.wav": b"RIFF", "report.html": b"<html>"}
+    kw = dict(state_dict=model.lm.state_dict(), cfg=model.lm.cfg, base_model="tiny", finetune={"method": "full"})
+    written = {}
+    for umask, name in ((0o077, "private.tar"), (0o022, "out/usual.tar")):
+        previous = os.umask(umask)
+        try:
+            written[umask] = weights.write_trained_model(tmp_path / name, **kw, report_files=report)
+        finally:
+            os.umask(previous)
+    private, usual = written[0o077], written[0o022]
+    assert oct(stat.S_IMODE(private.stat().st_mode)) == oct(0o600)
+    assert oct(stat.S_IMODE(usual.stat().st_mode)) == oct(0o644)
+    assert private.read_bytes() == usual.read_bytes()
+    with tarfile.open(usual) as tar:
+        members = tar.getmembers()
+        info = json.load(tar.extractfile("finetune.json"))
+    assert [m.name for m in members] == [
+        "state_dict.bin",
+        "compression_state_dict.bin",
+        "finetune.json",
+        "loss.png",
+        "samples/sample_0.wav",
+        "report.html",
+    ]
+    assert all(m.isfile() and m.mode == 0o644 and m.mtime == 0 for m in members)
+    assert set(info["integrity"]["sha256"]) == {"state_dict.bin", "compression_state_dict.bin"}
+    assert sorted(p.name for p in weights.unpack(usual).iterdir()) == [
+        "compression_state_dict.bin",
+        "finetune.json",
+        "state_dict.bin",
+    ]
+    assert not list(tmp_path.rglob(".trained_model-*"))
+    with pytest.raises(ValueError, match="state_dict.bin is a weights member"):
+        weights.write_trained_model(tmp_path / "bad.tar", **kw, report_files={"state_dict.bin": b""})
+    assert not (tmp_path / "bad.tar").exists()
 
 
 def test_pretrained_base_references_its_encodec(tmp_path):
