@@ -13,6 +13,7 @@ the command line and in the Python API (`generation.generate.Generator`), where 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -22,12 +23,31 @@ from cog import BaseRunner, Input, Path
 
 from core.logs import configure_logging
 from core.params import build_parser, from_kwargs
+from core.weights import DEFAULT_MIN_FREE_BYTES
 from generation.generate import Generator, output_paths, write_outputs
-from generation.params import PredictParams
+from generation.params import DEFAULT_BASE, PredictParams
 
 logger = logging.getLogger("predict")
 
 _OUTPUT_PREFIX = "musicgen-output-"
+# The deployment's settings (environment variables, read here only: the code below the entry points takes them as
+# arguments). MGFT_PRELOAD: the model version setup() loads when no weights are given (empty: none).
+PRELOAD_ENV = "MGFT_PRELOAD"
+MIN_FREE_ENV = "MGFT_WEIGHTS_MIN_FREE_GB"
+
+
+def min_free_setting() -> int:
+    """Bytes of disk the weights cache keeps free (`MGFT_WEIGHTS_MIN_FREE_GB`, GiB; default 10 as flux-fine-tuner)."""
+    value = os.environ.get(MIN_FREE_ENV, "").strip()
+    if not value:
+        return DEFAULT_MIN_FREE_BYTES
+    try:
+        gib = float(value)
+    except ValueError:
+        raise ValueError(f"{MIN_FREE_ENV}={value!r} is not a number of GiB (e.g. 10)") from None
+    if not gib >= 0 or gib == float("inf"):
+        raise ValueError(f"{MIN_FREE_ENV}={value!r}: give a finite number of GiB >= 0")
+    return int(gib * 2**30)
 
 
 class Predictor(BaseRunner):
@@ -35,8 +55,8 @@ class Predictor(BaseRunner):
         """`weights` is COG_WEIGHTS (a URL or path of a trained_model.tar): the `fine-tuned` model."""
         configure_logging()
         weights = str(weights) if weights else None
-        self.generator = Generator(setup_weights=weights)
-        self.generator.preload()
+        self.generator = Generator(setup_weights=weights, min_free_bytes=min_free_setting())
+        self.generator.preload(os.environ.get(PRELOAD_ENV, DEFAULT_BASE))
         self._last_output: _Path | None = None
 
     def run(
@@ -116,6 +136,11 @@ class Predictor(BaseRunner):
             description="Increases the influence of inputs on the output. Higher: closer to the inputs, less diverse.",
             default=3.0,
             ge=0,
+        ),
+        sampler_precision: str = Input(
+            description="Precision of the token sampler: auto (int8 on CPU, fp16 on GPU), int8 (CPU only), bf16, fp16, or none (the model's own precision: exactly audiocraft's tokens).",
+            default="auto",
+            choices=["auto", "int8", "bf16", "fp16", "none"],
         ),
         output_format: str = Input(
             description="Output format for the generated audio.", default="wav", choices=["wav", "mp3"]
@@ -211,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     with cli_errors("generation") as failed:
         params = from_kwargs(PredictParams, **args)
         paths, fmt = _cli_outputs(output, params.output_format, params.num_outputs)
-        result = Generator(setup_weights=setup_weights).generate(params)
+        result = Generator(setup_weights=setup_weights, min_free_bytes=min_free_setting()).generate(params)
         from core.audio import save_audio
 
         for path, wav in zip(paths, result.wavs, strict=True):

@@ -179,6 +179,11 @@ def train(
         ge=0.0,
         le=30.0,
     ),
+    sampler_precision: str = Input(
+        description="Precision of the token sampler for the samples put in the weights, the prior-preservation examples and the evaluation's samples (as predict's sampler_precision): auto (int8 on CPU, fp16 on GPU), int8 (CPU only), bf16, fp16, or none (the model's own precision: exactly audiocraft's tokens).",
+        default="auto",
+        choices=["auto", "int8", "bf16", "fp16", "none"],
+    ),
     method: str = Input(
         description="What to train. full: every weight of the language model. lora: low-rank adapters on the attention and feed-forward projections (the tar holds only the adapter, MBs, and references the base model). textual_inversion: only the trigger word's embedding (new T5 tokens). text_projection: only the text conditioner's output projection.",
         default="full",

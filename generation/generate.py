@@ -1,22 +1,23 @@
 """Text-to-music, melody, continuation, stereo and long outputs on audiocraft's MusicGen.
 
 `Generator` owns the loaded model (swapped only when the requested weights change) and turns `PredictParams`
-into audio: validate → pick the model → build conditions → sample tokens (windowed beyond the model's 30 s) →
-decode (EnCodec or MultiBand Diffusion) → normalize.
+into audio: validate (`generation.request`) → pick the model → build conditions → sample tokens at the request's
+`sampler_precision` (windowed beyond the model's 30 s: `generation.windows`) → decode (EnCodec or MultiBand
+Diffusion) → normalize.
 
 `num_outputs` samples of one request are one batch through the sampler (`[N, K, T]`): every step reads each weight
 once for all of them. They are drawn from one random stream seeded by `seed`, so the same seed and `num_outputs`
 give the same outputs again, and the outputs differ from each other.
 
-`generate_audio(model, descriptions, duration)` is the same path for the trainer (report samples, prior-preservation
-examples): the sampler predict uses (`sampler_for`), the same windowing and decoding.
+`generate_audio(model, descriptions, duration, sampler_precision=...)` is the same path for the trainer (report
+samples, prior-preservation examples, evaluation samples): the sampler predict uses (`sampler_for`), the same
+windowing and decoding.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import os
 import random
@@ -26,17 +27,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from core import audio, versions, weights
 from core.params import InputError
 from generation import style
-from generation.params import DEFAULT_BASE, FINE_TUNED, PredictParams
+from generation.fast import FastSampler, default_quantize, unsupported_reason
+from generation.params import DEFAULT_BASE, FINE_TUNED, SAMPLER_PRECISIONS, PredictParams
+from generation.request import (
+    bounded_prompt,
+    check_sampler_precision,
+    load_input_audio,
+    validate_for_model,
+    validate_request,
+)
+from generation.windows import SampleFn, lm_generate, sample_windows
 
 logger = logging.getLogger(__name__)
 
-EXTEND_STRIDE = 18.0  # seconds of new audio per window beyond the first; audiocraft's default
-SampleFn = tp.Callable[..., torch.Tensor]
+__all__ = [
+    "GenerationResult",
+    "ModelKey",
+    "model_key",
+    "Generator",
+    "sampler_quantize",
+    "resolved_precision",
+    "sampler_for",
+    "generate_tokens",
+    "build_conditions",
+    "replicate",
+    "decode",
+    "normalize",
+    "output_paths",
+    "write_outputs",
+    "generate_audio",
+    # checks of a request, re-exported from generation.request (Generator.generate runs them)
+    "bounded_prompt",
+    "load_input_audio",
+    "validate_request",
+]
 
 
 @dataclass
@@ -89,44 +117,6 @@ def model_key(params: PredictParams, setup_weights: str | None) -> ModelKey:
     return ModelKey("version", version)
 
 
-PRELOAD_ENV = "MGFT_PRELOAD"
-MIN_FREE_ENV = "MGFT_WEIGHTS_MIN_FREE_GB"
-
-
-def min_free_setting() -> int:
-    """Bytes of disk the weights cache keeps free (`MGFT_WEIGHTS_MIN_FREE_GB`, GiB; default 10 as flux-fine-tuner)."""
-    value = os.environ.get(MIN_FREE_ENV, "").strip()
-    if not value:
-        return weights.DEFAULT_MIN_FREE_BYTES
-    try:
-        gib = float(value)
-    except ValueError:
-        raise ValueError(f"{MIN_FREE_ENV}={value!r} is not a number of GiB (e.g. 10)") from None
-    if not gib >= 0 or gib == float("inf"):
-        raise ValueError(f"{MIN_FREE_ENV}={value!r}: give a finite number of GiB >= 0")
-    return int(gib * 2**30)
-
-
-QUANTIZE_ENV = "MGFT_QUANTIZE"
-
-
-def quantize_setting() -> str | None:
-    """The sampler precision from `MGFT_QUANTIZE` (predict and the trainer's samples both follow it).
-
-    `auto` (default): int8 weights on CPU, fp16 on CUDA (`generation.fast.default_quantize`); `none` / `fp32`: the
-    LM's own precision (identical tokens to audiocraft's `LMModel.generate`); or `int8`, `bf16`, `fp16`.
-    """
-    from generation.fast import QUANTIZE_CHOICES
-
-    value = os.environ.get(QUANTIZE_ENV, "auto").strip().lower()
-    if value in ("", "none", "fp32"):
-        return None
-    allowed = ("auto", *(q for q in QUANTIZE_CHOICES if q))
-    if value not in allowed:
-        raise ValueError(f"{QUANTIZE_ENV}={value!r} is not one of: {', '.join(allowed)}, none")
-    return value
-
-
 def resolve_seed(seed: int | None) -> int:
     if seed is None or seed == -1:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
@@ -140,156 +130,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def bounded_prompt(params: PredictParams) -> PredictParams:
-    """The prompt cut to what MusicGen's T5 reads (512 tokens; audiocraft tokenizes untruncated, so a 100 KB prompt
-    costs tens of GB), at a word boundary, with a warning: never a silent change, never an out-of-memory kill."""
-    from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
-
-    if not params.prompt or len(params.prompt) <= MAX_DESCRIPTION_CHARS:
-        return params
-    short = shorten(params.prompt)
-    logger.warning(
-        "prompt is %d characters; the text encoder reads at most 512 tokens: using its first %d (%r...)",
-        len(params.prompt),
-        len(short),
-        short[:60],
-    )
-    return dataclasses.replace(params, prompt=short)
+def sampler_quantize(sampler_precision: str) -> str | None:
+    """The fast sampler's `quantize` for a `sampler_precision` choice (`none`: None, the LM's own precision)."""
+    if sampler_precision not in SAMPLER_PRECISIONS:
+        raise ValueError(f"sampler_precision={sampler_precision!r} is not one of: {', '.join(SAMPLER_PRECISIONS)}")
+    return None if sampler_precision == "none" else sampler_precision
 
 
-def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
-    if not params.input_audio:
-        return None
-    try:
-        return audio.load_audio(params.input_audio)
-    except audio.AudioDecodeError as e:
-        raise InputError("input_audio", f"{e}. Give a wav, mp3, flac, ogg, m4a or aiff file.") from None
-
-
-def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int] | None) -> None:
-    """Checks that need no model (run before any loading)."""
-    if params.model_version in versions.SCRATCH_VERSIONS and not params.replicate_weights:
-        raise InputError(
-            "model_version",
-            f"{params.model_version} is an architecture that train.py trains from scratch, not a model to generate "
-            "with: pass the trained_model.tar of such a training as replicate_weights, or choose another model_version",
-        )
-    if params.continuation and input_audio is None:
-        raise InputError("continuation", "continuation=true needs an input_audio to continue")
-    if input_audio is None:
-        for name in ("continuation_end",):
-            if getattr(params, name) is not None:
-                logger.warning("%s is ignored without input_audio", name)
-        return
-    wav, sr = input_audio
-    length = wav.shape[-1] / sr
-    if params.continuation:
-        end = params.continuation_end if params.continuation_end is not None else length
-        if params.continuation_end is not None and params.continuation_end > length + 1e-6:
-            raise InputError(
-                "continuation_end",
-                f"{params.continuation_end} s is past the end of input_audio ({length:.2f} s); use at most "
-                f"{int(length)} or leave it empty",
-            )
-        if params.continuation_start >= end:
-            raise InputError(
-                "continuation_start",
-                f"{params.continuation_start} s must be before continuation_end ({end:.2f} s)",
-            )
-        if end - params.continuation_start >= params.duration:
-            raise InputError(
-                "duration",
-                f"{params.duration} s must be longer than the continued section of input_audio "
-                f"({end - params.continuation_start:.2f} s): raise duration or shorten the section",
-            )
-    elif params.continuation_end is not None or params.continuation_start:
-        logger.warning("continuation_start/continuation_end are ignored when continuation=false")
-
-
-def is_melody_model(model) -> bool:
-    return "self_wav" in model.lm.condition_provider.conditioners
-
-
-def validate_for_model(params: PredictParams, model, input_audio: tuple[torch.Tensor, int] | None) -> None:
-    """Checks that depend on the loaded model (still before any generation)."""
-    card = model.lm.card
-    if params.prompt and params.prompt.strip() and not model.lm.condition_provider.conditioners:
-        logger.warning("This model is unconditional (trained from scratch without text): the prompt is ignored")
-    if params.top_k > card:
-        raise InputError("top_k", f"{params.top_k} exceeds this model's codebook size ({card}); use at most {card}")
-    if input_audio is not None and not params.continuation and not is_melody_model(model):
-        raise InputError(
-            "input_audio",
-            f"melody conditioning needs a melody model (melody, melody-large, stereo-melody, ...), and {model.name} "
-            "is not one: set continuation=true to continue the audio instead, or pick a melody model_version",
-        )
-    if params.duration > model.max_duration and model.max_duration <= EXTEND_STRIDE:
-        raise InputError(
-            "duration",
-            f"this model generates at most {model.max_duration:.0f} s per window, too short for windowed "
-            f"generation; use duration <= {int(model.max_duration)}",
-        )
-    check_batch_memory(params, model)
-
-
-def kv_cache_bytes(model, duration: float, num_outputs: int) -> int:
-    """Estimated bytes of the sampler's attention cache for `num_outputs` outputs of `duration` seconds.
-
-    Keys and values `[rows, heads, steps, head_dim]` per layer, where rows = num_outputs x 2 (conditional and
-    unconditional; x 3 for MusicGen-Style's double guidance) and steps = one window (at most `max_duration`) plus
-    the frames a melody's chroma prepends. This is what grows with `num_outputs`; the weights do not.
-    """
+def resolved_precision(model, sampler_precision: str) -> str:
+    """The precision `model`'s tokens are sampled at for a `sampler_precision` choice: `auto` resolved for the LM's
+    device (`int8` on CPU, `fp16` on CUDA), and `none` where the fast sampler does not run (an LM with its own
+    generate, such as MusicGen-Style's, or a configuration it does not implement). What finetune.json and the
+    prior-example cache record."""
+    quantize = sampler_quantize(sampler_precision)
     lm = model.lm
-    window = min(float(duration), float(model.max_duration))
-    steps = int(window * model.frame_rate) + lm.num_codebooks  # + the delay pattern's extra steps
-    chroma = dict(lm.condition_provider.conditioners.items()).get("self_wav")  # a ModuleDict has no .get
-    factor = getattr(chroma, "_downsampling_factor", None)
-    if callable(factor) and not style.is_style_model(model):
-        steps += int(window * model.sample_rate / factor())
-    rows = num_outputs * (3 if style.is_style_model(model) else 2 if lm.condition_provider.conditioners else 1)
-    dtype = next(iter(lm.parameters())).dtype
-    itemsize = 2 if str(model.device).startswith("cuda") else torch.empty((), dtype=dtype).element_size()
-    return 2 * len(lm.transformer.layers) * rows * steps * lm.dim * itemsize
-
-
-def available_memory(device: str | torch.device) -> int | None:
-    """Free bytes where the sampler allocates: CUDA free memory, or the host's MemAvailable; None if unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_batch_memory(params: PredictParams, model, available: int | None = None) -> None:
-    """Refuse a `num_outputs` whose attention cache cannot fit in free memory (before any generation).
-
-    Only batches are checked (num_outputs > 1): one output is what the model is for, and the estimate is a bound.
-    `available`: free bytes (default: measured on the model's device).
-    """
-    if params.num_outputs <= 1:
-        return
-    available = available_memory(model.device) if available is None else available
-    if available is None:
-        return
-    budget = 0.8 * available  # leave room for activations, decoding and the rest of the process
-    need = kv_cache_bytes(model, params.duration, params.num_outputs)
-    if need <= budget:
-        return
-    per_output = kv_cache_bytes(model, params.duration, 1)
-    fits = int(budget // per_output)
-    fix = f"use num_outputs <= {fits}" if fits >= 1 else "use num_outputs=1"
-    raise InputError(
-        "num_outputs",
-        f"{params.num_outputs} outputs of {min(params.duration, model.max_duration):.0f} s windows need about "
-        f"{need / 2**30:.1f} GiB of attention cache on {model.device}, and about {available / 2**30:.1f} GiB is "
-        f"free: {fix}, or run several predictions",
-    )
+    if not _plain_lm(lm) or unsupported_reason(lm) is not None:
+        return "none"
+    if quantize == "auto":
+        quantize = default_quantize(next(iter(lm.parameters())).device)
+    return quantize or "none"
 
 
 class Generator:
@@ -300,29 +159,39 @@ class Generator:
         device: str | None = None,
         setup_weights: str | None = None,
         *,
-        min_free_bytes: int | None = None,
+        min_free_bytes: int = weights.DEFAULT_MIN_FREE_BYTES,
         free_bytes: weights.FreeBytes | None = None,
     ):
         self.device = device or versions.default_device()
         self.setup_weights = setup_weights
         # The weights cache keeps this much disk free (least-recently-used eviction, core.weights.evict); the
         # weights loaded now and the setup weights (COG_WEIGHTS) are never evicted.
-        self.min_free_bytes = min_free_setting() if min_free_bytes is None else min_free_bytes
+        self.min_free_bytes = min_free_bytes
         self.free_bytes = free_bytes
         self._protected: set[Path] = set()
         self._key: ModelKey | None = None
         self._model = None
         self._mbd = None
-        # The fast sampler (generation/fast.py): int8 weights on CPU, fp16 on CUDA ("auto"); MGFT_QUANTIZE=none
-        # keeps exact fp32 (identical tokens to audiocraft's LMModel.generate).
-        self.quantize = quantize_setting()
-        self._sampler = None
+        self._sampler: FastSampler | None = None
+        self._sampler_precision = "auto"  # what a model is prepared at when it loads: the last request's choice
 
-    def sampler(self):
-        if self._sampler is None:
-            from generation.fast import FastSampler
+    def sampler(self, sampler_precision: str | None = None) -> FastSampler:
+        """The fast sampler (generation/fast.py) at `sampler_precision` (a `PredictParams.sampler_precision` choice;
+        None: the current one, `auto` at first).
 
-            self._sampler = FastSampler(quantize=self.quantize)
+        One is kept at a time: a request at another precision replaces it, and its prepared copies of the model
+        (int8 / half weights) go with it, so memory holds one copy whatever the requests ask.
+        """
+        precision = self._sampler_precision if sampler_precision is None else sampler_precision
+        if self._sampler is None or precision != self._sampler_precision:
+            if self._sampler is not None:
+                logger.info(
+                    "sampler_precision=%s (was %s): preparing the model at that precision",
+                    precision,
+                    self._sampler_precision,
+                )
+            self._sampler = FastSampler(quantize=sampler_quantize(precision))
+            self._sampler_precision = precision
         return self._sampler
 
     def model_for(self, key: ModelKey):
@@ -367,9 +236,9 @@ class Generator:
         folder = getattr(self._model, "weights_folder", None)
         return Path(folder) if folder else None
 
-    def preload(self) -> None:
+    def preload(self, base: str | None = DEFAULT_BASE) -> None:
         """Load what `setup()` should: the COG_WEIGHTS fine-tune (failing loudly: the deployment is unusable
-        without it), else the default base (`MGFT_PRELOAD`, default stereo-melody-large; empty: none).
+        without it), else the model version `base` (predict.py reads it from `MGFT_PRELOAD`; empty or None: none).
 
         The base is preloaded only when it is already on disk (for hub models, the local Hugging Face cache is
         checked first, without any request), and then from the cache alone (`versions.hub_offline`): otherwise one
@@ -379,7 +248,6 @@ class Generator:
         if self.setup_weights:
             self.model_for(ModelKey("weights", self.setup_weights))
             return
-        base = os.environ.get(PRELOAD_ENV, DEFAULT_BASE)
         if not base:
             return
         try:
@@ -387,11 +255,10 @@ class Generator:
             if source.kind == "hf" and not versions.hub_cached(source.location):
                 logger.warning(
                     "Not preloading %s: %s is not in the local Hugging Face cache (%s); models load on the first "
-                    "request (set %s= to skip this check)",
+                    "request (set MGFT_PRELOAD= to skip this check)",
                     base,
                     source.location,
                     versions.hf_cache_hint(),
-                    PRELOAD_ENV,
                 )
                 return
             # Cached: load from the cache alone. Asking the hub whether the files changed would wait on it when
@@ -433,13 +300,15 @@ class Generator:
         style_audio = style.load_style_audio(params)
         validate_request(params, input_audio)
         style.validate_request(params, style_audio)
+        check_sampler_precision(params.sampler_precision, self.device)
+        sampler = self.sampler(params.sampler_precision)  # before loading: a new model is prepared at this one
         model = self.model_for(model_key(params, self.setup_weights))
         validate_for_model(params, model, input_audio)
         style.validate_for_model(params, model, style_audio, input_audio)
         mbd = self.mbd(model) if params.multi_band_diffusion else None
 
         if sample_fn is None and _plain_lm(model.lm):  # LMs with their own generate (style: double CFG) keep it
-            sample_fn = self.sampler()
+            sample_fn = sampler
         seed = resolve_seed(params.seed)
         seed_everything(seed)
         tokens = generate_tokens(
@@ -456,15 +325,13 @@ def _plain_lm(lm) -> bool:
     return type(lm).generate is LMModel.generate
 
 
-def sampler_for(model, quantize: str | None = "auto") -> SampleFn:
-    """The sampler predict uses for `model`: the fast path (`generation.fast.FastSampler`, which itself falls back
-    to `lm.generate` for configurations it does not implement) for plain LMs; the LM's own `generate` for LMs that
-    override it (MusicGen-Style's double classifier-free guidance)."""
+def sampler_for(model, sampler_precision: str = "auto") -> SampleFn:
+    """The sampler predict uses for `model` at `sampler_precision`: the fast path (`generation.fast.FastSampler`,
+    which itself falls back to `lm.generate` for configurations it does not implement) for plain LMs; the LM's own
+    `generate` for LMs that override it (MusicGen-Style's double classifier-free guidance)."""
     if not _plain_lm(model.lm):
-        return _lm_generate
-    from generation.fast import FastSampler
-
-    return FastSampler(quantize=quantize)
+        return lm_generate
+    return FastSampler(quantize=sampler_quantize(sampler_precision))
 
 
 def replicate(attributes: list, prompt_tokens: torch.Tensor | None, n: int) -> tuple[list, torch.Tensor | None]:
@@ -505,10 +372,6 @@ def build_conditions(
     return model._prepare_tokens_and_attributes([description], None, melody_wavs=[melody])
 
 
-def _lm_generate(lm, prompt_tokens, attributes, *, max_gen_len: int, callback, **gen_params) -> torch.Tensor:
-    return lm.generate(prompt_tokens, attributes, max_gen_len=max_gen_len, callback=callback, **gen_params)
-
-
 @torch.no_grad()
 def generate_tokens(
     model,
@@ -538,75 +401,6 @@ def generate_tokens(
     return sample_windows(
         model, attributes, prompt_tokens, params.duration, gen_params, sample_fn=sample_fn, progress=progress
     )
-
-
-@torch.no_grad()
-def sample_windows(
-    model,
-    attributes: list,
-    prompt_tokens: torch.Tensor | None,
-    duration: float,
-    gen_params: dict[str, tp.Any],
-    *,
-    sample_fn: SampleFn | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Sample `[B, K, T]` tokens for `duration` seconds (one sample per attribute), prompt tokens included.
-
-    Beyond the model's window (`max_duration`, 30 s) each new window is conditioned on the last
-    `max_duration - EXTEND_STRIDE` seconds of what came before; a melody is tiled to follow the window.
-    """
-    from audiocraft.modules.conditioners import WavCondition
-
-    sample_fn = sample_fn or _lm_generate
-    frame_rate, window = model.frame_rate, model.max_duration
-    total_len = int(duration * frame_rate)
-    bar = tqdm(total=total_len, desc="generating", unit="step", disable=not progress, leave=False)
-    offset = 0  # frames of final output before the current window's prompt
-
-    def callback(generated: int, _to_generate: int) -> None:
-        bar.n = min(total_len, offset + generated)
-        bar.refresh()
-
-    try:
-        if duration <= window:
-            with model.autocast:
-                return sample_fn(
-                    model.lm, prompt_tokens, attributes, max_gen_len=total_len, callback=callback, **gen_params
-                )
-        melodies = [attr.wav.get("self_wav") for attr in attributes]
-        pieces: list[torch.Tensor] = []
-        stride = int(EXTEND_STRIDE * frame_rate)
-        prompt_len = 0 if prompt_tokens is None else prompt_tokens.shape[-1]
-        if prompt_tokens is not None:
-            pieces.append(prompt_tokens)
-        while offset + prompt_len < total_len:
-            window_len = int(min(duration - offset / frame_rate, window) * frame_rate)
-            for attr, melody in zip(attributes, melodies, strict=True):
-                if melody is None or int(melody.length.item()) == 0:
-                    continue
-                # The chroma conditioner sees one window: tile the melody from this window's start.
-                start = int(offset / frame_rate * model.sample_rate)
-                target = int(window * model.sample_rate)
-                positions = torch.arange(start, start + target, device=melody.wav.device) % int(melody.length.item())
-                attr.wav["self_wav"] = WavCondition(
-                    melody.wav[..., positions],
-                    torch.full_like(melody.length, target),
-                    melody.sample_rate,
-                    [None],
-                    [0.0],
-                )
-            with model.autocast:
-                out = sample_fn(
-                    model.lm, prompt_tokens, attributes, max_gen_len=window_len, callback=callback, **gen_params
-                )
-            pieces.append(out if prompt_tokens is None else out[..., prompt_tokens.shape[-1] :])
-            prompt_tokens = out[..., stride:]
-            prompt_len = prompt_tokens.shape[-1]
-            offset += stride
-        return torch.cat(pieces, dim=-1)[..., :total_len]
-    finally:
-        bar.close()
 
 
 @torch.no_grad()
@@ -663,14 +457,14 @@ def generate_audio(
     top_p: float = 0.0,
     temperature: float = 1.0,
     cfg_coef: float = 3.0,
-    quantize: str | None = "auto",
+    sampler_precision: str = "auto",
     progress: bool = False,
 ) -> torch.Tensor:
     """`[B, C, T]` audio (decoded with EnCodec, not normalized) of one sample per description, for the trainer.
 
-    The same path as predict: `sampler_for(model, quantize)` (the fast sampler for plain LMs, LoRA-wrapped ones
-    included: it reads through the adapters without touching the weights; the style LM's own generate), the same
-    windowing beyond `max_duration`, one batch for all descriptions. Uses the global torch RNG (seed it before).
+    The same path as predict: `sampler_for(model, sampler_precision)` (the fast sampler for plain LMs, LoRA-wrapped
+    ones included: it reads through the adapters without touching the weights; the style LM's own generate), the
+    same windowing beyond `max_duration`, one batch for all descriptions. Uses the global torch RNG (seed it before).
     The LM is put in eval mode for the call and back in its previous mode after. A prepared fast model is built
     per call (the weights may have changed since the last one). Empty descriptions are unconditional.
     `top_k` None: 250 or the codebook size if smaller.
@@ -689,7 +483,13 @@ def generate_audio(
         }
         attributes, _ = model._prepare_tokens_and_attributes([d if d else None for d in descriptions], None)
         tokens = sample_windows(
-            model, attributes, None, duration, gen_params, sample_fn=sampler_for(model, quantize), progress=progress
+            model,
+            attributes,
+            None,
+            duration,
+            gen_params,
+            sample_fn=sampler_for(model, sampler_precision),
+            progress=progress,
         )
         return decode(model, tokens)
     finally:

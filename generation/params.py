@@ -11,6 +11,10 @@ DEFAULT_BASE = "stereo-melody-large"
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 MAX_DURATION = 300
 MAX_OUTPUTS = 8  # with guidance 16 sequences per step; memory grows with it (checked against free memory too)
+# The token sampler's precision (generation/fast.py), for predict and for the trainer's generations alike. `auto`:
+# int8 weights on CPU (next-token KL ~0.0007 nats vs fp32, ~7x audiocraft's speed; docs/speed.md), fp16 on CUDA
+# (audiocraft's own GPU precision); `none`: the LM's own precision, the exact tokens of audiocraft's generate.
+SAMPLER_PRECISIONS = ("auto", "int8", "bf16", "fp16", "none")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,12 @@ class PredictParams:
     )
     classifier_free_guidance: float = param(
         3.0, "Increases the influence of inputs on the output. Higher: closer to the inputs, less diverse.", ge=0
+    )
+    sampler_precision: str = param(
+        "auto",
+        "Precision of the token sampler: auto (int8 on CPU, fp16 on GPU), int8 (CPU only), bf16, fp16, or none (the "
+        "model's own precision: exactly audiocraft's tokens).",
+        choices=SAMPLER_PRECISIONS,
     )
     output_format: str = param("wav", "Output format for the generated audio.", choices=("wav", "mp3"))
     seed: int | None = param(None, "Seed for the random number generator. Empty or -1: a random seed.", ge=-1)

@@ -107,3 +107,16 @@ def test_a_training_only_model_version_is_refused_for_prediction_naming_the_fix(
 
     with pytest.raises(InputError, match="model_version.*replicate_weights"):
         validate_request(from_kwargs(PredictParams, model_version="tiny-micro"), None)
+
+
+def test_setup_reads_the_deployment_environment(monkeypatch):
+    """MGFT_PRELOAD and MGFT_WEIGHTS_MIN_FREE_GB are read by predict.py's setup (the entry point) and passed on."""
+    monkeypatch.setenv("MGFT_PRELOAD", "tiny")
+    monkeypatch.setenv("MGFT_WEIGHTS_MIN_FREE_GB", "2.5")
+    predictor = Predictor()
+    predictor.setup()
+    assert predictor.generator.min_free_bytes == int(2.5 * 2**30)
+    assert predictor.generator.loaded_weights is None and predictor.generator._model.name == "tiny"
+    monkeypatch.setenv("MGFT_PRELOAD", "")
+    predictor.setup()
+    assert predictor.generator._model is None

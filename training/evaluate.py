@@ -518,9 +518,11 @@ def audio_prompts(clips: tp.Sequence[tp.Any], n: int = AUDIO_PROMPTS) -> list[st
     return [distinct[i % len(distinct)] for i in range(n)]
 
 
-def generate_for_check(model: tp.Any, prompts: list[str], seconds: float, seed: int) -> torch.Tensor:
+def generate_for_check(
+    model: tp.Any, prompts: list[str], seconds: float, seed: int, sampler_precision: str
+) -> torch.Tensor:
     """`[B, C, T]` CPU float audio from `prompts` with predict's sampler, seeded; the caller's RNG states kept."""
-    from generation.generate import generate_audio, quantize_setting
+    from generation.generate import generate_audio
     from training.melody import restore_for_generation
 
     restore_for_generation(model.lm)
@@ -528,7 +530,7 @@ def generate_for_check(model: tp.Any, prompts: list[str], seconds: float, seed: 
         torch.manual_seed(seed)
         state = random.getstate()
         try:
-            wav = generate_audio(model, prompts, seconds, quantize=quantize_setting())
+            wav = generate_audio(model, prompts, seconds, sampler_precision=sampler_precision)
         finally:
             random.setstate(state)
     return wav.float().cpu()
@@ -544,7 +546,8 @@ def base_reference(model: tp.Any, held_out: tp.Sequence[tp.Any], params: tp.Any)
         "prompts": prompts,
         "seconds": float(params.sample_duration),
         "seed": int(params.seed),
-        "base": generate_for_check(model, prompts, params.sample_duration, params.seed),
+        "sampler_precision": params.sampler_precision,  # the fine-tuned samples are drawn at the same
+        "base": generate_for_check(model, prompts, params.sample_duration, params.seed, params.sampler_precision),
         "validation_clips": [str(c.path) for c in held_out],
     }
 
@@ -558,7 +561,9 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
     from evaluation.frechet import embedding_frechet
 
     compression, sample_rate = model.compression_model, int(model.sample_rate)
-    tuned = generate_for_check(model, reference["prompts"], reference["seconds"], reference["seed"])
+    tuned = generate_for_check(
+        model, reference["prompts"], reference["seconds"], reference["seed"], reference["sampler_precision"]
+    )
     held = np.concatenate([encodec_latents(compression, *load_audio(p)) for p in reference["validation_clips"]])
     base = [encodec_latents(compression, w, sample_rate) for w in reference["base"]]
     mine = [encodec_latents(compression, w, sample_rate) for w in tuned]

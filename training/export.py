@@ -20,6 +20,7 @@ from core import weights
 from core.audio import save_audio
 from core.errors import InputError
 from core.params import secret_fields
+from generation.generate import generate_audio, resolved_precision
 from training import checkpoint as ckpt
 from training.data import ClipTokens
 from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, finished_state, resume_hint
@@ -72,17 +73,15 @@ def sample_descriptions(clips: tp.Sequence[ClipTokens], n: int = N_SAMPLES) -> l
 
 
 @torch.no_grad()
-def generate_samples(model: tp.Any, descriptions: list[str], duration: float) -> list[bytes]:
+def generate_samples(model: tp.Any, descriptions: list[str], duration: float, sampler_precision: str) -> list[bytes]:
     """WAV bytes of one sample per description, generated with `model` (its LM already holds the trained weights,
     LoRA adapters included), in one batch through predict's sampler (`generation.generate.generate_audio`)."""
-    from generation.generate import generate_audio, quantize_setting
-
     restore_for_generation(model.lm)
     # The samples preview what predict will make of these weights, so they take predict's sampler and precision
-    # (MGFT_QUANTIZE, default `auto`: int8 on CPU, ~7x faster than audiocraft's generate at a next-token KL of
+    # (`sampler_precision`, default `auto`: int8 on CPU, ~7x faster than audiocraft's generate at a next-token KL of
     # ~0.0007 nats vs fp32, far below the sampling's own randomness; fp16 on CUDA). The int8/fp16 copy is built
     # from the trained weights for this call only; the training model is not modified.
-    wav = generate_audio(model, descriptions, duration, quantize=quantize_setting())  # [B, C, T]
+    wav = generate_audio(model, descriptions, duration, sampler_precision=sampler_precision)  # [B, C, T]
     out = []
     for one in wav:
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +131,8 @@ def export_trained_model(
         "labels": label_vocabulary(clips, dataset_report),
         "descriptions": sorted({c.description for c in clips if c.description})[:200],
         "ema": params.ema,
+        # What the samples and the prior-preservation examples were drawn at (`auto` resolved for the device).
+        "sampler_precision": resolved_precision(model, params.sampler_precision),
         "training": {
             "steps": result.steps,
             "clips": len(clips),
@@ -186,7 +187,8 @@ def _write(
         model.lm.load_state_dict(result.state_dict)
         descriptions = sample_descriptions(clips)
         logger.info("Generating %d samples of %.1f s: %s", len(descriptions), params.sample_duration, descriptions)
-        for i, data in enumerate(generate_samples(model, descriptions, params.sample_duration)):
+        samples = generate_samples(model, descriptions, params.sample_duration, params.sampler_precision)
+        for i, data in enumerate(samples):
             extra[f"samples/sample_{i}.wav"] = data
         finetune["samples"] = [
             {"file": f"samples/sample_{i}.wav", "description": d} for i, d in enumerate(descriptions)

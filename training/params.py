@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from core.catalogue import FINE_TUNED, METHODS, MODEL_VERSION_CHOICES, TRAINABLE_VERSIONS
 from core.params import InputError, param
+from generation.params import SAMPLER_PRECISIONS
 
 __all__ = [
     "TrainParams",
@@ -168,6 +169,13 @@ class TrainParams:
         "weights (samples/*.wav). 0: none.",
         ge=0.0,
         le=30.0,
+    )
+    sampler_precision: str = param(
+        "auto",
+        "Precision of the token sampler for the samples put in the weights, the prior-preservation examples and the "
+        "evaluation's samples (as predict's sampler_precision): auto (int8 on CPU, fp16 on GPU), int8 (CPU only), "
+        "bf16, fp16, or none (the model's own precision: exactly audiocraft's tokens).",
+        choices=SAMPLER_PRECISIONS,
     )
     method: str = param(
         "full",

@@ -24,6 +24,7 @@ import torch
 from core import versions
 from core.devices import default_device
 from core.params import InputError, from_kwargs
+from generation.request import check_sampler_precision
 from preprocessing import PrepareParams, load_prepared, prepare
 from training import checkpoint as ckpt
 from training import dist as dist_mod
@@ -61,6 +62,7 @@ def check_inputs(params: TrainParams) -> dict | None:
     evaluation.check(params)  # validation_split / validation_path and friends (training/evaluate.py)
     device = default_device()
     resolve_precision(params.precision, device)
+    check_sampler_precision(params.sampler_precision, device)  # int8 samples need the CPU
     publish.check_inputs(params)  # wandb key, hf_repo_id + hf_token
     if params.resume_from:
         state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from), mmap=True)

@@ -282,7 +282,7 @@ def test_lru_eviction_keeps_free_space_and_the_loaded_weights(cache, tmp_path, c
 
 
 def test_min_free_env(monkeypatch):
-    from generation.generate import min_free_setting
+    from predict import min_free_setting  # the entry point reads the environment
 
     assert min_free_setting() == 10 * 2**30
     monkeypatch.setenv("MGFT_WEIGHTS_MIN_FREE_GB", "2.5")

@@ -14,15 +14,9 @@ import soundfile as sf
 import torch
 
 from core.params import InputError, from_kwargs
-from generation.generate import (
-    Generator,
-    ModelKey,
-    check_batch_memory,
-    generate_tokens,
-    kv_cache_bytes,
-    write_outputs,
-)
+from generation.generate import Generator, ModelKey, generate_tokens, write_outputs
 from generation.params import PredictParams
+from generation.request import check_batch_memory, kv_cache_bytes
 from tests.helpers import write_wav
 
 SR = 32000

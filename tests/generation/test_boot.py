@@ -207,12 +207,12 @@ def test_preload_of_a_cached_model_asks_no_hub(tmp_path, blackhole):
         from generation.generate import Generator
         generator = Generator(device="cpu")
         start = time.monotonic()
-        generator.preload()
+        generator.preload("small")
         print(f"PRELOAD_SECONDS {time.monotonic() - start:.3f}")
         print("LOADED", generator._model.name, generator._model.lm.n_q)
         """
     )
-    env = child_env(tmp_path, HF_ENDPOINT=blackhole, MGFT_CACHE=str(tmp_path / "mgft"), MGFT_PRELOAD="small")
+    env = child_env(tmp_path, HF_ENDPOINT=blackhole, MGFT_CACHE=str(tmp_path / "mgft"))
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )

@@ -166,6 +166,7 @@ def test_bad_inputs_name_the_input(generator, tmp_path, kw, name):
         ({"top_p": float("nan")}, "top_p"),
         ({"classifier_free_guidance": float("nan")}, "classifier_free_guidance"),
         ({"classifier_free_guidance": float("inf")}, "classifier_free_guidance"),
+        ({"sampler_precision": "fp8"}, "sampler_precision"),
     ],
 )
 def test_out_of_range_inputs_are_refused_before_loading(kw, name):
@@ -186,3 +187,34 @@ def test_output_formats(generator, tmp_path):
     assert (info.samplerate, info.channels, info.frames) == (SR, 2, SR)
     decoded, sr = sf.read(str(mp3))
     assert sr == SR and decoded.shape[1] == 2 and decoded.shape[0] >= SR
+
+
+def test_sampler_precision_reaches_the_sampler():
+    """`none`: exactly the tokens of audiocraft's own `LMModel.generate` with the same seed; `int8` (the CPU's
+    `auto`): the quantized path's, which differ. One sampler is kept, at the last request's precision."""
+    from generation.generate import seed_everything
+    from generation.windows import lm_generate
+
+    generator = Generator(device="cpu")
+    exact_params = params(model_version="tiny", seed=5, sampler_precision="none")
+    exact = generator.generate(exact_params, progress=False)
+    assert generator.sampler().quantize is None
+    model = generator.model_for(generator_key("tiny"))
+    seed_everything(5)
+    theirs = generate_tokens(model, exact_params, None, sample_fn=lm_generate, progress=False)
+    assert torch.equal(exact.codes, theirs.cpu())
+    int8 = generator.generate(dataclasses.replace(exact_params, sampler_precision="int8"), progress=False)
+    assert generator.sampler().quantize == "int8"
+    assert not torch.equal(int8.codes, exact.codes)
+    auto = generator.generate(dataclasses.replace(exact_params, sampler_precision="auto"), progress=False)
+    assert torch.equal(auto.codes, int8.codes)  # auto is int8 on CPU
+
+
+def test_int8_on_a_gpu_is_refused_before_loading():
+    """int8 kernels are CPU-only: a GPU generator refuses the request naming the input, before any model loads
+    (so this runs without a GPU)."""
+    generator = Generator(device="cuda")
+    with pytest.raises(InputError) as err:
+        generator.generate(params(model_version="tiny", sampler_precision="int8"), progress=False)
+    assert err.value.name == "sampler_precision" and "fp16" in str(err.value)
+    assert generator._model is None

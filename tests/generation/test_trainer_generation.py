@@ -2,7 +2,8 @@
 prior-preservation examples (`training.methods.prior.generate_prior_clips`) via `generation.generate.generate_audio`.
 
 The proof is in the tokens: with the same seed, what they write is exactly the int8 fast path's output
-(`generation.fast.generate_tokens(..., quantize='int8')`, decoded), which differs from audiocraft's fp32 generate.
+(`generation.fast.generate_tokens(..., quantize='int8')`, decoded), which differs from audiocraft's fp32 generate;
+with the training input `sampler_precision=none` it is audiocraft's own output.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ FRAMES = 25
 
 
 @pytest.fixture(autouse=True)
-def default_precision(monkeypatch):
-    """The trainer follows MGFT_QUANTIZE like predict; unset, it is `auto` = int8 on this CPU."""
-    monkeypatch.delenv("MGFT_QUANTIZE", raising=False)
+def keep_random_state():
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     yield
     random.setstate(states[0])
@@ -61,7 +60,7 @@ def test_generate_audio_is_the_fast_path_and_leaves_the_lm_as_it_was():
     lm.train()
     descriptions = ["calm piano", ""]
     torch.manual_seed(11)
-    ours = generate_audio(model, descriptions, SECONDS, quantize="int8")
+    ours = generate_audio(model, descriptions, SECONDS, sampler_precision="int8")
     assert lm.training  # back in training mode
     assert ours.shape == (2, 1, int(SECONDS * model.sample_rate))
     lm.eval()
@@ -69,7 +68,7 @@ def test_generate_audio_is_the_fast_path_and_leaves_the_lm_as_it_was():
     assert torch.equal(ours, decode(model, int8))
     # Exact precision: audiocraft's own tokens (the fast path in fp32 is token-identical to LMModel.generate).
     torch.manual_seed(11)
-    exact = generate_audio(model, descriptions, SECONDS, quantize=None)
+    exact = generate_audio(model, descriptions, SECONDS, sampler_precision="none")
     theirs = audiocraft_tokens(model, descriptions, 11)
     assert torch.equal(exact, decode(model, theirs))
     assert not torch.equal(int8, theirs)  # so the first comparison really singles out the int8 path
@@ -92,7 +91,7 @@ def test_report_samples_go_through_the_fast_path_with_lora(tmp_path):
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     descriptions = ["sks, warm bass", "sks"]
     torch.manual_seed(5)
-    samples = generate_samples(model, descriptions, SECONDS)
+    samples = generate_samples(model, descriptions, SECONDS, "auto")  # the default: int8 on this CPU
     assert lm.training
     assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())
     lm.eval()
@@ -125,4 +124,31 @@ def test_prior_examples_go_through_the_fast_path(tmp_path):
         written, sr = sf.read(str(clip.path), always_2d=True)
         reference, _ = sf.read(io.BytesIO(wav_bytes(wav, model.sample_rate, tmp_path)), always_2d=True)
         assert sr == 32000 and written.shape == (int(SECONDS * sr), 1)
+        np.testing.assert_array_equal(written, reference)
+
+
+def test_prior_examples_follow_sampler_precision_and_are_cached_apart(tmp_path):
+    """`sampler_precision=none`: the examples are audiocraft's own fp32 samples, under other cache names than the
+    default's int8 ones (a cache made at one precision is never reused for another)."""
+    from preprocessing import load_prepared
+    from training.methods import prior
+
+    dataset = make_prepared(tmp_path / "prepared", [{"seconds": 2.0, "freq": 220.0, "description": "zzq calm piano"}])
+    clips = load_prepared(dataset).clips
+    model = load_musicgen("tiny", "cpu")
+    cache = tmp_path / "prior"
+    runs = {}
+    for precision in ("auto", "none"):
+        params = tiny_params(dataset, prior_preservation=True, class_samples=1, sampler_precision=precision)
+        runs[precision] = prior.generate_prior_clips(model, clips, params, cache, DistInfo(), SECONDS)
+    auto_files = {c.path.name for c in runs["auto"]}
+    exact_files = {c.path.name for c in runs["none"]}
+    assert len(exact_files) == 2 and not auto_files & exact_files
+    assert len(list(cache.glob("*.wav"))) == 4  # the int8 examples are still there, the fp32 ones beside them
+    prompts = [c.description for c in runs["none"]]
+    model.lm.eval()
+    expected = decode(model, audiocraft_tokens(model, prompts, params.seed * 1000))
+    for clip, wav in zip(runs["none"], expected, strict=True):
+        written, _ = sf.read(str(clip.path), always_2d=True)
+        reference, _ = sf.read(io.BytesIO(wav_bytes(wav, model.sample_rate, tmp_path)), always_2d=True)
         np.testing.assert_array_equal(written, reference)

@@ -72,6 +72,8 @@ def test_prior_examples_are_generated_cached_trained_and_listed(dataset, tmp_pat
         assert sr == 32000 and len(audio) == 64000 and np.abs(audio).max() > 0  # 2 s: the crop length
     assert info["descriptions"] == ["zzq calm piano", "zzq fast drums"]  # the report describes the user's clips
     assert info["training"]["clips"] == 2
+    # the samples and prior examples were drawn at the default sampler_precision: auto, which is int8 on this CPU
+    assert info["sampler_precision"] == "int8" and info["training_inputs"]["sampler_precision"] == "auto"
 
     history = ckpt.load_checkpoint(ckpt.find_checkpoint(out / "checkpoints"))["history"]
     assert any("loss_instance" in h for h in history) and any("loss_prior" in h for h in history)

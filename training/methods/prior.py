@@ -3,11 +3,11 @@
 Before training, the *base* model generates examples the fine-tune should not forget, as the DreamBooth-for-MusicGen
 recipe does: per training track, `class_samples` from its class prompt (`class_prompt`, or the track's labels
 without the trigger: genre, moods, instruments, else its description without the trigger) and `dissimilar_samples`
-from prompts of genres the dataset does not have (`metadata.GENRES`). They are decoded to WAV files, cached
-(`cache/prior/`, keyed by model, prompt, length and seed: a rerun reuses them), and enter training as ordinary
-clips (tokens encoded once; melody models get their chroma like any clip), flagged `info["prior"]`. The loss of a
-batch is split: `instance + prior_loss_weight x prior` (`training.loop.TrainStep`), both logged; the generated
-examples are listed in `finetune.json` (`prior_examples`).
+from prompts of genres the dataset does not have (`metadata.GENRES`), with predict's sampler at `sampler_precision`.
+They are decoded to WAV files, cached (`cache/prior/`, keyed by model, prompt, length, seed and the sampler's
+precision: a rerun reuses them), and enter training as ordinary clips (tokens encoded once; melody models get their
+chroma like any clip), flagged `info["prior"]`. The loss of a batch is split: `instance + prior_loss_weight x prior`
+(`training.loop.TrainStep`), both logged; the generated examples are listed in `finetune.json` (`prior_examples`).
 """
 
 from __future__ import annotations
@@ -105,8 +105,11 @@ def plan_prompts(clips: tp.Sequence[tp.Any], params: tp.Any) -> list[dict[str, s
     return plan
 
 
-def _key(model_version: str, prompt: str, seconds: float, seed: int) -> str:
-    return hashlib.sha256(f"{model_version}|{prompt}|{seconds:.3f}|{seed}".encode()).hexdigest()[:24]
+def _key(model_version: str, prompt: str, seconds: float, seed: int, precision: str) -> str:
+    """The cache name of one example: everything its audio depends on, the sampler's precision included (int8 and
+    fp16 draw different examples from the same seed)."""
+    text = f"{model_version}|{prompt}|{seconds:.3f}|{seed}|{precision}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def generate_prior_clips(
@@ -114,33 +117,36 @@ def generate_prior_clips(
 ) -> list[tp.Any]:
     """Generate (rank 0; cached) and return the prior examples as preprocessing `PreparedClip`s."""
     from core.audio import save_audio
-    from generation.generate import generate_audio, quantize_setting
+    from generation.generate import generate_audio, resolved_precision
     from preprocessing import PreparedClip
     from training.melody import restore_for_generation
 
     plan = plan_prompts(clips, params)
+    # Predict's sampler at `sampler_precision` (`auto`: int8 on CPU / fp16 on CUDA): the examples are samples of the
+    # base model's distribution, which int8 keeps within ~0.0007 nats/token of fp32 (far below the sampling's own
+    # randomness) at ~7x audiocraft's speed on CPU, where generating them dominates set-up.
+    precision = resolved_precision(model, params.sampler_precision)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(plan):
         item["seed"] = params.seed * 1000 + i
-        item["file"] = str(cache_dir / f"{_key(str(params.model_version), item['prompt'], seconds, item['seed'])}.wav")
+        key = _key(str(params.model_version), item["prompt"], seconds, item["seed"], precision)
+        item["file"] = str(cache_dir / f"{key}.wav")
     todo = [item for item in plan if not Path(item["file"]).is_file()]
     if dist.is_main and todo:
         logger.info(
-            "Prior preservation: generating %d of %d examples of %.1f s with the base model (%d cached)",
+            "Prior preservation: generating %d of %d examples of %.1f s with the base model (sampler %s; %d cached)",
             len(todo),
             len(plan),
             seconds,
+            precision,
             len(plan) - len(todo),
         )
         restore_for_generation(model.lm)
-        # Predict's sampler and precision (MGFT_QUANTIZE, default int8 on CPU / fp16 on CUDA): the examples are
-        # samples of the base model's distribution, which int8 keeps within ~0.0007 nats/token of fp32 (far below
-        # the sampling's own randomness) at ~7x audiocraft's speed on CPU, where generating them dominates set-up.
-        quantize = quantize_setting()
         for start in range(0, len(todo), MAX_GENERATE_BATCH):
             chunk = todo[start : start + MAX_GENERATE_BATCH]
             torch.manual_seed(chunk[0]["seed"])
-            wav = generate_audio(model, [c["prompt"] for c in chunk], seconds, quantize=quantize)  # [B, C, T]
+            prompts = [c["prompt"] for c in chunk]
+            wav = generate_audio(model, prompts, seconds, sampler_precision=precision)  # [B, C, T]
             for item, one in zip(chunk, wav, strict=True):
                 tmp = Path(item["file"]).with_suffix(".tmp.wav")
                 save_audio(tmp, one.float().cpu(), model.sample_rate, "wav")

@@ -1,0 +1,181 @@
+"""Checks of a prediction request before any long work: `validate_request` (no model needed, before loading),
+`validate_for_model` (the loaded model, before generating), and the memory a batch of outputs needs.
+
+Each refusal is an `InputError` naming the input and the fix; what is only ignored is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from core import audio, versions
+from core.params import InputError
+from generation import style
+from generation.params import PredictParams
+from generation.windows import EXTEND_STRIDE
+from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
+
+logger = logging.getLogger(__name__)
+
+
+def bounded_prompt(params: PredictParams) -> PredictParams:
+    """The prompt cut to what MusicGen's T5 reads (512 tokens; audiocraft tokenizes untruncated, so a 100 KB prompt
+    costs tens of GB), at a word boundary, with a warning: never a silent change, never an out-of-memory kill."""
+    if not params.prompt or len(params.prompt) <= MAX_DESCRIPTION_CHARS:
+        return params
+    short = shorten(params.prompt)
+    logger.warning(
+        "prompt is %d characters; the text encoder reads at most 512 tokens: using its first %d (%r...)",
+        len(params.prompt),
+        len(short),
+        short[:60],
+    )
+    return dataclasses.replace(params, prompt=short)
+
+
+def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
+    if not params.input_audio:
+        return None
+    try:
+        return audio.load_audio(params.input_audio)
+    except audio.AudioDecodeError as e:
+        raise InputError("input_audio", f"{e}. Give a wav, mp3, flac, ogg, m4a or aiff file.") from None
+
+
+def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int] | None) -> None:
+    """Checks that need no model (run before any loading)."""
+    if params.model_version in versions.SCRATCH_VERSIONS and not params.replicate_weights:
+        raise InputError(
+            "model_version",
+            f"{params.model_version} is an architecture that train.py trains from scratch, not a model to generate "
+            "with: pass the trained_model.tar of such a training as replicate_weights, or choose another model_version",
+        )
+    if params.continuation and input_audio is None:
+        raise InputError("continuation", "continuation=true needs an input_audio to continue")
+    if input_audio is None:
+        for name in ("continuation_end",):
+            if getattr(params, name) is not None:
+                logger.warning("%s is ignored without input_audio", name)
+        return
+    wav, sr = input_audio
+    length = wav.shape[-1] / sr
+    if params.continuation:
+        end = params.continuation_end if params.continuation_end is not None else length
+        if params.continuation_end is not None and params.continuation_end > length + 1e-6:
+            raise InputError(
+                "continuation_end",
+                f"{params.continuation_end} s is past the end of input_audio ({length:.2f} s); use at most "
+                f"{int(length)} or leave it empty",
+            )
+        if params.continuation_start >= end:
+            raise InputError(
+                "continuation_start",
+                f"{params.continuation_start} s must be before continuation_end ({end:.2f} s)",
+            )
+        if end - params.continuation_start >= params.duration:
+            raise InputError(
+                "duration",
+                f"{params.duration} s must be longer than the continued section of input_audio "
+                f"({end - params.continuation_start:.2f} s): raise duration or shorten the section",
+            )
+    elif params.continuation_end is not None or params.continuation_start:
+        logger.warning("continuation_start/continuation_end are ignored when continuation=false")
+
+
+def is_melody_model(model) -> bool:
+    return "self_wav" in model.lm.condition_provider.conditioners
+
+
+def validate_for_model(params: PredictParams, model, input_audio: tuple[torch.Tensor, int] | None) -> None:
+    """Checks that depend on the loaded model (still before any generation)."""
+    card = model.lm.card
+    if params.prompt and params.prompt.strip() and not model.lm.condition_provider.conditioners:
+        logger.warning("This model is unconditional (trained from scratch without text): the prompt is ignored")
+    if params.top_k > card:
+        raise InputError("top_k", f"{params.top_k} exceeds this model's codebook size ({card}); use at most {card}")
+    if input_audio is not None and not params.continuation and not is_melody_model(model):
+        raise InputError(
+            "input_audio",
+            f"melody conditioning needs a melody model (melody, melody-large, stereo-melody, ...), and {model.name} "
+            "is not one: set continuation=true to continue the audio instead, or pick a melody model_version",
+        )
+    if params.duration > model.max_duration and model.max_duration <= EXTEND_STRIDE:
+        raise InputError(
+            "duration",
+            f"this model generates at most {model.max_duration:.0f} s per window, too short for windowed "
+            f"generation; use duration <= {int(model.max_duration)}",
+        )
+    check_batch_memory(params, model)
+
+
+def kv_cache_bytes(model, duration: float, num_outputs: int) -> int:
+    """Estimated bytes of the sampler's attention cache for `num_outputs` outputs of `duration` seconds.
+
+    Keys and values `[rows, heads, steps, head_dim]` per layer, where rows = num_outputs x 2 (conditional and
+    unconditional; x 3 for MusicGen-Style's double guidance) and steps = one window (at most `max_duration`) plus
+    the frames a melody's chroma prepends. This is what grows with `num_outputs`; the weights do not.
+    """
+    lm = model.lm
+    window = min(float(duration), float(model.max_duration))
+    steps = int(window * model.frame_rate) + lm.num_codebooks  # + the delay pattern's extra steps
+    chroma = dict(lm.condition_provider.conditioners.items()).get("self_wav")  # a ModuleDict has no .get
+    factor = getattr(chroma, "_downsampling_factor", None)
+    if callable(factor) and not style.is_style_model(model):
+        steps += int(window * model.sample_rate / factor())
+    rows = num_outputs * (3 if style.is_style_model(model) else 2 if lm.condition_provider.conditioners else 1)
+    dtype = next(iter(lm.parameters())).dtype
+    itemsize = 2 if str(model.device).startswith("cuda") else torch.empty((), dtype=dtype).element_size()
+    return 2 * len(lm.transformer.layers) * rows * steps * lm.dim * itemsize
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Free bytes where the sampler allocates: CUDA free memory, or the host's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_batch_memory(params: PredictParams, model, available: int | None = None) -> None:
+    """Refuse a `num_outputs` whose attention cache cannot fit in free memory (before any generation).
+
+    Only batches are checked (num_outputs > 1): one output is what the model is for, and the estimate is a bound.
+    `available`: free bytes (default: measured on the model's device).
+    """
+    if params.num_outputs <= 1:
+        return
+    available = available_memory(model.device) if available is None else available
+    if available is None:
+        return
+    budget = 0.8 * available  # leave room for activations, decoding and the rest of the process
+    need = kv_cache_bytes(model, params.duration, params.num_outputs)
+    if need <= budget:
+        return
+    per_output = kv_cache_bytes(model, params.duration, 1)
+    fits = int(budget // per_output)
+    fix = f"use num_outputs <= {fits}" if fits >= 1 else "use num_outputs=1"
+    raise InputError(
+        "num_outputs",
+        f"{params.num_outputs} outputs of {min(params.duration, model.max_duration):.0f} s windows need about "
+        f"{need / 2**30:.1f} GiB of attention cache on {model.device}, and about {available / 2**30:.1f} GiB is "
+        f"free: {fix}, or run several predictions",
+    )
+
+
+def check_sampler_precision(sampler_precision: str, device: str | torch.device) -> None:
+    """`int8` runs on CPU only (its kernels are fbgemm/oneDNN's): refused, naming the fix, for a model on a GPU."""
+    if sampler_precision == "int8" and torch.device(device).type != "cpu":
+        raise InputError(
+            "sampler_precision",
+            f"int8 runs on CPU only and the model is on {device}: use auto (fp16 there), fp16, bf16 or none",
+        )
