@@ -391,17 +391,6 @@ def _decode_data_uri(uri: str, label: str) -> bytes:
         raise WeightsError(f"Weights {label}: the data: URI's base64 payload does not decode ({e}).") from None
 
 
-def fetch(
-    weights: str | os.PathLike[str],
-    *,
-    keep: tp.Iterable[str | Path] = (),
-    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
-    free_bytes: FreeBytes | None = None,
-) -> Path:
-    """The weights folder for any reference `classify` accepts (alias of `unpack`)."""
-    return unpack(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
-
-
 def unpack(
     weights: str | os.PathLike[str],
     *,
@@ -492,6 +481,9 @@ def unpack(
     _extract(path, source.label, folder)
     _write_source(folder, {"label": source.label, "kind": "path"})
     return folder
+
+
+fetch = unpack  # the weights folder for any reference `classify` accepts, under its other name
 
 
 def _write_source(folder: Path, info: dict[str, tp.Any]) -> None:

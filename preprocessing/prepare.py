@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from core.audio import AudioDecodeError, load_audio, resample_fast
 from core.params import InputError
-from preprocessing import analysis, captions, descriptions
+from preprocessing import analysis, captions, descriptions, vocals
 from preprocessing.clips import (
     MAX_NAME_BYTES,
     SILENCE_DBFS,
@@ -56,8 +56,6 @@ from preprocessing.unpack import Limits, Skipped, Unpacked, unpack
 
 if tp.TYPE_CHECKING:
     import torch
-
-    from preprocessing.vocals import VocalRemover
 
 logger = logging.getLogger(__name__)
 
@@ -278,12 +276,10 @@ def _claim_work_folders(params: PrepareParams, folder: Path, scratch: Path, unpa
     _mark(scratch)
 
 
-def _vocal_remover(params: PrepareParams, scratch: Path) -> VocalRemover | None:
+def _vocal_remover(params: PrepareParams, scratch: Path) -> vocals.VocalRemover | None:
     """The vocal remover with `drop_vocals` (raises `ModelUnavailableError` without its weights), else None."""
     if not params.drop_vocals:
         return None
-    from preprocessing import vocals  # demucs (and its model) only when vocals are dropped
-
     device = vocals.pick_device(params.device)
     return vocals.VocalRemover(vocals.resolve_repo(params.demucs_repo, scratch), device)
 
@@ -340,7 +336,7 @@ class _Run:
 # ------------------------------------------------------------------------------------------------ one track
 
 
-def _prepare_track(rel: str, run: _Run, remover: VocalRemover | None) -> _Track | None:
+def _prepare_track(rel: str, run: _Run, remover: vocals.VocalRemover | None) -> _Track | None:
     """Decode, (separate with `remover`), resample, cut and write the clips of track `rel`; None when it is
     skipped (logged, and recorded in `run.skipped`)."""
     decoded = _decode(rel, run)
@@ -394,7 +390,7 @@ def _decode(rel: str, run: _Run) -> tuple[torch.Tensor, int, float] | None:
 
 
 def _separate_and_resample(
-    rel: str, wav: torch.Tensor, sr: int, remover: VocalRemover | None, run: _Run
+    rel: str, wav: torch.Tensor, sr: int, remover: vocals.VocalRemover | None, run: _Run
 ) -> np.ndarray | None:
     """`[T, C]` at 32 kHz, at most two channels, vocals removed with a remover; None when nothing is left."""
     if wav.shape[0] > 2:

@@ -23,6 +23,7 @@ from core.params import secret_fields
 from generation.generate import generate_audio, resolved_precision
 from training import checkpoint as ckpt
 from training.data import ClipTokens
+from training.evaluate import audio_check
 from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, finished_state, resume_hint
 from training.melody import restore_for_generation
 from training.methods import get_method
@@ -36,12 +37,14 @@ __all__ = [
     "label_vocabulary",
     "generate_samples",
     "N_SAMPLES",
+    "TAR_NAME",
     "ExportFailed",
     "check_output_dir",
     "check_exported_finite",
     "keep_trained_state",
 ]
 
+TAR_NAME = "trained_model.tar"
 N_SAMPLES = 2
 VOCAB_FIELDS = ("genre", "moods", "instrument", "key", "keywords")
 
@@ -195,8 +198,6 @@ def _write(
         ]
     comparison = None  # base vs fine-tuned samples of held-out prompts (training/evaluate.py: audio_check)
     if audio_reference is not None and finetune.get("validation") is not None and params.sample_duration > 0:
-        from training.evaluate import audio_check
-
         check = audio_check(model, audio_reference, clips)  # the LM holds the exported weights (loaded above)
         comparison = check.pop("audio")
         finetune["validation"]["audio"] = finite_json(check)
@@ -238,8 +239,6 @@ def check_output_dir(output_dir: str | Path) -> Path:
     """`output_dir` and every folder the trainer writes in it (checkpoints/, work/, cache/) are folders we can
     write to, before any work: creates `output_dir`; a file in the way or a read-only folder is an InputError
     naming `output_dir` and the fix (not a traceback after the dataset was prepared, or after the training)."""
-    from training.run import TAR_NAME  # (run imports this module lazily: no cycle at import time)
-
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise InputError("output_dir", f"{folder} is a file, not a folder; give a folder (created if missing)")

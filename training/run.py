@@ -32,6 +32,7 @@ from training import evaluate as evaluation
 from training import publish
 from training.data import ClipTokens, TokenDataset, encode_clips
 from training.dist import DistInfo
+from training.export import TAR_NAME, check_output_dir, export_trained_model
 from training.loop import RunPlan, TrainingInterrupted, check_resume_compatible, plan_run, resolve_precision, train_loop
 from training.melody import melody_conditioners, prepare_melody_training
 from training.methods import check_inputs as check_method_inputs
@@ -51,7 +52,6 @@ __all__ = [
     "TAR_NAME",
 ]
 
-TAR_NAME = "trained_model.tar"
 PARAMS_FILE = "train_params.json"
 
 
@@ -91,8 +91,6 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
     `nproc`: training processes; default one per visible GPU. More than one runs under torchrun (DDP or FSDP, see
     the `parallel` input); this process then only prepares the dataset and waits.
     """
-    from training.export import check_output_dir
-
     check_inputs(params)
     output_dir = check_output_dir(output_dir)  # a file or a read-only folder: refused before any work
     dataset = prepare_dataset(params, output_dir / "work")
@@ -241,8 +239,6 @@ def run_worker(
 ) -> Path | None:
     """One training process: set up, train, and (rank 0) export. Returns the tar path on rank 0, else None.
     `validation`: validation_path's prepared dataset (None: a share of `dataset`'s tracks, or no validation)."""
-    from training.export import export_trained_model
-
     own_group = dist is None
     dist = dist or dist_mod.init()
     # The loop, its checkpoints and the export get the inputs without the secrets: nothing they write can hold one.
