@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from audiocraft.models import MusicGen
 
 from core import tiny
@@ -29,6 +28,7 @@ from core.catalogue import (
     TINY_VERSIONS,
     TRAINABLE_VERSIONS,
 )
+from core.devices import default_device
 from core.errors import ModelUnavailableError
 from core.hub import hf_cache_hint, hub_cached, hub_offline
 from core.style import is_style_folder, load_style_musicgen
@@ -150,7 +150,3 @@ def describe_load_failure(source: ModelSource, error: Exception) -> str:
         f"Could not load model {source.name!r} from {source.location}: {reason}. The folder must hold "
         f"{' and '.join(CHECKPOINT_FILES)} in audiocraft's format (see README, 'Weights format')."
     )
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
