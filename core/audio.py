@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("wav", "mp3")
@@ -43,6 +45,17 @@ def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
     if not torch.isfinite(wav).all():
         raise AudioDecodeError(f"{path.name}: the audio holds NaN or infinite samples")
     return wav, int(sr)
+
+
+def load_audio_input(name: str, path: str | Path | None) -> tuple[torch.Tensor, int] | None:
+    """The audio file of the request input `name` (`input_audio`, `style_audio`), or None when it is not given; a
+    file that does not decode is an `InputError` naming the input and the formats that work."""
+    if not path:
+        return None
+    try:
+        return load_audio(path)
+    except AudioDecodeError as e:
+        raise InputError(name, f"{e}. Give a wav, mp3, flac, ogg, m4a or aiff file.") from None
 
 
 def _load_with_av(path: Path) -> tuple[torch.Tensor, int]:

@@ -38,12 +38,7 @@ def bounded_prompt(params: PredictParams) -> PredictParams:
 
 
 def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
-    if not params.input_audio:
-        return None
-    try:
-        return audio.load_audio(params.input_audio)
-    except audio.AudioDecodeError as e:
-        raise InputError("input_audio", f"{e}. Give a wav, mp3, flac, ogg, m4a or aiff file.") from None
+    return audio.load_audio_input("input_audio", params.input_audio)
 
 
 def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int] | None) -> None:

@@ -42,12 +42,7 @@ def is_style_model(model) -> bool:
 
 
 def load_style_audio(params: PredictParams) -> Audio | None:
-    if not params.style_audio:
-        return None
-    try:
-        return audio.load_audio(params.style_audio)
-    except audio.AudioDecodeError as e:
-        raise InputError("style_audio", f"{e}. Give a wav, mp3, flac, ogg, m4a or aiff file.") from None
+    return audio.load_audio_input("style_audio", params.style_audio)
 
 
 def validate_request(params: PredictParams, style_audio: Audio | None) -> None:
