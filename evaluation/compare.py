@@ -7,6 +7,8 @@ For each weights (a base version such as `small` or `tiny`, or a `trained_model.
 - `frechet`: Fréchet distance between EnCodec latents (before quantization) of samples generated from the clips'
   descriptions and of the held-out clips themselves; every model is embedded with the *first* weights' EnCodec so
   that the numbers compare (lower: closer to the held-out music);
+- `frechet_effnet`: the same in essentia's discogs-effnet space when its model file is present
+  (evaluation/effnet.py; else `frechet_effnet_skipped` says why);
 - `copy_check` (with `training`): each generated sample's nearest training clip, flagged when it is closer to it
   than training clips are to each other (`evaluation.embed.copy_check`).
 """
@@ -22,8 +24,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.audio import load_audio
 from core.devices import default_device
 from core.params import InputError
+from core.versions import load_musicgen
+from core.weights import load_trained_model
+from evaluation.effnet import effnet_frechet
+from evaluation.embed import copy_check, encodec_latents
+from evaluation.frechet import embedding_frechet
+from generation.generate import generate_audio
+from preprocessing.dataset import load_prepared
+from preprocessing.params import PrepareParams
+from preprocessing.prepare import prepare
+from training import fsdp as fsdp_mod
+from training.data import TokenDataset, encode_clips
+from training.dist import DistInfo
+from training.evaluate import EvalContext, Evaluator
+from training.loop import TrainStep
+from training.melody import melody_conditioners, prepare_melody_training
+from training.style import prepare_style_training
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +53,13 @@ def load_weights(spec: str, device: str) -> tp.Any:
     """A MusicGen from a base version name, a local model folder or a `trained_model.tar`."""
     path = Path(spec).expanduser()
     if path.is_file():
-        from core.weights import load_trained_model
-
         return load_trained_model(path, device)
-    from core.versions import load_musicgen
-
     return load_musicgen(spec, device)
 
 
 def load_dataset(spec: str, work: Path, name: str = "dataset") -> tp.Any:
     """A prepared folder as is, anything else (archive, audio file) through `preprocessing.prepare` (no vocal
     removal, no automatic labels: the tracks' own descriptions, or none)."""
-    from preprocessing import PrepareParams, load_prepared, prepare
-
     source = Path(spec).expanduser()
     if source.is_dir() and (source / "data.jsonl").is_file():
         return load_prepared(source)
@@ -62,14 +75,6 @@ def load_dataset(spec: str, work: Path, name: str = "dataset") -> tp.Any:
 
 def validation_metrics(model: tp.Any, clips: tp.Sequence[tp.Any], segment: float, work: Path, key: str) -> dict:
     """The trainer's validation metrics of `model` on prepared `clips` (one process)."""
-    from training import fsdp as fsdp_mod
-    from training.data import TokenDataset, encode_clips
-    from training.dist import DistInfo
-    from training.evaluate import EvalContext, Evaluator
-    from training.loop import TrainStep
-    from training.melody import melody_conditioners, prepare_melody_training
-    from training.style import prepare_style_training
-
     device = str(next(model.lm.parameters()).device)
     dist = DistInfo(device=device)
     compression, lm = model.compression_model, model.lm
@@ -109,8 +114,6 @@ def validation_metrics(model: tp.Any, clips: tp.Sequence[tp.Any], segment: float
 
 
 def _clip_audio(clip: tp.Any) -> tuple[torch.Tensor, int]:
-    from core.audio import load_audio
-
     return load_audio(clip.path)
 
 
@@ -126,10 +129,6 @@ def compare(
     work_dir: Path | None = None,
 ) -> dict[str, tp.Any]:
     """Every metric for every weights on `dataset`; see the module docstring."""
-    from evaluation.embed import copy_check, encodec_latents
-    from evaluation.frechet import embedding_frechet
-    from generation.generate import generate_audio
-
     if not weights:
         raise InputError("weights", "give at least one: a base version (e.g. small) or a trained_model.tar")
     device = device or default_device()
@@ -159,6 +158,12 @@ def compare(
                 wav = generate_audio(model, prompts, duration)  # [B, C, T] at the model's rate
                 generated = [encodec_latents(reference, w.float().cpu(), int(model.sample_rate)) for w in wav]
                 row["frechet"] = embedding_frechet(np.concatenate(generated), np.concatenate(clip_latents))
+                # in discogs-effnet space too when its model file is present (essentia, in its worker process)
+                held_files = [c.path for c in held_out.clips]
+                effnet = effnet_frechet({"samples": list(wav)}, int(model.sample_rate), held_files)
+                row["frechet_effnet"] = effnet.get("frechet_samples")
+                if "skipped" in effnet:
+                    row["frechet_effnet_skipped"] = effnet["skipped"]
                 row["samples"] = [{"prompt": p} for p in prompts]
                 if train_latents:
                     names = [Path(str(c.path)).name for c in train_set.clips]
@@ -178,12 +183,16 @@ def compare(
 
 def format_table(report: dict[str, tp.Any]) -> str:
     """One line per weights: validation loss (conditional, unconditional), Fréchet distance, copies."""
-    header = f"{'weights':32s} {'val_loss':>9s} {'uncond':>9s} {'frechet':>9s} {'copies':>7s}"
+    header = f"{'weights':32s} {'val_loss':>9s} {'uncond':>9s} {'frechet':>9s} {'effnet':>9s} {'copies':>7s}"
     lines = [f"held-out: {report['dataset']} ({report['clips']} clips)", header, "-" * len(header)]
     for row in report["models"]:
         frechet = f"{row['frechet']:9.3f}" if "frechet" in row else f"{'-':>9s}"
+        effnet = f"{row['frechet_effnet']:9.3f}" if row.get("frechet_effnet") is not None else f"{'-':>9s}"
         checked = row.get("copy_check")
         copies = f"{checked['copies']}/{len(checked['samples'])}" if checked else "-"
         losses = f"{row['val_loss']:9.4f} {row['val_loss_uncond']:9.4f}"
-        lines.append(f"{row['weights'][:32]:32s} {losses} {frechet} {copies:>7s}")
+        lines.append(f"{row['weights'][:32]:32s} {losses} {frechet} {effnet} {copies:>7s}")
+    skipped = next((r["frechet_effnet_skipped"] for r in report["models"] if "frechet_effnet_skipped" in r), None)
+    if skipped:
+        lines.append(f"effnet: skipped ({skipped})")
     return "\n".join(lines)

@@ -15,6 +15,12 @@
   `early_stop_patience` stops after that many evaluations without a new best. Everything is in the resume
   checkpoint (`state_dict`/`load_state_dict`).
 
+- **Forgetting** (`forgetting_check`, `general_music`): at every evaluation, the same loss on general music the base
+  model generated for other genres: prior preservation's examples of other genres when the run has them, else
+  `FORGET_PROMPTS` generated once before training (cached in `cache/forgetting/`). Reported, never used to pick
+  the best weights; flagged "forgetting up" when the fine-tuned weights' loss there exceeds the base model's by
+  more than `FORGET_RISE`.
+
 `train_loop` calls the evaluator at three points: before the first step (the base model), after every
 `eval_every` steps (0: each epoch's end) and after the last step.
 """
@@ -32,9 +38,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.audio import load_audio, save_audio
+from core.catalogue import SCRATCH_VERSIONS
 from core.params import InputError
+from evaluation.effnet import effnet_frechet
+from evaluation.embed import copy_check, encodec_latents
+from evaluation.frechet import embedding_frechet
+from generation.generate import generate_audio, resolved_precision
+from preprocessing.dataset import PreparedClip, load_prepared
+from preprocessing.params import PrepareParams
+from preprocessing.prepare import prepare
 from training.data import TokenDataset
-from training.dist import DistInfo
+from training.dist import DistInfo, barrier
+from training.melody import restore_for_generation
+from training.params import TrainParams, prepare_kwargs
+from training.report import finite_json
 from training.style import style_conditioners
 
 logger = logging.getLogger(__name__)
@@ -50,6 +68,11 @@ __all__ = [
     "select_validation",
     "prepare_validation",
     "fixed_crops",
+    "forgetting_wanted",
+    "general_music",
+    "FORGET_PROMPTS",
+    "FORGET_RISE",
+    "VALIDATION_RISE",
 ]
 
 # A share of the tracks is held out from this many tracks on: with fewer, every track is needed to train (and one
@@ -61,8 +84,31 @@ _SPLIT_STREAM = 14_000_014
 VALIDATION_WORK = "work-validation"
 EVAL_SEED = 14_000_015
 
+# "validation up": the last evaluation's loss is this share above the best one's (over-fitting, or a too high lr).
+VALIDATION_RISE = 0.05
+# "forgetting up": the fine-tuned weights' loss on general music is this share above the base model's (the
+# exported weights', or the last evaluation's). The same 5 % as "validation up": a relative rule, as the loss
+# scale differs between models (~6 nats/token for the tiny test model, less for a trained MusicGen). It separates
+# the demo runs by far (tests/training/test_validation_demo.py: at a sane lr the tiny random base's loss there
+# falls ~15 %, at an absurd lr it rises ~275 %); on a real MusicGen it is uncalibrated here (no weights offline).
+FORGET_RISE = 0.05
+# Forgetting without prior preservation: a fixed, varied set of genres, one sample each, generated once per run by
+# the base model (cache/forgetting/), of at most FORGET_SECONDS (the crop length when shorter).
+FORGET_PROMPTS = (
+    "classical music, a string quartet playing a slow romantic piece",
+    "jazz, piano trio with upright bass and brushed drums",
+    "rock, distorted electric guitars, bass guitar and loud drums",
+    "electronic dance music, four-on-the-floor kick, synth bass and bright leads",
+    "hip hop beat, boom bap drums and a sampled soul piano",
+    "acoustic folk, fingerpicked guitar and a harmonica",
+    "reggae, offbeat guitar skank and a deep bass line",
+    "ambient, slow evolving synthesizer pads",
+)
+FORGET_SECONDS = 8.0
+MAX_FORGET_CLIPS = 32  # prior-preservation examples of other genres the forgetting loss is measured on
 
-def check(params: tp.Any) -> None:
+
+def check(params: TrainParams) -> None:
     """Input checks of the validation inputs that need no data (in `training.params.validate`)."""
     path = _text(params.validation_path)
     if path is not None and _text(params.dataset_path) is not None:
@@ -137,15 +183,12 @@ def split_by_track(clips: tp.Sequence[tp.Any], share: float, seed: int) -> Split
     return Split(train, validation, info)
 
 
-def prepare_validation(params: tp.Any, output_dir: Path) -> tp.Any:
+def prepare_validation(params: TrainParams, output_dir: Path) -> tp.Any:
     """`validation_path` as a prepared dataset (a prepared folder as is; anything else through
     `preprocessing.prepare` with dataset_path's preparation inputs, into `output_dir/work-validation`), or None."""
     path = _text(params.validation_path)
     if path is None:
         return None
-    from preprocessing import PrepareParams, load_prepared, prepare
-    from training.params import prepare_kwargs
-
     source = Path(path).expanduser()
     if source.is_dir() and (source / "data.jsonl").is_file():
         dataset = load_prepared(source)
@@ -164,7 +207,7 @@ def prepare_validation(params: tp.Any, output_dir: Path) -> tp.Any:
     return dataset
 
 
-def select_validation(params: tp.Any, clips: tp.Sequence[tp.Any], validation_dataset: tp.Any = None) -> Split:
+def select_validation(params: TrainParams, clips: tp.Sequence[tp.Any], validation_dataset: tp.Any = None) -> Split:
     """The run's split: `validation_path`'s clips when given (every training clip trains), else `split_by_track`."""
     if validation_dataset is not None:
         held = list(validation_dataset.clips)
@@ -192,6 +235,91 @@ def fixed_crops(tokens: TokenDataset) -> list[tuple[int, int]]:
     for i, clip in enumerate(tokens.clips):
         crops += [(i, start) for start in range(0, max(1, clip.n_frames), tokens.segment_frames)]
     return crops
+
+
+def forgetting_wanted(params: TrainParams, device: str, examples: tp.Sequence[tp.Any]) -> bool:
+    """`forgetting_check`: on, off, or auto: on with a GPU, or when prior preservation generated examples of other
+    genres anyway (nothing to generate); off on CPU otherwise, where generating the examples is slow. Never for a
+    model trained from scratch: its base knows no music to forget."""
+    mode = params.forgetting_check
+    if mode == "off":
+        return False
+    if params.model_version in SCRATCH_VERSIONS:
+        if mode == "on":
+            logger.info(
+                "forgetting_check=on is ignored: %s trains from scratch, its base model knows no music",
+                params.model_version,
+            )
+        return False
+    if mode == "on":
+        return True
+    return str(device).startswith("cuda") or any(_prior_general(c) for c in examples)
+
+
+def _prior_general(clip: tp.Any) -> bool:
+    return (getattr(clip, "info", None) or {}).get("prior") == "dissimilar"
+
+
+def _forget_key(model_version: str, prompt: str, seconds: float, seed: int, precision: str) -> str:
+    import hashlib
+
+    text = f"{model_version}|{prompt}|{seconds:.3f}|{seed}|{precision}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def general_music(
+    model: tp.Any, params: TrainParams, examples: tp.Sequence[tp.Any], cache_dir: Path, dist: DistInfo
+) -> tuple[list[tp.Any], dict[str, tp.Any]]:
+    """The clips forgetting is measured on and what the report says about them: prior preservation's examples of
+    other genres when `examples` has them (at most `MAX_FORGET_CLIPS`), else one sample of each `FORGET_PROMPTS`
+    generated by the base model (rank 0, before anything trains) with predict's sampler, cached in `cache_dir`
+    under a key of the base model, prompt, length, seed and sampler precision (a resumed run reuses them)."""
+    prior_clips = [c for c in examples if _prior_general(c)][:MAX_FORGET_CLIPS]
+    if prior_clips:
+        info = {"source": "prior_preservation", "prompts": sorted({c.description for c in prior_clips})}
+        return prior_clips, {**info, "seconds": float(prior_clips[0].duration)}
+    seconds = float(min(params.segment_duration, FORGET_SECONDS))
+    precision = resolved_precision(model, params.sampler_precision)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = [
+        cache_dir / f"{_forget_key(str(params.model_version), p, seconds, params.seed, precision)}.wav"
+        for p in FORGET_PROMPTS
+    ]
+    if dist.is_main and not all(f.is_file() for f in files):
+        logger.info(
+            "Forgetting check: generating %d examples of %.1f s of other genres with the base model (sampler %s)",
+            len(FORGET_PROMPTS),
+            seconds,
+            precision,
+        )
+        restore_for_generation(model.lm)
+        with torch.random.fork_rng(devices=[]):  # the training's random streams are not touched
+            torch.manual_seed(params.seed)
+            state = random.getstate()
+            try:
+                wav = generate_audio(model, list(FORGET_PROMPTS), seconds, sampler_precision=precision)  # [B, C, T]
+            finally:
+                random.setstate(state)
+        for file, one in zip(files, wav, strict=True):
+            tmp = file.with_suffix(".tmp.wav")
+            save_audio(tmp, one.float().cpu(), model.sample_rate, "wav")
+            tmp.replace(file)
+    elif dist.is_main:
+        logger.info("Forgetting check: %d cached examples of other genres (%s)", len(files), cache_dir)
+    barrier(dist)
+    clips = [
+        PreparedClip(
+            path=file,
+            duration=seconds,
+            sample_rate=int(model.sample_rate),
+            channels=int(model.audio_channels),
+            description=prompt,
+            info={"description": prompt, "forgetting": True},
+            source=f"forgetting:{i}",
+        )
+        for i, (file, prompt) in enumerate(zip(files, FORGET_PROMPTS, strict=True))
+    ]
+    return clips, {"source": "generated", "prompts": list(FORGET_PROMPTS), "seconds": seconds, "sampler": precision}
 
 
 @dataclass
@@ -238,11 +366,13 @@ class Evaluator:
         keep_best: bool,
         patience: int,
         forgetting: TokenDataset | None = None,
+        forgetting_info: dict | None = None,
     ):
         self.tokens = tokens
-        # Forgetting: the same loss on general music the base model generated (prior preservation's examples of
-        # other genres), at every evaluation; reported only, the best weights follow the validation loss.
+        # Forgetting: the same loss on general music the base model generated (`general_music`), at every
+        # evaluation; reported only, the best weights follow the validation loss.
         self.forgetting = forgetting
+        self.forgetting_info = dict(forgetting_info or {})
         self.forget_crops = fixed_crops(forgetting) if forgetting is not None else []
         self.info = dict(info)
         self.every = max(1, int(every))
@@ -375,11 +505,16 @@ class Evaluator:
                 seconds,
             )
         if ctx.dist.is_main and "forget_loss" in metrics:
+            base = self.history[0].get("forget_loss") if self.history[0]["step"] == 0 else None
+            versus = ""
+            if base and step:
+                versus = f" (base {base:.4f}, {100 * (metrics['forget_loss'] / base - 1):+.1f} %)"
             logger.info(
-                "Forgetting at step %d: loss %.4f on %d clips of other genres the base model generated",
+                "Forgetting at step %d: loss %.4f on %d clips of other genres the base model generated%s",
                 step,
                 metrics["forget_loss"],
                 len(self.forgetting),
+                versus,
             )
         if self.should_stop:
             self.stopped_early_at = step
@@ -470,8 +605,6 @@ class Evaluator:
     # ---- the report
     def summary(self, exported_step: int | None) -> dict[str, tp.Any]:
         """What finetune.json / metrics.json say about the validation."""
-        from training.report import finite_json
-
         base = next((h for h in self.history if h["step"] == 0), None)
         last = self.history[-1] if self.history else None
         summary = {
@@ -491,15 +624,35 @@ class Evaluator:
             "seconds": round(self.seconds, 2),
             "evaluations": self.history,
         }
+        exported = next((h for h in self.history if h["step"] == exported_step), None)
+        flags = []
+        if _rose(self.best_loss if self.best_step is not None else None, last and last["val_loss"], VALIDATION_RISE):
+            flags.append("validation up")
         if self.forgetting is not None:
-            exported = next((h for h in self.history if h["step"] == exported_step), None)
-            summary["forgetting"] = {
+            forget = {
+                **self.forgetting_info,
                 "clips": len(self.forgetting),
+                "threshold": FORGET_RISE,
                 "base_loss": base.get("forget_loss") if base else None,
                 "exported_loss": exported.get("forget_loss") if exported else None,
                 "final_loss": last.get("forget_loss") if last else None,
             }
+            # the exported weights are what the user gets; later ones show where the run was heading
+            forget["exported_up"] = _rose(forget["base_loss"], forget["exported_loss"], FORGET_RISE)
+            forget["final_up"] = _rose(forget["base_loss"], forget["final_loss"], FORGET_RISE)
+            summary["forgetting"] = forget
+            if forget["exported_up"] or forget["final_up"]:
+                flags.append("forgetting up")
+        summary["flags"] = flags
+        summary["thresholds"] = {"validation_up": VALIDATION_RISE, "forgetting_up": FORGET_RISE}
         return finite_json(summary)  # finetune.json is strict JSON: a diverged loss is null, not NaN
+
+
+def _rose(reference: float | None, value: float | None, share: float) -> bool:
+    """`value` is more than `share` above `reference`, or not finite (diverged) where the reference is."""
+    if reference is None or not math.isfinite(reference) or value is None:
+        return False
+    return not math.isfinite(value) or value > reference * (1.0 + share)
 
 
 # ---------------------------------------------------------------------------------------------- audio check
@@ -508,7 +661,6 @@ class Evaluator:
 # model's at the export, from the same prompts and seeds.
 
 AUDIO_PROMPTS = 2
-MAX_FORGET_CLIPS = 32  # prior-preservation examples of other genres the forgetting loss is measured on
 MAX_COPY_CLIPS = 64  # training clips the copy check compares with (embedding all of a large dataset is slow)
 
 
@@ -522,9 +674,6 @@ def generate_for_check(
     model: tp.Any, prompts: list[str], seconds: float, seed: int, sampler_precision: str
 ) -> torch.Tensor:
     """`[B, C, T]` CPU float audio from `prompts` with predict's sampler, seeded; the caller's RNG states kept."""
-    from generation.generate import generate_audio
-    from training.melody import restore_for_generation
-
     restore_for_generation(model.lm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -536,7 +685,7 @@ def generate_for_check(
     return wav.float().cpu()
 
 
-def base_reference(model: tp.Any, held_out: tp.Sequence[tp.Any], params: tp.Any) -> dict[str, tp.Any]:
+def base_reference(model: tp.Any, held_out: tp.Sequence[tp.Any], params: TrainParams) -> dict[str, tp.Any]:
     """The base model's samples of the held-out prompts (before anything trains) and the held-out clips' files."""
     prompts = audio_prompts(held_out)
     logger.info(
@@ -556,10 +705,6 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
     """Fréchet distance to the held-out clips of the base model's and the fine-tuned model's samples (same prompts
     and seeds), in the frozen EnCodec's latent space, and the copy check of the fine-tuned samples against the
     training clips. Returns the summary and, under `"audio"`, the samples (`[C, T]` tensors) for the report page."""
-    from core.audio import load_audio
-    from evaluation.embed import copy_check, encodec_latents
-    from evaluation.frechet import embedding_frechet
-
     compression, sample_rate = model.compression_model, int(model.sample_rate)
     tuned = generate_for_check(
         model, reference["prompts"], reference["seconds"], reference["seed"], reference["sampler_precision"]
@@ -573,6 +718,10 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
         [encodec_latents(compression, *load_audio(c.path)) for c in clips],
         [Path(str(c.path)).name for c in clips],
     )
+    # discogs-effnet (essentia, in its worker process) when its model file is present, else why it was skipped
+    effnet = effnet_frechet(
+        {"base": list(reference["base"]), "finetuned": list(tuned)}, sample_rate, reference["validation_clips"]
+    )
     summary = {
         "embedding": "EnCodec encoder latents before quantization (frames)",
         "prompts": reference["prompts"],
@@ -580,6 +729,7 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
         "frechet_base": embedding_frechet(np.concatenate(base), held),
         "frechet_finetuned": embedding_frechet(np.concatenate(mine), held),
         "copy_check": copies,
+        "effnet": effnet,
     }
     logger.info(
         "Audio check on the held-out prompts: Fréchet distance to the held-out clips %.3f (base) -> %.3f "
@@ -589,4 +739,12 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
         copies["copies"],
         len(copies["samples"]),
     )
+    if "skipped" in effnet:
+        logger.info("Audio check in discogs-effnet space skipped: %s", effnet["skipped"])
+    else:
+        logger.info(
+            "Audio check in discogs-effnet space: Fréchet distance %.3f (base) -> %.3f (fine-tuned)",
+            effnet["frechet_base"],
+            effnet["frechet_finetuned"],
+        )
     return {**summary, "audio": {"base": list(reference["base"]), "finetuned": list(tuned), "rate": sample_rate}}

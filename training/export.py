@@ -185,7 +185,6 @@ def _write(
     """The part of the export that can fail on the disk: the report, the samples, the tar."""
     history = result.history
     extra: dict[str, bytes] = {"loss.png": plot_history(history, result.evaluation)}
-    extra["metrics.json"] = metrics_json(history, result.evaluation, finetune["training"]["exported_step"])
     if params.sample_duration > 0:
         model.lm.load_state_dict(result.state_dict)
         descriptions = sample_descriptions(clips)
@@ -201,6 +200,8 @@ def _write(
         check = audio_check(model, audio_reference, clips)  # the LM holds the exported weights (loaded above)
         comparison = check.pop("audio")
         finetune["validation"]["audio"] = finite_json(check)
+    # after the audio check: metrics.json carries the whole base-vs-fine-tuned table (Fréchet, copy check) too
+    extra["metrics.json"] = metrics_json(history, finetune.get("validation"), finetune["training"]["exported_step"])
     # report.html: all of the above on one self-contained page, the samples next to a training clip
     samples = [(name, data) for name, data in extra.items() if name.startswith("samples/")]
     reference = reference_clip(clips, params.sample_duration) if samples else None

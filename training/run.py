@@ -165,13 +165,18 @@ def setup_training(
     reference = None  # before training, and before melody/style set-up switch the conditioners to training
     if split.validation and params.sample_duration > 0 and dist.is_main:
         reference = evaluation.base_reference(model, split.validation, params)
+    general, general_info = [], None  # forgetting: general music the base model generated (training/evaluate.py)
+    if split.validation and evaluation.forgetting_wanted(params, dist.device, examples):
+        general, general_info = evaluation.general_music(model, params, examples, cache_dir / "forgetting", dist)
     clips = encode_clips(compression, examples, cache_dir / "codes", dist, dist.device)
     held_out = []  # validation clips: encoded like the others, only evaluated
     if split.validation:
         held_out = encode_clips(compression, split.validation, cache_dir / "codes", dist, dist.device)
+    # the base's own prompts, not adjusted by the method (no trigger): general music as the base model knows it
+    general = encode_clips(compression, general, cache_dir / "codes", dist, dist.device) if general else []
     melody = melody_conditioners(lm)
     if melody:
-        prepare_melody_training(lm, clips + held_out, cache_dir, dist, model_key=params.model_version)
+        prepare_melody_training(lm, clips + held_out + general, cache_dir, dist, model_key=params.model_version)
     styled = prepare_style_training(lm, seed=params.seed + dist.rank)  # MusicGen-Style: {} for other models
     method = get_method(params.method)  # what trains and on which examples (training/methods/)
     with torch.random.fork_rng(devices=[]):  # what a method initialises (LoRA factors) depends on the seed only
@@ -205,8 +210,6 @@ def setup_training(
     tokens = token_dataset(clips)
     evaluator = None
     if held_out:
-        # forgetting: prior preservation's examples of other genres, general music the base model generated
-        general = [c for c in clips if c.info.get("prior") == "dissimilar"][: evaluation.MAX_FORGET_CLIPS]
         evaluator = evaluation.Evaluator(
             token_dataset(held_out),
             split.info,
@@ -214,6 +217,7 @@ def setup_training(
             keep_best=params.keep_best,
             patience=params.early_stop_patience,
             forgetting=token_dataset(general) if general else None,
+            forgetting_info=general_info,
         )
     elif params.early_stop_patience and dist.is_main:
         logger.warning("early_stop_patience=%d is ignored: there is no validation set", params.early_stop_patience)

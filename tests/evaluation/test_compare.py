@@ -12,6 +12,8 @@ import torch
 from core.versions import load_musicgen
 from evaluation.__main__ import main
 from evaluation.embed import copy_check, encodec_latents
+from preprocessing.analysis import ENV_MODELS
+from tests.preprocessing import fake_essentia
 from tests.training.conftest import make_prepared, tiny_params
 from training.run import run_training
 
@@ -39,7 +41,8 @@ def test_encodec_latents_are_the_encoder_output_before_quantization():
     assert encodec_latents(stereo.compression_model, torch.randn(2, 16000), 16000).shape == (50, 32)
 
 
-def test_python_m_evaluation_reproduces_the_trainers_validation(tmp_path, capsys):
+def test_python_m_evaluation_reproduces_the_trainers_validation(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(ENV_MODELS, str(fake_essentia.write_models(tmp_path / "essentia")))  # the stand-in graph
     specs = [{"seconds": 2.5, "freq": 200.0 + 60 * i, "description": f"tone {i}"} for i in range(3)]
     train = make_prepared(tmp_path / "train", specs)
     held = make_prepared(tmp_path / "held", [{"seconds": 3.0, "freq": 290.0, "description": "tone 9"}])
@@ -64,4 +67,6 @@ def test_python_m_evaluation_reproduces_the_trainers_validation(tmp_path, capsys
     for row in (base, tuned):
         assert row["frechet"] >= 0 and np.isfinite(row["frechet"]) and len(row["samples"]) == 2
         assert len(row["copy_check"]["samples"]) == 2 and row["copy_check"]["reference"] > 0
+        assert row["frechet_effnet"] > 0 and "frechet_effnet_skipped" not in row  # discogs-effnet space
+    assert "effnet" in table and f"{tuned['frechet_effnet']:9.3f}" in table
     assert main(["--dataset", str(tmp_path / "missing.zip"), "--weights", "tiny"]) == 2  # names the input

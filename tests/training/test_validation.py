@@ -170,10 +170,17 @@ def six_tracks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def validated_run(six_tracks, tmp_path_factory):
-    """A default-split run: 2 epochs x 6 steps, evaluations once per epoch (eval_every 0), checkpoints every 6."""
+    """A default-split run: 2 epochs x 6 steps, evaluations once per epoch (eval_every 0), checkpoints every 6;
+    the stand-in discogs-effnet graph present (a second Fréchet distance, computed in essentia's worker)."""
+    from preprocessing.analysis import ENV_MODELS
+    from tests.preprocessing import fake_essentia
+
     out = tmp_path_factory.mktemp("validated")
     params = tiny_params(six_tracks, epochs=2, updates_per_epoch=6, save_every=6, optimizer="adamw", lr=3e-3)
-    return {"params": params, "out": out, "tar": run_training(params, out)}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ENV_MODELS, str(fake_essentia.write_models(tmp_path_factory.mktemp("essentia"))))
+        tar = run_training(params, out)
+    return {"params": params, "out": out, "tar": tar}
 
 
 def test_a_run_reports_its_validation(validated_run):
@@ -245,6 +252,15 @@ def test_the_report_page_is_self_contained(validated_run):
     assert audio["frechet_base"] != audio["frechet_finetuned"]
     assert len(audio["copy_check"]["samples"]) == 2 and audio["copy_check"]["reference"] > 0
     assert f"{audio['frechet_finetuned']:.3f}" in text and "Base vs fine-tuned, on held-out prompts" in text
+    # the second Fréchet row, in discogs-effnet space (the stand-in graph's 1280-d embeddings)
+    effnet = audio["effnet"]
+    assert "skipped" not in effnet, effnet
+    assert effnet["vectors"]["base"] == effnet["vectors"]["finetuned"] == 2  # a 0.5 s sample fills one patch
+    assert effnet["frechet_base"] > 0 and effnet["frechet_finetuned"] > 0
+    assert "discogs-effnet (essentia)" in text and f"{effnet['frechet_finetuned']:.3f}" in text
+    assert "Base vs fine-tuned" in text and "not measured (forgetting_check" in text  # auto is off on CPU
+    metrics = json.loads((validated_run["out"] / "metrics.json").read_text())
+    assert metrics["validation"]["audio"]["effnet"] == effnet  # metrics.json has the whole table too
 
 
 def test_the_evaluations_go_to_wandb(six_tracks, tmp_path, monkeypatch):
@@ -281,6 +297,7 @@ def test_forgetting_is_measured_on_prior_preservations_other_genres(six_tracks, 
     tar = run_training(params, tmp_path / "out")
     validation = _tar_json(tar, "finetune.json")["validation"]
     assert validation["forgetting"]["clips"] == 5  # one example of another genre per training track
+    assert validation["forgetting"]["source"] == "prior_preservation"  # auto: on, nothing more to generate
     losses = [e["forget_loss"] for e in validation["evaluations"]]
     assert len(losses) == 3 and all(np.isfinite(losses)) and validation["forgetting"]["base_loss"] == losses[0]
     assert "forgetting" in (tmp_path / "out" / "report.html").read_text()

@@ -121,12 +121,14 @@ def test_the_demo_archive_is_deterministic_small_and_described(tmp_path, demo_zi
 
 def test_a_fine_tune_on_the_demo_beats_the_base_on_held_out_tracks(fitted_codec, demo_zip, tmp_path):
     out = tmp_path / "run"
-    info, exported = _tar(run_training(demo_params(demo_zip), out))
+    info, exported = _tar(run_training(demo_params(demo_zip, forgetting_check="on"), out))
     validation = info["validation"]
     assert validation["split"]["validation_tracks"] and validation["split"]["training_clips"] == 7
     losses = {e["step"]: e["val_loss"] for e in validation["evaluations"]}
     assert sorted(losses) == [0, 5, 10, 15, 20]
     print("demo validation loss by step:", {s: round(v, 3) for s, v in losses.items()})
+    print("demo forgetting loss by step:", {e["step"]: round(e["forget_loss"], 3) for e in validation["evaluations"]})
+    assert validation["flags"] == []  # a good fine-tune: neither validation up nor forgetting up
     assert losses[20] < losses[0] - 0.5  # held-out tracks: never trained on
     best = min(losses, key=losses.get)
     assert validation["exported_step"] == validation["best_step"] == best == info["training"]["exported_step"]
@@ -137,18 +139,29 @@ def test_a_fine_tune_on_the_demo_beats_the_base_on_held_out_tracks(fitted_codec,
 
 def test_an_absurd_learning_rate_keeps_the_early_weights(fitted_codec, demo_zip, tmp_path):
     out = tmp_path / "run"
-    # D-Adaptation at 100x its own step size (lr is its multiplier; 1 is the default), held constant
+    # D-Adaptation at 100x its own step size (lr is its multiplier; 1 is the default), held constant; the forgetting
+    # check forced on (auto is off on CPU): the base model generates its general-music examples first
     params = demo_params(
         demo_zip, epochs=1, updates_per_epoch=12, optimizer="dadam", lr=100.0, warmup=0, lr_scheduler="linear_warmup",
-        eval_every=4, save_every=4,
+        eval_every=4, save_every=4, forgetting_check="on",
     )  # fmt: skip
     info, exported = _tar(run_training(params, out))
     validation = info["validation"]
     losses = {e["step"]: e["val_loss"] for e in validation["evaluations"]}
+    forgot = {e["step"]: e["forget_loss"] for e in validation["evaluations"]}
     print("absurd lr validation loss by step:", {s: round(v, 3) for s, v in losses.items()})
+    print("absurd lr forgetting loss by step:", {s: round(v, 3) for s, v in forgot.items()})
     best = validation["best_step"]
     assert best < 12 and validation["exported_step"] == best
     assert losses[12] > losses[0] + 1.0 and losses[12] > losses[best] + 1.0  # the validation loss rose
+    # the report flags both: validation up, forgetting up (the general music's loss far above the base model's)
+    forgetting = validation["forgetting"]
+    assert forgetting["source"] == "generated" and forgetting["clips"] == 8 and forgetting["base_loss"] == forgot[0]
+    assert forgot[12] > forgot[0] * (1 + forgetting["threshold"]) and forgetting["final_up"]
+    assert validation["flags"] == ["validation up", "forgetting up"]
+    page = (out / "report.html").read_text()
+    assert "validation up" in page and "forgetting up" in page and "Forgetting up: on general music" in page
+    assert json.loads((out / "metrics.json").read_text())["validation"]["flags"] == validation["flags"]
     last = ckpt.load_checkpoint(out / "checkpoints" / "checkpoint-00000012.pt")
     names = [n for n, _ in core.versions.load_musicgen("tiny", "cpu").lm.named_parameters()]
     kept = dict(zip(names, last["evaluation"]["best"], strict=True))  # the early best, kept in the checkpoint
