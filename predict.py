@@ -21,7 +21,7 @@ from pathlib import Path as _Path
 
 from cog import BaseRunner, Input, Path
 
-from core.logs import configure_logging
+from core.logs import configure_logging, warn_retired_env
 from core.params import build_parser, from_kwargs
 from core.weights import DEFAULT_MIN_FREE_BYTES
 from generation.generate import Generator, output_paths, write_outputs
@@ -54,6 +54,7 @@ class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """`weights` is COG_WEIGHTS (a URL or path of a trained_model.tar): the `fine-tuned` model."""
         configure_logging()
+        warn_retired_env(os.environ)
         weights = str(weights) if weights else None
         self.generator = Generator(setup_weights=weights, min_free_bytes=min_free_setting())
         self.generator.preload(os.environ.get(PRELOAD_ENV, DEFAULT_BASE))
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     output, setup_weights = args.pop("output"), args.pop("weights")
     configure_logging(fmt="%(levelname)s %(name)s: %(message)s")
+    warn_retired_env(os.environ)
     with cli_errors("generation") as failed:
         params = from_kwargs(PredictParams, **args)
         paths, fmt = _cli_outputs(output, params.output_format, params.num_outputs)

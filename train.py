@@ -10,6 +10,7 @@ done by `training.run.run_training`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path as _Path
 
 from cog import BaseModel, FieldInfo, Input, Path, Secret
 
-from core.logs import configure_logging
+from core.logs import configure_logging, warn_retired_env
 from core.params import build_parser, from_kwargs
 from training.params import TrainParams
 from training.report import summary_lines
@@ -278,6 +279,7 @@ def train(
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
     inputs = {name: _plain(value) for name, value in locals().items()}
     configure_logging()
+    warn_retired_env(os.environ)
     params = from_kwargs(TrainParams, **inputs)
     while _last_work:
         shutil.rmtree(_last_work.pop(), ignore_errors=True)
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     output_dir = _Path(args.pop("output_dir"))
     configure_logging()
+    warn_retired_env(os.environ)
     with cli_errors("training") as outcome:
         params = from_kwargs(TrainParams, **args)
         tar = run_training(params, output_dir)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing as tp
 
 _MARK = "_musicgen_ft_handler"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Settings once read from the environment, and what sets them now.
+RETIRED_ENV = {"MGFT_QUANTIZE": "the input sampler_precision (auto, int8, bf16, fp16, none)"}
 
 
 def configure_logging(level: int = logging.INFO, fmt: str = FORMAT) -> None:
@@ -24,3 +27,11 @@ def configure_logging(level: int = logging.INFO, fmt: str = FORMAT) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "filelock", "numba", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def warn_retired_env(environ: tp.Mapping[str, str]) -> None:
+    """A warning for each `RETIRED_ENV` variable set in `environ` (the entry points pass `os.environ`), naming what
+    replaces it: a deployment that still sets one sees why it has no effect instead of a silent change."""
+    for name, replacement in RETIRED_ENV.items():
+        if environ.get(name):
+            logging.getLogger(__name__).warning("%s is no longer read: use %s", name, replacement)

@@ -109,12 +109,15 @@ def test_a_training_only_model_version_is_refused_for_prediction_naming_the_fix(
         validate_request(from_kwargs(PredictParams, model_version="tiny-micro"), None)
 
 
-def test_setup_reads_the_deployment_environment(monkeypatch):
-    """MGFT_PRELOAD and MGFT_WEIGHTS_MIN_FREE_GB are read by predict.py's setup (the entry point) and passed on."""
+def test_setup_reads_the_deployment_environment(monkeypatch, caplog):
+    """MGFT_PRELOAD and MGFT_WEIGHTS_MIN_FREE_GB are read by predict.py's setup (the entry point) and passed on; the
+    retired MGFT_QUANTIZE is named in a warning, not silently ignored."""
     monkeypatch.setenv("MGFT_PRELOAD", "tiny")
     monkeypatch.setenv("MGFT_WEIGHTS_MIN_FREE_GB", "2.5")
+    monkeypatch.setenv("MGFT_QUANTIZE", "none")
     predictor = Predictor()
     predictor.setup()
+    assert "MGFT_QUANTIZE is no longer read: use the input sampler_precision" in caplog.text
     assert predictor.generator.min_free_bytes == int(2.5 * 2**30)
     assert predictor.generator.loaded_weights is None and predictor.generator._model.name == "tiny"
     monkeypatch.setenv("MGFT_PRELOAD", "")
