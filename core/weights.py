@@ -40,10 +40,18 @@ from pathlib import Path
 
 import torch
 
-from core import adapters, tiny
+from core import adapters, style, tiny, versions
+from core.catalogue import (
+    CHECKPOINT_FILES,
+    PRETRAINED,
+    PRETRAINED_COMPRESSION,
+    STYLE_PRETRAINED,
+    STYLE_TINY_VERSIONS,
+    TINY_VERSIONS,
+)
 from core.devices import default_device
-from core.errors import WeightsError
-from core.versions import CHECKPOINT_FILES, PRETRAINED, STYLE_PRETRAINED, ModelUnavailableError
+from core.errors import ModelUnavailableError, WeightsError
+from core.hub import hf_cache_hint
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +59,6 @@ FORMAT_VERSION = 1
 FINETUNE_FILE = "finetune.json"
 OPTIONAL_FILES = ("adapter.safetensors", "adapter_config.json", "embeddings.safetensors")
 KNOWN_FILES = (*CHECKPOINT_FILES, FINETUNE_FILE, *OPTIONAL_FILES)
-PRETRAINED_COMPRESSION = "facebook/encodec_32khz"
 MAX_MEMBER_BYTES = 64 * 1024**3
 REPORT_MEMBERS = ("loss.png", "samples/")  # the training report: for people, not needed to load
 # The members whose bytes are the weights: hashed into finetune.json on export, verified on load.
@@ -99,8 +106,7 @@ def compression_package(base: str) -> dict:
         return {"pretrained": PRETRAINED_COMPRESSION, "exported": True, "version": audiocraft.__version__}
     if base == "tiny-micro":  # ... on the tiny models' EnCodec
         base = "tiny"
-    tiny_versions = (*tiny.TINY_VERSIONS, *tiny.STYLE_TINY_VERSIONS)
-    folder = tiny.ensure_tiny(base) if base in tiny_versions else Path(base)
+    folder = tiny.ensure_tiny(base) if base in (*TINY_VERSIONS, *STYLE_TINY_VERSIONS) else Path(base)
     return torch.load(folder / "compression_state_dict.bin", map_location="cpu", weights_only=True)
 
 
@@ -572,7 +578,7 @@ def _fetch_hf(
             raise WeightsError(
                 f"Weights {label}: not a local path, and as a Hugging Face repo id: the hub could not be reached "
                 f"({type(e).__name__}: {e}) and the repo is not cached (looked in {cache_dir('weights')} and "
-                f"{versions_hub_cache()}). Connect to the network, or give the trained_model.tar as a path or URL."
+                f"{hf_cache_hint()}). Connect to the network, or give the trained_model.tar as a path or URL."
             ) from None
         return _from_snapshot(snapshot, source, folder, keep, min_free_bytes, free_bytes)
     files = [s.rfilename for s in info.siblings or []]
@@ -630,12 +636,6 @@ def _from_snapshot(
     _extract(snapshot / tar_name, source.label, folder)
     _write_source(folder, {"label": source.label, "kind": "hf", "commit": snapshot.name})
     return folder
-
-
-def versions_hub_cache() -> str:
-    from core.versions import hf_cache_hint
-
-    return hf_cache_hint()
 
 
 def _check_folder(folder: Path, label: str | None = None) -> None:
@@ -739,8 +739,6 @@ def verify_architecture(info: dict[str, tp.Any], cfg: tp.Any, base: str, label: 
 
 def _load_lm(folder: Path, device: str, load_lm_model: tp.Callable[..., tp.Any]) -> tp.Any:
     """audiocraft's loader, or ours for MusicGen-Style fine-tunes (audiocraft 1.3.0 has no style conditioner)."""
-    from core import style
-
     if style.is_style_folder(folder):
         return style.load_style_lm(folder, device)
     return load_lm_model(str(folder), device=device)
@@ -802,7 +800,7 @@ def load_trained_model(
             label,
             info.get("method", "full"),
         )
-    model_home = tiny.ensure_tiny(base) if base in tiny.TINY_VERSIONS else folder
+    model_home = tiny.ensure_tiny(base) if base in TINY_VERSIONS else folder
     try:
         pkg_lm = torch.load(folder / "state_dict.bin", map_location="cpu", weights_only=True)
         verify_architecture(info, pkg_lm["xp.cfg"], base, label)
@@ -836,14 +834,12 @@ def _load_with_adapter(
     """A fine-tune that references its base (LoRA, textual inversion, text projection): the base model (by its
     model_version, as trained) with the adapter merged into its LM (scaled by `lora_scale`) and/or the learned
     tensors put in. The base's architecture must match the fingerprint finetune.json records."""
-    from core.versions import load_musicgen
-
     if not base:
         raise WeightsError(f"{FINETUNE_FILE} of {label} names no base_model: its adapter cannot be applied.")
     lora = (folder / adapters.ADAPTER_CONFIG_FILE).is_file()
     if lora and not (folder / adapters.ADAPTER_FILE).is_file():
         raise WeightsError(f"{adapters.ADAPTER_CONFIG_FILE} without {adapters.ADAPTER_FILE} in {label}.")
-    model = load_musicgen(base, device)
+    model = versions.load_musicgen(base, device)
     cfg = getattr(model.lm, "cfg", None)
     if cfg is not None:
         verify_architecture(info, cfg, base, label)
