@@ -51,6 +51,7 @@ from core.catalogue import (
 )
 from core.devices import default_device
 from core.errors import ModelUnavailableError, WeightsError
+from core.files import current_umask
 from core.hub import hf_cache_hint
 
 logger = logging.getLogger(__name__)
@@ -131,20 +132,6 @@ def architecture_fingerprint(cfg: tp.Any) -> str:
     return hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _user_mode(mode: int = 0o644) -> int:
-    """`mode` less the process umask. Read from /proc where it is (Linux): setting the umask to read it back would
-    leave, for a moment, another umask for the process's other threads."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return mode & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
 def write_trained_model(
     out_tar: str | Path,
     *,
@@ -205,7 +192,7 @@ def write_tar(out_tar: str | Path, members: tp.Mapping[str, bytes]) -> Path:
                 member.mode = 0o644
                 member.mtime = 0
                 tar.addfile(member, io.BytesIO(data))
-        os.chmod(tmp, _user_mode())
+        os.chmod(tmp, 0o644 & ~current_umask())
         os.replace(tmp, out_tar)
     finally:
         if os.path.exists(tmp):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from core.files import current_umask
 from core.params import InputError
 
 logger = logging.getLogger(__name__)
@@ -39,21 +40,6 @@ __all__ = [
 KEEP = 2
 FORMAT = "musicgen-ft-resume-1"
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def current_umask() -> int:
-    """The process umask. Linux reports it in /proc (read-only); elsewhere `os.umask` is the only way to read it,
-    by setting it and putting it straight back (a file another thread creates meanwhile could get 022)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def first_non_finite(tensors: tp.Iterable[tuple[str, tp.Any]]) -> tuple[str, str] | None:
