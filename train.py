@@ -19,6 +19,7 @@ from pathlib import Path as _Path
 
 from cog import BaseModel, FieldInfo, Input, Path, Secret
 
+from core.errors import cli_errors
 from core.logs import configure_logging, warn_retired_env
 from core.params import build_parser, from_kwargs
 from training.params import TrainParams
@@ -308,8 +309,6 @@ def _plain(value: tp.Any) -> tp.Any:
 
 def main(argv: list[str] | None = None) -> int:
     """`python train.py --dataset_path songs.zip --model_version tiny --epochs 1 --output_dir out/`"""
-    from core.errors import cli_errors
-
     parser = build_parser(
         TrainParams, prog="train.py", description="Fine-tune MusicGen on your audio (the inputs of `cog train`)."
     )
