@@ -170,7 +170,8 @@ table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.2em 0.
 th { background: #f4f4f4; text-align: left; } tr.exported td { background: #e8f5e9; font-weight: bold; }
 .verdict { font-size: 1.1em; padding: 0.6em 1em; background: #f4f8ff; border-left: 4px solid #4a7bd0; }
 .warn { background: #fff4e5; border-left-color: #e08a00; } svg { max-width: 100%; height: auto; } audio { width: 22em; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } td.flag { color: #b00020; font-weight: bold; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.flag { color: #b00020; font-weight: bold; } td.note { color: #666; }
 """
 
 
@@ -379,7 +380,8 @@ def render_html(
         parts.append("".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
         for row in comparison_rows(validation):
             cells = [f"<th>{escape(row[0])}</th>", *(f"<td class='num'>{escape(c)}</td>" for c in row[1:4])]
-            flag = f"<td class='flag'>{escape(row[4])}</td>" if row[4] else "<td></td>"
+            flagged = row[4] in ("validation up", "forgetting up", "near copies")  # else a note: red only for flags
+            flag = f"<td class='{'flag' if flagged else 'note'}'>{escape(row[4])}</td>"
             parts.append("<tr>" + "".join(cells) + flag + "</tr>")
         rises = validation.get("thresholds") or {}
         parts.append("</table><p>Lower is better everywhere. Flags: validation up (the last evaluation over the ")
