@@ -390,15 +390,9 @@ def _setup(
     evaluator: evaluation.Evaluator | None,
     on_metrics: tp.Callable[[dict[str, float]], None] | None,
 ) -> _Training:
-    """The model (fp32 master weights: get_pretrained loads fp16 on GPUs; training mode; our cfg dropout), its
-    wrapping by the parallel strategy, the optimizer, loss scaler, autocast and EMA, and validation's context."""
-    lm.float()
-    lm.train()
-    lm.cfg_dropout.p = params.cfg_p
-    lm.cfg_dropout.rng.manual_seed(params.seed)
-    lm.att_dropout.rng.manual_seed(params.seed + 1)
-    torch.manual_seed(params.seed)
-    train_step = TrainStep(lm, prior_weight=params.prior_loss_weight)
+    """The model, its wrapping by the parallel strategy, the optimizer, loss scaler, autocast and EMA, the schedule,
+    the batch plan and validation's context."""
+    train_step = _setup_model(lm, params)
     prior_flags = [bool(c.info.get("prior")) for c in dataset.clips]
     parallel = parallel_for(params, dist)
     module = parallel.wrap(train_step, lm)
@@ -438,23 +432,40 @@ def _setup(
         evaluator=evaluator,
         on_metrics=on_metrics,
     )
-    if evaluator is not None:  # what validation computes with and what it keeps (training/evaluate.py)
-        eval_module = parallel.eval_module(train_step)
-        run.eval_ctx = evaluation.EvalContext(
-            forward=lambda codes, mask, attributes: eval_module(codes, mask, attributes, None, True),
-            modules=train_step,
-            dist=dist,
-            device=dist.device,
-            micro_batch=plan.per_rank_micro_batch(dist.world_size),
-            autocast=autocast,
-            weights=parallel.weights,
-            exported=ema if ema is not None else parallel.weights,
-            params=parallel.trainable,
-            sharded=parallel.sharded,
-            gather=parallel.gather,
-            shard_of=parallel.shard_of,
-        )
+    if evaluator is not None:
+        run.eval_ctx = _eval_context(run)
     return run
+
+
+def _setup_model(lm: torch.nn.Module, params: TrainParams) -> TrainStep:
+    """fp32 master weights (get_pretrained loads fp16 on GPUs), training mode, our cfg dropout, the seeds."""
+    lm.float()
+    lm.train()
+    lm.cfg_dropout.p = params.cfg_p
+    lm.cfg_dropout.rng.manual_seed(params.seed)
+    lm.att_dropout.rng.manual_seed(params.seed + 1)
+    torch.manual_seed(params.seed)
+    return TrainStep(lm, prior_weight=params.prior_loss_weight)
+
+
+def _eval_context(run: _Training) -> evaluation.EvalContext:
+    """What validation computes with and what it keeps (training/evaluate.py)."""
+    parallel, dist = run.parallel, run.dist
+    eval_module = parallel.eval_module(run.train_step)
+    return evaluation.EvalContext(
+        forward=lambda codes, mask, attributes: eval_module(codes, mask, attributes, None, True),
+        modules=run.train_step,
+        dist=dist,
+        device=dist.device,
+        micro_batch=run.plan.per_rank_micro_batch(dist.world_size),
+        autocast=run.autocast,
+        weights=parallel.weights,
+        exported=run.ema if run.ema is not None else parallel.weights,
+        params=parallel.trainable,
+        sharded=parallel.sharded,
+        gather=parallel.gather,
+        shard_of=parallel.shard_of,
+    )
 
 
 def _rng_state(lm: torch.nn.Module) -> dict[str, tp.Any]:
