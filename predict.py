@@ -21,6 +21,8 @@ from pathlib import Path as _Path
 
 from cog import BaseRunner, Input, Path
 
+from core.audio import save_audio
+from core.errors import cli_errors
 from core.logs import configure_logging, warn_retired_env
 from core.params import build_parser, from_kwargs
 from core.weights import DEFAULT_MIN_FREE_BYTES
@@ -217,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
 
     With `--num_outputs N` (N > 1) the files are `out_0.wav` ... `out_<N-1>.wav`.
     """
-    from core.errors import cli_errors
-
     parser = build_parser(
         PredictParams,
         prog="predict.py",
@@ -239,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         params = from_kwargs(PredictParams, **args)
         paths, fmt = _cli_outputs(output, params.output_format, params.num_outputs)
         result = Generator(setup_weights=setup_weights, min_free_bytes=min_free_setting()).generate(params)
-        from core.audio import save_audio
-
         for path, wav in zip(paths, result.wavs, strict=True):
             save_audio(path, wav, result.sample_rate, fmt)
             print(f"Wrote {path} ({wav.shape[-1] / result.sample_rate:.2f} s, seed {result.seed})")

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from core import audio, versions, weights
+from core.catalogue import SAMPLER_PRECISIONS
 from core.params import InputError
 from generation import style
 from generation.fast import FastSampler, default_quantize, unsupported_reason
-from generation.params import DEFAULT_BASE, FINE_TUNED, SAMPLER_PRECISIONS, PredictParams
+from generation.params import DEFAULT_BASE, FINE_TUNED, PredictParams
 from generation.request import (
     bounded_prompt,
     check_sampler_precision,

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.catalogue import FINE_TUNED, MODEL_VERSION_CHOICES, SAMPLER_PRECISIONS
 from core.params import param
-from core.versions import FINE_TUNED, MODEL_VERSION_CHOICES
 
 DEFAULT_BASE = "stereo-melody-large"
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 MAX_DURATION = 300
 MAX_OUTPUTS = 8  # with guidance 16 sequences per step; memory grows with it (checked against free memory too)
-# The token sampler's precision (generation/fast.py), for predict and for the trainer's generations alike. `auto`:
-# int8 weights on CPU (next-token KL ~0.0007 nats vs fp32, ~7x audiocraft's speed; docs/speed.md), fp16 on CUDA
-# (audiocraft's own GPU precision); `none`: the LM's own precision, the exact tokens of audiocraft's generate.
-SAMPLER_PRECISIONS = ("auto", "int8", "bf16", "fp16", "none")
 
 
 @dataclass(frozen=True)

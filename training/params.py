@@ -11,9 +11,8 @@ import dataclasses
 import typing as tp
 from dataclasses import dataclass
 
-from core.catalogue import FINE_TUNED, METHODS, MODEL_VERSION_CHOICES, TRAINABLE_VERSIONS
+from core.catalogue import FINE_TUNED, METHODS, MODEL_VERSION_CHOICES, SAMPLER_PRECISIONS, TRAINABLE_VERSIONS
 from core.params import InputError, param
-from generation.params import SAMPLER_PRECISIONS
 
 __all__ = [
     "TrainParams",

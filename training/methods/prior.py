@@ -21,8 +21,14 @@ from pathlib import Path
 
 import torch
 
+from core.audio import save_audio
 from core.params import InputError
+from generation.generate import generate_audio, resolved_precision
+from metadata import GENRES
+from preprocessing.dataset import PreparedClip
 from training.dist import DistInfo, barrier
+from training.melody import restore_for_generation
+from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,7 @@ LABEL_FIELDS = ("genre", "moods", "instrument")
 MAX_GENERATE_BATCH = 8
 
 
-def check(params: tp.Any) -> None:
+def check(params: TrainParams) -> None:
     """Early checks of the prior-preservation inputs (no model, no data needed)."""
     if not params.prior_preservation:
         return
@@ -60,7 +66,7 @@ def _strip_trigger(text: str, trigger: str | None) -> str:
     return text.strip()
 
 
-def class_prompt_of(clip: tp.Any, params: tp.Any) -> str:
+def class_prompt_of(clip: tp.Any, params: TrainParams) -> str:
     """The class prompt of a track: `class_prompt`, else its labels without the trigger, else its description."""
     if params.class_prompt and params.class_prompt.strip():
         return params.class_prompt.strip()
@@ -74,10 +80,8 @@ def class_prompt_of(clip: tp.Any, params: tp.Any) -> str:
     return _strip_trigger(text, params.trigger)
 
 
-def plan_prompts(clips: tp.Sequence[tp.Any], params: tp.Any) -> list[dict[str, str]]:
+def plan_prompts(clips: tp.Sequence[tp.Any], params: TrainParams) -> list[dict[str, str]]:
     """`[{kind: class|dissimilar, prompt, source}]`: `class_samples` + `dissimilar_samples` per track."""
-    from metadata import GENRES
-
     tracks: dict[str, tp.Any] = {}
     for clip in clips:
         tracks.setdefault(str(getattr(clip, "source", "") or clip.path), clip)
@@ -113,14 +117,9 @@ def _key(model_version: str, prompt: str, seconds: float, seed: int, precision: 
 
 
 def generate_prior_clips(
-    model: tp.Any, clips: tp.Sequence[tp.Any], params: tp.Any, cache_dir: Path, dist: DistInfo, seconds: float
+    model: tp.Any, clips: tp.Sequence[tp.Any], params: TrainParams, cache_dir: Path, dist: DistInfo, seconds: float
 ) -> list[tp.Any]:
     """Generate (rank 0; cached) and return the prior examples as preprocessing `PreparedClip`s."""
-    from core.audio import save_audio
-    from generation.generate import generate_audio, resolved_precision
-    from preprocessing import PreparedClip
-    from training.melody import restore_for_generation
-
     plan = plan_prompts(clips, params)
     # Predict's sampler at `sampler_precision` (`auto`: int8 on CPU / fp16 on CUDA): the examples are samples of the
     # base model's distribution, which int8 keeps within ~0.0007 nats/token of fp32 (far below the sampling's own
