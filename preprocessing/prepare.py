@@ -26,9 +26,14 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+# Submodules by their full names: `from preprocessing import ...` would read from the package whose __init__ is
+# importing this module (a preprocessing <-> preprocessing.prepare cycle).
+import preprocessing.analysis as analysis
+import preprocessing.captions as captions
+import preprocessing.descriptions as descriptions
+import preprocessing.vocals as vocals
 from core.audio import AudioDecodeError, load_audio, resample_fast
 from core.params import InputError
-from preprocessing import analysis, captions, descriptions, vocals
 from preprocessing.clips import (
     MAX_NAME_BYTES,
     SILENCE_DBFS,
