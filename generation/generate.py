@@ -30,6 +30,7 @@ import torch
 
 from core import audio, versions, weights
 from core.catalogue import SAMPLER_PRECISIONS
+from core.devices import default_device
 from core.params import InputError
 from generation import style
 from generation.fast import FastSampler, default_quantize, unsupported_reason
@@ -163,7 +164,7 @@ class Generator:
         min_free_bytes: int = weights.DEFAULT_MIN_FREE_BYTES,
         free_bytes: weights.FreeBytes | None = None,
     ):
-        self.device = device or versions.default_device()
+        self.device = device or default_device()
         self.setup_weights = setup_weights
         # The weights cache keeps this much disk free (least-recently-used eviction, core.weights.evict); the
         # weights loaded now and the setup weights (COG_WEIGHTS) are never evicted.
