@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import math
 import sys
 from pathlib import Path
 
+from core.catalogue import SAMPLER_PRECISIONS
 from core.errors import cli_errors
+from core.logs import configure_logging
 from evaluation.compare import compare, format_table
 from training.report import finite_json
 
@@ -28,11 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per generated sample")
     parser.add_argument("--segment", type=float, default=30.0, help="crop length of the validation loss, seconds")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument(
+        "--sampler_precision",
+        default="auto",
+        choices=SAMPLER_PRECISIONS,
+        help="the samples' sampler precision, as predict's input of that name (auto: int8 on CPU, fp16 on CUDA)",
+    )
     parser.add_argument("--json", default=None, help="write the whole report as JSON here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.samples < 0 or args.duration <= 0 or not 1.0 <= args.segment <= 30.0:
-        print("error: --samples must be >= 0, --duration > 0 and --segment within 1..30 s", file=sys.stderr)
+    configure_logging()
+    # written as `not 0 < x < inf`: a NaN fails every comparison, so `x <= 0` would let it through
+    if args.samples < 0 or not 0 < args.duration < math.inf or not 1.0 <= args.segment <= 30.0:
+        print(
+            "error: --samples must be >= 0, --duration a finite number > 0 and --segment within 1..30 s",
+            file=sys.stderr,
+        )
         return 2
     with cli_errors("evaluation") as outcome:
         report = compare(
@@ -43,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             duration=args.duration,
             segment=args.segment,
             device=args.device,
+            sampler_precision=args.sampler_precision,
         )
         print(format_table(report))
         if args.json:

@@ -33,6 +33,7 @@ from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
 from evaluation.frechet import embedding_frechet
 from generation.generate import generate_audio
+from generation.request import check_sampler_precision
 from preprocessing.dataset import load_prepared
 from preprocessing.params import PrepareParams
 from preprocessing.prepare import prepare
@@ -127,11 +128,13 @@ def compare(
     segment: float = 30.0,
     device: str | None = None,
     work_dir: Path | None = None,
+    sampler_precision: str = "auto",
 ) -> dict[str, tp.Any]:
     """Every metric for every weights on `dataset`; see the module docstring."""
     if not weights:
         raise InputError("weights", "give at least one: a base version (e.g. small) or a trained_model.tar")
     device = device or default_device()
+    check_sampler_precision(sampler_precision, device)  # before any model loads
     with contextlib.ExitStack() as stack:
         work = Path(work_dir) if work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eval-")))
         held_out = load_dataset(dataset, work, "dataset")
@@ -155,7 +158,9 @@ def compare(
                 if train_set is not None:
                     train_latents = [encodec_latents(reference, *_clip_audio(c)) for c in train_set.clips]
             if prompts:
-                wav = generate_audio(model, prompts, duration)  # [B, C, T] at the model's rate
+                wav = generate_audio(
+                    model, prompts, duration, sampler_precision=sampler_precision
+                )  # [B, C, T] at the model's rate
                 generated = [encodec_latents(reference, w.float().cpu(), int(model.sample_rate)) for w in wav]
                 row["frechet"] = embedding_frechet(np.concatenate(generated), np.concatenate(clip_latents))
                 # in discogs-effnet space too when its model file is present (essentia, in its worker process)

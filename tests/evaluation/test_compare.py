@@ -70,3 +70,18 @@ def test_python_m_evaluation_reproduces_the_trainers_validation(tmp_path, capsys
         assert row["frechet_effnet"] > 0 and "frechet_effnet_skipped" not in row  # discogs-effnet space
     assert "effnet" in table and f"{tuned['frechet_effnet']:9.3f}" in table
     assert main(["--dataset", str(tmp_path / "missing.zip"), "--weights", "tiny"]) == 2  # names the input
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--duration", "nan"], "--duration"),
+        (["--duration", "inf"], "--duration"),
+        (["--sampler_precision", "int8", "--device", "cuda"], "sampler_precision"),
+    ],
+)
+def test_python_m_evaluation_refuses_bad_flags_before_loading(tmp_path, capsys, flags, named):
+    # the dataset does not exist: a refusal naming the flag proves the check ran before anything was read or loaded
+    argv = ["--dataset", str(tmp_path / "missing.zip"), "--weights", "tiny", *flags]
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
