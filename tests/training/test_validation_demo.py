@@ -71,7 +71,7 @@ def fitted_codec(monkeypatch):
         fit_codebooks(model.compression_model)
         return model
 
-    monkeypatch.setattr(core.versions, "load_musicgen", load_fitted)  # setup_training imports it at call time
+    monkeypatch.setattr(core.versions, "load_musicgen", load_fitted)  # setup_training looks it up there at call time
 
 
 @pytest.fixture(scope="module")
