@@ -61,7 +61,8 @@ FINETUNE_FILE = "finetune.json"
 OPTIONAL_FILES = ("adapter.safetensors", "adapter_config.json", "embeddings.safetensors")
 KNOWN_FILES = (*CHECKPOINT_FILES, FINETUNE_FILE, *OPTIONAL_FILES)
 MAX_MEMBER_BYTES = 64 * 1024**3
-REPORT_MEMBERS = ("loss.png", "samples/")  # the training report: for people, not needed to load
+# The training report (training/export.py): for people, not needed to load, so unpacking skips it without a warning.
+REPORT_MEMBERS = ("loss.png", "metrics.json", "report.html", "samples/")
 # The members whose bytes are the weights: hashed into finetune.json on export, verified on load.
 INTEGRITY_MEMBERS = (*CHECKPOINT_FILES, *OPTIONAL_FILES)
 # LM cfg sections audiocraft's builders construct every LM parameter from (names and shapes follow from them).

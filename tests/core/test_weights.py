@@ -82,11 +82,11 @@ def test_unpack_is_cached_by_content(tmp_path):
     assert a == b and (a / "state_dict.bin").is_file()
 
 
-def test_the_tar_writer_report_members_modes_and_same_bytes(tmp_path):
+def test_the_tar_writer_report_members_modes_and_same_bytes(tmp_path, caplog):
     """One writer for the whole tar: the report after the weights (not hashed), every member a 0644 file with
     mtime 0, the file 0644 less the umask, no temp file left, and the same inputs give the same bytes."""
     model = load_musicgen("tiny", device="cpu")
-    report = {"loss.png": b"png", "samples/sample_0.wav": b"RIFF", "report.html": b"<html>"}
+    report = {"loss.png": b"png", "samples/sample_0.wav": b"RIFF", "metrics.json": b"{}", "report.html": b"<html>"}
     kw = dict(state_dict=model.lm.state_dict(), cfg=model.lm.cfg, base_model="tiny", finetune={"method": "full"})
     written = {}
     for umask, name in ((0o077, "private.tar"), (0o022, "out/usual.tar")):
@@ -108,15 +108,18 @@ def test_the_tar_writer_report_members_modes_and_same_bytes(tmp_path):
         "finetune.json",
         "loss.png",
         "samples/sample_0.wav",
+        "metrics.json",
         "report.html",
     ]
     assert all(m.isfile() and m.mode == 0o644 and m.mtime == 0 for m in members)
     assert set(info["integrity"]["sha256"]) == {"state_dict.bin", "compression_state_dict.bin"}
+    caplog.clear()
     assert sorted(p.name for p in weights.unpack(usual).iterdir()) == [
         "compression_state_dict.bin",
         "finetune.json",
         "state_dict.bin",
     ]
+    assert "Ignoring" not in caplog.text  # the report is the tar's own, not a stray file worth a warning
     assert not list(tmp_path.rglob(".trained_model-*"))
     with pytest.raises(ValueError, match="state_dict.bin is a weights member"):
         weights.write_trained_model(tmp_path / "bad.tar", **kw, report_files={"state_dict.bin": b""})
