@@ -25,12 +25,26 @@ LEAVES: dict[str, tuple[str, ...]] = {
     "core.errors": (),
     "core.catalogue": (),
     "core.devices": (),
+    "core.files": (),
+    "metadata": (),  # shared vocabularies (GENRES), data only
     "core.params": ("core.errors",),
     "core.hub": ("core.catalogue",),
     "training.params": ("core.params", "core.errors", "core.catalogue"),
     "generation.params": ("core.params", "core.errors", "core.catalogue"),
     "preprocessing.params": ("core.params", "core.errors", "core.catalogue"),
 }
+# The rooms of docs/architecture.md, bottom up: a module imports only modules of its own room or of rooms below it.
+# The first matching prefix decides (leaves first: `training.params` is a leaf, not training).
+ROOMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("leaves", tuple(LEAVES)),
+    ("core", ("core",)),
+    ("preprocessing", ("preprocessing",)),
+    ("generation", ("generation",)),
+    ("evaluation metrics", ("evaluation.embed", "evaluation.frechet", "evaluation.effnet")),
+    ("training", ("training",)),
+    ("tools", ("evaluation",)),
+    ("entry points", ("train", "predict")),
+)
 # A function-local import of a project module must say what heavy optional dependency it defers, on its line or
 # the line above: `# defers demucs`. (module, imported module) pairs that may do without, each with its reason:
 LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {}
@@ -180,6 +194,35 @@ def test_function_local_project_imports_say_what_they_defer(project):
     )
     unused = set(LOCAL_IMPORTS_ALLOWED) - {(i.source, i.target) for i in imports if i.local}
     assert not unused, f"LOCAL_IMPORTS_ALLOWED lists imports that no longer exist: {sorted(unused)}"
+
+
+def room_of(module: str) -> int:
+    for rank, (_, prefixes) in enumerate(ROOMS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no room of ROOMS: add it there and to docs/architecture.md")
+
+
+def upward_imports(imports: tp.Iterable[Import]) -> list[str]:
+    return sorted(
+        f"{i.source}:{i.line} ({ROOMS[room_of(i.source)][0]}) imports {i.target} ({ROOMS[room_of(i.target)][0]})"
+        for i in imports
+        if room_of(i.target) > room_of(i.source)
+    )
+
+
+def test_imports_only_go_down_the_rooms(project):
+    graph, imports = project
+    for module in graph:
+        room_of(module)
+    upward = upward_imports(imports)
+    assert not upward, "imports up the rooms of docs/architecture.md: " + "; ".join(upward)
+
+
+def test_the_rooms_check_sees_an_upward_import():
+    up = Import(source="core.weights", target="training.export", line=3, local=True, comment="")
+    down = Import(source="training.export", target="core.weights", line=3, local=False, comment="")
+    assert upward_imports([up, down]) == ["core.weights:3 (core) imports training.export (training)"]
 
 
 def _write(root: Path, files: dict[str, str]) -> None:
