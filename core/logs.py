@@ -17,10 +17,27 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RETIRED_ENV = {"MGFT_QUANTIZE": "the input sampler_precision (auto, int8, bf16, fp16, none)"}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each record, not as it was when the handler was made: Cog's worker and
+    test harnesses swap `sys.stderr`, and a handler holding the old stream writes into a closed file
+    ("--- Logging error ---" and a traceback, instead of the line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> tp.TextIO:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: tp.Any) -> None:
+        pass  # always the current sys.stderr
+
+
 def configure_logging(level: int = logging.INFO, fmt: str = FORMAT) -> None:
     root = logging.getLogger()
     if not any(getattr(h, _MARK, False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
         setattr(handler, _MARK, True)
         root.addHandler(handler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -31,3 +32,18 @@ def server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A CLI's `main()` called in a test configures logging as it would for a user (core/logs.py): what it adds to
+    the root logger is removed after the test, so one test's handlers and level do not reach the next test's
+    captured output."""
+    from core.logs import _MARK
+
+    root = logging.getLogger()
+    ours, level = [h for h in root.handlers if getattr(h, _MARK, False)], root.level
+    yield
+    for handler in [h for h in root.handlers if getattr(h, _MARK, False) and h not in ours]:
+        root.removeHandler(handler)
+    root.setLevel(level)

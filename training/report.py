@@ -255,27 +255,21 @@ def comparison_rows(validation: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append(("forgetting", "-", "-", "-", "not measured (forgetting_check; on CPU auto is off)"))
     audio = validation.get("audio")
     if audio:
-        rows.append(
-            (
-                "Fréchet distance to the held-out clips, EnCodec latents",
-                _num(audio.get("frechet_base"), 3),
-                _num(audio.get("frechet_finetuned"), 3),
-                "-",
-                "",
-            )
-        )
         effnet = audio.get("effnet") or {}
+        spaces = [("EnCodec latents", audio)]
         if effnet.get("frechet_base") is not None:
+            spaces.append(("discogs-effnet (essentia)", effnet))
+        for space, scores in spaces:
             rows.append(
                 (
-                    "Fréchet distance to the held-out clips, discogs-effnet (essentia)",
-                    _num(effnet.get("frechet_base"), 3),
-                    _num(effnet.get("frechet_finetuned"), 3),
+                    f"Fréchet distance to the held-out clips, {space}",
+                    _num(scores.get("frechet_base"), 3),
+                    _num(scores.get("frechet_finetuned"), 3),
                     "-",
                     "",
                 )
             )
-        else:
+        if effnet.get("frechet_base") is None:
             reason = effnet.get("skipped") or "not computed"
             rows.append(("Fréchet distance, discogs-effnet (essentia)", "-", "-", "-", f"skipped: {reason}"))
         copies = audio.get("copy_check") or {}
