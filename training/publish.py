@@ -33,6 +33,7 @@ from core.catalogue import PRETRAINED, SCRATCH_VERSIONS, STYLE_PRETRAINED
 from core.params import InputError, secret_fields
 from training.checkpoint import list_checkpoints
 from training.params import TrainParams
+from training.report import headline
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +314,12 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
             if training.get(key) is not None:
                 value = training[key]
                 lines.append(f"- {label}: {round(value, 4) if isinstance(value, float) else value}")
+    validation = finetune.get("validation")
+    if validation:  # whether it worked, measured on held-out tracks: what a visitor wants to know first
+        result = headline(validation, training.get("exported_step")).removeprefix("Result: ")
+        lines += ["", "## Validation", "", f"On held-out tracks: {result}."]
+        if "report.html" in files:
+            lines.append("The whole report (curves, samples, base vs fine-tuned): [report.html](report.html).")
     if "loss.png" in files:
         lines += ["", "![training loss](loss.png)"]
     samples = [f for f in files if f.startswith("samples/")]
@@ -352,11 +359,12 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
 
 
 def _report_files(tar: Path) -> dict[str, bytes]:
-    """finetune.json, loss.png and samples/*.wav of a trained_model.tar (regular files only)."""
+    """finetune.json and the report (loss.png, metrics.json, report.html, samples/*.wav) of a trained_model.tar
+    (regular files only)."""
     out: dict[str, bytes] = {}
     with tarfile.open(tar) as archive:
         for member in archive.getmembers():
-            wanted = member.name in ("finetune.json", "loss.png") or (
+            wanted = member.name in ("finetune.json", "loss.png", "metrics.json", "report.html") or (
                 member.name.startswith("samples/") and member.name.endswith(".wav") and ".." not in member.name
             )
             if wanted and member.isfile():

@@ -344,8 +344,10 @@ def test_model_card_holds_inputs_labels_plot_samples_base_and_license_but_no_sec
         "descriptions": ["zzq, calm piano", "zzq, fast drums"],
         "training": {"steps": 300, "clips": 12, "first_loss": 6.1234567, "final_loss": 3.25, "precision": "bf16"},
         "samples": [{"file": "samples/sample_0.wav", "description": "zzq, calm piano"}],
+        "validation": {"base_loss": 6.5, "best_loss": 4.25, "final_loss": 4.5, "flags": ["validation up"]},
     }
-    card = publish.model_card(finetune, REPO, ["loss.png", "samples/sample_0.wav", "samples/sample_1.wav"])
+    files = ["loss.png", "report.html", "samples/sample_0.wav", "samples/sample_1.wav"]
+    card = publish.model_card(finetune, REPO, files)
     for secret in SECRETS:
         assert secret not in card
     assert "hf_token" not in card and "wandb_api_key" not in card
@@ -356,6 +358,8 @@ def test_model_card_holds_inputs_labels_plot_samples_base_and_license_but_no_sec
     assert "[facebook/musicgen-stereo-melody](https://huggingface.co/facebook/musicgen-stereo-melody)" in body
     assert "LoRA" in body and "Trigger word: `zzq`" in body
     assert "![training loss](loss.png)" in body
+    assert "## Validation\n\nOn held-out tracks: validation loss 6.5000 (base) -> 4.2500 (fine-tuned" in body
+    assert "; flags: validation up." in body and "[report.html](report.html)" in body
     assert "- [samples/sample_0.wav](samples/sample_0.wav): zzq, calm piano" in body
     assert '<audio controls src="samples/sample_1.wav"></audio>' in body
     assert "- genre: jazz, rock" in body and "- moods: calm" in body
@@ -406,15 +410,17 @@ def test_training_logs_to_wandb_and_pushes_to_the_hub_without_leaking_a_secret(
     # the Hub: a private repo, one commit with the tar (byte for byte), the card and the files it links
     assert hub.repos[REPO]["visibility"] == "private"
     files = hub.files[REPO]
-    assert sorted(files) == ["README.md", "loss.png", "samples/sample_0.wav", "samples/sample_1.wav", TAR]
+    report = ["loss.png", "metrics.json", "report.html", "samples/sample_0.wav", "samples/sample_1.wav"]
+    assert sorted(files) == sorted(["README.md", *report, TAR])
     assert files[TAR] == tar.read_bytes()
     with tarfile.open(tar) as archive:
         assert files["loss.png"] == archive.extractfile("loss.png").read()
         assert files["samples/sample_1.wav"] == archive.extractfile("samples/sample_1.wav").read()
+        assert files["report.html"] == archive.extractfile("report.html").read()
         finetune = json.loads(archive.extractfile("finetune.json").read())
     assert files["loss.png"][:8] == b"\x89PNG\r\n\x1a\n" and files["samples/sample_0.wav"][:4] == b"RIFF"
     card = files["README.md"].decode()
-    assert card == publish.model_card(finetune, REPO, ["loss.png", "samples/sample_0.wav", "samples/sample_1.wav"])
+    assert card == publish.model_card(finetune, REPO, report)
     assert "Trigger word: `zzq`" in card and "- genre: jazz, rock" in card and "license: other" in card
     assert f"Pushed to {hub.url}/{REPO}" in logs
     assert len(hub.commits) == 1
