@@ -184,6 +184,7 @@ class WandbRun:
 
     def log_samples(self, tar: Path) -> None:
         self._guard("sample upload", lambda: _log_samples(self.run, tar))
+        self._guard("summary", lambda: self.run.summary.update(run_summary(tar)))
 
     def finish(self, exit_code: int | None = None) -> None:
         if not self._broken:
@@ -223,6 +224,27 @@ def start_wandb(params: TrainParams, output_dir: Path) -> WandbRun | None:
         return None
     logger.info("Weights & Biases run: %s", getattr(run, "url", None) or getattr(run, "dir", ""))
     return WandbRun(run, params)
+
+
+def run_summary(tar: Path) -> dict[str, tp.Any]:
+    """The run's summary on wandb, from the tar's metrics.json: the exported step, the validation loss base / best /
+    last, forgetting base / exported, and the flags ("none" when nothing was flagged) — the headline of the
+    report, so a run list shows which fine-tunes worked."""
+    metrics = json.loads(_report_files(tar).get("metrics.json", b"{}"))
+    summary: dict[str, tp.Any] = {"exported_step": metrics.get("exported_step")}
+    validation = metrics.get("validation") or {}
+    if validation.get("base_loss") is not None:
+        summary.update(
+            val_loss_base=validation.get("base_loss"),
+            val_loss_best=validation.get("best_loss"),
+            val_loss_last=validation.get("final_loss"),
+            flags=", ".join(validation.get("flags") or []) or "none",
+        )
+        forgetting = validation.get("forgetting") or {}
+        if forgetting.get("base_loss") is not None:
+            summary["forget_loss_base"] = forgetting["base_loss"]
+            summary["forget_loss_exported"] = forgetting.get("exported_loss")
+    return summary
 
 
 def _log_samples(run: tp.Any, tar: Path) -> None:

@@ -297,6 +297,16 @@ def _wandb_history_and_config(output_dir: Path) -> tuple[list[dict], dict]:
     return history, config
 
 
+def _wandb_summary(output_dir: Path) -> dict:
+    """The run's summary as written to its offline run file (the last value of each key)."""
+    (run_file,) = (output_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    summary = {}
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------------- checks
 
 

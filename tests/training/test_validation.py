@@ -266,7 +266,7 @@ def test_the_report_page_is_self_contained(validated_run):
 def test_the_evaluations_go_to_wandb(six_tracks, tmp_path, monkeypatch):
     import wandb
 
-    from tests.training.test_publish import WANDB_KEY, _wandb_history_and_config
+    from tests.training.test_publish import WANDB_KEY, _wandb_history_and_config, _wandb_summary
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -287,6 +287,13 @@ def test_the_evaluations_go_to_wandb(six_tracks, tmp_path, monkeypatch):
     for logged, saved in zip(evaluations, metrics, strict=True):
         for key in ("val_loss", "val_loss_uncond", "val_loss_q0", "val_loss_uncond_q3"):
             assert logged[key] == pytest.approx(saved[key], rel=1e-9), key
+    # the run's summary: the report's headline, so wandb's run list shows which fine-tunes worked
+    validation = json.loads((tmp_path / "out" / "metrics.json").read_text())["validation"]
+    summary = _wandb_summary(tmp_path / "out")
+    assert summary["exported_step"] == validation["exported_step"]
+    assert summary["val_loss_base"] == pytest.approx(validation["base_loss"], rel=1e-9)
+    assert summary["val_loss_best"] == pytest.approx(validation["best_loss"], rel=1e-9)
+    assert summary["flags"] == (", ".join(validation["flags"]) or "none")
 
 
 def test_forgetting_is_measured_on_prior_preservations_other_genres(six_tracks, tmp_path):
