@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.audio import load_audio, save_audio
+from core.audio import load_audio
 from core.catalogue import SCRATCH_VERSIONS
 from core.params import InputError
 from evaluation.effnet import effnet_frechet
@@ -51,6 +51,7 @@ from preprocessing.prepare import prepare
 from training.data import TokenDataset
 from training.dist import DistInfo, barrier
 from training.melody import restore_for_generation
+from training.methods.prior import example_key, save_examples
 from training.params import TrainParams, prepare_kwargs
 from training.report import finite_json
 from training.style import style_conditioners
@@ -260,13 +261,6 @@ def _prior_general(clip: tp.Any) -> bool:
     return (getattr(clip, "info", None) or {}).get("prior") == "dissimilar"
 
 
-def _forget_key(model_version: str, prompt: str, seconds: float, seed: int, precision: str) -> str:
-    import hashlib
-
-    text = f"{model_version}|{prompt}|{seconds:.3f}|{seed}|{precision}"
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
 def general_music(
     model: tp.Any, params: TrainParams, examples: tp.Sequence[tp.Any], cache_dir: Path, dist: DistInfo
 ) -> tuple[list[tp.Any], dict[str, tp.Any]]:
@@ -282,7 +276,7 @@ def general_music(
     precision = resolved_precision(model, params.sampler_precision)
     cache_dir.mkdir(parents=True, exist_ok=True)
     files = [
-        cache_dir / f"{_forget_key(str(params.model_version), p, seconds, params.seed, precision)}.wav"
+        cache_dir / f"{example_key(str(params.model_version), p, seconds, params.seed, precision)}.wav"
         for p in FORGET_PROMPTS
     ]
     if dist.is_main and not all(f.is_file() for f in files):
@@ -300,10 +294,7 @@ def general_music(
                 wav = generate_audio(model, list(FORGET_PROMPTS), seconds, sampler_precision=precision)  # [B, C, T]
             finally:
                 random.setstate(state)
-        for file, one in zip(files, wav, strict=True):
-            tmp = file.with_suffix(".tmp.wav")
-            save_audio(tmp, one.float().cpu(), model.sample_rate, "wav")
-            tmp.replace(file)
+        save_examples(files, wav, model.sample_rate)
     elif dist.is_main:
         logger.info("Forgetting check: %d cached examples of other genres (%s)", len(files), cache_dir)
     barrier(dist)

@@ -109,11 +109,20 @@ def plan_prompts(clips: tp.Sequence[tp.Any], params: TrainParams) -> list[dict[s
     return plan
 
 
-def _key(model_version: str, prompt: str, seconds: float, seed: int, precision: str) -> str:
-    """The cache name of one example: everything its audio depends on, the sampler's precision included (int8 and
-    fp16 draw different examples from the same seed)."""
+def example_key(model_version: str, prompt: str, seconds: float, seed: int, precision: str) -> str:
+    """The cache name of one example the base model generates (here, and the forgetting check's in
+    training/evaluate.py): everything its audio depends on, the sampler's precision included (int8 and fp16 draw
+    different examples from the same seed)."""
     text = f"{model_version}|{prompt}|{seconds:.3f}|{seed}|{precision}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def save_examples(files: tp.Sequence[str | Path], wav: torch.Tensor, sample_rate: int) -> None:
+    """Each `[C, T]` of `wav` `[B, C, T]` to its cache file, whole or not at all (written beside, then renamed)."""
+    for file, one in zip(files, wav, strict=True):
+        tmp = Path(file).with_suffix(".tmp.wav")
+        save_audio(tmp, one.float().cpu(), sample_rate, "wav")
+        tmp.replace(file)
 
 
 def generate_prior_clips(
@@ -128,7 +137,7 @@ def generate_prior_clips(
     cache_dir.mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(plan):
         item["seed"] = params.seed * 1000 + i
-        key = _key(str(params.model_version), item["prompt"], seconds, item["seed"], precision)
+        key = example_key(str(params.model_version), item["prompt"], seconds, item["seed"], precision)
         item["file"] = str(cache_dir / f"{key}.wav")
     todo = [item for item in plan if not Path(item["file"]).is_file()]
     if dist.is_main and todo:
@@ -146,10 +155,7 @@ def generate_prior_clips(
             torch.manual_seed(chunk[0]["seed"])
             prompts = [c["prompt"] for c in chunk]
             wav = generate_audio(model, prompts, seconds, sampler_precision=precision)  # [B, C, T]
-            for item, one in zip(chunk, wav, strict=True):
-                tmp = Path(item["file"]).with_suffix(".tmp.wav")
-                save_audio(tmp, one.float().cpu(), model.sample_rate, "wav")
-                tmp.replace(item["file"])
+            save_examples([c["file"] for c in chunk], wav, model.sample_rate)
     barrier(dist)
     out = []
     for item in plan:
