@@ -17,10 +17,17 @@ key=$(cat requirements.txt requirements-nodeps.txt requirements-dev.txt | "$PYTH
 root="${MGFT_VENV_ROOT:-$HOME/.cache/musicgen-ft}"
 venv="$root/venv-$key"
 
+mkdir -p "$root"
+# Two clones (or a CI run beside a developer's) setting up at once would both build into the same folder, the
+# second deleting what the first installs: the build is serialized by a lock beside the venvs, and the one that
+# waited reuses what the first built.
+exec 9>"$root/.setup.lock"
+if command -v flock >/dev/null 2>&1; then
+  flock 9 || { echo "error: could not lock $root/.setup.lock" >&2; exit 1; }
+fi
 if [ ! -f "$venv/.complete" ]; then
   echo "Building the virtual environment in $venv (first time on this machine: several minutes)"
   rm -rf "$venv"
-  mkdir -p "$root"
   "$PYTHON" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade "pip==25.3"
   "$venv/bin/python" -m pip install --quiet -r requirements.txt -r requirements-dev.txt
@@ -31,6 +38,7 @@ if [ ! -f "$venv/.complete" ]; then
 else
   echo "Reusing the virtual environment $venv"
 fi
+exec 9>&-
 ln -sfn "$venv" .venv
 
 # Headless Chromium (Debian's package): a test renders the training report (report.html) in a real browser.
