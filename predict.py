@@ -57,7 +57,7 @@ class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """`weights` is COG_WEIGHTS (a URL or path of a trained_model.tar): the `fine-tuned` model."""
         configure_logging()
-        logger.info("Cog runtime: coglet %s", importlib.metadata.version("coglet"))  # unpinned by cog build: see cog.yaml
+        logger.info("Cog runtime: coglet %s", importlib.metadata.version("coglet"))  # not pinned: cog.yaml
         warn_retired_env(os.environ)
         weights = str(weights) if weights else None
         self.generator = Generator(setup_weights=weights, min_free_bytes=min_free_setting())

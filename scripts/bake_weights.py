@@ -14,7 +14,8 @@ Where it downloads from: the Hugging Face files from `HF_ENDPOINT` (huggingface_
 https://huggingface.co); the others from their publishers, or, when `MGFT_BAKE_MIRROR` is set, from that base URL
 followed by the original host and path (`$MGFT_BAKE_MIRROR/essentia.upf.edu/models/...`,
 `$MGFT_BAKE_MIRROR/dl.fbaipublicfiles.com/demucs/...`): a mirror, or the loopback fake of the tests. The checksums
-are the same either way.
+are the same either way. In a Cog build, set either in cog.yaml's top-level `environment:` (written as `ENV` before
+the `run:` steps).
 
 What it bakes (`--only` picks groups):
 

@@ -6,15 +6,14 @@ loads."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import importlib.util
 import json
 import sys
-import threading
-import urllib.parse
 from pathlib import Path
 
 import pytest
+
+from tests.fake_http import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -29,44 +28,6 @@ def load_script():
 
 
 bake = load_script()
-
-
-class Server:
-    """Loopback HTTP: each path answers from its list of (status, headers, body), the last one repeating."""
-
-    def __init__(self, routes: dict[str, list[tuple[int, dict[str, str], bytes]]], on_request=None):
-        self.routes = routes
-        self.hits: dict[str, int] = {}
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                path = urllib.parse.urlparse(self.path).path
-                n = outer.hits.get(path, 0)
-                outer.hits[path] = n + 1
-                if on_request:
-                    on_request(path)
-                answers = outer.routes.get(path, [(404, {}, b"not found")])
-                status, headers, body = answers[min(n, len(answers) - 1)]
-                self.send_response(status)
-                for k, v in {"Content-Length": str(len(body)), **headers}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 DATA = b"model bytes " * 5000
