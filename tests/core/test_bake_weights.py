@@ -155,3 +155,18 @@ def test_offline_mode_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(bake.BakeError, match=r"OfflineModeIsEnabled.*after 1 attempt"):
         bake.bake_hf("t5-base", ("config.json",), cache=tmp_path, endpoint="http://127.0.0.1:9", sleep=waits.append)
     assert waits == []
+
+
+def test_a_mirror_serves_the_files_not_on_the_hub(monkeypatch):
+    """MGFT_BAKE_MIRROR moves the essentia and htdemucs downloads under `<mirror>/<host>/<path>`; the checksums and
+    the destinations stay; unset or blank, the publishers' URLs."""
+    monkeypatch.delenv(bake.MIRROR_ENV, raising=False)
+    plain = bake.essentia_assets() + bake.htdemucs_assets()
+    monkeypatch.setenv(bake.MIRROR_ENV, "  ")
+    assert bake.essentia_assets() + bake.htdemucs_assets() == plain
+    monkeypatch.setenv(bake.MIRROR_ENV, "http://mirror.local:8080/base/")  # a trailing slash is fine
+    mirrored = bake.essentia_assets() + bake.htdemucs_assets()
+    base = "http://mirror.local:8080/base/"
+    assert [a.url for a in mirrored] == [base + a.url.removeprefix("https://") for a in plain]
+    assert mirrored[-1].url == base + "dl.fbaipublicfiles.com/demucs/hybrid_transformer/955717e8-8726e21a.th"
+    assert [(a.dest, a.sha256, a.size) for a in mirrored] == [(a.dest, a.sha256, a.size) for a in plain]
