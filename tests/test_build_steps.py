@@ -7,6 +7,7 @@ trained version sets up and predicts from the caches they filled, with HF_HUB_OF
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.core.lora_tars import lora_tar
@@ -223,3 +225,15 @@ def test_the_steps_bake_everything_and_a_trained_version_predicts_offline(tmp_pa
     assert "network refused" in out and "BAKED FILES FOUND" in out, out[-3000:]
     assert "GENERATED (1, 1, 32000) lora fine-tune of tiny" in out, out[-3000:]
     assert re.search(r"Cog runtime: coglet \d+\.\d+", out), out[-3000:]  # a deployment shows the coglet it got
+
+
+def test_a_training_logs_the_coglet_it_got(tmp_path, caplog):
+    """train() (Cog's training entry) names the coglet a deployment resolved, as setup() does (above), before it
+    checks its inputs: this one is refused at once."""
+    import train
+    from core.errors import InputError
+
+    caplog.set_level("INFO")
+    with pytest.raises(InputError):
+        train.train(dataset_path=tmp_path / "missing.zip", model_version="fine-tuned")
+    assert f"Cog runtime: coglet {importlib.metadata.version('coglet')}" in caplog.text
