@@ -12,6 +12,7 @@ the command line and in the Python API (`generation.generate.Generator`), where 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -56,6 +57,7 @@ class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """`weights` is COG_WEIGHTS (a URL or path of a trained_model.tar): the `fine-tuned` model."""
         configure_logging()
+        logger.info("Cog runtime: coglet %s", importlib.metadata.version("coglet"))  # not pinned: cog.yaml
         warn_retired_env(os.environ)
         weights = str(weights) if weights else None
         self.generator = Generator(setup_weights=weights, min_free_bytes=min_free_setting())

@@ -9,6 +9,7 @@ done by `training.run.run_training`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -280,6 +281,7 @@ def train(
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
     inputs = {name: _plain(value) for name, value in locals().items()}
     configure_logging()
+    logger.info("Cog runtime: coglet %s", importlib.metadata.version("coglet"))  # not pinned: cog.yaml
     warn_retired_env(os.environ)
     params = from_kwargs(TrainParams, **inputs)
     while _last_work:

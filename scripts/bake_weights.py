@@ -2,11 +2,20 @@
 """Download, at image build time, every file a booted container would otherwise fetch: each verified by checksum,
 retried a bounded number of times with backoff, and moved into place atomically.
 
-Run by cog.yaml's build `run:` steps. Cog does not copy the project into the image before those steps run ("Your
-code is not available to commands in run"), so this file reaches the build as a BuildKit secret mount and must be
-passed on the command line: `cog build --secret id=bake_weights,src=scripts/bake_weights.py` (the same flag for
-`cog push`). It therefore uses only the standard library and huggingface_hub (installed from requirements.txt),
-nothing of this repository.
+Run by cog.yaml's build `run:` steps. Cog writes those steps into its Dockerfile before `COPY . /src`, so no file of
+this repository is readable there; the step therefore carries this whole file in its own text, compressed
+(`python3 -c "import base64,zlib;exec(...)"`), written by `python3 scripts/bake_weights.py --write-cog-yaml cog.yaml`.
+Any edit here changes that text, so Docker rebuilds the layer (it reuses a layer while its command text is
+unchanged), and no build flag is needed (`cog run`, `cog exec`, `cog serve`, `cog train` take no `--secret`).
+tests/test_build_steps.py fails while cog.yaml carries an older copy. It therefore uses only the standard library
+and huggingface_hub (installed from requirements.txt), nothing of this repository.
+
+Where it downloads from: the Hugging Face files from `HF_ENDPOINT` (huggingface_hub's own variable; default
+https://huggingface.co); the others from their publishers, or, when `MGFT_BAKE_MIRROR` is set, from that base URL
+followed by the original host and path (`$MGFT_BAKE_MIRROR/essentia.upf.edu/models/...`,
+`$MGFT_BAKE_MIRROR/dl.fbaipublicfiles.com/demucs/...`): a mirror, or the loopback fake of the tests. The checksums
+are the same either way. In a Cog build, set either in cog.yaml's top-level `environment:` (written as `ENV` before
+the `run:` steps).
 
 What it bakes (`--only` picks groups):
 
@@ -35,19 +44,26 @@ file deleted each time) and then fails naming the URL, the expected and the rece
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import typing as tp
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("bake_weights")
+
+# Named in messages: inside the image this file runs from cog.yaml's text, where it has no `__file__`.
+SCRIPT = "scripts/bake_weights.py"
+MIRROR_ENV = "MGFT_BAKE_MIRROR"
 
 ATTEMPTS = 4
 BACKOFF = 2.0  # seconds before the 2nd attempt, doubling after each failure (2, 4, 8: bounded)
@@ -173,7 +189,7 @@ def download(
     An existing `dest` that verifies is kept (no request). Raises BakeError naming the URL.
     """
     if strict and not asset.pinned:
-        raise BakeError(f"{asset.url}: no sha256 is recorded for it and --strict is set; pin it in {__file__}")
+        raise BakeError(f"{asset.url}: no sha256 is recorded for it and --strict is set; pin it in {SCRIPT}")
     dest = asset.dest
     if dest.is_file():
         try:
@@ -195,7 +211,7 @@ def download(
             sha256 = verify(asset, tmp)
             os.replace(tmp, dest)  # same folder: atomic
             if not asset.pinned:
-                logger.warning("%s: no checksum recorded; got sha256 %s (pin it in %s)", asset.url, sha256, __file__)
+                logger.warning("%s: no checksum recorded; got sha256 %s (pin it in %s)", asset.url, sha256, SCRIPT)
             logger.info("Baked %s (%.1f MB, sha256 %s)", dest, dest.stat().st_size / 1e6, sha256[:16])
             return dest
         except (OSError, ChecksumError) as e:  # URLError and HTTPError are OSErrors
@@ -231,15 +247,21 @@ def essentia_dir() -> Path:
     return Path(cache).expanduser() / "essentia"
 
 
+def mirrored(url: str) -> str:
+    """`url`, or its copy under `$MGFT_BAKE_MIRROR` (`<mirror>/<host>/<path>`) when that is set."""
+    mirror = os.environ.get(MIRROR_ENV, "").strip().rstrip("/")
+    return f"{mirror}/{url.split('://', 1)[1]}" if mirror else url
+
+
 def htdemucs_assets() -> list[Asset]:
     dest = torch_hub_checkpoints() / HTDEMUCS_URL.rsplit("/", 1)[1]
-    return [Asset(HTDEMUCS_URL, dest, sha256=HTDEMUCS_SHA256, size=HTDEMUCS_SIZE)]
+    return [Asset(mirrored(HTDEMUCS_URL), dest, sha256=HTDEMUCS_SHA256, size=HTDEMUCS_SIZE)]
 
 
 def essentia_assets() -> list[Asset]:
     folder = essentia_dir()
     return [
-        Asset(f"{ESSENTIA_BASE}/{path}", folder / path.rsplit("/", 1)[1], sha256=sha256, size=size)
+        Asset(mirrored(f"{ESSENTIA_BASE}/{path}"), folder / path.rsplit("/", 1)[1], sha256=sha256, size=size)
         for path, sha256, size in ESSENTIA_FILES
     ]
 
@@ -316,6 +338,56 @@ def bake_hf(
     return snapshot
 
 
+# ------------------------------------------------------------------------------------------------ cog.yaml's step
+
+# The bake step's program: this file, zlib-compressed and base64-encoded (an alphabet the shell, YAML and the
+# Dockerfile pass through unchanged), compiled under its own name so that a traceback names it. Cog refuses a
+# `run` command with a newline, so a heredoc is not possible; BuildKit refuses a Dockerfile line over 64 KiB.
+_LOADER = "import base64,zlib;exec(compile(zlib.decompress(base64.b64decode('{}')),'bake_weights.py','exec'))"
+_STEP = re.compile(
+    r"""^python3 -c "import base64,zlib;exec\(compile\(zlib\.decompress\(base64\.b64decode\('([A-Za-z0-9+/=]*)'\)\),"""
+    r"""'bake_weights\.py','exec'\)\)"(.*)$"""
+)
+MAX_DOCKERFILE_LINE = 65535 - 1  # BuildKit's parser reads lines with bufio.Scanner's default limit
+
+
+def cog_command(source: bytes, args: str = "") -> str:
+    """cog.yaml's bake step running `source` (this file's bytes) with `args` (its command line)."""
+    payload = base64.b64encode(zlib.compress(source, 9)).decode("ascii")
+    return f'python3 -c "{_LOADER.format(payload)}"' + (f" {args.strip()}" if args.strip() else "")
+
+
+def parse_cog_command(command: str) -> tuple[bytes, str] | None:
+    """(the program, its arguments) of a bake step `cog_command` wrote, or None for any other command."""
+    match = _STEP.match(command.strip())
+    if not match:
+        return None
+    return zlib.decompress(base64.b64decode(match.group(1), validate=True)), match.group(2).strip()
+
+
+def write_cog_yaml(path: Path, source: bytes) -> bool:
+    """Rewrite the bake step of cog.yaml at `path` to carry `source`, keeping its arguments and every other line;
+    written to a temporary name, then renamed. Returns whether the file changed."""
+    lines = path.read_text().splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if parse_cog_command(line.strip().removeprefix("- ").strip())]
+    if len(found) != 1:
+        raise BakeError(f"{path}: expected one build.run step of the form {cog_command(b'', '')[:60]}..., "
+                        f"found {len(found)}")  # fmt: skip
+    (i,) = found
+    indent, rest = lines[i].split("- ", 1)
+    program, args = parse_cog_command(rest.strip())
+    if program == source:  # compared decoded: another zlib build may compress the same bytes differently
+        return False
+    command = cog_command(source, args)
+    if len(f"RUN {command}") > MAX_DOCKERFILE_LINE:
+        raise BakeError(f"the bake step would be {len(command)} characters, over BuildKit's {MAX_DOCKERFILE_LINE}")
+    lines[i] = f"{indent}- {command}\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 
 
@@ -345,15 +417,32 @@ def bake(
 
 
 def main(argv: tp.Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bake_weights.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups ({', '.join(GROUPS)})")
     parser.add_argument("--attempts", type=int, default=ATTEMPTS, help="tries per file (bounded; default %(default)s)")
     parser.add_argument("--backoff", type=float, default=BACKOFF, help="seconds before the first retry, doubling")
     parser.add_argument("--strict", action="store_true", help="refuse files with no recorded checksum")
     parser.add_argument("--t5-revision", default="main", help="t5-base revision (a commit for reproducible builds)")
     parser.add_argument("--encodec-revision", default="main", help="facebook/encodec_32khz revision")
+    parser.add_argument(
+        "--write-cog-yaml",
+        metavar="PATH",
+        help="bake nothing: write this file into the bake step of the cog.yaml at PATH (after editing this file)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.write_cog_yaml:
+        if "__file__" not in globals():
+            parser.error("--write-cog-yaml: run it from a checkout (python3 scripts/bake_weights.py ...)")
+        try:
+            changed = write_cog_yaml(Path(args.write_cog_yaml), Path(__file__).read_bytes())
+        except (OSError, BakeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.write_cog_yaml}: {'bake step updated' if changed else 'already up to date'}")
+        return 0
+    if os.environ.get(MIRROR_ENV, "").strip():
+        logger.info("%s is set: the files not on the Hugging Face hub come from %s", MIRROR_ENV, mirrored("https://"))
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
     if args.attempts < 1:
         parser.error("--attempts must be at least 1")

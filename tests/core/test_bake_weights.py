@@ -6,15 +6,14 @@ loads."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import importlib.util
 import json
 import sys
-import threading
-import urllib.parse
 from pathlib import Path
 
 import pytest
+
+from tests.fake_http import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -29,44 +28,6 @@ def load_script():
 
 
 bake = load_script()
-
-
-class Server:
-    """Loopback HTTP: each path answers from its list of (status, headers, body), the last one repeating."""
-
-    def __init__(self, routes: dict[str, list[tuple[int, dict[str, str], bytes]]], on_request=None):
-        self.routes = routes
-        self.hits: dict[str, int] = {}
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                path = urllib.parse.urlparse(self.path).path
-                n = outer.hits.get(path, 0)
-                outer.hits[path] = n + 1
-                if on_request:
-                    on_request(path)
-                answers = outer.routes.get(path, [(404, {}, b"not found")])
-                status, headers, body = answers[min(n, len(answers) - 1)]
-                self.send_response(status)
-                for k, v in {"Content-Length": str(len(body)), **headers}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 DATA = b"model bytes " * 5000
@@ -194,3 +155,18 @@ def test_offline_mode_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(bake.BakeError, match=r"OfflineModeIsEnabled.*after 1 attempt"):
         bake.bake_hf("t5-base", ("config.json",), cache=tmp_path, endpoint="http://127.0.0.1:9", sleep=waits.append)
     assert waits == []
+
+
+def test_a_mirror_serves_the_files_not_on_the_hub(monkeypatch):
+    """MGFT_BAKE_MIRROR moves the essentia and htdemucs downloads under `<mirror>/<host>/<path>`; the checksums and
+    the destinations stay; unset or blank, the publishers' URLs."""
+    monkeypatch.delenv(bake.MIRROR_ENV, raising=False)
+    plain = bake.essentia_assets() + bake.htdemucs_assets()
+    monkeypatch.setenv(bake.MIRROR_ENV, "  ")
+    assert bake.essentia_assets() + bake.htdemucs_assets() == plain
+    monkeypatch.setenv(bake.MIRROR_ENV, "http://mirror.local:8080/base/")  # a trailing slash is fine
+    mirrored = bake.essentia_assets() + bake.htdemucs_assets()
+    base = "http://mirror.local:8080/base/"
+    assert [a.url for a in mirrored] == [base + a.url.removeprefix("https://") for a in plain]
+    assert mirrored[-1].url == base + "dl.fbaipublicfiles.com/demucs/hybrid_transformer/955717e8-8726e21a.th"
+    assert [(a.dest, a.sha256, a.size) for a in mirrored] == [(a.dest, a.sha256, a.size) for a in plain]
