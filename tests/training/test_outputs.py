@@ -65,7 +65,9 @@ def test_report_samples_are_as_loud_as_predicts_output(trained, keep_global_rand
     reference = loudness(predicted)
     inside = out.parent / "inside"
     with tarfile.open(trained["tar"]) as archive:  # the tar's own samples, then the side-by-side ones beside it
-        archive.extractall(inside, filter="data", members=[m for m in archive.getmembers() if m.name.startswith("samples/")])
+        archive.extractall(
+            inside, filter="data", members=[m for m in archive.getmembers() if m.name.startswith("samples/")]
+        )
     samples = sorted((inside / "samples").glob("*.wav")) + sorted((out / "samples").glob("heldout_*.wav"))
     for path in samples:
         assert loudness(path) == pytest.approx(reference, abs=1.5), path.name
