@@ -88,9 +88,9 @@ def generate_samples(model: tp.Any, descriptions: list[str], duration: float, sa
     LoRA adapters included), in one batch through predict's sampler (`generation.generate.generate_audio`)."""
     restore_for_generation(model.lm)
     # The samples preview what predict will make of these weights, so they take predict's sampler and precision
-    # (`sampler_precision`, default `auto`: int8 on CPU, ~7x faster than audiocraft's generate at a next-token KL of
-    # ~0.0007 nats vs fp32, far below the sampling's own randomness; fp16 on CUDA). The int8/fp16 copy is built
-    # from the trained weights for this call only; the training model is not modified.
+    # (`sampler_precision`, default `auto`: int8 on CPU, 5.79x audiocraft's generate in bench/generate.py, at a
+    # next-token KL of ~0.0007 nats vs fp32, far below the sampling's own randomness; fp16 on CUDA). The int8/fp16
+    # copy is built from the trained weights for this call only; the training model is not modified.
     wav = generate_audio(model, descriptions, duration, sampler_precision=sampler_precision)  # [B, C, T]
     return [wav_bytes(one, int(model.sample_rate)) for one in wav]
 
