@@ -259,7 +259,16 @@ def _write(
     beside = {name: extra[name] for name in ("metrics.json", "report.html", "loss.png")}
     beside.update((name, data) for name, data in samples)
     beside.update(heldout)
-    write_beside(out_tar.parent, beside)
+    try:
+        write_beside(out_tar.parent, beside)
+    except OSError as e:  # the tar is written and holds all but the held-out files (report.html plays those too)
+        logger.warning(
+            "Could not write the report's files beside %s (%s); they are inside it (report.html, loss.png, "
+            "metrics.json, samples/)",
+            out_tar.name,
+            e.strerror or e,
+        )
+        return out_tar
     listening = f" and {len(samples) + len(heldout)} samples in samples/" if samples else ""
     side_by_side = " (heldout_<i>_base/_finetuned.wav: base and fine-tune side by side)" if heldout else ""
     logger.info(
