@@ -269,15 +269,9 @@ def _write(
             e.strerror or e,
         )
         return out_tar
-    listening = f" and {len(samples) + len(heldout)} samples in samples/" if samples else ""
-    side_by_side = " (heldout_<i>_base/_finetuned.wav: base and fine-tune side by side)" if heldout else ""
-    logger.info(
-        "Training report: %s (open it in a browser); beside it loss.png, metrics.json%s%s",
-        out_tar.parent / "report.html",
-        listening,
-        side_by_side,
-    )
     logger.info("Trained model written to %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
+    side_by_side = " (heldout_<i>_base/_finetuned.wav: base and fine-tune side by side)" if heldout else ""
+    logger.info("Beside it in %s: %s%s", out_tar.parent, ", ".join(beside), side_by_side)
     return out_tar
 
 
