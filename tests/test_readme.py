@@ -222,8 +222,8 @@ def test_blocks_that_need_more_are_checked_without_it(clone):
     hub = clone.parent / "empty-hf-home"
     run = _run_script(network, clone, timeout=180, HF_HOME=str(hub), HF_HUB_OFFLINE="1")
     version = shlex.split(network)[shlex.split(network).index("--model_version") + 1]
-    last = run.stderr.strip().splitlines()[-1]
-    assert run.returncode == 2 and last.startswith("error:") and version in last, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1 and version in errors[0], run.stderr[-2000:]
     assert "Traceback" not in run.stderr
 
 
