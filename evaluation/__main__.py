@@ -3,21 +3,28 @@
 Compare weights (base versions such as `small`, `tiny`, or `trained_model.tar` files, LoRA ones included) on
 held-out tracks (an archive, an audio file or a prepared folder) with the trainer's validation loss, the Fréchet
 distance of generated samples to the held-out clips (EnCodec latents) and, with `--training`, the copy check: one
-table on stdout, everything as JSON with `--json`.
+table on stdout, everything as JSON with `--json`, the samples as WAV files with `--samples_dir`.
+
+`--segment` and `--duration` default to what the first trained tar's training report used (the table says what
+was used and where from). Where `--json` and `--samples_dir` go is checked (and created) before any work; the JSON
+is written to a temporary name and renamed, and if that fails it is kept in the temporary folder, never lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from core.catalogue import SAMPLER_PRECISIONS
 from core.errors import cli_errors
 from core.logs import configure_logging
-from evaluation.compare import compare, format_table
+from evaluation.compare import MAX_SAMPLES, check_destination, compare, format_table
+from generation.params import MAX_DURATION
+from training.export import write_beside
 from training.report import finite_json
 
 
@@ -26,9 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True, help="held-out tracks: archive, audio file or prepared folder")
     parser.add_argument("--weights", nargs="+", required=True, help="base versions and/or trained_model.tar files")
     parser.add_argument("--training", default=None, help="the training tracks, for the copy check (optional)")
-    parser.add_argument("--samples", type=int, default=4, help="samples generated per weights (0: no Fréchet)")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per generated sample")
-    parser.add_argument("--segment", type=float, default=30.0, help="crop length of the validation loss, seconds")
+    parser.add_argument(
+        "--samples", type=int, default=4, help=f"samples generated per weights, 0..{MAX_SAMPLES} (0: no Fréchet)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help=f"seconds per generated sample, at most {MAX_DURATION} (default: the trained tar's sample_duration, "
+        "else 8)",
+    )
+    parser.add_argument(
+        "--segment",
+        type=float,
+        default=None,
+        help="crop length of the validation loss, 1..30 s (default: the trained tar's segment_duration, as its "
+        "report; else 30)",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument(
         "--sampler_precision",
@@ -37,16 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         help="the samples' sampler precision, as predict's input of that name (auto: int8 on CPU, fp16 on CUDA)",
     )
     parser.add_argument("--json", default=None, help="write the whole report as JSON here")
+    parser.add_argument(
+        "--samples_dir", default=None, help="write the samples here as WAV, normalized as predict's outputs"
+    )
     args = parser.parse_args(argv)
     configure_logging()
-    # written as `not 0 < x < inf`: a NaN fails every comparison, so `x <= 0` would let it through
-    if args.samples < 0 or not 0 < args.duration < math.inf or not 1.0 <= args.segment <= 30.0:
-        print(
-            "error: --samples must be >= 0, --duration a finite number > 0 and --segment within 1..30 s",
-            file=sys.stderr,
-        )
+    # written as `not low <= x <= high`: a NaN fails every comparison, so `x <= 0` would let it through
+    bad = []
+    if not 0 <= args.samples <= MAX_SAMPLES:
+        bad.append(f"--samples must be within 0..{MAX_SAMPLES}")
+    if args.duration is not None and not 0 < args.duration <= MAX_DURATION:
+        bad.append(f"--duration must be a number of seconds > 0, at most {MAX_DURATION}")
+    if args.segment is not None and not 1.0 <= args.segment <= 30.0:
+        bad.append("--segment must be within 1..30 s")
+    if bad:
+        print(f"error: {'; '.join(bad)}", file=sys.stderr)
         return 2
     with cli_errors("evaluation") as outcome:
+        destination = check_destination(args.json, "json", folder=False) if args.json else None
         report = compare(
             args.weights,
             args.dataset,
@@ -56,12 +85,30 @@ def main(argv: list[str] | None = None) -> int:
             segment=args.segment,
             device=args.device,
             sampler_precision=args.sampler_precision,
+            samples_dir=args.samples_dir,
         )
         print(format_table(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(finite_json(report), indent=1))
-            print(f"Wrote {args.json}")
+        if destination is not None:
+            outcome.code = write_report(destination, report)
     return outcome.code
+
+
+def write_report(destination: Path, report: dict) -> int:
+    """The JSON report at `destination` (temp name, then rename); if that fails after all the work, in the
+    temporary folder instead, saying where: 0 when it is at `destination`, 1 otherwise."""
+    data = json.dumps(finite_json(report), indent=1).encode()
+    try:
+        write_beside(destination.parent, {destination.name: data})
+    except OSError as e:
+        fd, kept = tempfile.mkstemp(prefix="evaluation-", suffix=".json")
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        print(
+            f"error: could not write {destination} ({e.strerror or e}); the report is kept in {kept}", file=sys.stderr
+        )
+        return 1
+    print(f"Wrote {destination}")
+    return 0
 
 
 if __name__ == "__main__":

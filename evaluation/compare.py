@@ -11,12 +11,21 @@ For each weights (a base version such as `small` or `tiny`, or a `trained_model.
   (evaluation/effnet.py; else `frechet_effnet_skipped` says why);
 - `copy_check` (with `training`): each generated sample's nearest training clip, flagged when it is closer to it
   than training clips are to each other (`evaluation.embed.copy_check`).
+
+Settings left out are those of the training report of the first `trained_model.tar` given (`report_settings`): the
+validation loss on crops of its `segment_duration`, samples of its `sample_duration`, so that the numbers are the
+report's. Samples are generated in batches that fit free memory (predict's check,
+`generation.request.check_batch_memory`), and with `samples_dir` written as WAV files normalized as predict's
+outputs are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
+import re
 import tempfile
 import typing as tp
 from pathlib import Path
@@ -28,12 +37,13 @@ from core.audio import load_audio
 from core.devices import default_device
 from core.params import InputError
 from core.versions import load_musicgen
-from core.weights import load_trained_model
+from core.weights import load_trained_model, read_finetune_info, unpack
 from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
 from evaluation.frechet import embedding_frechet
 from generation.generate import generate_audio
-from generation.request import check_sampler_precision
+from generation.params import MAX_DURATION, MAX_OUTPUTS, PredictParams
+from generation.request import check_batch_memory, check_sampler_precision
 from preprocessing.dataset import load_prepared
 from preprocessing.params import PrepareParams
 from preprocessing.prepare import prepare
@@ -41,13 +51,99 @@ from training import fsdp as fsdp_mod
 from training.data import TokenDataset, encode_clips
 from training.dist import DistInfo
 from training.evaluate import EvalContext, Evaluator
+from training.export import wav_bytes, write_beside
 from training.loop import TrainStep
 from training.melody import melody_conditioners, prepare_melody_training
 from training.style import prepare_style_training
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_weights", "load_dataset", "validation_metrics", "compare", "format_table"]
+__all__ = [
+    "load_weights",
+    "load_dataset",
+    "validation_metrics",
+    "compare",
+    "format_table",
+    "report_settings",
+    "check_destination",
+    "sample_batch",
+    "MAX_SAMPLES",
+    "DEFAULT_SEGMENT",
+    "DEFAULT_DURATION",
+]
+
+# Samples per weights: each is kept as audio and as embeddings until its weights are measured (64 x 300 s of stereo
+# is ~5 GB of audio); the Fréchet distance of more says little more.
+MAX_SAMPLES = 64
+DEFAULT_SEGMENT = 30.0  # without a trained tar: audiocraft's training crop
+DEFAULT_DURATION = 8.0
+
+
+def _seconds(value: tp.Any, low: float, high: float) -> float | None:
+    """`value` as seconds within `low..high`, None for anything else (a finetune.json is read as untrusted)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value) if low <= value <= high else None
+
+
+def report_settings(weights: tp.Sequence[str]) -> dict[str, tp.Any]:
+    """What the training report of the first `trained_model.tar` among `weights` measured with: its validation
+    loss on crops of `segment` seconds (the training's `segment_duration`), samples of `sample_duration` seconds,
+    held-out tracks `held_out`; `source` names that tar. Empty without a local tar (base versions only)."""
+    for spec in weights:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            continue
+        info = read_finetune_info(unpack(path), spec)
+        inputs = info.get("training_inputs") if isinstance(info, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        validation = info.get("validation")
+        split = validation.get("split") if isinstance(validation, dict) else None
+        tracks = split.get("validation_tracks") if isinstance(split, dict) else None
+        return {
+            "source": path.name,
+            "segment": _seconds(inputs.get("segment_duration"), 1.0, 30.0),
+            "sample_duration": _seconds(inputs.get("sample_duration"), 0.1, 30.0),
+            "held_out": [str(t) for t in tracks] if isinstance(tracks, list) else [],
+        }
+    return {}
+
+
+def check_destination(path: str | os.PathLike[str], flag: str, *, folder: bool) -> Path:
+    """A file (`folder` False) or folder we can write to, checked before any work: the folder (or the file's
+    folder) is created; a file or folder in the way, or one we cannot write to, is an InputError naming `flag`."""
+    target = Path(path).expanduser()
+    where = target if folder else target.parent
+    if folder and target.exists() and not target.is_dir():
+        raise InputError(flag, f"{target} is a file; give a folder (created if missing)")
+    if not folder and target.is_dir():
+        raise InputError(flag, f"{target} is a folder; give a file name, e.g. {target / 'evaluation.json'}")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(flag, f"cannot write in {where} ({e.strerror or e}); give a place you can write to") from None
+    return target
+
+
+def sample_batch(model: tp.Any, samples: int, duration: float) -> int:
+    """How many samples to generate at once: at most predict's `num_outputs` limit, fewer when their attention
+    cache does not fit free memory (predict's own check)."""
+    size = min(samples, MAX_OUTPUTS)
+    while size > 1:
+        try:
+            check_batch_memory(PredictParams(duration=math.ceil(duration), num_outputs=size), model)
+            return size
+        except InputError:
+            size -= 1
+    return max(size, 1)
+
+
+def _file_part(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem if name.endswith(".tar") else name) or "weights"
 
 
 def load_weights(spec: str, device: str) -> tp.Any:
@@ -124,17 +220,39 @@ def compare(
     *,
     training: str | None = None,
     samples: int = 4,
-    duration: float = 8.0,
-    segment: float = 30.0,
+    duration: float | None = None,
+    segment: float | None = None,
     device: str | None = None,
     work_dir: Path | None = None,
     sampler_precision: str = "auto",
+    samples_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, tp.Any]:
-    """Every metric for every weights on `dataset`; see the module docstring."""
+    """Every metric for every weights on `dataset`; see the module docstring. `duration` / `segment` None: the
+    first trained tar's report's (`report_settings`), else `DEFAULT_DURATION` / `DEFAULT_SEGMENT`. With
+    `samples_dir`, each weights' samples are written there as `sample_<j>_<i>-<weights>.wav`."""
     if not weights:
         raise InputError("weights", "give at least one: a base version (e.g. small) or a trained_model.tar")
+    if not 0 <= samples <= MAX_SAMPLES:
+        raise InputError("samples", f"{samples} is out of range: give 0..{MAX_SAMPLES} samples per weights")
+    # written as `not low <= x <= high`: a NaN fails every comparison
+    if duration is not None and not 0 < duration <= MAX_DURATION:
+        raise InputError("duration", f"{duration} is out of range: give seconds > 0, at most {MAX_DURATION}")
+    if segment is not None and not 1.0 <= segment <= 30.0:
+        raise InputError("segment", f"{segment} is out of range: give 1..30 seconds")
     device = device or default_device()
     check_sampler_precision(sampler_precision, device)  # before any model loads
+    out_dir = check_destination(samples_dir, "samples_dir", folder=True) if samples_dir is not None else None
+    settings = report_settings(weights)
+    source = settings.get("source")
+    chosen = {
+        "segment": _setting(segment, settings.get("segment"), DEFAULT_SEGMENT, "segment_duration", source),
+        "duration": _setting(duration, settings.get("sample_duration"), DEFAULT_DURATION, "sample_duration", source),
+    }
+    segment, duration = chosen["segment"]["value"], chosen["duration"]["value"]
+    logger.info(
+        "Settings: %s",
+        "; ".join(f"{k} {v['value']:g} s ({v['from']})" for k, v in chosen.items()),
+    )
     with contextlib.ExitStack() as stack:
         work = Path(work_dir) if work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eval-")))
         held_out = load_dataset(dataset, work, "dataset")
@@ -158,8 +276,14 @@ def compare(
                 if train_set is not None:
                     train_latents = [encodec_latents(reference, *_clip_audio(c)) for c in train_set.clips]
             if prompts:
-                wav = generate_audio(
-                    model, prompts, duration, sampler_precision=sampler_precision
+                batch = sample_batch(model, len(prompts), duration)
+                if batch < min(len(prompts), MAX_OUTPUTS):
+                    logger.info("Generating in batches of %d samples: that many fit in free memory", batch)
+                wav = torch.cat(
+                    [
+                        generate_audio(model, prompts[j : j + batch], duration, sampler_precision=sampler_precision)
+                        for j in range(0, len(prompts), batch)
+                    ]
                 )  # [B, C, T] at the model's rate
                 generated = [encodec_latents(reference, w.float().cpu(), int(model.sample_rate)) for w in wav]
                 row["frechet"] = embedding_frechet(np.concatenate(generated), np.concatenate(clip_latents))
@@ -170,6 +294,15 @@ def compare(
                 if "skipped" in effnet:
                     row["frechet_effnet_skipped"] = effnet["skipped"]
                 row["samples"] = [{"prompt": p} for p in prompts]
+                if out_dir is not None:
+                    rate = int(model.sample_rate)
+                    files = {
+                        f"sample_{j:02d}_{i}-{_file_part(name)}.wav": wav_bytes(w, rate) for j, w in enumerate(wav)
+                    }
+                    write_beside(out_dir, files)
+                    for entry, file in zip(row["samples"], files, strict=True):
+                        entry["file"] = file
+                    logger.info("Wrote %d samples of %s to %s", len(files), name, out_dir)
                 if train_latents:
                     names = [Path(str(c.path)).name for c in train_set.clips]
                     row["copy_check"] = copy_check(generated, train_latents, names)
@@ -182,14 +315,36 @@ def compare(
         "samples": samples,
         "sample_duration": duration,
         "segment": segment,
+        "settings": chosen,
+        "report_held_out": settings.get("held_out") or [],
+        "samples_dir": str(out_dir) if out_dir is not None else None,
         "models": results,
     }
+
+
+def _setting(given: float | None, report: float | None, default: float, field: str, source: str | None) -> dict:
+    """The value used and where it came from, saying how to match the training report when it is not its."""
+    if given is not None:
+        if report is not None and given != report:
+            return {"value": given, "from": f"given; {source}'s report used {report:g}: pass that to match it"}
+        return {"value": given, "from": "given"}
+    if report is not None:
+        return {"value": report, "from": f"{source}'s {field}, as its report"}
+    hint = f" (a trained_model.tar's report uses its {field})" if source is None else ""
+    return {"value": default, "from": f"default{hint}"}
 
 
 def format_table(report: dict[str, tp.Any]) -> str:
     """One line per weights: validation loss (conditional, unconditional), Fréchet distance, copies."""
     header = f"{'weights':32s} {'val_loss':>9s} {'uncond':>9s} {'frechet':>9s} {'effnet':>9s} {'copies':>7s}"
-    lines = [f"held-out: {report['dataset']} ({report['clips']} clips)", header, "-" * len(header)]
+    lines = [f"held-out: {report['dataset']} ({report['clips']} clips)"]
+    for name, flag in (("segment", "--segment"), ("duration", "--duration")):
+        chosen = (report.get("settings") or {}).get(name)
+        if chosen:
+            lines.append(f"{flag} {chosen['value']:g} ({chosen['from']})")
+    if report.get("report_held_out"):
+        lines.append(f"the report's held-out tracks: {', '.join(report['report_held_out'])}")
+    lines += [header, "-" * len(header)]
     for row in report["models"]:
         frechet = f"{row['frechet']:9.3f}" if "frechet" in row else f"{'-':>9s}"
         effnet = f"{row['frechet_effnet']:9.3f}" if row.get("frechet_effnet") is not None else f"{'-':>9s}"
@@ -200,4 +355,6 @@ def format_table(report: dict[str, tp.Any]) -> str:
     skipped = next((r["frechet_effnet_skipped"] for r in report["models"] if "frechet_effnet_skipped" in r), None)
     if skipped:
         lines.append(f"effnet: skipped ({skipped})")
+    if report.get("samples_dir"):
+        lines.append(f"samples: {report['samples_dir']}")
     return "\n".join(lines)

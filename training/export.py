@@ -2,7 +2,10 @@
 
 Besides the weights and `finetune.json` (every training input, the label vocabulary, the trigger, a summary of the
 run), the tar carries `loss.png` and `samples/sample_<i>.wav`: short pieces generated with the fine-tuned model
-from training descriptions.
+from training descriptions, loudness-normalized as predict's outputs are (`generation.generate.normalize`), so that
+they sound as predict will. The same files lie beside the tar in the output folder, with the audio check's held-out
+prompts as `samples/heldout_<i>_base.wav` and `samples/heldout_<i>_finetuned.wav` (the base model and the
+fine-tune side by side, as report.html compares them), so nothing needs unpacking to be listened to.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from core import weights
 from core.audio import save_audio
 from core.errors import InputError
 from core.params import secret_fields
-from generation.generate import generate_audio, resolved_precision
+from generation.generate import generate_audio, normalize, resolved_precision
 from training import checkpoint as ckpt
 from training.data import ClipTokens
 from training.evaluate import audio_check
@@ -36,6 +39,8 @@ __all__ = [
     "export_trained_model",
     "label_vocabulary",
     "generate_samples",
+    "wav_bytes",
+    "write_beside",
     "N_SAMPLES",
     "TAR_NAME",
     "ExportFailed",
@@ -46,6 +51,8 @@ __all__ = [
 
 TAR_NAME = "trained_model.tar"
 N_SAMPLES = 2
+# predict's default `normalization_strategy`: the report's samples are heard as a prediction would sound
+SAMPLE_NORMALIZATION = "loudness"
 VOCAB_FIELDS = ("genre", "moods", "instrument", "key", "keywords")
 
 
@@ -81,16 +88,42 @@ def generate_samples(model: tp.Any, descriptions: list[str], duration: float, sa
     LoRA adapters included), in one batch through predict's sampler (`generation.generate.generate_audio`)."""
     restore_for_generation(model.lm)
     # The samples preview what predict will make of these weights, so they take predict's sampler and precision
-    # (`sampler_precision`, default `auto`: int8 on CPU, ~7x faster than audiocraft's generate at a next-token KL of
-    # ~0.0007 nats vs fp32, far below the sampling's own randomness; fp16 on CUDA). The int8/fp16 copy is built
-    # from the trained weights for this call only; the training model is not modified.
+    # (`sampler_precision`, default `auto`: int8 on CPU, 5.79x audiocraft's generate in bench/generate.py, at a
+    # next-token KL of ~0.0007 nats vs fp32, far below the sampling's own randomness; fp16 on CUDA). The int8/fp16
+    # copy is built from the trained weights for this call only; the training model is not modified.
     wav = generate_audio(model, descriptions, duration, sampler_precision=sampler_precision)  # [B, C, T]
-    out = []
-    for one in wav:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_audio(Path(tmp) / "sample.wav", one.float().cpu(), model.sample_rate, "wav")
-            out.append(path.read_bytes())
-    return out
+    return [wav_bytes(one, int(model.sample_rate)) for one in wav]
+
+
+def normalized(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """`[C, T]` audio normalized as predict normalizes its outputs by default."""
+    return normalize(wav.float().cpu(), SAMPLE_NORMALIZATION, sample_rate)
+
+
+def wav_bytes(wav: torch.Tensor, sample_rate: int, *, normalize_first: bool = True) -> bytes:
+    """16-bit WAV bytes of `[C, T]` audio (`normalized` first unless it already is)."""
+    wav = normalized(wav, sample_rate) if normalize_first else wav.float().cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_audio(Path(tmp) / "sample.wav", wav, sample_rate, "wav").read_bytes()
+
+
+def write_beside(folder: Path, files: tp.Mapping[str, bytes]) -> list[Path]:
+    """Each `name -> bytes` written under `folder` (temp name, then rename: never a half-written file under the
+    name), returning the paths."""
+    written = []
+    for name, data in files.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    return written
 
 
 def export_trained_model(
@@ -196,9 +229,16 @@ def _write(
             {"file": f"samples/sample_{i}.wav", "description": d} for i, d in enumerate(descriptions)
         ]
     comparison = None  # base vs fine-tuned samples of held-out prompts (training/evaluate.py: audio_check)
+    heldout: dict[str, bytes] = {}  # the same samples as files beside the tar, side by side
     if audio_reference is not None and finetune.get("validation") is not None and params.sample_duration > 0:
         check = audio_check(model, audio_reference, clips)  # the LM holds the exported weights (loaded above)
-        comparison = check.pop("audio")
+        comparison = check.pop("audio")  # raw decodes: the metrics above were measured on these
+        rate = int(comparison["rate"])
+        for side in ("base", "finetuned"):  # what the page and the files play: normalized as predict's outputs
+            comparison[side] = [normalized(w, rate) for w in comparison[side]]
+            for i, wav in enumerate(comparison[side]):
+                heldout[f"samples/heldout_{i}_{side}.wav"] = wav_bytes(wav, rate, normalize_first=False)
+        heldout = dict(sorted(heldout.items()))
         finetune["validation"]["audio"] = finite_json(check)
     # after the audio check: metrics.json carries the whole base-vs-fine-tuned table (Fréchet, copy check) too
     extra["metrics.json"] = metrics_json(history, finetune.get("validation"), finetune["training"]["exported_step"])
@@ -215,11 +255,23 @@ def _write(
         extra_files=method_export.extra_files,
         report_files=extra,
     )
-    (out_tar.parent / "metrics.json").write_bytes(extra["metrics.json"])  # beside the tar too, to read without it
-    (out_tar.parent / "report.html").write_bytes(extra["report.html"])
-    report = out_tar.parent / "report.html"
-    logger.info("Training report: %s (report.html is in the tar too; open it in a browser)", report)
+    # Beside the tar too, to read, open and listen to without unpacking it: the report, the curves, the samples.
+    beside = {name: extra[name] for name in ("metrics.json", "report.html", "loss.png")}
+    beside.update((name, data) for name, data in samples)
+    beside.update(heldout)
+    try:
+        write_beside(out_tar.parent, beside)
+    except OSError as e:  # the tar is written and holds all but the held-out files (report.html plays those too)
+        logger.warning(
+            "Could not write the report's files beside %s (%s); they are inside it (report.html, loss.png, "
+            "metrics.json, samples/)",
+            out_tar.name,
+            e.strerror or e,
+        )
+        return out_tar
     logger.info("Trained model written to %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
+    side_by_side = " (heldout_<i>_base/_finetuned.wav: base and fine-tune side by side)" if heldout else ""
+    logger.info("Beside it in %s: %s%s", out_tar.parent, ", ".join(beside), side_by_side)
     return out_tar
 
 
