@@ -13,6 +13,14 @@ from pathlib import Path
 import torch
 
 from core import audio, versions
+from core.catalogue import (
+    ALL_MODEL_VERSIONS,
+    MELODY_VERSIONS,
+    PRETRAINED,
+    SCRATCH_VERSIONS,
+    STYLE_PRETRAINED,
+    STYLE_VERSIONS,
+)
 from core.params import InputError
 from generation import style
 from generation.params import PredictParams
@@ -43,6 +51,11 @@ def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
 
 def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int] | None) -> None:
     """Checks that need no model (run before any loading)."""
+    if params.seed is not None and not -1 <= params.seed <= MAX_SEED:
+        raise InputError(
+            "seed",
+            f"{params.seed} is outside -1..{MAX_SEED}: give a seed in that range, or -1 / empty for a random one",
+        )
     if params.model_version in versions.SCRATCH_VERSIONS and not params.replicate_weights:
         raise InputError(
             "model_version",
@@ -79,6 +92,51 @@ def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int
             )
     elif params.continuation_end is not None or params.continuation_start:
         logger.warning("continuation_start/continuation_end are ignored when continuation=false")
+
+
+MAX_SEED = 2**63 - 1  # torch's generator takes a signed 64-bit seed
+
+
+def validate_for_version(
+    params: PredictParams,
+    version: str,
+    input_audio: tuple[torch.Tensor, int] | None,
+    style_audio: tuple[torch.Tensor, int] | None,
+) -> None:
+    """The audio inputs against the family of model `version` (a model_version, or the base a fine-tune names),
+    from the catalogue alone: a melody input on a model without melody conditioning, or style audio on a model
+    without a style conditioner, is refused before anything loads. A base the catalogue does not know (a local
+    folder) is checked on the loaded model (`validate_for_model`)."""
+    version = {v: k for k, v in {**PRETRAINED, **STYLE_PRETRAINED}.items()}.get(version, version)
+    if version not in (*ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS):
+        return
+    style_model = version in STYLE_VERSIONS
+    if style_audio is not None and not style_model:
+        raise InputError(
+            "style_audio",
+            f"style conditioning needs a MusicGen-Style model ({style.STYLE_MODELS_HINT}), and {version} is not "
+            "one: pick model_version=style, or leave style_audio empty",
+        )
+    if params.classifier_free_guidance_beta is not None and not style_model:
+        raise InputError(
+            "classifier_free_guidance_beta",
+            f"double classifier-free guidance balances text against style: only MusicGen-Style models "
+            f"({style.STYLE_MODELS_HINT}) have it. Leave it empty for {version}",
+        )
+    if input_audio is None or params.continuation:
+        return
+    if style_model:
+        raise InputError(
+            "input_audio",
+            f"{version} takes its audio condition from style_audio (a style, not a melody): pass the file as "
+            "style_audio, or set continuation=true to continue input_audio",
+        )
+    if version not in MELODY_VERSIONS:
+        raise InputError(
+            "input_audio",
+            f"melody conditioning needs a melody model ({', '.join(MELODY_VERSIONS)}), and {version} is not one: "
+            "set continuation=true to continue the audio instead, or pick a melody model_version",
+        )
 
 
 def is_melody_model(model) -> bool:
