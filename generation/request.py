@@ -199,29 +199,56 @@ def available_memory(device: str | torch.device) -> int | None:
     return None
 
 
-def check_batch_memory(params: PredictParams, model, available: int | None = None) -> None:
-    """Refuse a `num_outputs` whose attention cache cannot fit in free memory (before any generation).
+# Peak bytes per output sample of EnCodec's decoder, `4 * (DECODE_PER_FILTER * n_filters + DECODE_FIXED)`: its last
+# blocks hold activations of `n_filters` channels at the audio rate. Measured (peak RSS of a no-grad decode, CPU):
+# 5.3-6.5 x n_filters floats per sample for facebook/encodec_32khz's 64 filters, ~46 floats for the tiny models' 4;
+# this bound covers both.
+DECODE_PER_FILTER = 7
+DECODE_FIXED = 32
 
-    Only batches are checked (num_outputs > 1): one output is what the model is for, and the estimate is a bound.
-    `available`: free bytes (default: measured on the model's device).
+
+def decode_bytes(model, duration: float) -> int:
+    """Estimated peak bytes of decoding one output of `duration` seconds (`generation.generate.decode` decodes the
+    outputs one at a time, and a stereo EnCodec its two channels one after the other, so this is the decode's peak
+    whatever `num_outputs`)."""
+    compression = model.compression_model
+    inner = getattr(compression, "model", compression)  # the interleaved-stereo wrapper holds a mono EnCodec
+    n_filters = int(getattr(getattr(inner, "decoder", None), "n_filters", 64))
+    samples = int(float(duration) * model.sample_rate)
+    return 4 * (DECODE_PER_FILTER * n_filters + DECODE_FIXED) * samples
+
+
+def check_batch_memory(params: PredictParams, model, available: int | None = None) -> None:
+    """Refuse a request whose generation cannot fit in free memory, before any of it runs: the sampler's attention
+    cache for `num_outputs` outputs (`kv_cache_bytes`), then the decode of each output (`decode_bytes`). The two
+    phases do not overlap (the cache is freed before decoding), so the larger one is what must fit.
+
+    `available`: free bytes (default: measured on the model's device). The estimates are bounds, so 80 % of the
+    free memory is the budget (the rest: activations, the weights' working copies, the process).
     """
-    if params.num_outputs <= 1:
-        return
     available = available_memory(model.device) if available is None else available
     if available is None:
         return
-    budget = 0.8 * available  # leave room for activations, decoding and the rest of the process
-    need = kv_cache_bytes(model, params.duration, params.num_outputs)
+    budget = 0.8 * available
+    decoding = decode_bytes(model, params.duration)
+    need = max(kv_cache_bytes(model, params.duration, params.num_outputs), decoding)
     if need <= budget:
         return
     per_output = kv_cache_bytes(model, params.duration, 1)
+    if decoding > budget or per_output > budget:
+        seconds = int(params.duration * budget / max(decoding, 1))
+        raise InputError(
+            "duration",
+            f"decoding {params.duration} s of audio needs about {max(decoding, per_output) / 2**30:.1f} GiB on "
+            f"{model.device}, and about {available / 2**30:.1f} GiB is free: use duration <= {max(seconds, 1)} "
+            "and continue the audio in another prediction (continuation=true), or free memory",
+        )
     fits = int(budget // per_output)
-    fix = f"use num_outputs <= {fits}" if fits >= 1 else "use num_outputs=1"
     raise InputError(
         "num_outputs",
         f"{params.num_outputs} outputs of {min(params.duration, model.max_duration):.0f} s windows need about "
         f"{need / 2**30:.1f} GiB of attention cache on {model.device}, and about {available / 2**30:.1f} GiB is "
-        f"free: {fix}, or run several predictions",
+        f"free: use num_outputs <= {fits}, or run several predictions",
     )
 
 
