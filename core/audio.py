@@ -5,14 +5,16 @@ Shapes follow audiocraft: a waveform is a float32 tensor `[C, T]` in [-1, 1].
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.errors import InputError
+from core.errors import InputError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -107,19 +109,35 @@ def convert_channels(wav: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def save_audio(path: str | Path, wav: torch.Tensor, sample_rate: int, fmt: str | None = None) -> Path:
-    """Write `[C, T]` as 16-bit WAV (soundfile) or 320 kbps MP3 (lameenc). Returns the path written."""
+    """Write `[C, T]` as 16-bit WAV (soundfile) or 320 kbps MP3 (lameenc). Returns the path written.
+
+    Written to a temp name in the same folder, then renamed: a failed write (a full disk, an I/O error) leaves no
+    truncated file under `path`, and is a `WriteError` naming the path (libsndfile's own error is no
+    OSError, so it is translated here)."""
+    import soundfile as sf
+
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".") or "wav").lower()
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
     data = wav.detach().to(torch.float32).cpu().clamp(-1.0, 1.0).numpy().T  # [T, C]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "wav":
-        import soundfile as sf
-
-        sf.write(str(path), data, sample_rate, subtype="PCM_16", format="WAV")
-    else:
-        path.write_bytes(encode_mp3(data, sample_rate))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "wav":
+            sf.write(str(tmp), data, sample_rate, subtype="PCM_16", format="WAV")
+        else:
+            tmp.write_bytes(encode_mp3(data, sample_rate))
+        os.replace(tmp, path)
+    except (OSError, sf.LibsndfileError) as e:
+        reason = getattr(e, "strerror", None) or getattr(e, "error_string", None) or str(e)
+        raise WriteError(
+            f"Could not write {path}: {reason}. Free disk space there, check that the folder is writable, or write "
+            "the output elsewhere."
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 

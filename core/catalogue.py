@@ -23,6 +23,7 @@ __all__ = [
     "STEREO_VERSIONS",
     "FSDP_AUTO_VERSIONS",
     "LM_LAYOUTS",
+    "LM_WIDTHS",
     "PRETRAINED_COMPRESSION",
     "CHECKPOINT_FILES",
     "METHODS",
@@ -100,6 +101,20 @@ LM_LAYOUTS: dict[str, tuple[int, int]] = {
     "tiny": (2, 4),
     "tiny-stereo": (2, 8),
     "tiny-melody": (2, 4),
+}
+# (model dimension, attention heads) of each facebook/musicgen-* LM (the MusicGen paper's small / medium / large; the
+# melody and stereo versions share their size's): a fine-tune of one must have the same, checked before it is built.
+LM_WIDTHS: dict[str, tuple[int, int]] = {
+    "small": (1024, 16),
+    "medium": (1536, 24),
+    "large": (2048, 32),
+    "melody": (1536, 24),
+    "melody-large": (2048, 32),
+    "stereo-small": (1024, 16),
+    "stereo-medium": (1536, 24),
+    "stereo-large": (2048, 32),
+    "stereo-melody": (1536, 24),
+    "stereo-melody-large": (2048, 32),
 }
 # The 32 kHz EnCodec of every facebook/musicgen-* model (and of `micro`, trained from scratch on it).
 PRETRAINED_COMPRESSION = "facebook/encodec_32khz"

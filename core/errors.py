@@ -15,6 +15,7 @@ __all__ = [
     "ModelUnavailableError",
     "WeightsError",
     "NonFiniteError",
+    "WriteError",
     "Interrupted",
     "USER_ERRORS",
     "cli_errors",
@@ -42,6 +43,11 @@ class NonFiniteError(RuntimeError):
     what to change (a lower lr, fp32); the last finite state is kept as a checkpoint where one exists."""
 
 
+class WriteError(OSError):
+    """A file of ours could not be written (a full disk, no permission, an I/O error); the message names the path
+    and the fix, and nothing half-written is left under the file's name."""
+
+
 class Interrupted(RuntimeError):
     """A run stopped early by a signal (SIGTERM, Ctrl-C) or a cancel, leaving what can be resumed; the message
     says where it is and how to resume. `exit_code` is what the CLI exits with (128 + the signal)."""
@@ -49,7 +55,13 @@ class Interrupted(RuntimeError):
     exit_code = 130
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (InputError, ModelUnavailableError, WeightsError, NonFiniteError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    InputError,
+    ModelUnavailableError,
+    WeightsError,
+    NonFiniteError,
+    WriteError,
+)
 
 
 @dataclass

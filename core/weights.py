@@ -32,6 +32,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 import typing as tp
 import urllib.parse
 import urllib.request
@@ -43,6 +44,8 @@ import torch
 from core import adapters, style, tiny, versions
 from core.catalogue import (
     CHECKPOINT_FILES,
+    LM_LAYOUTS,
+    LM_WIDTHS,
     PRETRAINED,
     PRETRAINED_COMPRESSION,
     STYLE_PRETRAINED,
@@ -50,7 +53,7 @@ from core.catalogue import (
     TINY_VERSIONS,
 )
 from core.devices import default_device
-from core.errors import ModelUnavailableError, WeightsError
+from core.errors import ModelUnavailableError, WeightsError, WriteError
 from core.files import current_umask
 from core.hub import hf_cache_hint
 
@@ -204,7 +207,9 @@ def write_tar(out_tar: str | Path, members: tp.Mapping[str, bytes]) -> Path:
 # ------------------------------------------------------------------------------------------------ sources
 
 DEFAULT_MIN_FREE_BYTES = 10 * 1024**3  # as replicate/flux-fine-tuner: keep 10 GiB of disk free
-DOWNLOAD_TIMEOUT = 60.0
+DOWNLOAD_TIMEOUT = 60.0  # one read
+DOWNLOAD_DEADLINE = 3600.0  # a whole download: a 7 GB large model at 2 MB/s
+MAX_DOWNLOAD_BYTES = 2 * MAX_MEMBER_BYTES
 HUB_TIMEOUT = 10.0
 # Beside each cached folder `<key>/`, `.<key>.json`: what it was made from (URL / repo id, commit); its mtime is
 # the last use (the eviction order). Kept outside the folder, which stays exactly the tar's members.
@@ -344,28 +349,63 @@ def _read_source(folder: Path) -> dict[str, tp.Any]:
         return {}
 
 
-def _download(url: str, target: Path) -> None:
-    """Stream `url` into `target` through a `.part` file (a partial download never carries the final name)."""
+def _download(
+    url: str,
+    target: Path,
+    *,
+    deadline: float | None = None,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+    on_chunk: tp.Callable[[int], None] | None = None,
+) -> int:
+    """Stream `url` into `target` through a `.part` file (a partial download never carries the final name); returns
+    the bytes received. Bounded three ways: each read waits at most `DOWNLOAD_TIMEOUT`, the whole download at most
+    `deadline` seconds, and at most `max_bytes` bytes are taken whatever the server announces. `on_chunk(received)`
+    runs after each chunk written (the cache makes room as real bytes arrive, never for a size a header claims)."""
+    deadline = DOWNLOAD_DEADLINE if deadline is None else deadline
     tmp = target.with_name(target.name + ".part")
+    started = time.monotonic()
+    received = 0
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
+            while True:
+                if time.monotonic() - started > deadline:
+                    raise WeightsError(
+                        f"Could not download weights from {url}: not finished after {deadline:.0f} s "
+                        f"({received / 1e6:.1f} MB received). Check the server and the network, or give a faster URL."
+                    )
+                chunk = response.read1(1 << 20)
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > max_bytes:
+                    raise WeightsError(
+                        f"Could not download weights from {url}: more than {max_bytes / 2**30:.0f} GiB, far more "
+                        "than any trained_model.tar. Check the URL."
+                    )
+                out.write(chunk)
+                if on_chunk is not None:
+                    on_chunk(received)
         os.replace(tmp, target)
     except OSError as e:
         reason = getattr(e, "reason", None) or e
         raise WeightsError(f"Could not download weights from {url}: {reason}. Check the URL and the network.") from None
     finally:
         tmp.unlink(missing_ok=True)
+    return received
 
 
-def _content_length(url: str) -> int:
-    """The size a server announces for `url` (0 when it does not say): room is made for it before downloading."""
-    try:
-        request = urllib.request.Request(url, method="HEAD")
-        with urllib.request.urlopen(request, timeout=HUB_TIMEOUT) as response:
-            return int(response.headers.get("Content-Length") or 0)
-    except (OSError, ValueError):
-        return 0
+def _keep_free(keep: tp.Iterable[str | Path], evict_kw: dict[str, tp.Any]) -> tp.Callable[[int], None]:
+    """An `on_chunk` for `_download`: every 64 MiB received, evict as `evict` does to keep the free space."""
+    kept = [*keep]
+    step = 64 << 20
+    done = [0]
+
+    def check(received: int) -> None:
+        if received - done[0] >= step:
+            done[0] = received
+            evict(kept, **evict_kw)
+
+    return check
 
 
 def _decode_data_uri(uri: str, label: str) -> bytes:
@@ -425,9 +465,12 @@ def unpack(
             if download is legacy:
                 logger.info("Unpacking the earlier download of %s (then deleting it)", source.label)
             else:
-                evict([*keep], need_bytes=_content_length(source.location), **evict_kw)
+                # Room is made for bytes that arrived, never for a size the server announces (one Content-Length
+                # header could empty the whole cache): the free space is kept as chunks land.
+                evict([*keep], **evict_kw)
                 logger.info("Downloading weights from %s", source.label)
-                _download(source.location, download)
+                _download(source.location, download, on_chunk=_keep_free(keep, evict_kw))
+            evict([*keep], need_bytes=download.stat().st_size, **evict_kw)  # the extraction's size, now known
             _extract(download, source.label, folder)
         finally:
             download.unlink(missing_ok=True)  # the unpacked folder is the one copy
@@ -518,6 +561,11 @@ def _extract(path: Path, label: str, folder: Path) -> None:
                 raise
     except (tarfile.TarError, EOFError) as e:
         raise WeightsError(f"{label} is a corrupt tar archive ({e}); re-download or re-export it.") from None
+    except OSError as e:  # a full disk or an I/O error while writing the members: one line, nothing half-unpacked
+        raise WriteError(
+            f"Could not unpack the weights {label} into {folder.parent}: {e.strerror or e}. Free disk space there "
+            "(the cache evicts unused weights only down to its free-space threshold) or check the folder's permissions."
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -580,14 +628,15 @@ def _fetch_hf(
         logger.info("Using the cached weights of %s (commit %s)", label, info.sha)
         _touch(folder)
         return folder
-    size = next((s.size or 0 for s in info.siblings or [] if s.rfilename == tar_name), 0)
-    evict([*keep], need_bytes=size, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
+    # The hub's announced size is not trusted for eviction either: room for the download's real size once it is here.
+    evict([*keep], min_free_bytes=min_free_bytes, free_bytes=free_bytes)
     logger.info("Downloading %s of %s (commit %s) from the Hugging Face hub", tar_name, label, info.sha)
     with tempfile.TemporaryDirectory(prefix=".hf-", dir=cache_dir("downloads")) as tmp:
         try:
             path = Path(hf_hub_download(repo, tar_name, revision=info.sha, local_dir=tmp))
         except Exception as e:  # noqa: BLE001 - one message naming the repo
             raise WeightsError(f"Could not download {tar_name} of {label}: {type(e).__name__}: {e}") from None
+        evict([*keep], need_bytes=path.stat().st_size, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
         _extract(path, label, folder)
     _write_source(folder, {"label": label, "kind": "hf", "commit": info.sha})
     return folder
@@ -665,20 +714,95 @@ def _base_of(folder: Path, info: dict[str, tp.Any]) -> str:
     base = str(info.get("base_model", "") or "")
     if not base and (folder / adapters.ADAPTER_CONFIG_FILE).is_file():
         try:
-            base = str(json.loads((folder / adapters.ADAPTER_CONFIG_FILE).read_text()).get("base_model") or "")
-        except (OSError, ValueError):
-            base = ""
+            config = json.loads((folder / adapters.ADAPTER_CONFIG_FILE).read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
+            config = {}
+        base = config.get("base_model") if isinstance(config, dict) else None
+        base = base if isinstance(base, str) else ""
     return base
 
 
+MAX_FINETUNE_BYTES = 16 * 1024**2  # finetune.json holds settings and a report summary: kilobytes, not megabytes
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def read_finetune_info(folder: str | Path, label: str | None = None) -> dict[str, tp.Any]:
+    """finetune.json of a weights folder, every field we read typed and bounded (`check_finetune_info`); `{}` when
+    there is none (tars written before it existed). Whatever the file holds, a bad one is a `WeightsError` naming
+    the weights and the fix, never a traceback: weights come from anyone's URL."""
+    label = label or str(folder)
     path = Path(folder) / FINETUNE_FILE
     if not path.is_file():
         return {}
+    fix = "Re-export the trained_model.tar with train.py (or re-download it)."
     try:
-        return json.loads(path.read_text())
+        if path.stat().st_size > MAX_FINETUNE_BYTES:
+            raise WeightsError(f"{FINETUNE_FILE} of {label} is over {MAX_FINETUNE_BYTES >> 20} MB: not ours. {fix}")
+        text = path.read_bytes().decode("utf-8")
+        info = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise WeightsError(f"{FINETUNE_FILE} of {label} is not UTF-8 text (byte {e.start}). {fix}") from None
     except json.JSONDecodeError as e:
-        raise WeightsError(f"{FINETUNE_FILE} of {label or folder} is not valid JSON ({e}).") from None
+        raise WeightsError(f"{FINETUNE_FILE} of {label} is not valid JSON ({e}). {fix}") from None
+    except RecursionError:
+        raise WeightsError(f"{FINETUNE_FILE} of {label} is nested too deeply to be ours. {fix}") from None
+    except OSError as e:
+        raise WeightsError(f"{FINETUNE_FILE} of {label} could not be read ({e.strerror or e}). {fix}") from None
+    check_finetune_info(info, label)
+    return info
+
+
+def check_finetune_info(info: tp.Any, label: str) -> None:
+    """The fields of finetune.json the loader reads, each of its type and within bounds: a JSON object;
+    `format_version` one this code reads; `base_model`, `method` short strings; `integrity.sha256` a map of weights
+    member names (`INTEGRITY_MEMBERS`: plain names in the weights folder, never a path) to sha256 hex digests;
+    `integrity.base_architecture` a sha256 hex digest. Other fields are the training's record, for people."""
+    fix = "Re-export the trained_model.tar with train.py (or re-download it)."
+
+    def bad(what: str) -> WeightsError:
+        return WeightsError(f"{FINETUNE_FILE} of {label}: {what}. {fix}")
+
+    if not isinstance(info, dict):
+        raise bad(f"expected a JSON object, found {_json_type(info)}")
+    version = info.get("format_version", FORMAT_VERSION)  # tars from before the field are the first format
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise WeightsError(
+            f"{FINETUNE_FILE} of {label}: format_version {str(version)[:40]!r} is not a format this code knows "
+            f"(it reads format {FORMAT_VERSION}). Use a trained_model.tar written by train.py."
+        )
+    if version > FORMAT_VERSION:
+        raise WeightsError(
+            f"{FINETUNE_FILE} of {label}: format_version {version} was written by a newer version of this fine-tuner "
+            f"(this one reads format {FORMAT_VERSION}): upgrade it to load these weights."
+        )
+    for name in ("base_model", "method"):
+        value = info.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 4096):
+            raise bad(f"{name} must be a string (a model_version or folder), found {_json_type(value)}")
+    integrity = info.get("integrity")
+    if integrity is None:
+        return
+    if not isinstance(integrity, dict):
+        raise bad(f"integrity must be an object, found {_json_type(integrity)}")
+    sha = integrity.get("sha256")
+    if sha is not None:
+        if not isinstance(sha, dict):
+            raise bad(f"integrity.sha256 must be an object (member name: sha256), found {_json_type(sha)}")
+        for name, digest in sha.items():
+            if name not in INTEGRITY_MEMBERS:
+                # Only the known member names: a path here would make the loader read (and report on) a file
+                # outside the weights folder.
+                raise bad(f"integrity.sha256 lists {name[:60]!r}, which is not a weights member")
+            if not isinstance(digest, str) or not HEX64.match(digest):
+                raise bad(f"integrity.sha256 of {name} is not a sha256 hex digest")
+    fingerprint = integrity.get("base_architecture")
+    if fingerprint is not None and not (isinstance(fingerprint, str) and HEX64.match(fingerprint)):
+        raise bad("integrity.base_architecture is not a sha256 hex digest")
+
+
+def _json_type(value: tp.Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 # ------------------------------------------------------------------------------------------------ integrity
@@ -695,7 +819,7 @@ def verify_members(folder: Path, info: dict[str, tp.Any], label: str) -> None:
         logger.info("%s records no checksums (written before they were added): its members are not verified", label)
         return
     for name, expected in sorted(recorded.items()):
-        path = folder / name
+        path = _member(folder, name, label)
         if not path.is_file():
             raise WeightsError(f"Weights {label}: {name} is missing, and {FINETUNE_FILE} lists it. Re-export the tar.")
         actual = _sha256(path)
@@ -704,6 +828,29 @@ def verify_members(folder: Path, info: dict[str, tp.Any], label: str) -> None:
                 f"Weights {label}: {name} is corrupt (sha256 {actual[:16]}..., {FINETUNE_FILE} records "
                 f"{expected[:16]}...). Re-download or re-export the trained_model.tar."
             )
+
+
+def _member(folder: Path, name: str, label: str) -> Path:
+    """`folder / name` for a weights member `name`, confined to the folder: a plain known name (finetune.json is
+    checked for that), and no link leading out of it (in the Hugging Face cache, a snapshot's files are links to
+    its repo's `blobs/`, which is theirs). Nothing outside is looked at: the error says nothing about it."""
+    if name not in INTEGRITY_MEMBERS:
+        raise WeightsError(f"Weights {label}: {FINETUNE_FILE} lists {name[:60]!r}, which is not a weights member.")
+    path = folder / name
+    if path.is_symlink():
+        roots = [folder.resolve()]
+        if folder.parent.name == "snapshots":
+            roots.append((folder.parent.parent / "blobs").resolve())
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            target = None
+        if target is None or not any(target.is_relative_to(root) for root in roots):
+            raise WeightsError(
+                f"Weights {label}: {name} is a link leading out of the weights folder; give a folder holding the "
+                "files themselves (or the trained_model.tar)."
+            )
+    return path
 
 
 def verify_architecture(info: dict[str, tp.Any], cfg: tp.Any, base: str, label: str) -> None:
@@ -751,8 +898,144 @@ def _base_compression(pkg: dict, device: str, load_compression_model: tp.Callabl
         return None
 
 
+# Bounds on an LM config inside state_dict.bin, for bases the catalogue cannot describe (a local model folder, a
+# style model, a model trained from scratch): wide enough for every MusicGen, far below what would exhaust memory.
+LM_CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "dim": (8, 8192),
+    "num_heads": (1, 128),
+    "num_layers": (1, 96),
+    "n_q": (1, 32),
+    "card": (2, 65536),
+}
+MAX_LM_PARAMETERS = 4_500_000_000  # musicgen-large, the largest base, has 3.3 B
+SCRATCH_CODEBOOKS = {"micro": (4, 2048), "tiny-micro": (tiny.N_Q, tiny.CARD)}  # (n_q, card) of their EnCodec
+
+
+def base_architecture(base: str) -> dict[str, int]:
+    """What the catalogue knows of base model `base`'s LM (`transformer_lm` keys: dim, num_heads, num_layers, n_q,
+    card); empty for a base it does not describe (a local folder)."""
+    name = {v: k for k, v in PRETRAINED.items()}.get(base, base)  # a facebook/musicgen-* id as its version
+    known: dict[str, int] = {}
+    if name in (*TINY_VERSIONS, *STYLE_TINY_VERSIONS):
+        lm = tiny.lm_cfg(name)["transformer_lm"]
+        return {key: int(lm[key]) for key in LM_CONFIG_BOUNDS}
+    if name in LM_LAYOUTS:
+        known["num_layers"], known["n_q"] = LM_LAYOUTS[name]
+    if name in LM_WIDTHS:
+        known["dim"], known["num_heads"] = LM_WIDTHS[name]
+    if name in PRETRAINED:
+        known["card"] = 2048
+    if name in SCRATCH_CODEBOOKS:
+        known["n_q"], known["card"] = SCRATCH_CODEBOOKS[name]
+    return known
+
+
+def check_lm_config(cfg: tp.Any, base: str, label: str) -> None:
+    """The LM config a full fine-tune's state_dict.bin carries, checked before anything is built from it: every
+    size an integer within `LM_CONFIG_BOUNDS`, the whole under `MAX_LM_PARAMETERS`, and equal to the declared base's
+    architecture where the catalogue knows it (a fine-tune keeps its base's shape). A config that asks for more is
+    refused by name instead of allocated."""
+    fix = "Use the trained_model.tar train.py wrote: its state_dict.bin was altered or is not ours."
+    try:
+        plain = _plain(cfg)
+    except Exception as e:  # noqa: BLE001 - whatever the file holds: one message
+        raise WeightsError(
+            f"state_dict.bin of {label}: its 'xp.cfg' is not a config ({type(e).__name__}). {fix}"
+        ) from None
+    lm = plain.get("transformer_lm")
+    if not isinstance(lm, dict):
+        raise WeightsError(f"state_dict.bin of {label}: its config has no transformer_lm section. {fix}")
+    sizes: dict[str, int] = {}
+    for key, (low, high) in LM_CONFIG_BOUNDS.items():
+        value = lm.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise WeightsError(
+                f"state_dict.bin of {label}: transformer_lm.{key} is {str(value)[:40]}, outside {low}..{high}. {fix}"
+            )
+        sizes[key] = value
+    if sizes["dim"] % sizes["num_heads"]:
+        raise WeightsError(
+            f"state_dict.bin of {label}: transformer_lm.dim {sizes['dim']} is not a multiple of num_heads "
+            f"{sizes['num_heads']}. {fix}"
+        )
+    parameters = 12 * sizes["num_layers"] * sizes["dim"] ** 2 + 2 * sizes["n_q"] * sizes["card"] * sizes["dim"]
+    if parameters > MAX_LM_PARAMETERS:
+        raise WeightsError(
+            f"state_dict.bin of {label}: its config describes an LM of about {parameters / 1e9:.0f} B parameters, "
+            f"more than any MusicGen ({MAX_LM_PARAMETERS / 1e9:.1f} B at most). {fix}"
+        )
+    expected = base_architecture(base)
+    differ = [f"{key} {sizes[key]} (base: {value})" for key, value in expected.items() if sizes[key] != value]
+    if differ:
+        raise WeightsError(
+            f"state_dict.bin of {label} does not have the architecture of its base model {base}: "
+            f"{', '.join(differ)}. Was base_model in {FINETUNE_FILE} changed? {fix}"
+        )
+    segment = (plain.get("dataset") or {}).get("segment_duration") if isinstance(plain.get("dataset"), dict) else None
+    if segment is not None and (
+        not isinstance(segment, int | float) or isinstance(segment, bool) or not 0 < segment <= 3600
+    ):
+        raise WeightsError(
+            f"state_dict.bin of {label}: dataset.segment_duration {str(segment)[:40]} is not a duration in seconds "
+            f"(0..3600). {fix}"
+        )
+
+
+@dataclass(frozen=True)
+class OpenedWeights:
+    """Weights fetched, unpacked and checked, nothing built yet (`open_weights`): what `load_trained_model` builds
+    from. `adapter`: they reference their base (LoRA adapter or learned embeddings) instead of carrying a full LM."""
+
+    folder: Path
+    info: dict[str, tp.Any]
+    base: str
+    label: str
+    adapter: bool
+
+    @property
+    def method(self) -> str:
+        return str(self.info.get("method") or ("adapter" if self.adapter else "full"))
+
+    @property
+    def lora(self) -> bool:
+        return (self.folder / adapters.ADAPTER_CONFIG_FILE).is_file()
+
+
+def open_weights(
+    weights: str | os.PathLike[str],
+    *,
+    keep: tp.Iterable[str | Path] = (),
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+    free_bytes: FreeBytes | None = None,
+) -> OpenedWeights:
+    """Everything about weights that needs no model: fetch and unpack (`unpack`), verify the members' checksums,
+    read finetune.json (typed and bounded), and for a full LM check its config against its base's architecture.
+    A caller can do this while another model still serves, and build only weights that passed."""
+    label = classify(weights).label
+    folder = unpack(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
+    info = read_finetune_info(folder, label)
+    base = _base_of(folder, info)
+    adapter = (folder / adapters.ADAPTER_CONFIG_FILE).is_file() or (folder / adapters.EMBEDDINGS_FILE).is_file()
+    if adapter:
+        if not base:
+            raise WeightsError(f"{FINETUNE_FILE} of {label} names no base_model: its adapter cannot be applied.")
+        return OpenedWeights(folder, info, base, label, adapter)
+    try:
+        # mmap: only the config is read here, not gigabytes of weights
+        pkg = torch.load(folder / "state_dict.bin", map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(
+            f"state_dict.bin of {label} is not a readable torch checkpoint ({type(e).__name__})."
+        ) from None
+    if not isinstance(pkg, dict) or "xp.cfg" not in pkg:
+        raise WeightsError(f"state_dict.bin of {label} is not an audiocraft LM checkpoint (no 'xp.cfg').")
+    check_lm_config(pkg["xp.cfg"], base, label)
+    verify_architecture(info, pkg["xp.cfg"], base, label)
+    return OpenedWeights(folder, info, base, label, adapter)
+
+
 def load_trained_model(
-    weights: str | Path,
+    weights: str | Path | OpenedWeights,
     device: str | None = None,
     *,
     lora_scale: float = 1.0,
@@ -760,24 +1043,25 @@ def load_trained_model(
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
     free_bytes: FreeBytes | None = None,
 ):
-    """A fine-tuned MusicGen from a `trained_model.tar` (any reference `unpack` takes) or its extracted folder.
+    """A fine-tuned MusicGen from a `trained_model.tar` (any reference `unpack` takes), its extracted folder, or
+    weights `open_weights` already opened.
 
     Uses audiocraft's loaders. For a facebook/musicgen-* base, the base's own EnCodec is used when it is in the
     Hugging Face cache; otherwise audiocraft's reference (`facebook/encodec_32khz`) is followed. The members are
-    checked against finetune.json's checksums and an adapter's base against the recorded architecture.
-    `lora_scale` scales a LoRA adapter's update (0: the base exactly, 1: as trained); for other weights a value
-    other than 1 is ignored with a warning. `keep`, `min_free_bytes`, `free_bytes`: the cache eviction (`evict`).
-    The model gets `weights_folder` (where its weights live) and `is_lora`.
+    checked against finetune.json's checksums, a full LM's config against its base's architecture, and an
+    adapter's base against the recorded architecture. `lora_scale` scales a LoRA adapter's update (0: the base
+    exactly, 1: as trained); for other weights a value other than 1 is ignored with a warning. `keep`,
+    `min_free_bytes`, `free_bytes`: the cache eviction (`evict`). The model gets `weights_folder` (where its
+    weights live) and `is_lora`.
     """
     from audiocraft.models import MusicGen
     from audiocraft.models.loaders import load_compression_model, load_lm_model
 
-    label = classify(weights).label
-    folder = unpack(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
-    info = read_finetune_info(folder, label)
-    base = _base_of(folder, info)
+    if not isinstance(weights, OpenedWeights):
+        weights = open_weights(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
+    folder, info, base, label = weights.folder, weights.info, weights.base, weights.label
     device = device or default_device()
-    if (folder / adapters.ADAPTER_CONFIG_FILE).is_file() or (folder / adapters.EMBEDDINGS_FILE).is_file():
+    if weights.adapter:
         model = _load_with_adapter(folder, info, base, device, label=label, lora_scale=lora_scale)
         model.weights_folder = folder
         return model
@@ -790,9 +1074,6 @@ def load_trained_model(
         )
     model_home = tiny.ensure_tiny(base) if base in TINY_VERSIONS else folder
     try:
-        pkg_lm = torch.load(folder / "state_dict.bin", map_location="cpu", weights_only=True)
-        verify_architecture(info, pkg_lm["xp.cfg"], base, label)
-        del pkg_lm
         with tiny.tiny_hubs(model_home):
             lm = _load_lm(folder, device, load_lm_model)
         pkg = torch.load(folder / "compression_state_dict.bin", map_location="cpu", weights_only=True)
@@ -822,8 +1103,6 @@ def _load_with_adapter(
     """A fine-tune that references its base (LoRA, textual inversion, text projection): the base model (by its
     model_version, as trained) with the adapter merged into its LM (scaled by `lora_scale`) and/or the learned
     tensors put in. The base's architecture must match the fingerprint finetune.json records."""
-    if not base:
-        raise WeightsError(f"{FINETUNE_FILE} of {label} names no base_model: its adapter cannot be applied.")
     lora = (folder / adapters.ADAPTER_CONFIG_FILE).is_file()
     if lora and not (folder / adapters.ADAPTER_FILE).is_file():
         raise WeightsError(f"{adapters.ADAPTER_CONFIG_FILE} without {adapters.ADAPTER_FILE} in {label}.")
@@ -839,7 +1118,7 @@ def _load_with_adapter(
             adapters.apply_lora_files(model.lm, folder, merge=True, strength=lora_scale)
         if (folder / adapters.EMBEDDINGS_FILE).is_file():
             adapters.apply_partial_file(model.lm, folder)
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, ArithmeticError, OSError) as e:
         raise WeightsError(
             f"The learned weights of {label} do not fit base model {base} ({type(e).__name__}: {e}); "
             "was it trained on another model_version?"

@@ -40,6 +40,7 @@ from generation.request import (
     check_sampler_precision,
     load_input_audio,
     validate_for_model,
+    validate_for_version,
     validate_request,
 )
 from generation.windows import SampleFn, lm_generate, sample_windows
@@ -196,7 +197,25 @@ class Generator:
             self._sampler_precision = precision
         return self._sampler
 
-    def model_for(self, key: ModelKey):
+    def open_weights(self, key: ModelKey) -> weights.OpenedWeights | None:
+        """Fetch, unpack and check the weights of `key` (`core.weights.open_weights`) while the model loaded now
+        still serves: a reference that is not a tar, missing, corrupt or cancelled fails here and leaves it loaded.
+        None when `key` needs no loading (loaded now, or not weights)."""
+        if key.kind != "weights" or key == self._key:
+            return None
+        if self._key is not None and self._key.ref == key.ref and not getattr(self._model, "is_lora", False):
+            return None  # only lora_scale changed on weights that are no LoRA adapter: model_for keeps the model
+        previous = getattr(self._model, "weights_folder", None)
+        keep = {*self._protected, *([previous] if previous else [])}
+        return weights.open_weights(key.ref, keep=keep, min_free_bytes=self.min_free_bytes, free_bytes=self.free_bytes)
+
+    def model_for(self, key: ModelKey, opened: weights.OpenedWeights | None = None):
+        """The model of `key`, loaded if it is not the one loaded now (`opened`: its weights from `open_weights`).
+
+        Whatever fails in a load, the next request finds the generator as if it were the first: either the model
+        loaded before is untouched (a failure while the weights are fetched and checked) or no model and no key at
+        all (a failure while the new model is built, after the old one was freed), so the next request loads again.
+        """
         if key == self._key:
             return self._model
         same_weights = self._key is not None and (self._key.kind, self._key.ref) == (key.kind, key.ref)
@@ -205,32 +224,33 @@ class Generator:
             logger.warning("lora_scale=%g is ignored: %s are not LoRA weights", key.lora_scale, key.ref[:80])
             self._key = key
             return self._model
-        previous = getattr(self._model, "weights_folder", None)
+        if key.kind == "weights" and opened is None:
+            opened = self.open_weights(key)
+        # Free the previous model before building the next one (two may not fit on a GPU), and its key with it.
         if self._model is not None and self._sampler is not None:
             self._sampler.forget(self._model.lm)
-        self._model = None  # free the previous model before loading the next one
+        self._model, self._key = None, None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        if key.kind == "weights":
-            if same_weights:
-                logger.info("lora_scale changed to %g: re-applying the adapter on its base", key.lora_scale)
-            keep = {*self._protected, *([previous] if previous else [])}
-            self._model = weights.load_trained_model(
-                key.ref,
-                device=self.device,
-                lora_scale=key.lora_scale,
-                keep=keep,
-                min_free_bytes=self.min_free_bytes,
-                free_bytes=self.free_bytes,
-            )
-            if key.ref == self.setup_weights:
-                self._protected.add(Path(self._model.weights_folder))
-        else:
-            self._model = versions.load_musicgen(key.ref, device=self.device)
-        if _plain_lm(self._model.lm):
-            self.sampler().prepare(self._model.lm)  # quantize once here (setup), not in the first request
-        self._key = key
-        return self._model
+        model = None
+        try:
+            if opened is not None:
+                if same_weights:
+                    logger.info("lora_scale changed to %g: re-applying the adapter on its base", key.lora_scale)
+                model = weights.load_trained_model(opened, device=self.device, lora_scale=key.lora_scale)
+            else:
+                model = versions.load_musicgen(key.ref, device=self.device)
+            if _plain_lm(model.lm):
+                self.sampler().prepare(model.lm)  # quantize once here (setup), not in the first request
+        except BaseException:
+            if model is not None and self._sampler is not None:
+                self._sampler.forget(model.lm)
+            raise
+        if opened is not None and key.ref == self.setup_weights:
+            self._protected.add(Path(opened.folder))
+        self._model, self._key = model, key
+        _log_loaded(key, opened)
+        return model
 
     @property
     def loaded_weights(self) -> Path | None:
@@ -303,8 +323,14 @@ class Generator:
         validate_request(params, input_audio)
         style.validate_request(params, style_audio)
         check_sampler_precision(params.sampler_precision, self.device)
+        key = model_key(params, self.setup_weights)
+        if key.kind == "version":
+            validate_for_version(params, key.ref, input_audio, style_audio)
+        opened = self.open_weights(key)  # the model loaded now serves on until these weights passed every check
+        if opened is not None:
+            validate_for_version(params, opened.base, input_audio, style_audio)
         sampler = self.sampler(params.sampler_precision)  # before loading: a new model is prepared at this one
-        model = self.model_for(model_key(params, self.setup_weights))
+        model = self.model_for(key, opened)
         validate_for_model(params, model, input_audio)
         style.validate_for_model(params, model, style_audio, input_audio)
         mbd = self.mbd(model) if params.multi_band_diffusion else None
@@ -319,6 +345,26 @@ class Generator:
         wavs = decode(model, tokens, mbd)  # [N, C, T]
         wavs = torch.stack([normalize(wav, params.normalization_strategy, model.sample_rate) for wav in wavs])
         return GenerationResult(wavs=wavs.cpu(), sample_rate=model.sample_rate, seed=seed, codes=tokens.cpu())
+
+
+def _log_loaded(key: ModelKey, opened: weights.OpenedWeights | None) -> None:
+    """One line per load: which weights (path, URL or repo as given), their base model and adapter."""
+    if opened is None:
+        logger.info("Loaded model_version %s", key.ref)
+        return
+    adapter = ""
+    if opened.lora:
+        adapter = f", LoRA adapter at lora_scale {key.lora_scale:g}"
+    elif opened.adapter:
+        adapter = ", learned embeddings on the base"
+    logger.info(
+        "Loaded weights %s (base model %s, method %s%s) from %s",
+        opened.label,
+        opened.base or "unknown",
+        opened.method,
+        adapter,
+        opened.folder,
+    )
 
 
 def _plain_lm(lm) -> bool:
@@ -407,7 +453,13 @@ def generate_tokens(
 
 @torch.no_grad()
 def decode(model, tokens: torch.Tensor, mbd=None) -> torch.Tensor:
-    """`[B, K, T]` tokens to `[B, C, T_samples]` audio; MultiBand Diffusion decodes each stereo channel alone."""
+    """`[B, K, T]` tokens to `[B, C, T_samples]` audio; MultiBand Diffusion decodes each stereo channel alone.
+
+    One output at a time: the decoder's activations at the audio rate dominate memory (issue 24 measured 8 x 150 s
+    decoded at once at 7.2 GB, 8 x 300 s at 13.6 GB), so the peak is one output's whatever the batch
+    (`generation.request.decode_bytes`, which the request's memory check counts)."""
+    if tokens.shape[0] > 1:
+        return torch.cat([decode(model, tokens[i : i + 1], mbd) for i in range(tokens.shape[0])])
     if mbd is None:
         return model.compression_model.decode(tokens, None)
     compression = model.compression_model

@@ -13,6 +13,14 @@ from pathlib import Path
 import torch
 
 from core import audio, versions
+from core.catalogue import (
+    ALL_MODEL_VERSIONS,
+    MELODY_VERSIONS,
+    PRETRAINED,
+    SCRATCH_VERSIONS,
+    STYLE_PRETRAINED,
+    STYLE_VERSIONS,
+)
 from core.params import InputError
 from generation import style
 from generation.params import PredictParams
@@ -43,6 +51,11 @@ def load_input_audio(params: PredictParams) -> tuple[torch.Tensor, int] | None:
 
 def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int] | None) -> None:
     """Checks that need no model (run before any loading)."""
+    if params.seed is not None and not -1 <= params.seed <= MAX_SEED:
+        raise InputError(
+            "seed",
+            f"{params.seed} is outside -1..{MAX_SEED}: give a seed in that range, or -1 / empty for a random one",
+        )
     if params.model_version in versions.SCRATCH_VERSIONS and not params.replicate_weights:
         raise InputError(
             "model_version",
@@ -79,6 +92,51 @@ def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int
             )
     elif params.continuation_end is not None or params.continuation_start:
         logger.warning("continuation_start/continuation_end are ignored when continuation=false")
+
+
+MAX_SEED = 2**63 - 1  # torch's generator takes a signed 64-bit seed
+
+
+def validate_for_version(
+    params: PredictParams,
+    version: str,
+    input_audio: tuple[torch.Tensor, int] | None,
+    style_audio: tuple[torch.Tensor, int] | None,
+) -> None:
+    """The audio inputs against the family of model `version` (a model_version, or the base a fine-tune names),
+    from the catalogue alone: a melody input on a model without melody conditioning, or style audio on a model
+    without a style conditioner, is refused before anything loads. A base the catalogue does not know (a local
+    folder) is checked on the loaded model (`validate_for_model`)."""
+    version = {v: k for k, v in {**PRETRAINED, **STYLE_PRETRAINED}.items()}.get(version, version)
+    if version not in (*ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS):
+        return
+    style_model = version in STYLE_VERSIONS
+    if style_audio is not None and not style_model:
+        raise InputError(
+            "style_audio",
+            f"style conditioning needs a MusicGen-Style model ({style.STYLE_MODELS_HINT}), and {version} is not "
+            "one: pick model_version=style, or leave style_audio empty",
+        )
+    if params.classifier_free_guidance_beta is not None and not style_model:
+        raise InputError(
+            "classifier_free_guidance_beta",
+            f"double classifier-free guidance balances text against style: only MusicGen-Style models "
+            f"({style.STYLE_MODELS_HINT}) have it. Leave it empty for {version}",
+        )
+    if input_audio is None or params.continuation:
+        return
+    if style_model:
+        raise InputError(
+            "input_audio",
+            f"{version} takes its audio condition from style_audio (a style, not a melody): pass the file as "
+            "style_audio, or set continuation=true to continue input_audio",
+        )
+    if version not in MELODY_VERSIONS:
+        raise InputError(
+            "input_audio",
+            f"melody conditioning needs a melody model ({', '.join(MELODY_VERSIONS)}), and {version} is not one: "
+            "set continuation=true to continue the audio instead, or pick a melody model_version",
+        )
 
 
 def is_melody_model(model) -> bool:
@@ -141,29 +199,56 @@ def available_memory(device: str | torch.device) -> int | None:
     return None
 
 
-def check_batch_memory(params: PredictParams, model, available: int | None = None) -> None:
-    """Refuse a `num_outputs` whose attention cache cannot fit in free memory (before any generation).
+# Peak bytes per output sample of EnCodec's decoder, `4 * (DECODE_PER_FILTER * n_filters + DECODE_FIXED)`: its last
+# blocks hold activations of `n_filters` channels at the audio rate. Measured (peak RSS of a no-grad decode, CPU):
+# 5.3-6.5 x n_filters floats per sample for facebook/encodec_32khz's 64 filters, ~46 floats for the tiny models' 4;
+# this bound covers both.
+DECODE_PER_FILTER = 7
+DECODE_FIXED = 32
 
-    Only batches are checked (num_outputs > 1): one output is what the model is for, and the estimate is a bound.
-    `available`: free bytes (default: measured on the model's device).
+
+def decode_bytes(model, duration: float) -> int:
+    """Estimated peak bytes of decoding one output of `duration` seconds (`generation.generate.decode` decodes the
+    outputs one at a time, and a stereo EnCodec its two channels one after the other, so this is the decode's peak
+    whatever `num_outputs`)."""
+    compression = model.compression_model
+    inner = getattr(compression, "model", compression)  # the interleaved-stereo wrapper holds a mono EnCodec
+    n_filters = int(getattr(getattr(inner, "decoder", None), "n_filters", 64))
+    samples = int(float(duration) * model.sample_rate)
+    return 4 * (DECODE_PER_FILTER * n_filters + DECODE_FIXED) * samples
+
+
+def check_batch_memory(params: PredictParams, model, available: int | None = None) -> None:
+    """Refuse a request whose generation cannot fit in free memory, before any of it runs: the sampler's attention
+    cache for `num_outputs` outputs (`kv_cache_bytes`), then the decode of each output (`decode_bytes`). The two
+    phases do not overlap (the cache is freed before decoding), so the larger one is what must fit.
+
+    `available`: free bytes (default: measured on the model's device). The estimates are bounds, so 80 % of the
+    free memory is the budget (the rest: activations, the weights' working copies, the process).
     """
-    if params.num_outputs <= 1:
-        return
     available = available_memory(model.device) if available is None else available
     if available is None:
         return
-    budget = 0.8 * available  # leave room for activations, decoding and the rest of the process
-    need = kv_cache_bytes(model, params.duration, params.num_outputs)
+    budget = 0.8 * available
+    decoding = decode_bytes(model, params.duration)
+    need = max(kv_cache_bytes(model, params.duration, params.num_outputs), decoding)
     if need <= budget:
         return
     per_output = kv_cache_bytes(model, params.duration, 1)
+    if decoding > budget or per_output > budget:
+        seconds = int(params.duration * budget / max(decoding, 1))
+        raise InputError(
+            "duration",
+            f"decoding {params.duration} s of audio needs about {max(decoding, per_output) / 2**30:.1f} GiB on "
+            f"{model.device}, and about {available / 2**30:.1f} GiB is free: use duration <= {max(seconds, 1)} "
+            "and continue the audio in another prediction (continuation=true), or free memory",
+        )
     fits = int(budget // per_output)
-    fix = f"use num_outputs <= {fits}" if fits >= 1 else "use num_outputs=1"
     raise InputError(
         "num_outputs",
         f"{params.num_outputs} outputs of {min(params.duration, model.max_duration):.0f} s windows need about "
         f"{need / 2**30:.1f} GiB of attention cache on {model.device}, and about {available / 2**30:.1f} GiB is "
-        f"free: {fix}, or run several predictions",
+        f"free: use num_outputs <= {fits}, or run several predictions",
     )
 
 
