@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -430,8 +431,21 @@ def test_training_logs_to_wandb_and_pushes_to_the_hub_without_leaking_a_secret(
         finetune = json.loads(archive.extractfile("finetune.json").read())
     assert files["loss.png"][:8] == b"\x89PNG\r\n\x1a\n" and files["samples/sample_0.wav"][:4] == b"RIFF"
     card = files["README.md"].decode()
-    assert card == publish.model_card(finetune, REPO, report)
-    assert "Trigger word: `zzq`" in card and "- genre: jazz, rock" in card and "license: other" in card
+    # the card describes this run (its finetune.json), and every file it links or plays was pushed beside it
+    linked = re.findall(r"\]\(([^)]+)\)|src=\"([^\"]+)\"", card)
+    local = {a or b for a, b in linked if not (a or b).startswith("http")}
+    assert local == {"loss.png", "samples/sample_0.wav", "samples/sample_1.wav"} and local <= set(files)
+    assert card.startswith("---\nlicense: other\n") and "base_model" not in card  # tiny: no Meta weights
+    assert "\n# my-musicgen\n" in card and "Trigger word: `zzq`" in card and "- genre: jazz, rock" in card
+    assert f"huggingface-cli download {REPO} trained_model.tar" in card and '--prompt "zzq, rainy night' in card
+    training = finetune["training"]
+    assert training["steps"] == 6 and "- optimizer steps: 6\n" in card and "- training clips: 2\n" in card
+    assert f"- first loss: {round(training['first_loss'], 4)}\n" in card
+    assert f"- final loss: {round(training['final_loss'], 4)}\n" in card
+    for sample in finetune["samples"]:
+        assert f"- [{sample['file']}]({sample['file']}): {sample['description']}\n" in card
+    inputs = json.loads(card.split("## Training inputs\n\n```json\n")[1].split("```")[0])
+    assert inputs == finetune["training_inputs"] and inputs["trigger"] == "zzq"
     assert f"Pushed to {hub.url}/{REPO}" in logs
     assert len(hub.commits) == 1
 
