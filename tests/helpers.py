@@ -159,3 +159,19 @@ def render_in_chromium(page: Path, out_png: Path, width: int = 1200, height: int
     )  # fmt: skip
     assert out_png.is_file(), run.stderr[-3000:]
     return [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def moved_beyond_fp16(trained: dict, base: dict, prefix: str = "") -> list[str]:
+    """Keys under `prefix` whose weights in `trained` (loaded from a tar, which stores the LM in fp16) differ from
+    the fp32 `base` by more than fp16 rounding. An export of the untrained base differs from `base` in many keys by
+    rounding alone, so `torch.equal` against it cannot tell a trained export from an untrained one; this can."""
+    import torch
+
+    # fp16 keeps 11 significant bits: rounding moves a value by at most 2^-11 of it (2^-24 near 0)
+    return [
+        key
+        for key, value in base.items()
+        if key.startswith(prefix)
+        and value.is_floating_point()
+        and not torch.allclose(trained[key].float(), value.float(), rtol=2**-10, atol=2**-20)
+    ]

@@ -89,9 +89,51 @@ def test_the_generator_reads_the_old_signatures_as_the_issue_measured(tmp_path, 
 # ------------------------------------------------------------------ coglet serving the schema
 
 
-def test_openapi_json_serves_the_schema(server):
-    served = server.get("/openapi.json")
-    assert served["components"]["schemas"]["Input"] == schemas()["Input"]
+def _expected_property(field) -> dict:
+    """What Replicate must be told about one predict input, from the dataclass alone (not from the schema file the
+    server was given): JSON type, default, whether it may be left empty, choices and bounds."""
+    from core.params import _base_type
+
+    base, optional = _base_type(field.type)
+    meta = field.metadata
+    if meta.get("choices"):
+        return {"choices": list(meta["choices"]), "default": field.default}
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string"}[base]
+    expected = {"type": kind, "default": field.default, "nullable": optional}
+    if meta.get("file"):
+        expected["format"] = "uri"
+    for key, bound in (("minimum", "ge"), ("maximum", "le")):
+        if meta[bound] is not None:
+            expected[key] = meta[bound]
+    return expected
+
+
+def test_openapi_json_serves_our_inputs(server):
+    """What coglet serves (and so what Replicate's form and API offer) against the predict inputs themselves: every
+    input, in signature order, none required, with its type, default, choices and bounds."""
+    from core.params import cog_fields
+    from generation.params import PredictParams
+
+    served = server.get("/openapi.json")["components"]["schemas"]
+    spec = served["Input"]
+    assert "required" not in spec  # a Replicate client may send only the inputs a user set
+    fields = cog_fields(PredictParams)
+    # coglet serves the properties sorted by name; `x-order` keeps the signature's order for Replicate's form
+    assert sorted(spec["properties"], key=lambda name: spec["properties"][name]["x-order"]) == [f.name for f in fields]
+    for f in fields:
+        prop, expected = spec["properties"][f.name], _expected_property(f)
+        if "choices" in expected:
+            enum = served[prop["allOf"][0]["$ref"].rsplit("/", 1)[1]]["enum"]
+            assert (enum, prop["default"]) == (expected["choices"], expected["default"]), f.name
+            continue
+        seen = {
+            "type": prop.get("type"),
+            "default": prop.get("default"),
+            "nullable": prop.get("nullable", False),
+            **{key: prop[key] for key in ("format", "minimum", "maximum") if key in prop},
+        }
+        assert seen == expected, f.name
+    assert served["Output"] == {"type": "string", "format": "uri", "title": "Output"}  # one file
 
 
 def test_a_replicate_prediction_with_only_the_inputs_a_user_sets(server):

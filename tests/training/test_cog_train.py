@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from core import weights
 from tests.helpers import CogServer, data_uri, decode_data_uri, tone
@@ -68,7 +69,10 @@ def test_cog_train_then_predict_with_the_weights(tmp_path):
         info = json.load(archive.extractfile("finetune.json"))
     assert info["base_model"] == "tiny" and info["trigger"] == "sks"
     assert info["descriptions"] == ["sks", "sks, warm bass groove"]  # the trigger word leads every description
-    assert weights.load_trained_model(tar, device="cpu").lm is not None
+    loaded = weights.load_trained_model(tar, device="cpu").lm.state_dict()
+    stored = torch.load(weights.unpack(tar) / "state_dict.bin", weights_only=True)["best_state"]
+    assert set(loaded) == set(stored)  # predict's loader holds exactly the weights the training wrote
+    assert all(torch.equal(loaded[k].float(), v.float()) for k, v in stored.items())
 
     predictor = CogServer(tmp_path, env={"COG_WEIGHTS": str(tar), "MGFT_PRELOAD": ""})
     try:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -430,8 +431,21 @@ def test_training_logs_to_wandb_and_pushes_to_the_hub_without_leaking_a_secret(
         finetune = json.loads(archive.extractfile("finetune.json").read())
     assert files["loss.png"][:8] == b"\x89PNG\r\n\x1a\n" and files["samples/sample_0.wav"][:4] == b"RIFF"
     card = files["README.md"].decode()
-    assert card == publish.model_card(finetune, REPO, report)
-    assert "Trigger word: `zzq`" in card and "- genre: jazz, rock" in card and "license: other" in card
+    # the card describes this run (its finetune.json), and every file it links or plays was pushed beside it
+    linked = re.findall(r"\]\(([^)]+)\)|src=\"([^\"]+)\"", card)
+    local = {a or b for a, b in linked if not (a or b).startswith("http")}
+    assert local == {"loss.png", "samples/sample_0.wav", "samples/sample_1.wav"} and local <= set(files)
+    assert card.startswith("---\nlicense: other\n") and "base_model" not in card  # tiny: no Meta weights
+    assert "\n# my-musicgen\n" in card and "Trigger word: `zzq`" in card and "- genre: jazz, rock" in card
+    assert f"huggingface-cli download {REPO} trained_model.tar" in card and '--prompt "zzq, rainy night' in card
+    training = finetune["training"]
+    assert training["steps"] == 6 and "- optimizer steps: 6\n" in card and "- training clips: 2\n" in card
+    assert f"- first loss: {round(training['first_loss'], 4)}\n" in card
+    assert f"- final loss: {round(training['final_loss'], 4)}\n" in card
+    for sample in finetune["samples"]:
+        assert f"- [{sample['file']}]({sample['file']}): {sample['description']}\n" in card
+    inputs = json.loads(card.split("## Training inputs\n\n```json\n")[1].split("```")[0])
+    assert inputs == finetune["training_inputs"] and inputs["trigger"] == "zzq"
     assert f"Pushed to {hub.url}/{REPO}" in logs
     assert len(hub.commits) == 1
 
@@ -667,3 +681,83 @@ def test_the_cog_entry_point_unwraps_secret_inputs_for_the_push(tmp_path, hub_en
         assert _assert_no_secret_in_tree(work) >= 3  # the tar and the code caches
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class _ProcessWatch:
+    """Polls /proc while a run goes on: the command line of every process, and the environment of every process a
+    training worker started (wandb's service, ...), collecting any that holds a secret."""
+
+    def __init__(self) -> None:
+        self.workers: dict[int, str] = {}  # pid -> command line of a `training.run` worker
+        self.leaks: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> _ProcessWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _read(pid: str, name: str) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/{name}").read_bytes()
+        except OSError:  # gone, or not ours
+            return b""
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                cmdline = self._read(pid, "cmdline").replace(b"\0", b" ")
+                if any(s.encode() in cmdline for s in SECRETS):
+                    self.leaks.append(f"argv of {pid}: {cmdline[:200]!r}")
+                # a worker (torchrun's launcher names the module too; it hands the environment on, by design)
+                if b"training.run --params_json" in cmdline and b"torch.distributed.run" not in cmdline:
+                    self.workers[int(pid)] = cmdline.decode(errors="replace")
+                stat = self._read(pid, "stat").rsplit(b")", 1)[-1].split()
+                if len(stat) > 1 and int(stat[1]) in self.workers:  # started by a worker
+                    environ = self._read(pid, "environ")
+                    if any(s.encode() in environ for s in SECRETS):
+                        self.leaks.append(f"environment of {pid} (child of worker {int(stat[1])})")
+
+
+@pytest.mark.slow
+def test_secrets_reach_real_torchrun_workers_and_nothing_else(tmp_path, hub_env, fresh_wandb, monkeypatch, capfd):
+    """Two real torchrun processes (gloo) with both secrets: rank 0 logs to wandb (offline) and pushes with the
+    token, so both reached it; neither is in any process's command line, in what a worker starts, in the params
+    file or any other file, in the output, or in ~/.netrc (the user's own is left as it was)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    users_netrc = "machine example.org login alice password keep-me\n"
+    (home / ".netrc").write_text(users_netrc)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")  # the workers' huggingface_hub reads it from the environment
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    out = tmp_path / "out"
+    with FakeHub(HF_TOKEN) as hub, _ProcessWatch() as watch:
+        hub_env(hub.url)
+        params = _short_params(
+            _dataset(tmp_path), wandb_api_key=WANDB_KEY, hf_repo_id=REPO, hf_token=HF_TOKEN, sample_duration=0.0,
+            updates_per_epoch=2, save_every=2, segment_duration=1.0,
+        )  # fmt: skip
+        tar = run_training(params, out, nproc=2)
+    captured = capfd.readouterr()
+    assert len(watch.workers) == 2, watch.workers  # the scan saw both workers
+    assert all("--params_json" in cmdline for cmdline in watch.workers.values())
+    assert watch.leaks == []
+    # both secrets reached rank 0: the push carried the token, the wandb run exists only because of the key
+    assert hub.files[REPO][TAR] == tar.read_bytes() and "README.md" in hub.files[REPO]
+    history, config = _wandb_history_and_config(out)
+    assert [h["step"] for h in history if "loss" in h] == [1, 2] and not set(publish.SECRET_FIELDS) & set(config)
+    inputs = json.loads((out / "train_params.json").read_text())
+    assert inputs["hf_repo_id"] == REPO and not set(publish.SECRET_FIELDS) & set(inputs)
+    assert _assert_no_secret_in_tree(out) > 5
+    _assert_no_secret_in_logs(captured.out, captured.err)
+    assert "Data parallelism over 2 processes" in captured.err  # the workers' logs are in what was scanned
+    assert (home / ".netrc").read_text() == users_netrc
+    _assert_no_secret_in_tree(home)

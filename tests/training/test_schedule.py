@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -53,8 +54,34 @@ def test_no_warmup_and_a_single_step():
     assert curve("cosine", warmup=200, total=10)[-1] == pytest.approx(LR * 10 / 200)
 
 
-def test_pure_and_checked():
-    assert curve("cosine") == curve("cosine")
+def reference(step: int, scheduler: str) -> float:
+    """The schedule as the docs write it (docs/training.md, training/schedule.py), for TOTAL, WARMUP, LR."""
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    progress = (step - WARMUP) / (TOTAL - WARMUP)
+    return {
+        "cosine": LR * 0.5 * (1 + math.cos(math.pi * progress)),
+        "exponential": LR * EXPONENTIAL_FINAL_RATIO**progress,
+        "polynomial_decay": LR * (1 - progress),
+        "inverse_sqrt": LR * math.sqrt(WARMUP / (step + 1)),
+        "linear_warmup": LR,
+    }[scheduler]
+
+
+@pytest.mark.parametrize("scheduler", LR_SCHEDULERS)
+def test_pure_in_the_step(scheduler):
+    """A resumed run recomputes the lr from the step alone: asked in any order, with another run's steps asked in
+    between, each step gets the documented value."""
+    order = list(range(TOTAL))
+    random.Random(0).shuffle(order)
+    asked = {}
+    for s in order:
+        get_lr(TOTAL - 1 - s, lr=3 * LR, scheduler="cosine", warmup=1, total_steps=2 * TOTAL)  # another run
+        asked[s] = get_lr(s, lr=LR, scheduler=scheduler, warmup=WARMUP, total_steps=TOTAL)
+    assert [asked[s] for s in range(TOTAL)] == pytest.approx([reference(s, scheduler) for s in range(TOTAL)])
+
+
+def test_checked():
     with pytest.raises(ValueError):
         get_lr(-1, lr=LR, scheduler="cosine", warmup=0, total_steps=10)
     with pytest.raises(ValueError):

@@ -11,7 +11,7 @@ from core.params import from_kwargs
 from generation.generate import Generator
 from generation.params import PredictParams
 from preprocessing import load_prepared
-from tests.helpers import write_wav
+from tests.helpers import moved_beyond_fp16, write_wav
 from tests.training.conftest import make_prepared, tiny_params
 from training.data import load_clip_audio
 from training.dist import DistInfo
@@ -24,8 +24,10 @@ SR = 32000
 
 def style_params(dataset):
     # run_worker is the training process run_training would start.
+    # adamw: every trained weight moves by about lr per step, well beyond the fp16 rounding of the export (three
+    # steps of D-Adaptation, which starts from a step of 1e-6, stay inside it)
     return tiny_params(dataset, model_version="tiny-style", epochs=1, updates_per_epoch=3, segment_duration=5.0,
-                       save_every=3)  # fmt: skip
+                       save_every=3, optimizer="adamw", lr=1e-3)  # fmt: skip
 
 
 def test_style_fine_tune_exports_and_generates(tmp_path):
@@ -69,8 +71,9 @@ def test_style_fine_tune_exports_and_generates(tmp_path):
     prefix = "condition_provider.conditioners.self_wav."
     style_keys = [k for k in base_state if k.startswith(prefix)]
     assert style_keys and all(torch.allclose(trained[k].float(), base_state[k].float(), atol=1e-3) for k in style_keys)
-    moved = [k for k in base_state if k.startswith("transformer.") and not torch.equal(trained[k], base_state[k])]
-    assert moved  # the LM itself learned
+    layers = [k for k in base_state if k.startswith("transformer.")]
+    moved = moved_beyond_fp16(trained, base_state, "transformer.")
+    assert len(moved) > len(layers) // 2, (len(moved), len(layers))  # the LM itself learned
 
     style_wav = write_wav(tmp_path / "style.wav", 4.0, sr=44100, channels=2)
     generator = Generator(device="cpu")

@@ -11,6 +11,7 @@ import tarfile
 import time
 
 import pytest
+import torch
 
 from core import weights
 from tests.helpers import ROOT
@@ -82,7 +83,7 @@ def test_cli_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert 1 <= state["step"] < 40 and len(state["history"]) == state["step"]
 
     done = subprocess.run(
-        [*args, "--resume_from", str(out / "checkpoints")],
+        [*args, "--resume_from", str(out / "checkpoints"), "--save_every", "40"],  # a checkpoint of the end too
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -96,4 +97,8 @@ def test_cli_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
         info = json.load(archive.extractfile("finetune.json"))
     assert info["training"]["steps"] == 40
     assert info["training"]["first_loss"] == pytest.approx(state["history"][0]["loss"])
-    assert weights.load_trained_model(tar, device="cpu").lm is not None
+    loaded = weights.load_trained_model(tar, device="cpu").lm.state_dict()
+    final = ckpt.load_checkpoint(ckpt.find_checkpoint(out / "checkpoints"))
+    assert final["step"] == 40 and set(loaded) == set(final["model"])
+    for k, v in final["model"].items():  # the tar stores the LM in fp16
+        assert torch.equal(loaded[k].float(), v.half().float()), k

@@ -72,7 +72,11 @@ def test_trained_model_tar_loads_and_generates(tiny_run):
     from audiocraft.models import MusicGen
 
     folder = weights.unpack(tar)
-    assert MusicGen.get_pretrained(str(folder), device="cpu").lm is not None
+    theirs = MusicGen.get_pretrained(str(folder), device="cpu").lm.state_dict()
+    trained = final_checkpoint(tiny_run["out"])["model"]  # step 30, the weights the tar exports (no EMA)
+    assert set(theirs) == set(model.lm.state_dict()) == set(trained)
+    for k, v in model.lm.state_dict().items():
+        assert torch.equal(theirs[k].float(), v.float()) and torch.equal(v.float(), trained[k].half().float()), k
     # the LM changed (fp16 export of the trained weights), the compression model did not
     base = load_musicgen("tiny", "cpu")
     trained = model.lm.state_dict()
