@@ -217,9 +217,7 @@ def _write(
     )
     (out_tar.parent / "metrics.json").write_bytes(extra["metrics.json"])  # beside the tar too, to read without it
     (out_tar.parent / "report.html").write_bytes(extra["report.html"])
-    report = out_tar.parent / "report.html"
-    logger.info("Training report: %s (report.html is in the tar too; open it in a browser)", report)
-    logger.info("Trained model written to %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
+    # Announced once each: the tar by core.weights ("Wrote ..."), the report by the entry point's summary.
     return out_tar
 
 
