@@ -110,7 +110,7 @@ def load_mert(device: str | torch.device) -> nn.Module:
             f"MusicGen-Style's feature extractor {MERT_NAME} could not be loaded ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). Looked in the Hugging Face cache "
             f"{hf_cache_hint()} and on the network. Fix: connect to the network, or download it once "
-            f"(`huggingface-cli download {MERT_NAME}`) and point HF_HOME at that cache."
+            f"(`hf download {MERT_NAME}`, into $HF_HOME/hub)."
         ) from None
     model.requires_grad_(False)
     return model.eval().to(device)

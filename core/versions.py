@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from audiocraft.models import MusicGen
 
 from core import tiny
@@ -18,6 +19,7 @@ from core.catalogue import (
     ALL_MODEL_VERSIONS,
     CHECKPOINT_FILES,
     FINE_TUNED,
+    MELODY_VERSIONS,
     MODEL_VERSION_CHOICES,
     MODEL_VERSIONS,
     PRETRAINED,
@@ -30,8 +32,21 @@ from core.catalogue import (
 )
 from core.devices import default_device
 from core.errors import ModelUnavailableError
-from core.hub import hf_cache_hint, hub_cached, hub_offline
-from core.style import is_style_folder, load_style_musicgen
+from core.hub import (
+    HTDEMUCS_HUB_FILE,
+    HTDEMUCS_URL,
+    TEXT_ENCODER,
+    TEXT_ENCODER_DOWNLOAD,
+    TEXT_ENCODER_FILES,
+    download_command,
+    hf_cache_hint,
+    hub_cached,
+    hub_endpoint,
+    hub_offline,
+    hub_unreachable,
+    missing_from_cache,
+)
+from core.style import MERT_NAME, is_style_folder, load_style_musicgen
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +69,7 @@ __all__ = [
     "hub_cached",
     "hub_offline",
     "load_musicgen",
+    "check_available",
     "is_style_source",
     "describe_load_failure",
     "default_device",
@@ -102,22 +118,98 @@ def resolve(model_version: str) -> ModelSource:
 def load_musicgen(model_version: str, device: str | None = None):
     """Load a MusicGen (audiocraft's `MusicGen`) by model version, local folder or HF id.
 
-    Raises `ModelUnavailableError` with the model, where it looked and the fix, instead of a hub stack trace.
+    Raises `ModelUnavailableError` with the model, where it looked and the fix, instead of a hub stack trace: at
+    once (one request) when a hub model is not cached and the hub cannot be reached. A hub model whose files are
+    all cached loads from the cache alone, without asking the hub whether they changed.
     """
     source = resolve(model_version)
     device = device or default_device()
+    cached = True
+    if source.kind == "hf":
+        uncached = _uncached(source)
+        problem = _unreachable_problem(source, uncached)
+        if problem:
+            raise ModelUnavailableError(problem) from None
+        cached = not uncached
     logger.info("Loading MusicGen %s from %s on %s", source.name, source.location, device)
-    if is_style_source(source):
-        return _load_style(source, device)
-    try:
-        with tiny.tiny_hubs(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
-            model = MusicGen.get_pretrained(source.location, device=device)
-    except ModelUnavailableError:
-        raise
-    except Exception as e:  # noqa: BLE001 - turned into one actionable message below
-        raise ModelUnavailableError(describe_load_failure(source, e)) from None
+    with hub_offline() if source.kind == "hf" and cached else contextlib.nullcontext():
+        if is_style_source(source):
+            return _load_style(source, device)
+        try:
+            with tiny.tiny_hubs(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
+                model = MusicGen.get_pretrained(source.location, device=device)
+        except ModelUnavailableError:
+            raise
+        except Exception as e:  # noqa: BLE001 - turned into one actionable message below
+            raise ModelUnavailableError(describe_load_failure(source, e)) from None
     model.name = source.name
     return model
+
+
+def check_available(model_version: str) -> list[str]:
+    """What would stop `load_musicgen(model_version)` from finding the model, found in seconds and without loading
+    it, for the all-at-once checks before long work: an unknown version or a folder that is not a model, or a hub
+    model not in the local cache while the hub cannot be reached (one request, `core.hub.hub_unreachable`). Empty:
+    nothing found (a hub that answers will be downloaded from). Tiny models are built offline: always available."""
+    if model_version in (*TINY_VERSIONS, *STYLE_TINY_VERSIONS):
+        return []
+    try:
+        source = resolve(model_version)
+    except ModelUnavailableError as e:
+        return [str(e)]
+    if source.kind != "hf":
+        return []
+    problem = _unreachable_problem(source, _uncached(source))
+    return [problem] if problem else []
+
+
+# (repo, its files the Hugging Face cache lacks, what it is, the `hf download` arguments that fetch it)
+_Need = tuple[str, list[str], str, tuple[str, ...]]
+
+
+def _uncached(source: ModelSource) -> list[_Need]:
+    """What loading the hub model `source` reads and the cache lacks, one `_Need` per repo."""
+    needs = [
+        (source.location, CHECKPOINT_FILES, "the model", CHECKPOINT_FILES),
+        (TEXT_ENCODER, TEXT_ENCODER_FILES, "its text encoder", TEXT_ENCODER_DOWNLOAD),
+    ]
+    if is_style_source(source):
+        # MERT loads with its remote code and weights: the whole (small) repo.
+        needs.append((MERT_NAME, ("config.json",), "its style feature extractor", ()))
+    found = [(repo, missing_from_cache(repo, files), what, args) for repo, files, what, args in needs]
+    return [need for need in found if need[1]]
+
+
+def _unreachable_problem(source: ModelSource, uncached: list[_Need]) -> str | None:
+    """One message when files are missing from the cache and the hub cannot be reached; None otherwise."""
+    if not uncached:
+        return None
+    repo, missing, _, _ = uncached[0]
+    reason = hub_unreachable(repo, missing[0])
+    if reason is None:
+        return None
+    lacks = "; ".join(f"{repo} ({what}): {', '.join(missing)}" for repo, missing, what, _ in uncached)
+    commands = [download_command(repo, args) for repo, _, _, args in uncached]
+    message = (
+        f"model_version {source.name!r} ({source.location}) is not in the local Hugging Face cache "
+        f"{hf_cache_hint()} (missing {lacks}), and {reason}. "
+        f"Fix: connect to the network and run again (the files download once); or download them with "
+        f"`{'` and `'.join(commands)}` (into $HF_HOME/hub; from another machine, copy that folder here); or give "
+        f"model_version a local folder holding {' and '.join(CHECKPOINT_FILES)}."
+    )
+    return message + _melody_note(source)
+
+
+def _melody_note(source: ModelSource) -> str:
+    """For melody models without demucs' htdemucs weights in the torch hub cache: where they go (audiocraft's
+    melody conditioner loads them through torch.hub, from the network when they are not there)."""
+    melody = source.name in MELODY_VERSIONS or source.location in {PRETRAINED.get(v) for v in MELODY_VERSIONS}
+    if not melody:
+        return ""
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    if (checkpoints / HTDEMUCS_HUB_FILE).is_file():
+        return ""
+    return f" A melody model also needs demucs' htdemucs weights: put {HTDEMUCS_URL} in {checkpoints}."
 
 
 def is_style_source(source: ModelSource) -> bool:
@@ -137,14 +229,18 @@ def _load_style(source: ModelSource, device: str):
 
 
 def describe_load_failure(source: ModelSource, error: Exception) -> str:
-    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    text = str(error).strip()
+    reason = f"{type(error).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}"
     if source.kind == "hf":
+        commands = (
+            download_command(source.location, CHECKPOINT_FILES),
+            download_command(TEXT_ENCODER, TEXT_ENCODER_DOWNLOAD),
+        )
         return (
-            f"Could not load model_version {source.name!r} ({source.location}): {reason}. "
-            f"Looked in the Hugging Face cache {hf_cache_hint()} and on the network. Fix: connect to the "
-            f"network so it can be downloaded, or download it once (`huggingface-cli download "
-            f"{source.location}`) and point HF_HOME at that cache, or pass a local folder holding "
-            f"{' and '.join(CHECKPOINT_FILES)}. Melody models also need demucs' htdemucs weights in the torch cache."
+            f"Could not load model_version {source.name!r} ({source.location}): {reason}. Looked in the Hugging "
+            f"Face cache {hf_cache_hint()} and on the hub {hub_endpoint()}. Fix: connect to the network so it can "
+            f"be downloaded, or download it once (`{'` and `'.join(commands)}`, into $HF_HOME/hub), or pass a "
+            f"local folder holding {' and '.join(CHECKPOINT_FILES)}.{_melody_note(source)}"
         )
     return (
         f"Could not load model {source.name!r} from {source.location}: {reason}. The folder must hold "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import typing as tp
 
 import torch
-from tqdm import tqdm
+
+from core.progress import progress_bar
 
 EXTEND_STRIDE = 18.0  # seconds of new audio per window beyond the first; audiocraft's default
 SampleFn = tp.Callable[..., torch.Tensor]
@@ -42,7 +43,7 @@ def sample_windows(
     sample_fn = sample_fn or lm_generate
     frame_rate, window = model.frame_rate, model.max_duration
     total_len = int(duration * frame_rate)
-    bar = tqdm(total=total_len, desc="generating", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=total_len, desc="generating", unit="step", disable=not progress, leave=False)
     offset = 0  # frames of final output before the current window's prompt
 
     def callback(generated: int, _to_generate: int) -> None:

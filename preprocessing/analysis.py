@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from core.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,9 @@ class Analyzer:
                     self.proc.stdin.close()
             done = 0
             last_progress = time.monotonic()
-            with tqdm(total=self.submitted, desc="Analyzing (key/bpm/tags)", unit="track", mininterval=1) as bar:
+            with progress_bar(
+                total=self.submitted, desc="Analyzing (key/bpm/tags)", unit="track", mininterval=1
+            ) as bar:
                 while True:
                     exited = self.proc.poll() is not None
                     n = sum(1 for r in self._read() if r.get("type") == "track")

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from tqdm import tqdm
 
 # Submodules by their full names: `from preprocessing import ...` would read from the package whose __init__ is
 # importing this module (a preprocessing <-> preprocessing.prepare cycle).
@@ -34,6 +33,7 @@ import preprocessing.descriptions as descriptions
 import preprocessing.vocals as vocals
 from core.audio import AudioDecodeError, load_audio, resample_fast
 from core.params import InputError
+from core.progress import progress_bar
 from preprocessing.clips import (
     MAX_NAME_BYTES,
     SILENCE_DBFS,
@@ -233,7 +233,7 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
 
         t0 = time.perf_counter()
         tracks: list[_Track] = []
-        for rel in tqdm(unpacked.audio, desc="Preparing tracks", unit="track", mininterval=1):
+        for rel in progress_bar(unpacked.audio, desc="Preparing tracks", unit="track", mininterval=1):
             track = _prepare_track(rel, run, remover)
             if track is not None:
                 tracks.append(track)

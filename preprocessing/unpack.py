@@ -39,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.params import InputError
+from core.progress import progress_bar
 from preprocessing.params import is_url, url_message
 
 logger = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ def _unpack_zip(path: Path, root: Path, limits: Limits, result: Unpacked) -> Non
                 continue
             plan.append((info, rel))
         budget = limits.max_bytes
-        with tqdm(
+        with progress_bar(
             total=sum(i.file_size for i, _ in plan), unit="B", unit_scale=True, desc="Unpacking", mininterval=1
         ) as bar:
             for info, rel in plan:
@@ -498,7 +499,7 @@ def _unpack_tar(path: Path, root: Path, limits: Limits, result: Unpacked) -> Non
         result.files_in_upload = n_files
         _check_totals(n_files, total, limits)
         budget = limits.max_bytes
-        with tqdm(
+        with progress_bar(
             total=sum(m.size for m, _ in plan), unit="B", unit_scale=True, desc="Unpacking", mininterval=1
         ) as bar:
             for member, rel in plan:
@@ -594,7 +595,7 @@ def _unpack_compressed(kind: str, src: Path, dest: Path, limits: Limits) -> Unpa
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.decompressed-", dir=dest.parent))
     try:
         inner = staging / stored
-        with tqdm(desc=f"Decompressing ({_SUFFIX[kind]})", unit="B", unit_scale=True, mininterval=1) as bar:
+        with progress_bar(desc=f"Decompressing ({_SUFFIX[kind]})", unit="B", unit_scale=True, mininterval=1) as bar:
             size = _decompress_capped(kind, src, inner, limits)
             bar.update(size)
         inner_kind = sniff(inner)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from core.audio import convert_channels, load_audio, resample
+from core.progress import progress_bar
 from training.dist import DistInfo, barrier
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def encode_clips(
     keys = [cache_key(model_key, Path(c.path)) for c in clips]
     todo = [i for i, key in enumerate(keys) if i % dist.world_size == dist.rank and not (cache_dir / key).is_file()]
     compression_model.eval()
-    for i in tqdm(todo, desc="Encoding clips", unit="clip", disable=not dist.is_main or not todo):
+    for i in progress_bar(todo, desc="Encoding clips", unit="clip", disable=not dist.is_main or not todo):
         wav = load_clip_audio(clips[i].path, sample_rate, channels)
         codes, scale = compression_model.encode(wav[None].to(device))
         if scale is not None:

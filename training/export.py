@@ -269,7 +269,7 @@ def _write(
             e.strerror or e,
         )
         return out_tar
-    logger.info("Trained model written to %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
+    # Announced once each: the tar by core.weights ("Wrote ..."), the report by the entry point's summary.
     side_by_side = " (heldout_<i>_base/_finetuned.wav: base and fine-tune side by side)" if heldout else ""
     logger.info("Beside it in %s: %s%s", out_tar.parent, ", ".join(beside), side_by_side)
     return out_tar

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.errors import InputError, Interrupted, NonFiniteError
+from core.logs import library_prints
+from core.progress import progress_bar
 from training import checkpoint as ckpt
 from training import evaluate as evaluation
 from training.data import Batch, TokenDataset
@@ -320,15 +322,16 @@ def build_optimizer(params: TrainParams, trainable: list[torch.Tensor], sharded:
         return torch.optim.AdamW(trainable, lr=params.lr, betas=BETAS, eps=EPS, weight_decay=params.weight_decay)
     from dadaptation import DAdaptAdam
 
-    return DAdaptAdam(
-        trainable,
-        lr=params.lr,
-        betas=BETAS,
-        eps=EPS,
-        weight_decay=params.weight_decay,
-        decouple=True,
-        fsdp_in_use=sharded,
-    )
+    with library_prints("dadaptation"):
+        return DAdaptAdam(
+            trainable,
+            lr=params.lr,
+            betas=BETAS,
+            eps=EPS,
+            weight_decay=params.weight_decay,
+            decouple=True,
+            fsdp_in_use=sharded,
+        )
 
 
 def peak_memory_mb(device: str) -> float:
@@ -718,8 +721,13 @@ def train_loop(
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     total_tokens = 0.0
-    progress = tqdm(
-        total=plan.total_steps, initial=run.start_step, desc="Training", unit="step", disable=not dist.is_main
+    progress = progress_bar(  # not on a terminal: `_log`'s lines are the progress
+        total=plan.total_steps,
+        initial=run.start_step,
+        desc="Training",
+        unit="step",
+        disable=not dist.is_main,
+        log_lines=False,
     )
     try:
         with _StopOnSignal() as stop:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from core.progress import progress_bar
 from training.data import ClipTokens, cache_key, load_clip_audio
 from training.dist import DistInfo, barrier
 
@@ -94,7 +94,7 @@ def prepare_melody_training(
         folder.mkdir(parents=True, exist_ok=True)
         files = [folder / cache_key(f"chroma|{model_key}|{name}", Path(c.path)) for c in clips]
         todo = [i for i in range(len(clips)) if i % dist.world_size == dist.rank and not files[i].is_file()]
-        for i in tqdm(todo, desc=f"Melody chroma ({name})", unit="clip", disable=not dist.is_main or not todo):
+        for i in progress_bar(todo, desc=f"Melody chroma ({name})", unit="clip", disable=not dist.is_main or not todo):
             wav = load_clip_audio(clips[i].path, cond.sample_rate, 1)
             chroma = compute_chroma(cond, wav, cond.sample_rate)
             tmp = files[i].with_suffix(f".{dist.rank}.tmp")

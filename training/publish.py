@@ -312,7 +312,7 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
         "`trained_model.tar` holds the weights. With the MusicGen fine-tuner's `predict.py`:",
         "",
         "```bash",
-        f"huggingface-cli download {repo_id} trained_model.tar --local-dir .",
+        f"hf download {repo_id} trained_model.tar --local-dir .",
         f'python predict.py --weights trained_model.tar --prompt "{trigger + ", " if trigger else ""}rainy night lofi"',
         "```",
         "",

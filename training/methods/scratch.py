@@ -65,7 +65,7 @@ def build_scratch_musicgen(params: TrainParams, device: str) -> MusicGen:
             raise ModelUnavailableError(
                 f"model_version=micro needs the pretrained 32 kHz EnCodec ({PRETRAINED_COMPRESSION}), which could "
                 f"not be loaded ({type(e).__name__}). Connect to the network or put it in the Hugging Face cache "
-                "(`huggingface-cli download facebook/encodec_32khz`); offline, tiny-micro trains on the tiny EnCodec."
+                "(`hf download facebook/encodec_32khz`); offline, tiny-micro trains on the tiny EnCodec."
             ) from None
     cfg = scratch_lm_cfg(params, n_q=compression.num_codebooks, card=compression.cardinality)
     cfg["device"] = device
