@@ -16,6 +16,8 @@ __all__ = [
     "WeightsError",
     "NonFiniteError",
     "Interrupted",
+    "DiskError",
+    "write_failed",
     "USER_ERRORS",
     "cli_errors",
 ]
@@ -49,7 +51,24 @@ class Interrupted(RuntimeError):
     exit_code = 130
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (InputError, ModelUnavailableError, WeightsError, NonFiniteError)
+class DiskError(RuntimeError):
+    """A file of ours could not be written (a full disk, a quota, a file size limit, a read-only folder); the message
+    names the file and the fix. Never an OSError subclass: handlers that skip an unreadable input must not take it."""
+
+
+def write_failed(path: tp.Any, error: BaseException, what: str = "a file") -> DiskError:
+    """The one-line error for a failed write of `path` (`what`: e.g. "the resume checkpoint"). Writers raise
+    different things for the same full disk: OSError (ENOSPC, EFBIG, EDQUOT), torch.save's RuntimeError,
+    soundfile's LibsndfileError ('System error'), so the cause is shown as the writer put it."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1:] or [type(error).__name__]
+    reason = reason if isinstance(reason, str) else reason[0]
+    return DiskError(
+        f"could not write {what} {path} ({type(error).__name__}: {reason[:300]}). Free space on that disk (or raise "
+        "the quota or file size limit), or give an output folder on another disk; nothing was left under that name"
+    )
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (InputError, ModelUnavailableError, WeightsError, NonFiniteError, DiskError)
 
 
 @dataclass
