@@ -130,7 +130,9 @@ def check_inputs(params: TrainParams) -> Checked:
     with problems.check():
         publish.check_inputs(params)  # wandb key, hf_repo_id + hf_token
     with problems.check():
-        _check_available(params)  # the base model, demucs: on this machine, or fetchable now
+        _check_model_available(params)  # the base model and its text encoder: cached, or fetchable now
+    with problems.check():
+        _check_demucs_available(params)
     byte_cap = int(PrepareParams(**prepare_kwargs(params)).max_unpacked_gb * 2**30)
     if _given(params.dataset_path) and not is_url(str(params.dataset_path)):
         with problems.check():
@@ -169,19 +171,18 @@ def data_identity(params: TrainParams, dataset: Fingerprints, validation: Finger
     }
 
 
-def _check_available(params: TrainParams) -> None:
-    """What the run will load that is not on this machine and cannot be fetched now: the base model (and the T5
-    text encoder it loads by name) from the Hugging Face cache, demucs' htdemucs (vocal removal; melody models'
-    chroma). Reads the disk, and tries the hub once with a short timeout only when something is missing."""
-    missing: list[str] = []
+def _check_model_available(params: TrainParams) -> None:
+    """The base model (and the T5 text encoder audiocraft loads by name) in the Hugging Face cache, or a hub that
+    answers now (tried once, `HUB_TIMEOUT_S`, only when something is missing). Tiny, scratch and folder models
+    need nothing from the hub here."""
     repo = PRETRAINED.get(params.model_version)
-    if repo is not None:
-        if not hub_cached(repo):
-            missing.append(f"model_version {params.model_version} ({repo}: `hf download {repo}`)")
-        if not hub_cached(T5_REPO, ("config.json",)):
-            missing.append(f"its text encoder ({T5_REPO}: `hf download {T5_REPO}`)")
-    needs_demucs = params.drop_vocals or (repo is not None and params.model_version in MELODY_VERSIONS)
-    demucs_missing = vocals.missing_weights(None) if needs_demucs else None
+    if repo is None:
+        return
+    missing = []
+    if not hub_cached(repo):
+        missing.append(f"model_version {params.model_version} ({repo}: `hf download {repo}`)")
+    if not hub_cached(T5_REPO, ("config.json",)):
+        missing.append(f"its text encoder ({T5_REPO}: `hf download {T5_REPO}`)")
     if missing and not _hub_reachable():
         raise ModelUnavailableError(
             f"Not on this machine, and the Hugging Face hub ({_hub_endpoint()}) cannot be reached: "
@@ -190,9 +191,21 @@ def _check_available(params: TrainParams) -> None:
             "(the commands above) into that cache (or point HF_HOME at one that holds them), or choose a tiny model "
             "to try the trainer offline"
         )
-    if demucs_missing is not None:
-        why = "drop_vocals" if params.drop_vocals else f"the melody model {params.model_version}'s chroma"
-        raise ModelUnavailableError(demucs_missing.replace("Vocal removal (drop_vocals)", f"{why.capitalize()}", 1))
+
+
+def _check_demucs_available(params: TrainParams) -> None:
+    """demucs' htdemucs weights, for drop_vocals and for a melody model's chroma (audiocraft loads it by name):
+    read from the disk only (the tiny melody model brings its own)."""
+    melody = params.model_version in MELODY_VERSIONS and params.model_version in PRETRAINED
+    if not (params.drop_vocals or melody):
+        return
+    missing = vocals.missing_weights(None)
+    if missing is None or (not params.drop_vocals and _hub_reachable()):  # audiocraft downloads it for the chroma
+        return
+    if not params.drop_vocals:
+        missing = missing.replace("Vocal removal (drop_vocals)", f"The melody model {params.model_version}", 1)
+        missing = missing.replace(", or set drop_vocals to false", "")
+    raise ModelUnavailableError(missing)
 
 
 HUB_TIMEOUT_S = 3.0
