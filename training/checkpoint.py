@@ -44,6 +44,7 @@ __all__ = [
     "current_umask",
     "state_sha256",
     "check_resume_data",
+    "check_complete",
 ]
 
 KEEP = 2
@@ -181,13 +182,13 @@ def load_checkpoint(path: Path, mmap: bool = False, verify: bool = True) -> dict
             f"{path.name} is not a resume checkpoint written by this trainer; use a checkpoint-*.pt from the run's "
             "checkpoints folder",
         )
-    _check_complete(path, state)
     if verify:
         _verify(path, state)
     return state
 
 
-def _check_complete(path: Path, state: dict[str, tp.Any]) -> None:
+def check_complete(path: Path, state: dict[str, tp.Any]) -> None:
+    """Refuse a checkpoint with the format tag but without the state a resume reads (before any work)."""
     missing = [k for k, kind in _REQUIRED.items() if not isinstance(state.get(k), kind) or isinstance(state[k], bool)]
     if not missing:
         missing = [f"rng.{k}" for k in _REQUIRED_RNG if not isinstance(state["rng"].get(k), torch.Tensor)]

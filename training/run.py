@@ -33,7 +33,7 @@ from core.hub import hf_cache_hint, hub_cached
 from core.params import InputError, from_kwargs
 from generation.request import check_sampler_precision
 from preprocessing import PrepareParams, load_prepared, prepare, vocals
-from preprocessing.fingerprint import Fingerprints, fingerprint
+from preprocessing.fingerprint import Fingerprints, fingerprint, prepared_folder
 from preprocessing.params import is_url
 from training import checkpoint as ckpt
 from training import dist as dist_mod
@@ -74,8 +74,10 @@ class InputProblems(InputError):
 
     def __init__(self, errors: list[Exception]):
         lines = "\n".join(f"  - {e}" for e in errors)
-        ValueError.__init__(self, f"{len(errors)} problems; nothing was started. Fix all of them:\n{lines}")
-        self.name = ", ".join(dict.fromkeys(getattr(e, "name", type(e).__name__) for e in errors))
+        names = list(dict.fromkeys(f"'{e.name}'" if isinstance(e, InputError) else type(e).__name__ for e in errors))
+        message = f"{len(errors)} problems ({', '.join(names)}); nothing was started. Fix all of them:\n{lines}"
+        ValueError.__init__(self, message)
+        self.name = ", ".join(n.strip("'") for n in names)
         self.errors = errors
 
 
@@ -90,7 +92,7 @@ class _Problems:
         try:
             yield
         except USER_ERRORS as e:
-            self.errors.append(e)
+            self.errors.extend(e.errors if isinstance(e, InputProblems) else [e])
 
     def raise_any(self) -> None:
         if len(self.errors) == 1:
@@ -145,6 +147,7 @@ def check_inputs(params: TrainParams) -> Checked:
         with problems.check():
             path = ckpt.find_checkpoint(params.resume_from)
             state = ckpt.load_checkpoint(path, mmap=True)  # the checksum is verified here, before any work
+            ckpt.check_complete(path, state)
             check_resume_compatible(state, params)
             if checked.identity is not None:
                 ckpt.check_resume_data(state, checked.identity, str(path))
@@ -197,12 +200,16 @@ def _check_demucs_available(params: TrainParams) -> None:
     """demucs' htdemucs weights, for drop_vocals and for a melody model's chroma (audiocraft loads it by name):
     read from the disk only (the tiny melody model brings its own)."""
     melody = params.model_version in MELODY_VERSIONS and params.model_version in PRETRAINED
-    if not (params.drop_vocals or melody):
+    uploads = [p for p in (params.dataset_path, params.validation_path) if _given(p)]
+    # a prepared folder is read as it is: its vocals were removed (or not) when it was prepared
+    to_prepare = [p for p in uploads if prepared_folder(Path(str(p)).expanduser()) is None]
+    if not ((params.drop_vocals and to_prepare) or melody):
         return
     missing = vocals.missing_weights(None)
-    if missing is None or (not params.drop_vocals and _hub_reachable()):  # audiocraft downloads it for the chroma
+    vocal_removal = params.drop_vocals and bool(to_prepare)
+    if missing is None or (not vocal_removal and _hub_reachable()):  # audiocraft downloads it for the chroma
         return
-    if not params.drop_vocals:
+    if not vocal_removal:
         missing = missing.replace("Vocal removal (drop_vocals)", f"The melody model {params.model_version}", 1)
         missing = missing.replace(", or set drop_vocals to false", "")
     raise ModelUnavailableError(missing)
@@ -252,9 +259,14 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
     `nproc`: training processes; default one per visible GPU. More than one runs under torchrun (DDP or FSDP, see
     the `parallel` input); this process then only prepares the dataset and waits.
     """
-    checked = check_inputs(params)
     made = _Made(Path(output_dir).expanduser())
-    output_dir = check_output_dir(output_dir)  # a file or a read-only folder: refused before any work
+    problems, checked = _Problems(), Checked()
+    with problems.check():
+        checked = check_inputs(params)
+    with problems.check():
+        output_dir = check_output_dir(output_dir)  # a file or a read-only folder: refused with the rest
+    with made.removed_on_refusal():
+        problems.raise_any()
     with made.removed_on_refusal():
         # validation_path first: a validation set that yields no clip is refused before the (longer) training set
         validation = evaluation.prepare_validation(params, output_dir)

@@ -155,7 +155,7 @@ def test_train_cli_reports_every_missing_piece_at_once_and_leaves_nothing(tmp_pa
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "2 problems" in errors[0], done.stderr[-3000:]
+    assert len(errors) == 1 and "2 problems (ModelUnavailableError)" in errors[0], done.stderr[-3000:]
     assert "facebook/musicgen-stereo-melody" in done.stderr and "hf download" in done.stderr
     assert "htdemucs" in done.stderr
     assert not out.exists()
