@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.errors import InputError, WriteError
+from core.errors import DiskError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def save_audio(path: str | Path, wav: torch.Tensor, sample_rate: int, fmt: str |
     """Write `[C, T]` as 16-bit WAV (soundfile) or 320 kbps MP3 (lameenc). Returns the path written.
 
     Written to a temp name in the same folder, then renamed: a failed write (a full disk, an I/O error) leaves no
-    truncated file under `path`, and is a `WriteError` naming the path (libsndfile's own error is no
+    truncated file under `path`, and is a `DiskError` naming the path (libsndfile's own error is no
     OSError, so it is translated here)."""
     import soundfile as sf
 
@@ -131,7 +131,7 @@ def save_audio(path: str | Path, wav: torch.Tensor, sample_rate: int, fmt: str |
         os.replace(tmp, path)
     except (OSError, sf.LibsndfileError) as e:
         reason = getattr(e, "strerror", None) or getattr(e, "error_string", None) or str(e)
-        raise WriteError(
+        raise DiskError(
             f"Could not write {path}: {reason}. Free disk space there, check that the folder is writable, or write "
             "the output elsewhere."
         ) from None

@@ -15,8 +15,9 @@ __all__ = [
     "ModelUnavailableError",
     "WeightsError",
     "NonFiniteError",
-    "WriteError",
     "Interrupted",
+    "DiskError",
+    "write_failed",
     "USER_ERRORS",
     "cli_errors",
 ]
@@ -43,11 +44,6 @@ class NonFiniteError(RuntimeError):
     what to change (a lower lr, fp32); the last finite state is kept as a checkpoint where one exists."""
 
 
-class WriteError(OSError):
-    """A file of ours could not be written (a full disk, no permission, an I/O error); the message names the path
-    and the fix, and nothing half-written is left under the file's name."""
-
-
 class Interrupted(RuntimeError):
     """A run stopped early by a signal (SIGTERM, Ctrl-C) or a cancel, leaving what can be resumed; the message
     says where it is and how to resume. `exit_code` is what the CLI exits with (128 + the signal)."""
@@ -55,13 +51,24 @@ class Interrupted(RuntimeError):
     exit_code = 130
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (
-    InputError,
-    ModelUnavailableError,
-    WeightsError,
-    NonFiniteError,
-    WriteError,
-)
+class DiskError(RuntimeError):
+    """A file of ours could not be written (a full disk, a quota, a file size limit, a read-only folder); the message
+    names the file and the fix. Never an OSError subclass: handlers that skip an unreadable input must not take it."""
+
+
+def write_failed(path: tp.Any, error: BaseException, what: str = "a file") -> DiskError:
+    """The one-line error for a failed write of `path` (`what`: e.g. "the resume checkpoint"). Writers raise
+    different things for the same full disk: OSError (ENOSPC, EFBIG, EDQUOT), torch.save's RuntimeError,
+    soundfile's LibsndfileError ('System error'), so the cause is shown as the writer put it."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1:] or [type(error).__name__]
+    reason = reason if isinstance(reason, str) else reason[0]
+    return DiskError(
+        f"could not write {what} {path} ({type(error).__name__}: {reason[:300]}). Free space on that disk (or raise "
+        "the quota or file size limit), or give an output folder on another disk; nothing was left under that name"
+    )
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (InputError, ModelUnavailableError, WeightsError, NonFiniteError, DiskError)
 
 
 @dataclass

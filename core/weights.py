@@ -53,7 +53,7 @@ from core.catalogue import (
     TINY_VERSIONS,
 )
 from core.devices import default_device
-from core.errors import ModelUnavailableError, WeightsError, WriteError
+from core.errors import DiskError, ModelUnavailableError, WeightsError
 from core.files import current_umask
 from core.hub import hf_cache_hint
 
@@ -562,7 +562,7 @@ def _extract(path: Path, label: str, folder: Path) -> None:
     except (tarfile.TarError, EOFError) as e:
         raise WeightsError(f"{label} is a corrupt tar archive ({e}); re-download or re-export it.") from None
     except OSError as e:  # a full disk or an I/O error while writing the members: one line, nothing half-unpacked
-        raise WriteError(
+        raise DiskError(
             f"Could not unpack the weights {label} into {folder.parent}: {e.strerror or e}. Free disk space there "
             "(the cache evicts unused weights only down to its free-space threshold) or check the folder's permissions."
         ) from None

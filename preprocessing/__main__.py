@@ -13,8 +13,8 @@ import signal
 import sys
 import threading
 
-from core.errors import ModelUnavailableError
-from core.params import InputError, build_parser, from_kwargs
+from core.errors import USER_ERRORS
+from core.params import build_parser, from_kwargs
 from preprocessing.params import PrepareParams
 from preprocessing.prepare import prepare, summary
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = from_kwargs(PrepareParams, **args)
         dataset_out = prepare(params, output_dir)
-    except (InputError, ModelUnavailableError) as e:
+    except USER_ERRORS as e:  # bad input, a missing model, a full disk (DiskError names the file)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import write_failed
 from core.params import InputError
 from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
 
@@ -77,15 +78,20 @@ def write_text_atomic(path: Path, text: str) -> Path:
     """Write through a temporary file renamed into place: an interrupted run never leaves a half-written manifest or
     report behind. The file gets the mode any new file gets (0644 under the usual umask 022), not mkstemp's 0600:
     these files are handed to the user."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    except OSError as e:
+        raise write_failed(path, e) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk: one line naming the file, not a traceback
+            raise write_failed(path, e) from None
         raise
     return path
 

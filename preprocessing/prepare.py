@@ -32,6 +32,7 @@ import preprocessing.captions as captions
 import preprocessing.descriptions as descriptions
 import preprocessing.vocals as vocals
 from core.audio import AudioDecodeError, load_audio, resample_fast
+from core.errors import write_failed
 from core.params import InputError
 from core.progress import progress_bar
 from preprocessing.clips import (
@@ -56,6 +57,7 @@ from preprocessing.dataset import (
     write_report,
     write_sidecar,
 )
+from preprocessing.fingerprint import SOURCE_KEY, file_sha256
 from preprocessing.params import PrepareParams, validate
 from preprocessing.unpack import Limits, Skipped, Unpacked, unpack
 
@@ -84,6 +86,7 @@ class _Track:
     sample_rate: int  # as uploaded
     channels: int
     text: str | None = None  # the description from `<track>.txt`
+    sha256: str | None = None  # of the track's file as uploaded (preprocessing/fingerprint.py)
     clips: list[PreparedClip] = field(default_factory=list)
 
 
@@ -349,6 +352,7 @@ def _prepare_track(rel: str, run: _Run, remover: vocals.VocalRemover | None) -> 
         return None
     wav, sr, source_peak = decoded
     track = _Track(rel, run.namer.track_base(rel), wav.shape[-1] / sr, sr, wav.shape[0])
+    track.sha256 = file_sha256(run.unpacked.path(rel))  # what a validation set is compared with (by content)
     if len(base_name(rel, None).encode("utf-8")) > MAX_NAME_BYTES:
         run.extra["names_shortened"].append(
             {"file": rel, "clips": f"{track.base}_NNN.wav", "reason": f"clip names are cut to "
@@ -432,7 +436,7 @@ def _write_clips(track: _Track, data: np.ndarray, run: _Run) -> None:
             raise RuntimeError(f"clip name collision: {name}")
         run.written.add(name.casefold())
         clip_path = run.clips_dir / name
-        sf.write(str(clip_path), _to_pcm16(segment), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        _write_clip(clip_path, segment)
         track.clips.append(
             PreparedClip(
                 path=clip_path,
@@ -507,6 +511,7 @@ def _describe(
                 "description": description,
                 "name": clip.path.stem,
                 "source": track.rel,
+                SOURCE_KEY: track.sha256,
                 "description_source": origin,
                 "channels": clip.channels,
                 **clip.info,
@@ -570,6 +575,19 @@ def _fit_full_scale(data: np.ndarray, source_peak: float, rel: str) -> dict | No
         logger.info("%s: %s (peak %.3f); scaled by %.2f dB so nothing is clipped", rel, why, peak, gain_db)
     return {"file": rel, "source_peak": round(source_peak, 4), "peak": round(peak, 4), "gain_db": round(gain_db, 2),
             "reason": why}  # fmt: skip
+
+
+def _write_clip(path: Path, segment: np.ndarray) -> None:
+    """A 16-bit WAV clip written under a temporary name and renamed: a full disk leaves no truncated clip under its
+    name, and is one `DiskError` naming the clip (libsndfile says 'System error', which is no OSError)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    try:
+        sf.write(str(tmp), _to_pcm16(segment), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    except (sf.LibsndfileError, OSError) as e:
+        raise write_failed(path, e, "the clip") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _to_pcm16(segment: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import errno
 import gzip
 import hashlib
 import logging
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from core.errors import DiskError, write_failed
 from core.params import InputError
 from core.progress import progress_bar
 from preprocessing.params import is_url, url_message
@@ -256,12 +258,32 @@ class _Oversize(Exception):
     """A member gave more bytes than its header declared (corrupt, or a bomb): it is not kept."""
 
 
+# A write that fails for these reasons fails for every member after it too: the whole run stops (one line naming
+# the file), instead of skipping each member as "cannot be extracted" and training on what happened to fit.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _disk_error(e: OSError, path: Path) -> DiskError | None:
+    return write_failed(path, e, "the unpacked file") if e.errno in _DISK_ERRNOS else None
+
+
+def _write(out: tp.IO[bytes], block: bytes, dest: Path) -> None:
+    try:
+        out.write(block)
+    except OSError as e:  # reading the member failed elsewhere; this is our disk
+        raise write_failed(dest, e, "the unpacked file") from None
+
+
 def _copy_capped(src: tp.IO[bytes], dest: Path, declared: int, budget: int, bar: tqdm) -> int:
     """Copy a member, never writing more than it declared nor more than what is left of the byte budget. The file
     is created exclusively (FileExistsError: a duplicate, nothing touched) and removed again on any failure."""
     written = 0
     limit = min(declared, budget)
-    with open(dest, "xb") as out:
+    try:
+        out = open(dest, "xb")  # noqa: SIM115 - closed by the `with out:` below
+    except OSError as e:
+        raise (_disk_error(e, dest) or e) from None
+    with out:
         try:
             while True:
                 block = src.read(COPY_BLOCK)
@@ -270,7 +292,7 @@ def _copy_capped(src: tp.IO[bytes], dest: Path, declared: int, budget: int, bar:
                 written += len(block)
                 if written > limit:
                     raise _Oversize()
-                out.write(block)
+                _write(out, block, dest)
                 bar.update(len(block))
         except BaseException:
             out.close()
@@ -325,6 +347,8 @@ def _extract(
         result.skipped.append(Skipped(rel, "conflict", "its folder clashes with a file of the same name"))
         return 0
     except OSError as e:
+        if (disk := _disk_error(e, dest.parent)) is not None:
+            raise disk from None
         result.skipped.append(Skipped(rel, "unreadable", f"its folder cannot be created ({e.strerror or e})"))
         return 0
     if dest.is_dir():
@@ -340,6 +364,8 @@ def _extract(
     except FileExistsError:
         result.skipped.append(Skipped(rel, "duplicate", "a file with this name was already extracted"))
         return 0
+    except DiskError:
+        raise
     except _Oversize:
         reason = f"expands past its declared size of {declared} bytes (damaged, or a zip bomb); not extracted"
         logger.warning("Skipping archive member %s: %s", rel, reason)
@@ -545,9 +571,14 @@ def _decompress_capped(kind: str, src: Path, dest: Path, limits: Limits) -> int:
                         else f"{limits.max_ratio:g} times its compressed size (max_compression_ratio)"
                     )
                     raise _Refused(f"the compressed upload expands past {which}; refused (decompression bomb guard)")
-                fout.write(block)
+                _write(fout, block, dest)
+    except DiskError:
+        dest.unlink(missing_ok=True)
+        raise
     except (OSError, EOFError, lzma.LZMAError) as e:
         dest.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (disk := _disk_error(e, dest)) is not None:
+            raise disk from None
         raise _Refused(f"the {kind} stream is damaged ({e}); re-create it") from None
     except _Refused:
         dest.unlink(missing_ok=True)

@@ -36,24 +36,38 @@ def _repo_has_model(folder: Path) -> bool:
     return (folder / f"{MODEL_NAME}.yaml").is_file() and any(folder.glob(f"{SIG}*.th"))
 
 
+def missing_weights(demucs_repo: str | None) -> str | None:
+    """Why vocal removal could not load htdemucs on this machine (the message `resolve_repo` raises), or None when
+    its weights are there. Reads only the disk: for the checks that run before any work."""
+    return _locate(demucs_repo)[1]
+
+
 def resolve_repo(demucs_repo: str | None, scratch: Path) -> Path:
     """The demucs repo folder to load htdemucs from; a clear error when the weights are not on this machine."""
+    (weights, is_repo), missing = _locate(demucs_repo)
+    if missing is not None:
+        raise ModelUnavailableError(missing)
+    return weights if is_repo else _link_repo(weights, scratch)
+
+
+def _locate(demucs_repo: str | None) -> tuple[tuple[Path | None, bool], str | None]:
+    """`((a repo folder, True) or (a weights file, False), None)`, or `((None, False), why not)`."""
     looked: list[str] = []
     for origin, value in (("demucs_repo", demucs_repo), (ENV_REPO, os.environ.get(ENV_REPO))):
         if not value:
             continue
         folder = Path(value).expanduser()
         if _repo_has_model(folder):
-            return folder
+            return (folder, True), None
         if folder.is_dir() and any(folder.glob(f"{SIG}*.th")):
-            # A folder holding only the weights file: give it the one-line bag definition demucs expects.
-            return _link_repo(next(folder.glob(f"{SIG}*.th")), scratch)
+            # A folder holding only the weights file: given the one-line bag definition demucs expects when linked.
+            return (next(folder.glob(f"{SIG}*.th")), False), None
         looked.append(f"{origin}={folder} (no {MODEL_NAME}.yaml + {SIG}*.th there)")
     cached = torch_cache_file()
     if cached.is_file():
-        return _link_repo(cached, scratch)
+        return (cached, False), None
     looked.append(f"the torch hub cache {cached} (missing)")
-    raise ModelUnavailableError(
+    return (None, False), (
         "Vocal removal (drop_vocals) needs demucs' htdemucs weights, which are not on this machine. Looked in: "
         + "; ".join(looked)
         + f". Fix: download {WEIGHTS_URL} into {cached.parent}/ (the Cog build step does this), or set "

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.audio import load_audio
+from core.audio import AudioDecodeError, load_audio
 from core.catalogue import SCRATCH_VERSIONS
 from core.params import InputError
 from evaluation.effnet import effnet_frechet
@@ -46,7 +46,8 @@ from evaluation.embed import copy_check, encodec_latents
 from evaluation.frechet import embedding_frechet
 from generation.generate import generate_audio, resolved_precision
 from preprocessing.dataset import PreparedClip, load_prepared
-from preprocessing.params import PrepareParams
+from preprocessing.fingerprint import SOURCE_KEY, Fingerprints, fingerprint
+from preprocessing.params import PrepareParams, is_url, url_message
 from preprocessing.prepare import prepare
 from training.data import TokenDataset
 from training.dist import DistInfo, barrier
@@ -64,12 +65,14 @@ __all__ = [
     "Evaluator",
     "EvalContext",
     "check",
+    "check_validation_data",
     "track_of",
     "split_by_track",
     "select_validation",
     "prepare_validation",
     "fixed_crops",
     "forgetting_wanted",
+    "dropped_without_validation",
     "general_music",
     "FORGET_PROMPTS",
     "FORGET_RISE",
@@ -122,6 +125,64 @@ def check(params: TrainParams) -> None:
             )
 
 
+MAX_NAMED = 10  # shared tracks named in a warning (the count says the rest)
+
+
+def check_validation_data(params: TrainParams, dataset: Fingerprints | None, byte_cap: int) -> Fingerprints | None:
+    """`validation_path` by content, before anything is prepared: it must exist and hold audio, and must not be the
+    training data under another name (the same archive uploaded twice, a copy, a hard link, another archive of the
+    same tracks, the prepared folder of the training clips). Every track shared: refused; some: a warning naming
+    them. Returns its fingerprints (None without validation_path)."""
+    path = _text(params.validation_path)
+    if path is None:
+        return None
+    if is_url(path):
+        raise InputError("validation_path", url_message(path))
+    found = fingerprint(path, "validation_path", byte_cap)
+    name = Path(path).name
+    if not found.tracks:
+        what = f"{found.files} file(s), none of them" if found.files else "no file, no"
+        raise InputError(
+            "validation_path",
+            f"{name} holds {what} audio (wav, mp3, flac, ogg, opus, m4a, aac, aiff): give an archive or audio file of "
+            "tracks that are not in dataset_path",
+        )
+    if found.kind == "unknown":  # neither an archive nor a known audio signature: decoding decides, before any work
+        try:
+            load_audio(path)
+        except AudioDecodeError as e:
+            raise InputError(
+                "validation_path",
+                f"{name} is neither an archive (zip, tar, tar.gz, tgz, gz) nor audio we can decode ({e}); give an "
+                "archive of held-out tracks or one audio file",
+            ) from None
+    if dataset is None:
+        return found
+    shared = found.shared_with(dataset)
+    if shared and len(shared) == len(found.tracks):
+        raise InputError(
+            "validation_path",
+            f"every one of its {len(shared)} track(s) is also in dataset_path (the same audio, compared by content: "
+            f"{_named(shared)}), so it would validate on the training data; give other tracks, or leave it empty "
+            "and let validation_split hold out a share of dataset_path's tracks",
+        )
+    if shared:
+        logger.warning(
+            "validation_path: %d of its %d tracks are also in dataset_path (the same audio, compared by content), so "
+            "their validation loss is measured on training data: %s. Remove them from one of the two uploads for a "
+            "clean validation",
+            len(shared),
+            len(found.tracks),
+            _named(shared),
+        )
+    return found
+
+
+def _named(names: list[str]) -> str:
+    more = len(names) - MAX_NAMED
+    return ", ".join(names[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+
+
 def _text(value: tp.Any) -> str | None:
     return str(value) if value is not None and str(value).strip() else None
 
@@ -144,7 +205,8 @@ class Split:
 def split_by_track(clips: tp.Sequence[tp.Any], share: float, seed: int) -> Split:
     """Hold out `round(share x tracks)` tracks (at least 1, never all) chosen from `seed`; off below `MIN_TRACKS`
     tracks or with `share` 0. The choice depends only on the set of track names and the seed, not on clip order."""
-    tracks = sorted({track_of(c) for c in clips})
+    same = _same_audio(clips)
+    tracks = sorted({same.get(track_of(c), track_of(c)) for c in clips})
     base = {"validation_split": share, "tracks": len(tracks)}
     if share <= 0:
         logger.info("Validation off (validation_split=0): all %d track(s) train", len(tracks))
@@ -161,8 +223,8 @@ def split_by_track(clips: tp.Sequence[tp.Any], share: float, seed: int) -> Split
     order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(tracks))
     held = sorted(tracks[i] for i in order[:n_held])
     held_set = set(held)
-    train = [c for c in clips if track_of(c) not in held_set]
-    validation = [c for c in clips if track_of(c) in held_set]
+    train = [c for c in clips if same.get(track_of(c), track_of(c)) not in held_set]
+    validation = [c for c in clips if same.get(track_of(c), track_of(c)) in held_set]
     info = {
         **base,
         "mode": "split",
@@ -182,6 +244,25 @@ def split_by_track(clips: tp.Sequence[tp.Any], share: float, seed: int) -> Split
         ", ".join(held),
     )
     return Split(train, validation, info)
+
+
+def _same_audio(clips: tp.Sequence[tp.Any]) -> dict[str, str]:
+    """Tracks of one upload that hold the same audio under other names (by the source fingerprint preparation
+    records) -> the first of their names: they count as one track, so no copy trains while another validates."""
+    by_hash: dict[str, set[str]] = {}
+    for c in clips:
+        sha = (getattr(c, "info", None) or {}).get(SOURCE_KEY)
+        if isinstance(sha, str):
+            by_hash.setdefault(sha, set()).add(track_of(c))
+    alias = {}
+    for names in by_hash.values():
+        if len(names) > 1:
+            first, *others = sorted(names)
+            alias.update(dict.fromkeys(others, first))
+            logger.warning(
+                "Tracks %s hold the same audio: kept on one side of the validation split", ", ".join(sorted(names))
+            )
+    return alias
 
 
 def prepare_validation(params: TrainParams, output_dir: Path) -> tp.Any:
@@ -222,8 +303,6 @@ def select_validation(params: TrainParams, clips: tp.Sequence[tp.Any], validatio
             "validation_clips": len(held),
             "validation_seconds": round(sum(float(getattr(c, "duration", 0.0)) for c in held), 2),
         }
-        if params.validation_split > 0:
-            logger.info("validation_split is not used: validating on validation_path, every track trains")
         logger.info("Validation on %s: %d clips of %d tracks", info["validation_path"], len(held), len(tracks))
         return Split(list(clips), held, info)
     return split_by_track(clips, params.validation_split, params.seed)
@@ -247,14 +326,22 @@ def forgetting_wanted(params: TrainParams, device: str, examples: tp.Sequence[tp
         return False
     if params.model_version in SCRATCH_VERSIONS:
         if mode == "on":
-            logger.info(
-                "forgetting_check=on is ignored: %s trains from scratch, its base model knows no music",
+            logger.warning(
+                "forgetting_check='on' is ignored: %s trains from scratch, its base model knows no music",
                 params.model_version,
             )
         return False
     if mode == "on":
         return True
     return str(device).startswith("cuda") or any(_prior_general(c) for c in examples)
+
+
+def dropped_without_validation(params: TrainParams) -> list[str]:
+    """The validation inputs given a non-default value, for a run that turned out to have no validation set (fewer
+    than `MIN_TRACKS` tracks; validation off is said before any work by `training.params.dropped_settings`)."""
+    defaults = TrainParams()
+    names = ("eval_every", "keep_best", "early_stop_patience", "forgetting_check")
+    return [f"{n}={getattr(params, n)!r}" for n in names if getattr(params, n) != getattr(defaults, n)]
 
 
 def _prior_general(clip: tp.Any) -> bool:

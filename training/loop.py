@@ -377,6 +377,7 @@ class _Training:
     start_step: int = 0
     finished: bool = False  # resumed from a checkpoint of a run that ended: only the export is left
     consistent: bool = True  # weights/optimizer reflect exactly `len(history)` completed steps
+    data_identity: dict | None = None
 
     @property
     def end_step(self) -> int:
@@ -524,6 +525,7 @@ def _checkpoint_state(run: _Training) -> dict[str, tp.Any]:
         "evaluation": run.evaluator.state_dict(run.eval_ctx, len(run.history)) if run.evaluator is not None else None,
         "params": dataclasses.asdict(run.params),
         "world_size": run.dist.world_size,
+        "data": run.data_identity,
     }
 
 
@@ -708,12 +710,14 @@ def train_loop(
     resume_state: dict | None = None,
     on_metrics: tp.Callable[[dict[str, float]], None] | None = None,
     evaluator: evaluation.Evaluator | None = None,
+    data_identity: dict | None = None,
 ) -> TrainResult:
     """Train `lm` (audiocraft LMModel, on `dist.device`) on `dataset` following `plan`; returns what to export.
 
     `evaluator`: validation loss before the first step, every `eval_every` steps and at the end, best weights and
     early stopping (training/evaluate.py); its metrics also go to `on_metrics`."""
     run = _setup(lm, dataset, params, plan, dist, checkpoint_dir, evaluator, on_metrics)
+    run.data_identity = data_identity  # the data's fingerprints, checked on resume (training/checkpoint.py)
     if resume_state is not None:
         _resume(run, resume_state)
     optimizer, device = run.optimizer, dist.device

@@ -11,7 +11,14 @@ import dataclasses
 import typing as tp
 from dataclasses import dataclass
 
-from core.catalogue import FINE_TUNED, METHODS, MODEL_VERSION_CHOICES, SAMPLER_PRECISIONS, TRAINABLE_VERSIONS
+from core.catalogue import (
+    FINE_TUNED,
+    METHODS,
+    MODEL_VERSION_CHOICES,
+    SAMPLER_PRECISIONS,
+    SCRATCH_VERSIONS,
+    TRAINABLE_VERSIONS,
+)
 from core.params import InputError, param
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "EMA_DECAY",
     "validate",
     "prepare_kwargs",
+    "dropped_settings",
 ]
 
 OPTIMIZERS = ("dadam", "adamw")
@@ -328,6 +336,45 @@ def validate(params: TrainParams) -> None:
         )
     if params.model_version not in TRAINABLE_VERSIONS:
         raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(TRAINABLE_VERSIONS)}")
+
+
+# Inputs that only act together with another: (inputs, when they are dropped, why). A non-default value of one
+# of them while it is dropped is warned (`dropped_settings`), never ignored without a word.
+_DEPENDENT: tuple[tuple[tuple[str, ...], tp.Callable[[TrainParams], bool], str], ...] = (
+    (
+        ("class_prompt", "class_samples", "dissimilar_samples", "prior_loss_weight"),
+        lambda p: not p.prior_preservation,
+        "prior_preservation is off",
+    ),
+    (
+        ("lm_dim", "lm_layers", "lm_heads"),
+        lambda p: p.model_version not in SCRATCH_VERSIONS,
+        "only micro and tiny-micro train a new LM of that shape",
+    ),  # fmt: skip
+    (
+        ("validation_split",),
+        lambda p: p.validation_path is not None and bool(str(p.validation_path).strip()),
+        "validation_path is given (every track of dataset_path trains)",
+    ),
+    (
+        ("eval_every", "keep_best", "early_stop_patience", "forgetting_check"),
+        lambda p: p.validation_split == 0 and not (p.validation_path and str(p.validation_path).strip()),
+        "validation is off (validation_split=0 and no validation_path)",
+    ),
+)
+
+
+def dropped_settings(params: TrainParams) -> list[str]:
+    """`"name=value is ignored: why"` for each input given a non-default value that this run cannot use."""
+    defaults = TrainParams()
+    found = []
+    for names, dropped, why in _DEPENDENT:
+        if dropped(params):
+            for name in names:
+                value = getattr(params, name)
+                if value != getattr(defaults, name):
+                    found.append(f"{name}={value!r} is ignored: {why}")
+    return found
 
 
 def prepare_kwargs(params: TrainParams) -> dict[str, tp.Any]:

@@ -12,20 +12,29 @@ Output folder layout: `trained_model.tar`, `checkpoints/checkpoint-<step>.pt`, `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import shutil
+import socket
 import sys
 import typing as tp
+import urllib.parse
 from pathlib import Path
 
 import torch
 
 from core import versions
+from core.catalogue import MELODY_VERSIONS, PRETRAINED
 from core.devices import default_device
+from core.errors import USER_ERRORS, ModelUnavailableError
+from core.hub import hf_cache_hint, hub_cached
 from core.params import InputError, from_kwargs
 from generation.request import check_sampler_precision
-from preprocessing import PrepareParams, load_prepared, prepare
+from preprocessing import PrepareParams, load_prepared, prepare, vocals
+from preprocessing.fingerprint import Fingerprints, fingerprint, prepared_folder
+from preprocessing.params import is_url
 from training import checkpoint as ckpt
 from training import dist as dist_mod
 from training import evaluate as evaluation
@@ -37,7 +46,7 @@ from training.loop import RunPlan, TrainingInterrupted, check_resume_compatible,
 from training.melody import melody_conditioners, prepare_melody_training
 from training.methods import check_inputs as check_method_inputs
 from training.methods import enable_gradient_checkpointing, get_method, prior, scratch
-from training.params import TrainParams, prepare_kwargs, validate
+from training.params import TrainParams, dropped_settings, prepare_kwargs, validate
 from training.style import prepare_style_training
 
 logger = logging.getLogger(__name__)
@@ -49,26 +58,185 @@ __all__ = [
     "Setup",
     "prepare_dataset",
     "check_inputs",
+    "Checked",
+    "InputProblems",
+    "data_identity",
     "TAR_NAME",
 ]
 
 PARAMS_FILE = "train_params.json"
+T5_REPO = "t5-base"  # audiocraft's T5Conditioner loads it by this name (every pretrained MusicGen's text encoder)
+WORK_FOLDERS = ("work", evaluation.VALIDATION_WORK)  # what preparation makes in output_dir
 
 
-def check_inputs(params: TrainParams) -> dict | None:
-    """Every check on the inputs that can fail, before any long work. Returns the resume checkpoint's header."""
-    validate(params)
-    check_method_inputs(params)  # from scratch, the method's own, prior preservation (training/methods/)
-    evaluation.check(params)  # validation_split / validation_path and friends (training/evaluate.py)
+class InputProblems(InputError):
+    """Several problems with the inputs, found before any work: all of them, each on its own line."""
+
+    def __init__(self, errors: list[Exception]):
+        lines = "\n".join(f"  - {e}" for e in errors)
+        names = list(dict.fromkeys(f"'{e.name}'" if isinstance(e, InputError) else type(e).__name__ for e in errors))
+        message = f"{len(errors)} problems ({', '.join(names)}); nothing was started. Fix all of them:\n{lines}"
+        ValueError.__init__(self, message)
+        self.name = ", ".join(n.strip("'") for n in names)
+        self.errors = errors
+
+
+class _Problems:
+    """Collects the user errors of the checks that run before any work, so one refusal names them all."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    @contextlib.contextmanager
+    def check(self) -> tp.Iterator[None]:
+        try:
+            yield
+        except USER_ERRORS as e:
+            self.errors.extend(e.errors if isinstance(e, InputProblems) else [e])
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise InputProblems(self.errors)
+
+
+@dataclasses.dataclass
+class Checked:
+    """What the checks found that the run uses: the resume checkpoint's step, and the data's fingerprints."""
+
+    resume_step: int | None = None
+    dataset: Fingerprints | None = None
+    validation: Fingerprints | None = None
+    identity: dict | None = None  # data_identity(): recorded in every checkpoint (training/checkpoint.py)
+
+
+def check_inputs(params: TrainParams) -> Checked:
+    """Every check on the inputs that needs no model, before any long work (nothing is prepared or loaded); all the
+    problems found are raised together (`InputProblems`), or the one alone."""
+    problems = _Problems()
+    checked = Checked()
+    with problems.check():
+        validate(params)
+    for dropped in dropped_settings(params):
+        logger.warning(dropped)
+    with problems.check():
+        check_method_inputs(params)  # from scratch, the method's own, prior preservation (training/methods/)
+    with problems.check():
+        evaluation.check(params)  # validation_split / validation_path and friends (training/evaluate.py)
     device = default_device()
-    resolve_precision(params.precision, device)
-    check_sampler_precision(params.sampler_precision, device)  # int8 samples need the CPU
-    publish.check_inputs(params)  # wandb key, hf_repo_id + hf_token
+    with problems.check():
+        resolve_precision(params.precision, device)
+    with problems.check():
+        check_sampler_precision(params.sampler_precision, device)  # int8 samples need the CPU
+    with problems.check():
+        publish.check_inputs(params)  # wandb key, hf_repo_id + hf_token
+    with problems.check():
+        _check_model_available(params)  # the base model and its text encoder: cached, or fetchable now
+    with problems.check():
+        _check_demucs_available(params)
+    byte_cap = int(PrepareParams(**prepare_kwargs(params)).max_unpacked_gb * 2**30)
+    if _given(params.dataset_path) and not is_url(str(params.dataset_path)):
+        with problems.check():
+            checked.dataset = fingerprint(str(params.dataset_path), "dataset_path", byte_cap)
+    with problems.check():  # before the training set is prepared: validating on it, or on nothing, is refused
+        checked.validation = evaluation.check_validation_data(params, checked.dataset, byte_cap)
+    if checked.dataset is not None:
+        checked.identity = data_identity(params, checked.dataset, checked.validation)
     if params.resume_from:
-        state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from), mmap=True)
-        check_resume_compatible(state, params)
-        return {"step": state["step"]}
-    return None
+        with problems.check():
+            path = ckpt.find_checkpoint(params.resume_from)
+            state = ckpt.load_checkpoint(path, mmap=True)  # the checksum is verified here, before any work
+            ckpt.check_complete(path, state)
+            check_resume_compatible(state, params)
+            if checked.identity is not None:
+                ckpt.check_resume_data(state, checked.identity, str(path))
+            checked.resume_step = int(state["step"])
+            del state
+    problems.raise_any()
+    return checked
+
+
+def _given(value: tp.Any) -> bool:
+    return value is not None and bool(str(value).strip())
+
+
+def data_identity(params: TrainParams, dataset: Fingerprints, validation: Fingerprints | None) -> dict:
+    """The training and validation data by content, as a checkpoint records it (`checkpoint.check_resume_data`)."""
+    kind = "path" if validation is not None else "split" if params.validation_split > 0 else "off"
+    return {
+        "dataset": {"sha256": dataset.digest, "tracks": len(dataset.tracks)},
+        "validation": {
+            "kind": kind,
+            "sha256": validation.digest if validation is not None else None,
+            "tracks": len(validation.tracks) if validation is not None else None,
+        },
+    }
+
+
+def _check_model_available(params: TrainParams) -> None:
+    """The base model (and the T5 text encoder audiocraft loads by name) in the Hugging Face cache, or a hub that
+    answers now (tried once, `HUB_TIMEOUT_S`, only when something is missing). Tiny, scratch and folder models
+    need nothing from the hub here."""
+    repo = PRETRAINED.get(params.model_version)
+    if repo is None:
+        return
+    missing = []
+    if not hub_cached(repo):
+        missing.append(f"model_version {params.model_version} ({repo}: `hf download {repo}`)")
+    if not hub_cached(T5_REPO, ("config.json",)):
+        missing.append(f"its text encoder ({T5_REPO}: `hf download {T5_REPO}`)")
+    if missing and not _hub_reachable():
+        raise ModelUnavailableError(
+            f"Not on this machine, and the Hugging Face hub ({_hub_endpoint()}) cannot be reached: "
+            + "; ".join(missing)
+            + f". Looked in the Hugging Face cache {hf_cache_hint()}. Fix: download them once where there is network "
+            "(the commands above) into that cache (or point HF_HOME at one that holds them), or choose a tiny model "
+            "to try the trainer offline"
+        )
+
+
+def _check_demucs_available(params: TrainParams) -> None:
+    """demucs' htdemucs weights, for drop_vocals and for a melody model's chroma (audiocraft loads it by name):
+    read from the disk only (the tiny melody model brings its own)."""
+    melody = params.model_version in MELODY_VERSIONS and params.model_version in PRETRAINED
+    uploads = [p for p in (params.dataset_path, params.validation_path) if _given(p)]
+    # a prepared folder is read as it is: its vocals were removed (or not) when it was prepared
+    to_prepare = [p for p in uploads if prepared_folder(Path(str(p)).expanduser()) is None]
+    if not ((params.drop_vocals and to_prepare) or melody):
+        return
+    missing = vocals.missing_weights(None)
+    vocal_removal = params.drop_vocals and bool(to_prepare)
+    if missing is None or (not vocal_removal and _hub_reachable()):  # audiocraft downloads it for the chroma
+        return
+    if not vocal_removal:
+        missing = missing.replace("Vocal removal (drop_vocals)", f"The melody model {params.model_version}", 1)
+        missing = missing.replace(", or set drop_vocals to false", "")
+    raise ModelUnavailableError(missing)
+
+
+HUB_TIMEOUT_S = 3.0
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hub_reachable() -> bool:
+    """One TCP connection to the hub's host (huggingface_hub's own offline switch and endpoint), `HUB_TIMEOUT_S`
+    at most: whether a missing model could be downloaded now, answered in seconds instead of after its retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def prepare_dataset(params: TrainParams, work_dir: Path) -> tp.Any:
@@ -91,10 +259,18 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
     `nproc`: training processes; default one per visible GPU. More than one runs under torchrun (DDP or FSDP, see
     the `parallel` input); this process then only prepares the dataset and waits.
     """
-    check_inputs(params)
-    output_dir = check_output_dir(output_dir)  # a file or a read-only folder: refused before any work
-    dataset = prepare_dataset(params, output_dir / "work")
-    validation = evaluation.prepare_validation(params, output_dir)  # validation_path, prepared once like the dataset
+    made = _Made(Path(output_dir).expanduser())
+    problems, checked = _Problems(), Checked()
+    with problems.check():
+        checked = check_inputs(params)
+    with problems.check():
+        output_dir = check_output_dir(output_dir)  # a file or a read-only folder: refused with the rest
+    with made.removed_on_refusal():
+        problems.raise_any()
+    with made.removed_on_refusal():
+        # validation_path first: a validation set that yields no clip is refused before the (longer) training set
+        validation = evaluation.prepare_validation(params, output_dir)
+        dataset = prepare_dataset(params, output_dir / "work")
     nproc = dist_mod.visible_gpus() if nproc is None else nproc
     if nproc > 1 and not DistInfo.under_torchrun():
         params_file = output_dir / PARAMS_FILE
@@ -105,7 +281,9 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
                 nproc,
                 "training.run",
                 ["--params_json", str(params_file), "--dataset", str(dataset.folder), "--output_dir", str(output_dir)]
-                + (["--validation_dataset", str(validation.folder)] if validation is not None else []),
+                + (["--validation_dataset", str(validation.folder)] if validation is not None else [])
+                + (["--data_identity", json.dumps(checked.identity)] if checked.identity is not None else [])
+                + (["--checkpoint_verified"] if params.resume_from else []),
                 env=publish.worker_env(params),
             )
         except BaseException as e:
@@ -115,11 +293,35 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
                 publish.report_interrupted(params, output_dir / "checkpoints")
             raise
     else:
-        run_worker(params, dataset, output_dir, validation=validation)
+        run_worker(
+            params, dataset, output_dir, validation=validation, data_identity=checked.identity, checkpoint_verified=True
+        )
     tar = output_dir / TAR_NAME
     if not tar.is_file():
         raise RuntimeError(f"training finished without writing {tar}")
     return tar
+
+
+class _Made:
+    """The folders a run makes before training (output_dir itself, its work folders) that did not exist before it:
+    a run refused while preparing removes them again, and nothing else (it never deletes what it did not make)."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.new = [f for f in (output_dir, *(output_dir / n for n in WORK_FOLDERS)) if not f.exists()]
+
+    @contextlib.contextmanager
+    def removed_on_refusal(self) -> tp.Iterator[None]:
+        try:
+            yield
+        except USER_ERRORS:
+            for folder in self.new[::-1]:
+                if folder == self.output_dir:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only when empty: what the run made inside it went first
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def _wandb_logger(params: TrainParams, dist: DistInfo, output_dir: Path) -> publish.WandbRun | None:
@@ -219,8 +421,9 @@ def setup_training(
             forgetting=token_dataset(general) if general else None,
             forgetting_info=general_info,
         )
-    elif params.early_stop_patience and dist.is_main:
-        logger.warning("early_stop_patience=%d is ignored: there is no validation set", params.early_stop_patience)
+    elif dist.is_main and (params.validation_split > 0 or params.validation_path):  # else said before any work
+        for dropped in evaluation.dropped_without_validation(params):
+            logger.warning("%s is ignored: there is no validation set", dropped)
     if dist.is_main:
         logger.info(
             "Training %s (%s) on %d clips: %d steps (%d epochs x %d), batch %d over %d process(es), %.1f s crops, %s",
@@ -239,10 +442,18 @@ def setup_training(
 
 
 def run_worker(
-    params: TrainParams, dataset: tp.Any, output_dir: Path, dist: DistInfo | None = None, validation: tp.Any = None
+    params: TrainParams,
+    dataset: tp.Any,
+    output_dir: Path,
+    dist: DistInfo | None = None,
+    validation: tp.Any = None,
+    data_identity: dict | None = None,
+    checkpoint_verified: bool = False,
 ) -> Path | None:
     """One training process: set up, train, and (rank 0) export. Returns the tar path on rank 0, else None.
-    `validation`: validation_path's prepared dataset (None: a share of `dataset`'s tracks, or no validation)."""
+    `validation`: validation_path's prepared dataset (None: a share of `dataset`'s tracks, or no validation).
+    `data_identity`: the data's fingerprints, recorded in the checkpoints. `checkpoint_verified`: `check_inputs`
+    already verified resume_from's checksum (it is not read twice for it)."""
     own_group = dist is None
     dist = dist or dist_mod.init()
     # The loop, its checkpoints and the export get the inputs without the secrets: nothing they write can hold one.
@@ -256,7 +467,9 @@ def run_worker(
         lm = setup.model.lm
         resume_state = None
         if params.resume_from:
-            resume_state = ckpt.load_checkpoint(ckpt.find_checkpoint(params.resume_from))
+            resume_state = ckpt.load_checkpoint(
+                ckpt.find_checkpoint(params.resume_from), verify=not checkpoint_verified
+            )
         run = _wandb_logger(secrets, dist, output_dir)
         try:
             result = train_loop(
@@ -269,6 +482,7 @@ def run_worker(
                 resume_state=resume_state,
                 on_metrics=run.log if run is not None else None,
                 evaluator=setup.evaluator,
+                data_identity=data_identity,
             )
         except BaseException as e:
             # SIGTERM (TrainingInterrupted) or a cancel (Cog, Ctrl-C: not an Exception) left a resume checkpoint in
@@ -325,12 +539,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True, help="a prepared dataset folder (holding data.jsonl)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--validation_dataset", default=None, help="validation_path, prepared by run_training")
+    parser.add_argument("--data_identity", default=None, help="the data's fingerprints as JSON (run_training)")
+    parser.add_argument(
+        "--checkpoint_verified", action="store_true", help="run_training verified resume_from's checksum"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The params file has no secrets; run_training passed them in this process's environment.
     params = from_kwargs(TrainParams, **json.loads(Path(args.params_json).read_text()), **publish.pop_secret_env())
     validation = load_prepared(args.validation_dataset) if args.validation_dataset else None
-    run_worker(params, load_prepared(args.dataset), Path(args.output_dir), validation=validation)
+    run_worker(
+        params,
+        load_prepared(args.dataset),
+        Path(args.output_dir),
+        validation=validation,
+        data_identity=json.loads(args.data_identity) if args.data_identity else None,
+        checkpoint_verified=args.checkpoint_verified,
+    )
     return 0
 
 

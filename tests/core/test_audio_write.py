@@ -42,15 +42,15 @@ def test_a_write_past_the_disk_limit_is_one_error_and_leaves_no_file(tmp_path, f
     code = f"""
     import torch
     from core.audio import save_audio
-    from core.errors import WriteError
+    from core.errors import DiskError
     try:
         save_audio("{tmp_path}/out.{fmt}", 0.1 * torch.randn(2, 32000 * 4), 32000, "{fmt}")
-    except WriteError as e:
-        print("WriteError:", e)
+    except DiskError as e:
+        print("DiskError:", e)
     """
     result = run_limited(code, 4096, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"WriteError: Could not write {tmp_path}/out.{fmt}: "), result.stdout
+    assert result.stdout.startswith(f"DiskError: Could not write {tmp_path}/out.{fmt}: "), result.stdout
     assert "Free disk space" in result.stdout and len(result.stdout.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a truncated output was left behind"
 

@@ -259,7 +259,7 @@ def test_a_content_length_header_evicts_nothing(cache, tmp_path):
 
 
 def test_unpacking_onto_a_full_disk_is_one_line(good_tar, tmp_path):
-    """Extraction past a real file-size limit (RLIMIT_FSIZE in a child process): a WriteError naming the weights and
+    """Extraction past a real file-size limit (RLIMIT_FSIZE in a child process): a DiskError naming the weights and
     the cache folder, and no half-unpacked folder left in the cache."""
     from tests.core.test_audio_write import run_limited
 
@@ -267,14 +267,14 @@ def test_unpacking_onto_a_full_disk_is_one_line(good_tar, tmp_path):
     import os
     os.environ["MGFT_CACHE"] = "{tmp_path}/cache"
     from core import weights
-    from core.errors import WriteError
+    from core.errors import DiskError
     try:
         weights.unpack("{good_tar}")
-    except WriteError as e:
-        print("WriteError:", e)
+    except DiskError as e:
+        print("DiskError:", e)
     """
     result = run_limited(code, 100_000, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith(f"WriteError: Could not unpack the weights {good_tar} into "), result.stdout
+    assert result.stdout.startswith(f"DiskError: Could not unpack the weights {good_tar} into "), result.stdout
     assert "Free disk space" in result.stdout
     assert not [p.name for p in (tmp_path / "cache" / "weights").iterdir()]

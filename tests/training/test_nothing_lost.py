@@ -148,7 +148,7 @@ def test_cli_output_dir_a_file_is_one_line_exit_2(clips, tmp_path):
     target.write_text("x")
     done = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--dataset_path", str(clips), "--model_version", "tiny",
-         "--output_dir", str(target)],
+         "--drop_vocals", "false", "--output_dir", str(target)],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
