@@ -17,10 +17,8 @@ import dataclasses
 import json
 import logging
 import shutil
-import socket
 import sys
 import typing as tp
-import urllib.parse
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from core import versions
 from core.catalogue import MELODY_VERSIONS, PRETRAINED
 from core.devices import default_device
 from core.errors import USER_ERRORS, ModelUnavailableError
-from core.hub import hf_cache_hint, hub_cached
+from core.hub import TEXT_ENCODER, hub_unreachable
 from core.params import InputError, from_kwargs
 from generation.request import check_sampler_precision
 from preprocessing import PrepareParams, load_prepared, prepare, vocals
@@ -65,7 +63,6 @@ __all__ = [
 ]
 
 PARAMS_FILE = "train_params.json"
-T5_REPO = "t5-base"  # audiocraft's T5Conditioner loads it by this name (every pretrained MusicGen's text encoder)
 WORK_FOLDERS = ("work", evaluation.VALIDATION_WORK)  # what preparation makes in output_dir
 
 
@@ -175,25 +172,14 @@ def data_identity(params: TrainParams, dataset: Fingerprints, validation: Finger
 
 
 def _check_model_available(params: TrainParams) -> None:
-    """The base model (and the T5 text encoder audiocraft loads by name) in the Hugging Face cache, or a hub that
-    answers now (tried once, `HUB_TIMEOUT_S`, only when something is missing). Tiny, scratch and folder models
-    need nothing from the hub here."""
-    repo = PRETRAINED.get(params.model_version)
-    if repo is None:
+    """The base model and what loading it reads (its text encoder) in the Hugging Face cache, or a hub that answers
+    one request now: `core.versions.check_available`, as predict uses it. Tiny, scratch and folder models need
+    nothing from the hub here."""
+    if params.model_version not in PRETRAINED:
         return
-    missing = []
-    if not hub_cached(repo):
-        missing.append(f"model_version {params.model_version} ({repo}: `hf download {repo}`)")
-    if not hub_cached(T5_REPO, ("config.json",)):
-        missing.append(f"its text encoder ({T5_REPO}: `hf download {T5_REPO}`)")
-    if missing and not _hub_reachable():
-        raise ModelUnavailableError(
-            f"Not on this machine, and the Hugging Face hub ({_hub_endpoint()}) cannot be reached: "
-            + "; ".join(missing)
-            + f". Looked in the Hugging Face cache {hf_cache_hint()}. Fix: download them once where there is network "
-            "(the commands above) into that cache (or point HF_HOME at one that holds them), or choose a tiny model "
-            "to try the trainer offline"
-        )
+    problems = versions.check_available(params.model_version)
+    if problems:
+        raise ModelUnavailableError(" ".join(problems))
 
 
 def _check_demucs_available(params: TrainParams) -> None:
@@ -207,36 +193,13 @@ def _check_demucs_available(params: TrainParams) -> None:
         return
     missing = vocals.missing_weights(None)
     vocal_removal = params.drop_vocals and bool(to_prepare)
-    if missing is None or (not vocal_removal and _hub_reachable()):  # audiocraft downloads it for the chroma
+    # For the chroma alone, audiocraft downloads it when the network answers.
+    if missing is None or (not vocal_removal and hub_unreachable(TEXT_ENCODER, "config.json") is None):
         return
     if not vocal_removal:
         missing = missing.replace("Vocal removal (drop_vocals)", f"The melody model {params.model_version}", 1)
         missing = missing.replace(", or set drop_vocals to false", "")
     raise ModelUnavailableError(missing)
-
-
-HUB_TIMEOUT_S = 3.0
-
-
-def _hub_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def _hub_reachable() -> bool:
-    """One TCP connection to the hub's host (huggingface_hub's own offline switch and endpoint), `HUB_TIMEOUT_S`
-    at most: whether a missing model could be downloaded now, answered in seconds instead of after its retries."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urllib.parse.urlsplit(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
 
 
 def prepare_dataset(params: TrainParams, work_dir: Path) -> tp.Any:
