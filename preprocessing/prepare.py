@@ -224,13 +224,13 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
     try:
         # Everything that can refuse the job runs first: inputs, vocal model, label models, then the archive.
         remover = _vocal_remover(params, scratch)
-        tagger_config = _tagger_config(params, warnings)
         _fresh_output(folder)
         t0 = time.perf_counter()
         unpacked = _unpack(params, unpack_dir)
         timings["unpack"] = time.perf_counter() - t0
         if not unpacked.audio:
             raise InputError("dataset_path", _nothing_usable(params, unpacked, list(unpacked.skipped)))
+        tagger_config = _tagger_config(params, unpacked, warnings)
         analyzer = analysis.Analyzer(scratch, tagger_config)
         run = _Run(params, unpacked, folder / CLIPS_DIR, analyzer, warnings)
 
@@ -292,9 +292,14 @@ def _vocal_remover(params: PrepareParams, scratch: Path) -> vocals.VocalRemover 
     return vocals.VocalRemover(vocals.resolve_repo(params.demucs_repo, scratch), device)
 
 
-def _tagger_config(params: PrepareParams, warnings: list[str]) -> dict | None:
-    """The essentia worker's label models with `auto_labeling`, when all are there (else a warning: no tags)."""
+def _tagger_config(params: PrepareParams, unpacked: Unpacked, warnings: list[str]) -> dict | None:
+    """The essentia worker's label models with `auto_labeling`, when all are there (else a warning: no tags).
+    Tags describe only the tracks with no description of their own: when every track has one (its text file, or
+    `one_same_description`), missing label models change nothing and are not mentioned."""
     if not params.auto_labeling:
+        return None
+    texts = _text_index(unpacked.texts)
+    if (params.one_same_description or "").strip() or all(_description_file(rel, texts) for rel in unpacked.audio):
         return None
     models = analysis.resolve_models(params.essentia_models)
     if models.complete:

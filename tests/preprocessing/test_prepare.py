@@ -318,6 +318,25 @@ def test_key_and_bpm_and_missing_models_warning(tmp_path, caplog):
     assert len(dataset.report["warnings"]) == 1
 
 
+def test_missing_label_models_are_not_mentioned_when_every_track_has_its_description(tmp_path, caplog):
+    """Tags only describe tracks without a description of their own: with a text file for every track (or
+    one_same_description) the missing essentia models change nothing, and the 400-character warning stays out of
+    the log and the report; key and bpm are still measured."""
+    src = tmp_path / "src"
+    write_audio(src / "am100.wav", chord_with_beat(*A_MINOR_100, seconds=10), 44100)
+    (src / "am100.txt").write_text("dusty piano loop")
+    upload = _zip_folder(src, tmp_path / "k.zip")
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    for extra in ({}, {"one_same_description": "one text for all"}):
+        caplog.clear()
+        work = tmp_path / f"work{len(extra)}"
+        dataset = prepare(params(upload, auto_labeling=True, essentia_models=str(empty), **extra), work)
+        assert not [r for r in caplog.records if "essentia model files missing" in r.getMessage()]
+        assert not [w for w in dataset.report["warnings"] if "essentia" in w]
+        assert dataset.clips[0].info["key"] == "A minor"
+
+
 def test_label_list_not_matching_the_model_is_caught(tmp_path):
     models = fake_essentia.write_models(tmp_path / "models", instrument_classes=fake_essentia.INSTRUMENTS[:-1])
     src = tmp_path / "src"
