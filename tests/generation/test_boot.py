@@ -199,6 +199,13 @@ def test_preload_of_a_cached_model_asks_no_hub(tmp_path, blackhole):
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         (root / "snapshots" / commit / name).symlink_to(os.path.relpath(blob, root / "snapshots" / commit))
+    # Every facebook/musicgen-* model also reads t5-base, so a cached base counts only with its text encoder's config
+    # cached beside it (core.versions.check_available); the tiny stand-in itself never opens it.
+    t5 = tmp_path / "hf-home" / "hub" / "models--t5-base"
+    (t5 / "refs").mkdir(parents=True)
+    (t5 / "refs" / "main").write_text(commit)
+    (t5 / "snapshots" / commit).mkdir(parents=True)
+    (t5 / "snapshots" / commit / "config.json").write_text("{}")
     script = textwrap.dedent(
         """
         import logging, time
