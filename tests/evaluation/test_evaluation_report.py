@@ -98,10 +98,13 @@ def test_an_unwritable_destination_is_refused_before_any_work(tmp_path, capsys):
         assert f"'{flag.lstrip('-')}'" in err and "missing.zip" not in err, err
 
 
-def test_samples_are_generated_in_batches_that_fit_free_memory(monkeypatch):
+def test_samples_are_generated_in_batches_that_fit_free_memory(monkeypatch, tmp_path):
+    from core import tiny
     from evaluation.compare import sample_batch
 
-    model = load_musicgen("tiny", "cpu")
+    # A wider tiny LM, where the batch's attention cache (not one output's decode) decides what fits.
+    model = load_musicgen(str(tiny.build_variant(tmp_path / "wide", dim=512, num_heads=8, num_layers=8)), "cpu")
+    assert request.decode_bytes(model, 2.0) < 3 * request.kv_cache_bytes(model, 2.0, 1)
     per_output = request.kv_cache_bytes(model, 2.0, 1)
     monkeypatch.setattr(request, "available_memory", lambda device: int(3.5 * per_output / 0.8))
     assert sample_batch(model, 8, 2.0) == 3  # predict's check: 3 outputs' attention cache fit, 4 do not
