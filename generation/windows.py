@@ -45,9 +45,12 @@ def sample_windows(
     total_len = int(duration * frame_rate)
     bar = progress_bar(total=total_len, desc="generating", unit="step", disable=not progress, leave=False)
     offset = 0  # frames of final output before the current window's prompt
+    prompt_len = 0 if prompt_tokens is None else prompt_tokens.shape[-1]
 
     def callback(generated: int, _to_generate: int) -> None:
-        bar.n = min(total_len, offset + generated)
+        # `generated` counts the window's new steps only: its prompt (the overlap with the previous window, or the
+        # audio to continue) is already part of the output.
+        bar.n = min(total_len, offset + prompt_len + generated)
         bar.refresh()
 
     try:
@@ -59,7 +62,6 @@ def sample_windows(
         melodies = [attr.wav.get("self_wav") for attr in attributes]
         pieces: list[torch.Tensor] = []
         stride = int(EXTEND_STRIDE * frame_rate)
-        prompt_len = 0 if prompt_tokens is None else prompt_tokens.shape[-1]
         if prompt_tokens is not None:
             pieces.append(prompt_tokens)
         while offset + prompt_len < total_len:
