@@ -1,5 +1,5 @@
 """A loopback HTTP server answering GETs from a table of routes: the stand-in for the hub and the weight hosts in
-the bake tests (scripts/bake_weights.py) and the build-steps test."""
+the bake tests (scripts/bake_weights.py) and the build-steps test; and a server that trickles (deadlines, cancels)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import threading
+import time
 import typing as tp
 import urllib.parse
 
@@ -74,3 +75,39 @@ def hub_routes(repo: str, commit: str, files: dict[str, bytes], lfs: tp.Collecti
     routes = {f"/api/models/{repo}": info, f"/api/models/{repo}/revision/main": info}
     routes.update({f"/{repo}/resolve/{commit}/{name}": [(200, {}, data)] for name, data in files.items()})
     return routes
+
+
+class Trickle:
+    """A loopback HTTP server that sends `data`'s first KB, then one byte every `delay` seconds: a download that
+    would take hours (for deadlines and cancels). `started` is set once the first KB is out."""
+
+    def __init__(self, data: bytes, delay: float = 0.05):
+        self.started = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data[:1024])
+                    outer.started.set()
+                    for i in range(1024, len(data)):
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(delay)
+                except OSError:  # the client went away (a deadline, a cancel)
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/trained_model.tar"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -5,14 +5,11 @@ weights folder; downloads have a total deadline, and the cache is evicted only f
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
 import os
 import shutil
 import tarfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from core.versions import load_musicgen
 from tests.core import test_weights_sources as sources
 from tests.core.lora_tars import edit_finetune, rewrite_tar
 from tests.core.test_weights_sources import Server, _cached, fake_disk, make_tar
+from tests.fake_http import Trickle
 
 cache = sources.cache  # the private weights cache fixture
 
@@ -183,37 +181,6 @@ def test_a_catalogue_base_fixes_the_architecture():
         "dim": tiny.dim, "num_heads": 4, "num_layers": len(tiny.transformer.layers), "n_q": tiny.n_q, "card": tiny.card
     }  # fmt: skip
     assert weights.base_architecture("/some/local/folder") == {}
-
-
-class Trickle:
-    """Serves `data` one byte every 0.05 s after the first KB (a download that never ends in time)."""
-
-    def __init__(self, data: bytes):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data[:1024])
-                    for i in range(1024, len(data)):
-                        self.wfile.write(data[i : i + 1])
-                        self.wfile.flush()
-                        time.sleep(0.05)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/trained_model.tar"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_a_download_has_a_total_deadline(cache, good_tar, monkeypatch):

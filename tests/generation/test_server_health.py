@@ -4,10 +4,7 @@ cancelled download) leaves the next request as if it were the first: the previou
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -17,6 +14,7 @@ import pytest
 from core import weights
 from core.versions import load_musicgen
 from tests.core.lora_tars import edit_finetune, rewrite_tar
+from tests.fake_http import Trickle
 from tests.helpers import CogServer
 
 pytestmark = pytest.mark.slow
@@ -103,43 +101,6 @@ def test_a_trained_version_predicts_after_a_bad_request(tmp_path):
         srv.stop()
 
 
-class Trickle:
-    """A loopback HTTP server that sends a tar's first bytes, then one byte every 0.2 s (a download that would take
-    hours), so a prediction can be cancelled while it downloads."""
-
-    def __init__(self, data: bytes):
-        self.started = threading.Event()
-
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data[:1024])
-                    outer.started.set()
-                    for i in range(1024, len(data)):
-                        self.wfile.write(data[i : i + 1])
-                        self.wfile.flush()
-                        time.sleep(0.2)
-                except OSError:  # the client went away (cancelled)
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/trained_model.tar"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _request(srv: CogServer, method: str, path: str, payload: dict | None = None, headers: dict | None = None):
     data = json.dumps(payload).encode() if payload is not None else b""
     req = urllib.request.Request(
@@ -150,7 +111,7 @@ def _request(srv: CogServer, method: str, path: str, payload: dict | None = None
 
 
 def test_a_cancelled_download_leaves_the_server_healthy(tmp_path):
-    trickle = Trickle(full_tar(tmp_path / "slow.tar", scale=0.9).read_bytes())
+    trickle = Trickle(full_tar(tmp_path / "slow.tar", scale=0.9).read_bytes(), delay=0.2)
     srv = CogServer(tmp_path, env={"MGFT_PRELOAD": "tiny", **private_cache(tmp_path)})
     try:
         assert srv.wait_ready()["status"] == "READY", srv.log()[-3000:]
