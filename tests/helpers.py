@@ -175,3 +175,11 @@ def moved_beyond_fp16(trained: dict, base: dict, prefix: str = "") -> list[str]:
         and value.is_floating_point()
         and not torch.allclose(trained[key].float(), value.float(), rtol=2**-10, atol=2**-20)
     ]
+
+
+def reported_problem(error: BaseException, name: str) -> BaseException:
+    """The problem naming input `name` among those train's `check_inputs` reports at once (a single `InputError`, or
+    each of `InputProblems.errors`): a test of one bad input also meets the others of its params (a missing x.zip)."""
+    found = [e for e in getattr(error, "errors", [error]) if getattr(e, "name", None) == name]
+    assert found, f"no problem names {name!r}: {error}"
+    return found[0]
