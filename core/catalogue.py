@@ -1,13 +1,23 @@
 """The catalogue: every model version and training method by name, and which family each version belongs to.
 
 A leaf: it imports nothing of ours (nor torch), so the params modules, the loaders and the tests all read the one
-list. Adding a model version: add it here, and to the literal `model_version` choices of `predict.py` and `train.py`
-(Cog reads those signatures statically; `tests/test_cog_schema.py` proves they equal `MODEL_VERSION_CHOICES`).
+list. Every version is one `ModelSpec` record in `SPECS`; the name lists below are views derived from them. Adding
+a checkpoint of a known family: one record here, and the literal `model_version` choices of `predict.py` and
+`train.py` (Cog reads those signatures statically; `tests/test_cog_schema.py` proves they equal
+`MODEL_VERSION_CHOICES`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing as tp
+
 __all__ = [
+    "ModelSpec",
+    "SPECS",
+    "SPEC",
+    "spec",
+    "TINY_COMPRESSION",
     "PRETRAINED",
     "TINY_VERSIONS",
     "MODEL_VERSIONS",
@@ -30,31 +40,124 @@ __all__ = [
     "SAMPLER_PRECISIONS",
 ]
 
-# The facebook/musicgen-* checkpoints, by the names our inputs use.
-PRETRAINED: dict[str, str] = {
-    "small": "facebook/musicgen-small",
-    "medium": "facebook/musicgen-medium",
-    "large": "facebook/musicgen-large",
-    "melody": "facebook/musicgen-melody",
-    "melody-large": "facebook/musicgen-melody-large",
-    "stereo-small": "facebook/musicgen-stereo-small",
-    "stereo-medium": "facebook/musicgen-stereo-medium",
-    "stereo-large": "facebook/musicgen-stereo-large",
-    "stereo-melody": "facebook/musicgen-stereo-melody",
-    "stereo-melody-large": "facebook/musicgen-stereo-melody-large",
-}
+# The 32 kHz EnCodec of every facebook/musicgen-* model (and of `micro`, trained from scratch on it).
+PRETRAINED_COMPRESSION = "facebook/encodec_32khz"
+TINY_COMPRESSION = "tiny"  # the tiny models' small EnCodec, built offline by core/tiny.py
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model version: everything the code needs to know about it, in one record.
+
+    `family` names the hooks that load, condition and train it (a family is a way of conditioning: `text`, `melody`,
+    `style`, `scratch`); `loader` says who builds it: `audiocraft` (its own `MusicGen.get_pretrained`), `style`
+    (core/style.py: audiocraft 1.3.0 has no style conditioner), `tiny` (core/tiny.py, offline), `scratch` (a new LM
+    trained from nothing: trainable, never loaded as a base). `layout` is (transformer layers, codebooks `n_q`),
+    `width` (model dimension, attention heads), both None where the user chooses them (scratch). `test_twin` is the
+    tiny version that stands for it in offline tests.
+    """
+
+    name: str
+    family: str
+    loader: str
+    hub_id: str | None = None
+    compression: str = PRETRAINED_COMPRESSION
+    channels: int = 1
+    layout: tuple[int, int] | None = None
+    width: tuple[int, int] | None = None
+    fsdp_auto: bool = False  # 1.5 B parameters and more: `parallel=auto` shards it (FSDP) with more than one process
+    test_twin: str | None = None
+
+    @property
+    def stereo(self) -> bool:
+        return self.channels == 2
+
+    @property
+    def melody(self) -> bool:
+        return self.family == "melody"
+
+    @property
+    def style(self) -> bool:
+        return self.family == "style"
+
+    @property
+    def scratch(self) -> bool:
+        return self.family == "scratch"
+
+    @property
+    def tiny(self) -> bool:
+        return self.compression == TINY_COMPRESSION
+
+
+_SMALL, _MEDIUM, _LARGE = (1024, 16), (1536, 24), (2048, 32)  # (dim, heads): the MusicGen paper's three sizes
+
+
+def _hub(name: str, family: str, layout: tuple[int, int], width: tuple[int, int], twin: str, **kw) -> ModelSpec:
+    return ModelSpec(
+        name, family, "audiocraft", hub_id=f"facebook/musicgen-{name}", layout=layout, width=width, test_twin=twin, **kw
+    )
+
+
+# Every model version, in the order the choice lists show them. Adding a checkpoint of a known family: one record.
+SPECS: tuple[ModelSpec, ...] = (
+    _hub("small", "text", (24, 4), _SMALL, "tiny"),
+    _hub("medium", "text", (48, 4), _MEDIUM, "tiny", fsdp_auto=True),
+    _hub("large", "text", (48, 4), _LARGE, "tiny", fsdp_auto=True),
+    _hub("melody", "melody", (48, 4), _MEDIUM, "tiny-melody", fsdp_auto=True),
+    _hub("melody-large", "melody", (48, 4), _LARGE, "tiny-melody", fsdp_auto=True),
+    _hub("stereo-small", "text", (24, 8), _SMALL, "tiny-stereo", channels=2),
+    _hub("stereo-medium", "text", (48, 8), _MEDIUM, "tiny-stereo", channels=2, fsdp_auto=True),
+    _hub("stereo-large", "text", (48, 8), _LARGE, "tiny-stereo", channels=2, fsdp_auto=True),
+    _hub("stereo-melody", "melody", (48, 8), _MEDIUM, "tiny-melody", channels=2, fsdp_auto=True),
+    _hub("stereo-melody-large", "melody", (48, 8), _LARGE, "tiny-melody", channels=2, fsdp_auto=True),
+    ModelSpec("tiny", "text", "tiny", compression=TINY_COMPRESSION, layout=(2, 4), test_twin="tiny"),
+    ModelSpec(
+        "tiny-stereo", "text", "tiny", compression=TINY_COMPRESSION, channels=2, layout=(2, 8), test_twin="tiny-stereo"
+    ),
+    ModelSpec("tiny-melody", "melody", "tiny", compression=TINY_COMPRESSION, layout=(2, 4), test_twin="tiny-melody"),
+    ModelSpec("tiny-t5", "text", "tiny", compression=TINY_COMPRESSION, test_twin="tiny-t5"),
+    ModelSpec(
+        "style",
+        "style",
+        "style",
+        hub_id="facebook/musicgen-style",
+        width=_MEDIUM,
+        fsdp_auto=True,
+        test_twin="tiny-style",
+    ),
+    ModelSpec("tiny-style", "style", "style", compression=TINY_COMPRESSION, test_twin="tiny-style"),
+    ModelSpec("micro", "scratch", "scratch", test_twin="tiny-micro"),
+    ModelSpec("tiny-micro", "scratch", "scratch", compression=TINY_COMPRESSION, test_twin="tiny-micro"),
+)
+SPEC: dict[str, ModelSpec] = {s.name: s for s in SPECS}
+
+
+def spec(name: str) -> ModelSpec:
+    """The record of a model version; a KeyError names the known ones (callers check user input before this)."""
+    try:
+        return SPEC[name]
+    except KeyError:
+        raise KeyError(f"unknown model version {name!r}; known: {', '.join(SPEC)}") from None
+
+
+def _names(keep: tp.Callable[[ModelSpec], bool]) -> tuple[str, ...]:
+    return tuple(s.name for s in SPECS if keep(s))
+
+
+# The views below are derived from SPECS; read them, never extend them by hand.
+# The facebook/musicgen-* checkpoints audiocraft's loaders build, by the names our inputs use.
+PRETRAINED: dict[str, str] = {s.name: s.hub_id for s in SPECS if s.loader == "audiocraft" and s.hub_id}
 # Small random models built offline in audiocraft's checkpoint format (core/tiny.py).
-TINY_VERSIONS: tuple[str, ...] = ("tiny", "tiny-stereo", "tiny-melody", "tiny-t5")
+TINY_VERSIONS: tuple[str, ...] = _names(lambda s: s.loader == "tiny")
 # The models audiocraft's own loaders build (and so training and export handle as they are).
 MODEL_VERSIONS: tuple[str, ...] = (*PRETRAINED, *TINY_VERSIONS)
-# MusicGen-Style (core/style.py): loaded by our own loader (audiocraft 1.3.0 has no style conditioner), so listed
-# apart from MODEL_VERSIONS.
-STYLE_PRETRAINED: dict[str, str] = {"style": "facebook/musicgen-style"}
-STYLE_TINY_VERSIONS: tuple[str, ...] = ("tiny-style",)
+# MusicGen-Style (core/style.py): loaded by our own loader (audiocraft 1.3.0 has no style conditioner).
+STYLE_PRETRAINED: dict[str, str] = {s.name: s.hub_id for s in SPECS if s.loader == "style" and s.hub_id}
+STYLE_TINY_VERSIONS: tuple[str, ...] = _names(lambda s: s.loader == "style" and s.tiny)
 STYLE_VERSIONS: tuple[str, ...] = (*STYLE_PRETRAINED, *STYLE_TINY_VERSIONS)
 ALL_MODEL_VERSIONS: tuple[str, ...] = (*MODEL_VERSIONS, *STYLE_VERSIONS)
 # New LMs trained from scratch on an existing EnCodec (training/methods/scratch.py): trainable, not loadable.
-SCRATCH_VERSIONS: tuple[str, ...] = ("micro", "tiny-micro")
+SCRATCH_VERSIONS: tuple[str, ...] = _names(lambda s: s.scratch)
 # predict's "the weights this deployment was trained into" (COG_WEIGHTS / replicate_weights).
 FINE_TUNED = "fine-tuned"
 # The one `model_version` choice list of both predict and train. Cog names a choice list's schema component after
@@ -63,61 +166,16 @@ FINE_TUNED = "fine-tuned"
 MODEL_VERSION_CHOICES: tuple[str, ...] = (FINE_TUNED, *ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS)
 TRAINABLE_VERSIONS: tuple[str, ...] = (*ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS)
 
-# Families. Melody: a chroma conditioner (`self_wav`) on the melody input. Stereo: 2 channels, interleaved codebooks.
-MELODY_VERSIONS: tuple[str, ...] = ("melody", "melody-large", "stereo-melody", "stereo-melody-large", "tiny-melody")
-STEREO_VERSIONS: tuple[str, ...] = (
-    "stereo-small",
-    "stereo-medium",
-    "stereo-large",
-    "stereo-melody",
-    "stereo-melody-large",
-    "tiny-stereo",
-)
-# 1.5 B parameters and more (medium, melody, style): `parallel=auto` shards them (FSDP) with more than one process.
-FSDP_AUTO_VERSIONS: tuple[str, ...] = (
-    "medium",
-    "large",
-    "melody",
-    "melody-large",
-    "stereo-medium",
-    "stereo-large",
-    "stereo-melody",
-    "stereo-melody-large",
-    "style",
-)
+# Melody: a chroma conditioner (`self_wav`) on the melody input. Stereo: 2 channels, interleaved codebooks.
+MELODY_VERSIONS: tuple[str, ...] = _names(lambda s: s.melody)
+STEREO_VERSIONS: tuple[str, ...] = _names(lambda s: s.stereo)
+FSDP_AUTO_VERSIONS: tuple[str, ...] = _names(lambda s: s.fsdp_auto)
 # (transformer layers, codebooks) of each LM audiocraft builds: lets a bad `lora_targets` fail before the dataset
 # is prepared (the authoritative check runs on the loaded model).
-LM_LAYOUTS: dict[str, tuple[int, int]] = {
-    "small": (24, 4),
-    "medium": (48, 4),
-    "large": (48, 4),
-    "melody": (48, 4),
-    "melody-large": (48, 4),
-    "stereo-small": (24, 8),
-    "stereo-medium": (48, 8),
-    "stereo-large": (48, 8),
-    "stereo-melody": (48, 8),
-    "stereo-melody-large": (48, 8),
-    "tiny": (2, 4),
-    "tiny-stereo": (2, 8),
-    "tiny-melody": (2, 4),
-}
-# (model dimension, attention heads) of each facebook/musicgen-* LM (the MusicGen paper's small / medium / large; the
-# melody and stereo versions share their size's): a fine-tune of one must have the same, checked before it is built.
-LM_WIDTHS: dict[str, tuple[int, int]] = {
-    "small": (1024, 16),
-    "medium": (1536, 24),
-    "large": (2048, 32),
-    "melody": (1536, 24),
-    "melody-large": (2048, 32),
-    "stereo-small": (1024, 16),
-    "stereo-medium": (1536, 24),
-    "stereo-large": (2048, 32),
-    "stereo-melody": (1536, 24),
-    "stereo-melody-large": (2048, 32),
-}
-# The 32 kHz EnCodec of every facebook/musicgen-* model (and of `micro`, trained from scratch on it).
-PRETRAINED_COMPRESSION = "facebook/encodec_32khz"
+LM_LAYOUTS: dict[str, tuple[int, int]] = {s.name: s.layout for s in SPECS if s.layout}
+# (model dimension, attention heads) of each facebook/musicgen-* LM: a fine-tune of one must have the same, checked
+# before it is built.
+LM_WIDTHS: dict[str, tuple[int, int]] = {s.name: s.width for s in SPECS if s.width and s.loader == "audiocraft"}
 # A model folder in audiocraft's checkpoint format holds both.
 CHECKPOINT_FILES: tuple[str, ...] = ("state_dict.bin", "compression_state_dict.bin")
 
