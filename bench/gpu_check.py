@@ -200,12 +200,21 @@ def run_child(section: str, cmd: list[str], budget_s: float, rows_path: Path, lo
 
 # -------------------------------------------------------------------------------------------- section context
 class Context:
-    """What a section process writes its rows through: one JSON line each, at once (a timeout keeps them)."""
+    """What a section process writes its rows through: one JSON line each, at once (a timeout keeps them).
+    `budget_s`: the section's time budget (the parent kills the process past it); checks that wait on something
+    size their waits from `time_left()` so that they fail with their own message first."""
 
-    def __init__(self, section: str, device: str, smoke: bool, rows_path: Path | None, workdir: Path):
+    def __init__(
+        self, section: str, device: str, smoke: bool, rows_path: Path | None, workdir: Path, budget_s: float = 600.0
+    ):
         self.section, self.device, self.smoke, self.workdir = section, device, smoke, workdir
         self.rows_path = rows_path
         self.rows: list[dict] = []
+        self.budget_s = budget_s
+        self.deadline = time.monotonic() + budget_s
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
 
     @property
     def cuda(self) -> bool:
@@ -830,6 +839,64 @@ def _gpu_processes() -> str:
         return ""
 
 
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+COG_READY_SHARE = 0.4  # of the cog section's budget, for one server to answer READY (two servers run in it)
+
+
+def python_wrapper(folder: Path, interpreter: str = sys.executable) -> Path:
+    """`folder` holding `python`, a script that execs `interpreter`; put `folder` first on PATH.
+
+    coglet starts its worker as a bare `python` from PATH, and a GPU machine may have only `python3` (both Cog rows
+    then fail with "No module named 'torch'" or "No such file"). A symlink would not do for a venv: Python finds
+    `pyvenv.cfg` next to the path it was started by, so a link elsewhere starts the base interpreter without the
+    venv's packages.
+    """
+    import shlex
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".python.tmp"
+    tmp.write_text(f'#!/bin/sh\nexec {shlex.quote(interpreter)} "$@"\n')
+    tmp.chmod(0o755)
+    tmp.replace(folder / "python")
+    return folder
+
+
+def coglet_errors(log: str, limit: int = 280) -> str:
+    """coglet's ERROR lines of a server log (colour codes and timestamps stripped, the last ones first kept), or
+    the log's last line when it has none: what a FAIL row shows instead of the log's tail."""
+    lines = [ANSI_CODES.sub("", line).strip() for line in log.splitlines()]
+    errors = []
+    for line in lines:
+        match = re.match(r"^(?:\S+\s+)?ERROR\s+(.*)$", line)
+        if match:
+            errors.append(match.group(1))
+    text = " / ".join(errors) if errors else next((line for line in reversed(lines) if line), "(empty log)")
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def cog_env(ctx: Context) -> dict[str, str]:
+    """The Cog servers' environment: the tiny model preloaded, this process's PYTHONPATH (CogServer sets the repo
+    alone; a GPU machine's wheels and stand-ins are on it) and its interpreter as the worker's `python`."""
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(python_wrapper(ctx.workdir / "bin")), os.environ.get("PATH", "")) if p)
+    env = {"MGFT_PRELOAD": "tiny", "PYTHONPATH": pythonpath, "PATH": path}
+    if not ctx.cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def wait_for_cog(ctx: Context, server: tp.Any) -> None:
+    """Wait for READY within the section's budget (its share for one server); raise with coglet's ERROR lines."""
+    timeout = max(5.0, min(COG_READY_SHARE * ctx.budget_s, ctx.time_left() - 5.0))
+    try:
+        health = server.wait_ready(timeout=timeout)
+    except (RuntimeError, TimeoutError) as e:
+        what = f"not ready after {timeout:.0f} s" if isinstance(e, TimeoutError) else "exited"
+        raise RuntimeError(f"Cog server {what}: {coglet_errors(server.log())}") from None
+    if health.get("status") != "READY":
+        raise RuntimeError(f"setup failed: {coglet_errors(server.log())}")
+
+
 def section_cog(ctx: Context) -> None:
     import io
 
@@ -837,18 +904,12 @@ def section_cog(ctx: Context) -> None:
 
     from tests.helpers import CogServer, data_uri, decode_data_uri
 
-    # CogServer sets PYTHONPATH to the repo alone: keep what this process was given (a GPU machine's wheels, stubs).
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"MGFT_PRELOAD": "tiny", "PYTHONPATH": pythonpath}
-    if not ctx.cuda:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = cog_env(ctx)
     check = "predict through the Cog server, tiny, 2 s"
     with ctx.guard(check):
         server = CogServer(ctx.workdir, env=env)
         try:
-            health = server.wait_ready(timeout=150)
-            if health.get("status") != "READY":
-                raise RuntimeError(f"setup failed: {server.log()[-600:]}")
+            wait_for_cog(ctx, server)
             t0 = time.perf_counter()
             status, body = server.post(
                 "/predictions", {"input": {"model_version": "tiny", "prompt": "lofi beat", "duration": 2, "seed": 5}}
@@ -859,7 +920,7 @@ def section_cog(ctx: Context) -> None:
         finally:
             server.stop()
         if body.get("status") != "succeeded":
-            raise RuntimeError(f"HTTP {status}, {body.get('status')}: {body.get('error')} / {log[-400:]}")
+            raise RuntimeError(f"HTTP {status}, {body.get('status')}: {body.get('error')} / {coglet_errors(log)}")
         output = body["output"]  # one file (predict returns a Path), or a list of them
         data, sr = sf.read(
             io.BytesIO(decode_data_uri(output[0] if isinstance(output, list) else output)), always_2d=True
@@ -893,9 +954,7 @@ def section_cog(ctx: Context) -> None:
         }
         server = CogServer(ctx.workdir, train=True, env=env)
         try:
-            health = server.wait_ready(timeout=150)
-            if health.get("status") != "READY":
-                raise RuntimeError(f"setup failed: {server.log()[-600:]}")
+            wait_for_cog(ctx, server)
             t0 = time.perf_counter()
             status, body = server.post("/trainings", {"input": inputs})
             seconds = time.perf_counter() - t0
@@ -903,7 +962,7 @@ def section_cog(ctx: Context) -> None:
         finally:
             server.stop()
         if body.get("status") != "succeeded":
-            raise RuntimeError(f"HTTP {status}, {body.get('status')}: {body.get('error')} / {log[-400:]}")
+            raise RuntimeError(f"HTTP {status}, {body.get('status')}: {body.get('error')} / {coglet_errors(log)}")
         tar = ctx.workdir / "trained_model.tar"
         tar.write_bytes(decode_data_uri(body["output"]["weights"]))
         import tarfile
@@ -953,7 +1012,8 @@ def run_section(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix=f"gpu_check_{args.section}_") as tmp:
-        ctx = Context(args.section, args.device, args.smoke, Path(args.rows) if args.rows else None, Path(tmp))
+        rows = Path(args.rows) if args.rows else None
+        ctx = Context(args.section, args.device, args.smoke, rows, Path(tmp), budget_s=args.budget)
         SECTION_FUNCS[args.section](ctx)
     return 0
 
@@ -967,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"results file (default {RESULTS.relative_to(ROOT)} on CUDA; none for --smoke)")
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # child: one section
     parser.add_argument("--rows", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=600.0, help=argparse.SUPPRESS)  # child: its time budget
     parser.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)  # torchrun child
     parser.add_argument("--arch", choices=LM_ARCHS, default="medium", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", choices=["ddp", "fsdp"], default="fsdp", help=argparse.SUPPRESS)
@@ -1000,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--device", args.device]
             cmd += ["--rows", str(rows_path)] + (["--smoke"] if args.smoke else [])
             budget = budgets[section] * args.budget_scale
+            cmd += ["--budget", f"{budget:g}"]
             print(f"== {section} (budget {budget:g} s)", flush=True)
             t0 = time.perf_counter()
             rows += run_child(section, cmd, budget, rows_path, log_path)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for running scripts/gpu_check.sh on a GPU machine that has python3 with torch (numpy, scipy, transformers,
 # huggingface_hub, torchaudio, torchmetrics, einops, matplotlib, safetensors, sentencepiece, ...) but not the
-# project's other dependencies, and no network. Run it HERE, where PyPI is reachable; it writes `.whl/` (ignored by
-# git through .git/info/exclude, ~10 MB) for the device command in bench/README.md ("GPU self-check") to install.
+# project's other dependencies, and no network. Run it HERE, where PyPI is reachable; it writes `.whl/` (~11 MB,
+# ignored by git through the repository's info/exclude) for bench/gpu_device.sh, the device command, to install.
 #
 #   bench/gpu_env.sh            # GPU_PYTHON_VERSION=3.12 by default (the device machine's python3)
 #
@@ -23,7 +23,10 @@ pin() {  # the `name==version` pinned in requirements*.txt
 PURE=(audiocraft omegaconf antlr4-python3-runtime hydra-core flashy dora_search treetable submitit retrying colorlog
       julius num2words docopt dadaptation librosa audioread pooch decorator cog structlog platformdirs pycparser)
 BINARY=(soundfile cffi soxr lameenc coglet)
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# Through git: in a worktree `.git` is a file and the exclude list lives in the main repository's git folder.
+exclude="$(git rev-parse --git-path info/exclude)"
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 rm -rf "$OUT" && mkdir -p "$OUT"
 specs=(); for name in "${PURE[@]}"; do specs+=("$(pin "$name")"); done
 "$PY" -m pip wheel -q --no-deps -w "$OUT" "${specs[@]}"

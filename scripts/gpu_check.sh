@@ -20,5 +20,6 @@ fi
 # The Cog server starts its worker as a bare `python` from PATH: that interpreter's folder must come first.
 export PATH="$(dirname "$PY"):$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-export MGFT_CACHE="${MGFT_CACHE:-$HOME/.cache/musicgen-ft}"
+# The tiny models' cache. A lent machine's shell may not set HOME (bench/gpu_device.sh exports it): say so.
+export MGFT_CACHE="${MGFT_CACHE:-${HOME:?gpu_check: HOME is not set: export HOME or MGFT_CACHE}/.cache/musicgen-ft}"
 exec "$PY" bench/gpu_check.py "$@"

@@ -219,3 +219,116 @@ def test_run_comparison_and_speed_summary():
     s = gc.speed_summary([2.0, 1.0, 4.0], steps=100, duration=8.0, batch=4)
     assert s["seconds"] == 2.0 and s["steps_per_s"] == 50.0 and s["real_time_factor"] == 16.0
     assert s["samples_per_s"] == 2.0 and s["runs"] == [2.0, 1.0, 4.0]
+
+
+# ------------------------------------------------------------------ the first GPU run: device command and Cog rows
+def _wheel(folder: Path, name: str, files: dict[str, str]) -> Path:
+    """A minimal pure-Python wheel holding `files` (what pip --target installs), RECORD with real hashes."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist_info = f"{name}-1.0.dist-info"
+    files = {
+        **files,
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist_info}/RECORD,,")
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{dist_info}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def _device_env(**extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "OUT", "GPU_CHECK_PYTHON", "MGFT_CACHE")}
+    return {**env, **extra}
+
+
+def test_device_command_without_wheels_stops_at_once_saying_what_to_carry(tmp_path):
+    proc = subprocess.run(
+        [str(ROOT / "bench" / "gpu_device.sh"), "--wheels", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_device_env(),
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"gpu_device: no wheels in {tmp_path / 'none'}/ (was it carried?): run bench/gpu_env.sh on the build machine,"
+        " then carry '.whl' with the device command"
+    ]
+    assert not (tmp_path / "out" / "gpu_check.txt").exists()  # nothing ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run for real")
+def test_device_command_installs_the_wheels_and_keeps_the_checks_exit_status(tmp_path):
+    """The device command as on the lent machine (no HOME in the environment, a wheel that ships a top-level `tests`
+    package as flashy's does): the wheels land in the target without that package, and gpu_check's own exit
+    status (77 here: no CUDA) comes back with its output in the out folder."""
+    wheels = tmp_path / "wheels"
+    _wheel(wheels, "stray", {"stray_mod.py": "X = 1\n", "tests/__init__.py": "", "tests/test_x.py": "X = 2\n"})
+    target, out = tmp_path / "site", tmp_path / "out"
+    cmd = [str(ROOT / "bench" / "gpu_device.sh"), "--wheels", str(wheels), "--target", str(target)]
+    cmd += ["--python", sys.executable, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_device_env())
+    assert proc.returncode == gc.NO_CUDA_EXIT, proc.stdout + proc.stderr
+    assert (target / "stray_mod.py").is_file() and not (target / "tests").exists()
+    assert "nothing was checked" in (out / "gpu_check.txt").read_text()
+
+
+def test_the_python_wrapper_is_this_interpreter_with_its_packages(tmp_path):
+    """coglet starts its worker as a bare `python`: the wrapper must be the same interpreter with the same packages
+    (a symlink to a venv's python starts the base interpreter, without the venv)."""
+    folder = gc.python_wrapper(tmp_path / "bin", sys.executable)
+    proc = subprocess.run(
+        ["python", "-c", "import sys, torch; print(sys.prefix, sys.executable)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(folder)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [sys.prefix, sys.executable]
+
+
+def test_a_cog_server_that_cannot_start_fails_within_the_budget_with_coglets_error_line(tmp_path):
+    """The real coglet server: its worker `python` missing (SETUP_FAILED at once), then a `python` without coglet
+    (never ready): each is a one-line reason without colour codes, the second within the section's budget."""
+    from tests.helpers import CogServer
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ctx = gc.Context("cog", "cpu", True, None, tmp_path, budget_s=10.0)
+    server = CogServer(tmp_path, env={"PATH": str(empty), "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        with pytest.raises(RuntimeError) as missing:
+            gc.wait_for_cog(ctx, server)
+    finally:
+        server.stop()
+    reason = str(missing.value)
+    assert reason.startswith("setup failed: coglet: Worker initialization failed"), reason
+    assert "No such file or directory" in reason and "\x1b" not in reason and "INFO" not in reason
+    # `python` is an interpreter without coglet: the worker dies at import, the server never answers READY
+    bare = gc.python_wrapper(tmp_path / "bare", "/usr/bin/python3")
+    ctx = gc.Context("cog", "cpu", True, None, tmp_path, budget_s=10.0)
+    server = CogServer(tmp_path, env={"PATH": f"{bare}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError) as never:
+            gc.wait_for_cog(ctx, server)
+    finally:
+        server.stop()
+    assert time.monotonic() - t0 < ctx.budget_s
+    assert str(never.value).startswith("Cog server not ready after 5 s: ")
+    assert "No module named 'coglet'" in str(never.value) and "\x1b" not in str(never.value)
