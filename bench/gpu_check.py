@@ -1,6 +1,6 @@
 """GPU self-check (issue 15): every GPU path of ours, run once on a CUDA machine, judged and printed as one table.
 
-    scripts/gpu_check.sh                                  # everything, on the first GPU(s); <= 8 min on one GPU
+    scripts/gpu_check.sh                                  # everything, on the first GPU(s); 3.5-5 min on one H200
     scripts/gpu_check.sh --sections train,sampler         # some sections
     .venv/bin/python bench/gpu_check.py --device cpu --smoke --sections train   # the same logic on tiny CPU models
 
@@ -19,6 +19,9 @@ the others still run):
 - `memory`: CUDA peak memory of a training step through `train_loop`, 30 s crops, batch 1, bf16: small full vs
   LoRA, medium LoRA with gradient checkpointing (docs/methods.md: fits a 24 GB GPU), and with >= 2 GPUs the per-GPU
   peak of FSDP vs DDP for medium (full fine-tuning, torchrun).
+- `throughput`: bf16 training steps through `train_loop` on 30 s crops at the batch that fits, small and medium, full
+  and LoRA: step time, tokens/s, peak memory, model FLOPs utilisation, and the projected time of the default
+  fine-tune (judged for medium full: <= 15 min on an A40 at the measured utilisation).
 - `cog`: a prediction and a training through the real Cog HTTP server (tests/helpers.py's CogServer) with `tiny`.
 
 Exit status: 0 when no row FAILed, 1 when one did, 77 (`NO_CUDA_EXIT`) at once when `--device cuda` (the default)
@@ -56,10 +59,11 @@ NO_CUDA_MESSAGE = (
     "gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing was checked. Run it on a machine "
     "with an NVIDIA GPU, or `bench/gpu_check.py --device cpu --smoke` to run the same logic on tiny CPU models."
 )
-SECTIONS = ("train", "dist", "sampler", "memory", "cog")
-# Seconds per section on CUDA (at most 460 s on one GPU, where `dist` is skipped at once) and in a CPU smoke run.
-BUDGET_S = {"train": 100, "dist": 170, "sampler": 140, "memory": 110, "cog": 110}
-SMOKE_BUDGET_S = {"train": 150, "dist": 300, "sampler": 150, "memory": 150, "cog": 300}
+SECTIONS = ("train", "dist", "sampler", "memory", "throughput", "cog")
+# Seconds per section on CUDA (at most 610 s on one GPU, where `dist` is skipped at once; a run takes 3.5-5 min)
+# and in a CPU smoke run.
+BUDGET_S = {"train": 100, "dist": 170, "sampler": 140, "memory": 110, "throughput": 150, "cog": 110}
+SMOKE_BUDGET_S = {"train": 150, "dist": 300, "sampler": 150, "memory": 150, "throughput": 200, "cog": 300}
 RESULTS = ROOT / "bench" / "results" / "gpu_check.jsonl"
 
 # ---- goals
@@ -811,6 +815,182 @@ def dist_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- section: throughput
+THROUGHPUT_CASES = (("small", "full"), ("small", "lora"), ("medium", "full"), ("medium", "lora"))
+# The default fine-tune (training/params.py): epochs 3 x updates_per_epoch 100 of batch_size 16 crops of 30 s; its
+# model, stereo-melody, has medium's LM (+4 output heads, a chroma condition). 10 tracks: enough clips for any batch.
+DEFAULT_RUN = {"updates": 3 * 100, "batch": 16, "seconds": 30.0, "tracks": 10}
+PROJECTED_GOAL_S = 15 * 60  # the default fine-tune on one A40-class GPU (sakemin's: ~15 min on 8 x A40)
+A40_BF16_TFLOPS = 149.7  # dense bf16 tensor-core peak
+# Dense bf16 tensor-core peaks (TFLOP/s) by the GPU's name, for model FLOPs utilisation; others: a measured matmul.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "A40": 149.7,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+}
+FIT_MEMORY_SHARE = 0.85  # of the GPU's memory for the batch that fits (the rest: fragmentation, the CUDA context)
+
+
+def matmul_flops_per_position(lm) -> float:
+    """Weights multiplied once per LM position (frame) in the forward, x2 FLOPs: every 2-D weight of the transformer
+    and the output heads; the embeddings are lookups; of a cross-attention's in-projection only the query third
+    runs per position (keys and values run once per condition token)."""
+    total = 0
+    for name, p in lm.named_parameters():
+        if p.ndim != 2 or name.startswith(("emb.", "condition_provider.")):
+            continue
+        total += p.numel() // 3 if name.endswith("cross_attention.in_proj_weight") else p.numel()
+    return 2.0 * total
+
+
+def train_flops(lm, batch: int, frames: int, lora: bool) -> float:
+    """Model FLOPs of one training step on `[B, K, T]` codes, PaLM's count: forward 2N per position plus attention
+    4 L T d (QK^T and AV over the whole context); backward twice the forward, less the weight gradients of frozen
+    weights under LoRA (2N: the activation gradients still run through them)."""
+    layers = len(lm.transformer.layers)
+    per_position_fwd = matmul_flops_per_position(lm)
+    attention_fwd = 4.0 * layers * frames * lm.dim
+    weights = per_position_fwd * (2 if lora else 3)  # fwd + activation grads (+ weight grads when they train)
+    return batch * frames * (weights + 3.0 * attention_fwd)
+
+
+def peak_tflops(device: str) -> tuple[float, str]:
+    """(dense bf16 peak in TFLOP/s, where it comes from) of this device: the data sheet's by name, else a measured
+    bf16 matmul (an achievable peak, lower than a data sheet's), else nothing on a CPU."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return math.nan, "no peak on a CPU"
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key], f"{key} data sheet"
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12, "a measured bf16 matmul"
+
+
+def fitting_batch(peak_1: float, peak_2: float, total: float, cap: int) -> int:
+    """The largest batch (<= cap) whose peak memory, linear in the batch through the peaks at 1 and 2, stays within
+    FIT_MEMORY_SHARE of `total` (all in the same unit); at least 1."""
+    per_sample = max(peak_2 - peak_1, 1e-9)
+    fixed = peak_1 - per_sample
+    return int(max(1, min(cap, (FIT_MEMORY_SHARE * total - fixed) // per_sample)))
+
+
+def projected_run_s(step_s: float, batch: int, default_batch: int = DEFAULT_RUN["batch"]) -> float:
+    """Seconds of the default run's optimizer updates at `step_s` per micro-batch of `batch` (grad accumulation
+    makes up the default batch; training steps only: no preparation, encoding, validation or samples)."""
+    return DEFAULT_RUN["updates"] * math.ceil(default_batch / batch) * step_s
+
+
+def throughput_case(ctx: Context, arch: str, method: str, seconds: float, cap: int, steps: int) -> dict:
+    """One case: bf16 `train_loop` steps of `arch` x `method` on `seconds` crops at batch 1 and 2 (warm-up, memory
+    per sample), then at the batch that fits (<= cap): step time, tokens/s, peak memory, FLOPs."""
+    import torch
+
+    _free_memory(ctx.device)
+    lm = build_lm(arch, ctx.device)
+    base = dict(method=method, precision="bf16", segment_duration=seconds, model_version=arch, updates_per_epoch=2)
+    prepare_method(lm, train_params(**base))
+
+    def run(batch: int, n_steps: int) -> tp.Any:
+        params = train_params(**{**base, "batch_size": batch, "updates_per_epoch": n_steps})
+        dataset = random_dataset(lm, seconds, n_clips=batch)
+        result = run_train_loop(lm, dataset, params, ctx.workdir / f"tp-{arch}-{method}-{batch}")
+        gc.collect()
+        return result
+
+    peaks = [run(b, 2).peak_memory_mb for b in (1, 2)]
+    total_mb = (
+        torch.cuda.get_device_properties(ctx.device).total_memory / 2**20 if ctx.cuda else peaks[1] * cap  # CPU: cap
+    )
+    batch = fitting_batch(peaks[0], peaks[1], total_mb, cap)
+    while True:
+        try:
+            result = run(batch, steps)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch = max(1, batch // 2)
+            print(f"out of memory: trying batch {batch}", flush=True)
+            _free_memory(ctx.device)
+    timed = result.history[1:] or result.history  # the first step warms up (kernels, allocator)
+    step_s = statistics.median(h["step_s"] for h in timed)
+    frames = int(round(seconds * 50))
+    flops = train_flops(lm, batch, frames, lora=method != "full")
+    out = {
+        "arch": arch,
+        "method": method,
+        "seconds": seconds,
+        "batch": batch,
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(batch * frames / step_s, 1),  # LM positions (frames of K codes) per second
+        "peak_allocated_mb": round(result.peak_memory_mb, 1),
+        "peak_mb_batch_1_2": [round(x, 1) for x in peaks],
+        "step_tflop": round(flops / 1e12, 3),
+        "achieved_tflops": round(flops / step_s / 1e12, 2),
+        "params_m": round(sum(p.numel() for p in lm.parameters()) / 1e6, 1),
+        "trainable_m": round(sum(p.numel() for p in lm.parameters() if p.requires_grad) / 1e6, 2),
+        "loss": round(result.history[-1]["loss"], 4),
+    }
+    lm = result = None  # freed before the next case builds its model
+    _free_memory(ctx.device)
+    return out
+
+
+def section_throughput(ctx: Context) -> None:
+    """Training throughput where users train: bf16, 30 s crops, the batch that fits (up to the default 16), full
+    and LoRA on the small and medium architectures; step time, tokens/s, peak memory, model FLOPs utilisation, and
+    the projected time of the default fine-tune's updates here and on an A40 at the same utilisation."""
+    cases = (("tiny", "full"), ("tiny", "lora")) if ctx.smoke else THROUGHPUT_CASES
+    seconds = 1.0 if ctx.smoke else DEFAULT_RUN["seconds"]
+    cap, steps = (2, 3) if ctx.smoke else (DEFAULT_RUN["batch"], 4)
+    peak, peak_source = peak_tflops(ctx.device)
+    for arch, method in cases:
+        label = f"{arch} {'full' if method == 'full' else 'LoRA r16'}"
+        check = f"{label} throughput, bf16, {seconds:g} s x batch that fits"
+        with ctx.guard(check):
+            m = throughput_case(ctx, arch, method, seconds, cap, steps)
+            mfu = m["achieved_tflops"] / peak if math.isfinite(peak) else math.nan
+            here_s = projected_run_s(m["step_s"], m["batch"])
+            a40_s = here_s * peak / A40_BF16_TFLOPS if math.isfinite(peak) else math.nan  # the same utilisation
+            judged = ctx.cuda and arch == "medium" and method == "full"  # the default run's model and method
+            mfu_text = f"MFU {100 * mfu:.0f}% of {peak:.0f} TFLOP/s ({peak_source})" if ctx.cuda else "MFU: no CPU peak"
+            projection = (
+                f"default fine-tune ({DEFAULT_RUN['updates']} updates of {DEFAULT_RUN['batch']} x "
+                f"{DEFAULT_RUN['seconds']:g} s): {here_s / 60:.1f} min here"
+                + (f", {a40_s / 60:.1f} min on an A40 at this MFU" if math.isfinite(a40_s) else "")
+            )
+            ctx.add(
+                check,
+                judge(a40_s <= PROJECTED_GOAL_S) if judged else INFO,
+                f"batch {m['batch']}: {m['step_s']:.3f} s/step, {m['tokens_per_s']:.0f} tokens/s, "
+                f"{gib(m['peak_allocated_mb']):.1f} GiB peak, {m['achieved_tflops']:.1f} TFLOP/s, {mfu_text}; "
+                f"{projection}",
+                f"A40 projection <= {PROJECTED_GOAL_S / 60:g} min" if judged else "–",
+                mfu=round(mfu, 4) if math.isfinite(mfu) else None,
+                peak_tflops=peak if math.isfinite(peak) else None,
+                peak_source=peak_source,
+                projected_here_s=round(here_s, 1),
+                projected_a40_s=round(a40_s, 1) if math.isfinite(a40_s) else None,
+                **m,
+            )
+
+
 # -------------------------------------------------------------------------------------------------- section: cog
 def _make_zip(path: Path) -> Path:
     import io
@@ -988,6 +1168,7 @@ SECTION_FUNCS: dict[str, tp.Callable[[Context], None]] = {
     "dist": section_dist,
     "sampler": section_sampler,
     "memory": section_memory,
+    "throughput": section_throughput,
     "cog": section_cog,
 }
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU self-check (issue 15, bench/README.md "GPU self-check"): training in bf16/fp16, torchrun DDP/FSDP on NCCL,
-# the fp16 fast sampler vs audiocraft, CUDA peak memory, and the real Cog server, on tiny and random-weight models
-# of the real architectures. No network. Prints one table; appends a JSON line to bench/results/gpu_check.jsonl.
+# the fp16 fast sampler vs audiocraft, CUDA peak memory, training throughput (MFU) and the real Cog server, on tiny
+# and random-weight models of the real architectures. No network. Prints one table; appends a JSON line to bench/results/gpu_check.jsonl.
 #
-#   scripts/gpu_check.sh [--sections train,dist,sampler,memory,cog] [--budget-scale 1.5] [--out FILE]
+#   scripts/gpu_check.sh [--sections train,dist,sampler,memory,throughput,cog] [--budget-scale 1.5] [--out FILE]
 #
 # Exit status: 0 no row failed, 1 some row failed, 77 no CUDA device (nothing checked; the message says so).
 # Python: $GPU_CHECK_PYTHON, else the project's .venv, else python3 (a GPU machine's own torch, with the project's

@@ -332,3 +332,72 @@ def test_a_cog_server_that_cannot_start_fails_within_the_budget_with_coglets_err
     assert time.monotonic() - t0 < ctx.budget_s
     assert str(never.value).startswith("Cog server not ready after 5 s: ")
     assert "No module named 'coglet'" in str(never.value) and "\x1b" not in str(never.value)
+
+
+# ------------------------------------------------------------------------------------ training throughput rows
+def test_training_flops_count_every_weight_multiplied_per_position():
+    """The model FLOPs behind MFU, against a count made from the modules (Linear weights, attention in-projections:
+    self-attention whole, cross-attention's query third) on the tiny LM."""
+    from audiocraft.modules.transformer import StreamingMultiheadAttention
+
+    lm = gc.build_lm("tiny", "cpu")
+    n = 0
+    for name, module in lm.named_modules():
+        if name.startswith("condition_provider"):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            n += module.weight.numel()
+        elif isinstance(module, StreamingMultiheadAttention) and getattr(module, "in_proj_weight", None) is not None:
+            n += module.in_proj_weight.numel() // (3 if module.cross_attention else 1)
+    layers, dim, frames = len(lm.transformer.layers), lm.dim, 50
+    attention = 4 * layers * frames * dim  # QK^T and AV per position, forward
+    assert gc.train_flops(lm, 3, frames, lora=False) == pytest.approx(3 * frames * (6 * n + 3 * attention))
+    assert gc.train_flops(lm, 3, frames, lora=True) == pytest.approx(3 * frames * (4 * n + 3 * attention))
+
+
+def test_fitting_batch_and_the_projection_of_the_default_run():
+    # 10 GiB fixed + 4 GiB per sample on 80 GiB: (0.85 x 80 - 10) / 4 = 14.5 -> 14; capped at 16; at least 1
+    assert gc.fitting_batch(14.0, 18.0, 80.0, cap=16) == 14
+    assert gc.fitting_batch(14.0, 18.0, 800.0, cap=16) == 16
+    assert gc.fitting_batch(70.0, 130.0, 80.0, cap=16) == 1
+    assert gc.DEFAULT_RUN == {"updates": 300, "batch": 16, "seconds": 30.0, "tracks": 10}
+    assert gc.projected_run_s(0.5, 16) == 150.0  # 300 updates of one micro-batch
+    assert gc.projected_run_s(0.5, 5) == 300 * 4 * 0.5  # 16 = 4 micro-batches of at most 5
+
+
+def test_adamw_is_fused_on_cuda_only():
+    """fused AdamW is a CUDA speed-up: on CPU the optimizer is torch's default one, so CPU results stay as they
+    were (the training tests' expected losses)."""
+    from training.loop import build_optimizer
+
+    weights = [torch.nn.Parameter(torch.randn(4, 4))]
+    optimizer = build_optimizer(gc.train_params(optimizer="adamw"), weights)
+    assert optimizer.defaults["fused"] is None
+
+
+@pytest.mark.slow
+def test_cpu_smoke_of_the_throughput_rows(tmp_path):
+    """The throughput section's real code (train_loop at batch 1, 2 and the batch that fits, the FLOPs, the
+    projection) on the tiny LM: a typo cannot wait for the GPU to show up."""
+    out = tmp_path / "gpu_check.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--smoke", "--sections"]
+        + ["throughput", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text().splitlines()[-1])["rows"]
+    assert [(r["check"], r["status"]) for r in rows] == [
+        ("tiny full throughput, bf16, 1 s x batch that fits", "INFO"),
+        ("tiny LoRA r16 throughput, bf16, 1 s x batch that fits", "INFO"),
+    ]
+    full, lora = (r["values"] for r in rows)
+    for v in (full, lora):
+        assert v["batch"] == 2 and v["step_s"] > 0 and v["tokens_per_s"] == pytest.approx(2 * 50 / v["step_s"], 0.01)
+        assert v["step_tflop"] > 0 and v["projected_here_s"] == pytest.approx(300 * 8 * v["step_s"], 0.01)
+        assert v["mfu"] is None and "MFU: no CPU peak" in rows[0]["result"]
+    assert lora["trainable_m"] < full["trainable_m"] and lora["step_tflop"] < full["step_tflop"]
+    assert "default fine-tune (300 updates of 16 x 30 s)" in rows[0]["result"]
