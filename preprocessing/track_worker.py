@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-import preprocessing.prepare as prepare
 from core.errors import ModelUnavailableError
 from preprocessing.params import PrepareParams
+from preprocessing.prepare import prepare_track
 from preprocessing.vocals import VocalRemover
 
 
@@ -71,7 +71,7 @@ def main() -> int:
         job = json.loads(line)
         print(f"preparing {job['rel']}", file=sys.stderr, flush=True)
         try:
-            outcome = prepare.prepare_track(job["rel"], Path(job["path"]), Path(job["out"]), params, remover)
+            outcome = prepare_track(job["rel"], Path(job["path"]), Path(job["out"]), params, remover)
         except Exception as e:  # noqa: BLE001 - reported to the preparing process, which stops with it
             traceback.print_exc()
             reply(

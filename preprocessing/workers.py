@@ -116,7 +116,7 @@ def plan(
         # This process decodes on one core; key/bpm/tags (the slower half, measured) take the others.
         memory_gib = memory_gib if memory_gib is not None else available_memory_gib()
         essentia = max(1, min(cores - 1, n_tracks, MAX_ESSENTIA, int(memory_gib // ESSENTIA_GIB)))
-    where = "in this process" if n == 1 else f"{n} processes ({', '.join(devices)}), {threads} torch thread(s) each"
+    where = "in this process" if n == 1 else f"in {n} processes ({', '.join(devices)}), {threads} torch thread(s) each"
     return Plan(devices, threads, essentia, f"Preparing tracks {where}: {why}; {essentia} essentia process(es)")
 
 
