@@ -6,6 +6,13 @@ without vocal removal and without tags, on a synthesized upload that looks like 
 
 Prints the real-time factor measured in this run (seconds of audio prepared per second of wall time; goal >= 50)
 and appends one JSON line to bench/results/prepare.jsonl.
+
+    .venv/bin/python bench/prepare.py --demucs [--processes 1 2] [--minutes 1] [--tracks 4]
+
+The vocal removal run: the same upload prepared with drop_vocals by a random-weight htdemucs at its real size
+(HTDemucs' defaults, ~42 M parameters: the speed of the real weights), once per process count (`prepare(...,
+processes=n)`: one process per GPU, or the CPU's cores shared among n processes), printing the real-time factor of
+each and its ratio to the first, all from this run; one JSON line `prepare_demucs` in the same results file.
 """
 
 from __future__ import annotations
@@ -86,14 +93,76 @@ def commit() -> str | None:
         return None
 
 
+def demucs_run(args: argparse.Namespace) -> int:
+    """Vocal removal with a real-size random htdemucs, once per process count in `args.processes`."""
+    import torch
+    from demucs.htdemucs import HTDemucs  # noqa: F401 - fails here, before the upload is built, without demucs
+
+    from core.tiny import save_htdemucs_repo
+    from preprocessing.workers import plan
+
+    sources = ["drums", "bass", "other", "vocals"]
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-demucs-") as tmp:
+        tmp = Path(tmp)
+        repo = save_htdemucs_repo(tmp / "htdemucs", kwargs={"sources": sources, "samplerate": 44100})
+        upload, audio_seconds = build_upload(tmp, args.minutes, args.tracks)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"upload: {args.tracks} tracks, {audio_seconds / 60:.1f} min; random htdemucs at its real size on "
+              f"{device}, torch threads in this process: {torch.get_num_threads()}")  # fmt: skip
+        params = from_kwargs(
+            PrepareParams, dataset_path=str(upload), drop_vocals=True, auto_labeling=False, demucs_repo=str(repo)
+        )
+        rows = []
+        for n in args.processes:
+            chosen = plan(True, device, args.tracks, processes=n)
+            start = time.perf_counter()
+            dataset = prepare(params, tmp / f"work{n}", processes=n)
+            wall = time.perf_counter() - start
+            rows.append({"processes": n, "threads_each": chosen.threads, "wall_seconds": round(wall, 2),
+                         "real_time_factor": round(audio_seconds / wall, 3), "clips": len(dataset.clips),
+                         "stage_seconds": dataset.report["timings"]})  # fmt: skip
+            print(f"{n} process(es): {wall:.1f} s = {audio_seconds / wall:.3f}x real time "
+                  f"({chosen.why})")  # fmt: skip
+    base = rows[0]["real_time_factor"]
+    print(f"\nvocal removal (random htdemucs, real size), {audio_seconds / 60:.1f} min of audio on {machine_name()}:")
+    for row in rows:
+        row["ratio"] = round(row["real_time_factor"] / base, 2)
+        print(f"  {row['processes']} process(es): {row['real_time_factor']:.3f}x real time, "
+              f"{row['ratio']:.2f}x the {rows[0]['processes']}-process run")  # fmt: skip
+    append_result(
+        args.results,
+        {
+            "bench": "prepare_demucs",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": commit(),
+            "machine": machine_name(),
+            "device": device,
+            "audio_seconds": round(audio_seconds, 1),
+            "tracks": args.tracks,
+            "load_average_before": round(os.getloadavg()[0], 2),
+            "runs": rows,
+            "settings": "drop_vocals=true auto_labeling=false, random-weight htdemucs (HTDemucs defaults)",
+        },
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=20.0, help="total minutes of audio in the upload")
-    parser.add_argument("--tracks", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=None, help="total minutes of audio (20; 1 with --demucs)")
+    parser.add_argument("--tracks", type=int, default=None, help="tracks in the upload (8; 4 with --demucs)")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the median is reported (and the best)")
+    parser.add_argument("--demucs", action="store_true", help="the vocal removal run, per process count")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (with --demucs)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "prepare.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.demucs:
+        args.minutes = args.minutes if args.minutes is not None else 1.0
+        args.tracks = args.tracks if args.tracks is not None else 4
+        return demucs_run(args)
+    args.minutes = args.minutes if args.minutes is not None else 20.0
+    args.tracks = args.tracks if args.tracks is not None else 8
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()

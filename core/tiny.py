@@ -264,8 +264,9 @@ def tiny_dir(name: str) -> Path:
     return cache_root() / "models" / f"{name}-{_fingerprint(name)}"
 
 
-def save_htdemucs_repo(folder: Path, seed: int = SEED) -> Path:
-    """Write a small random HTDemucs as a demucs *local repo* (`htdemucs.yaml` + `955717e8.th`).
+def save_htdemucs_repo(folder: Path, seed: int = SEED, kwargs: dict | None = None) -> Path:
+    """Write a small random HTDemucs as a demucs *local repo* (`htdemucs.yaml` + `955717e8.th`); `kwargs`
+    replaces the small size (bench/prepare.py: htdemucs' real size, `HTDemucs`' defaults).
 
     `demucs.pretrained.get_model('htdemucs', repo=folder)` and `demucs.api.Separator(model='htdemucs',
     repo=folder)` load it through demucs' real loading code.
@@ -274,7 +275,7 @@ def save_htdemucs_repo(folder: Path, seed: int = SEED) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    kwargs = htdemucs_kwargs()
+    kwargs = kwargs if kwargs is not None else htdemucs_kwargs()
     model = HTDemucs(**kwargs)
     package = {"klass": HTDemucs, "args": (), "kwargs": kwargs, "state": model.state_dict()}
     torch.save(package, folder / f"{HTDEMUCS_SIG}.th")

@@ -118,21 +118,20 @@ def missing_models_message(models: EssentiaModels) -> str:
     )
 
 
-class Analyzer:
-    """One essentia worker for a whole preparation. `submit()` per track, then `collect()` once."""
+class _Process:
+    """One essentia worker: its process, the requests it was given, its results and log files."""
 
-    def __init__(self, scratch: Path, tagger: dict | None):
-        scratch.mkdir(parents=True, exist_ok=True)
-        self.results_path = scratch / "analysis.jsonl"
-        self.log_path = scratch / "analysis.log"
-        config_path = scratch / "analysis-config.json"
+    def __init__(self, scratch: Path, tagger: dict | None, name: str):
+        self.results_path = scratch / f"{name}.jsonl"
+        self.log_path = scratch / f"{name}.log"
+        config_path = scratch / f"{name}-config.json"
         config_path.write_text(json.dumps({"results": str(self.results_path), "tagger": tagger}), encoding="utf-8")
         self.results_path.write_text("")
         env = dict(os.environ)
         env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        # One core for the worker, the other for decoding in this process.
+        # One core for each worker, the others for decoding (and separating) in the track processes.
         env.setdefault("OMP_NUM_THREADS", "1")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in collect()/close()
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(config_path)],
             stdin=subprocess.PIPE,
@@ -141,23 +140,24 @@ class Analyzer:
             env=env,
         )
         self.submitted = 0
+        self.load = 0  # clips given: what the next track goes by
         self.broken: str | None = None
+        self.done = 0
+        self.last_progress = time.monotonic()
 
-    def submit(self, track_id: str, clips: list[Path], tags: bool, embed: Path | None = None) -> None:
-        """Analyse a track (key, bpm, and `tags`), or with `embed` save its discogs-effnet embeddings there."""
+    def submit(self, line: str, clips: int) -> None:
         if self.broken:
             return
-        request = {"id": track_id, "clips": [str(p) for p in clips], "tags": tags}
-        line = json.dumps({**request, "embed": str(embed)} if embed is not None else request) + "\n"
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write(line.encode("utf-8"))
             self.proc.stdin.flush()
             self.submitted += 1
+            self.load += max(1, clips)
         except (BrokenPipeError, OSError) as e:
-            self.broken = f"the essentia worker stopped ({e}): {self._log_tail()}"
+            self.broken = f"the essentia worker stopped ({e}): {self.log_tail()}"
 
-    def _read(self) -> list[dict]:
+    def read(self) -> list[dict]:
         out = []
         for line in self.results_path.read_text(encoding="utf-8").splitlines():
             try:
@@ -166,47 +166,91 @@ class Analyzer:
                 break  # a line being written
         return out
 
-    def _log_tail(self, n: int = 1500) -> str:
+    def log_tail(self, n: int = 1500) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:].strip()
         except OSError:
             return ""
 
+    def close_input(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+class Analyzer:
+    """The essentia workers of a whole preparation (`processes` of them, each track to the one with the fewest
+    clips so far). `submit()` per track, then `collect()` once. Each track is analysed alone, so the results do
+    not depend on the number of workers."""
+
+    def __init__(self, scratch: Path, tagger: dict | None, processes: int = 1):
+        scratch.mkdir(parents=True, exist_ok=True)
+        names = ["analysis"] if processes <= 1 else [f"analysis-{i}" for i in range(processes)]
+        self.workers: list[_Process] = []
+        try:
+            for name in names:
+                self.workers.append(_Process(scratch, tagger, name))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def submitted(self) -> int:
+        return sum(w.submitted for w in self.workers)
+
+    def submit(self, track_id: str, clips: list[Path], tags: bool, embed: Path | None = None) -> None:
+        """Analyse a track (key, bpm, and `tags`), or with `embed` save its discogs-effnet embeddings there."""
+        request = {"id": track_id, "clips": [str(p) for p in clips], "tags": tags}
+        line = json.dumps({**request, "embed": str(embed)} if embed is not None else request) + "\n"
+        worker = min((w for w in self.workers if not w.broken), key=lambda w: w.load, default=self.workers[0])
+        worker.submit(line, len(clips))
+
     def collect(self, timeout_per_track: float = 600.0) -> tuple[dict[str, dict], dict, list[str]]:
-        """Wait for the worker: `(results by track id, status, warnings)`. Never raises for a worker failure:
+        """Wait for the workers: `(results by track id, status, warnings)`. Never raises for a worker failure:
         labels are an extra, and their absence is reported as a warning."""
         warnings: list[str] = []
         try:
-            if self.proc.stdin is not None and not self.proc.stdin.closed:
-                with contextlib.suppress(OSError):
-                    self.proc.stdin.close()
-            done = 0
-            last_progress = time.monotonic()
+            for worker in self.workers:
+                worker.close_input()
+                worker.last_progress = time.monotonic()
             with progress_bar(
                 total=self.submitted, desc="Analyzing (key/bpm/tags)", unit="track", mininterval=1
             ) as bar:
-                while True:
-                    exited = self.proc.poll() is not None
-                    n = sum(1 for r in self._read() if r.get("type") == "track")
-                    if n > done:
-                        bar.update(n - done)
-                        done = n
-                        last_progress = time.monotonic()
-                    if exited:
-                        break
-                    if time.monotonic() - last_progress > timeout_per_track:
-                        self.proc.kill()
-                        warnings.append(f"the essentia worker made no progress for {timeout_per_track:.0f} s")
-                        break
+                running, stalled = list(self.workers), []
+                while running:
+                    for worker in list(running):
+                        exited = worker.proc.poll() is not None
+                        n = sum(1 for r in worker.read() if r.get("type") == "track")
+                        if n > worker.done:
+                            bar.update(n - worker.done)
+                            worker.done = n
+                            worker.last_progress = time.monotonic()
+                        if exited:
+                            running.remove(worker)
+                        elif time.monotonic() - worker.last_progress > timeout_per_track:
+                            worker.proc.kill()
+                            warnings.append(f"the essentia worker made no progress for {timeout_per_track:.0f} s")
+                            running.remove(worker)
+                            stalled.append(worker)
                     time.sleep(0.05)
-            if self.proc.wait() != 0 and not warnings:
-                warnings.append(f"the essentia worker failed (exit {self.proc.returncode}): {self._log_tail()}")
+            for worker in self.workers:
+                if worker.proc.wait() != 0 and worker not in stalled:
+                    warnings.append(f"the essentia worker failed (exit {worker.proc.returncode}): {worker.log_tail()}")
         finally:
             self.close()
-        if self.broken:
-            warnings.append(self.broken)
-        records = self._read()
-        status = next((r for r in records if r.get("type") == "status"), {})
+        warnings += [w.broken for w in self.workers if w.broken]
+        records = [r for w in self.workers for r in w.read()]
+        statuses = [r for r in records if r.get("type") == "status"]
+        status = dict(statuses[0]) if statuses else {}
+        for other in statuses[1:]:  # the same models in every worker: the same status, unless one failed to load
+            status["errors"] = {**(other.get("errors") or {}), **(status.get("errors") or {})}
         results: dict[str, dict] = {}
         for r in records:
             if r.get("type") != "track":
@@ -218,8 +262,5 @@ class Analyzer:
         return results, status, warnings
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
+        for worker in self.workers:
+            worker.close()

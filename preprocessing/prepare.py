@@ -12,6 +12,7 @@ preparation writes. Anything else in the way is an error naming it, raised befor
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import posixpath
@@ -31,8 +32,9 @@ import preprocessing.analysis as analysis
 import preprocessing.captions as captions
 import preprocessing.descriptions as descriptions
 import preprocessing.vocals as vocals
+import preprocessing.workers as workers
 from core.audio import AudioDecodeError, load_audio, resample_fast
-from core.errors import write_failed
+from core.errors import USER_ERRORS, write_failed
 from core.params import InputError
 from core.progress import progress_bar
 from preprocessing.clips import (
@@ -205,15 +207,21 @@ def _description_file(rel: str, index: dict[str, str]) -> str | None:
     return index.get(posixpath.splitext(rel)[0]) or index.get(rel)
 
 
-def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
+def prepare(params: PrepareParams, work_dir: str | Path, processes: int | None = None) -> PreparedDataset:
     """Turn `params.dataset_path` into 32 kHz clips + manifest under `work_dir/dataset`. Raises `InputError`
     (naming the input) for bad uploads, `ModelUnavailableError` when vocal removal has no weights.
 
+    `processes`: how many processes prepare the tracks (and analyse them); None picks one per GPU, or on the CPU
+    as many as cores and memory allow (`preprocessing.workers.plan`, logged). The dataset is the same either way.
+
     Phases: check the folders -> load what can refuse the job (vocal model, label models) -> unpack -> per track
-    (`_prepare_track`: decode, separate, resample, clip, write; `_analyse`: its text file, key/bpm/tags) -> collect
-    the analysis -> describe (`_describe`: descriptions, sidecars, manifest) -> report."""
+    (`prepare_track`, here or in the track processes: decode, separate, resample, clip, write; then in upload order
+    `_take_track`: name and move the clips; `_analyse`: its text file, key/bpm/tags) -> collect the analysis ->
+    describe (`_describe`: descriptions, sidecars, manifest) -> report."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    if processes is not None and processes < 1:
+        raise ValueError(f"processes must be at least 1 (or None: chosen from the machine), got {processes}")
     validate(params)
     work_dir = _output_folder(work_dir)
     folder, scratch, unpack_dir = work_dir / DATASET_DIR, work_dir / SCRATCH_DIR, work_dir / UNPACK_DIR
@@ -221,6 +229,7 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
     warnings: list[str] = []
     remover = None
     analyzer = None
+    pool = None
     try:
         # Everything that can refuse the job runs first: inputs, vocal model, label models, then the archive.
         remover = _vocal_remover(params, scratch)
@@ -230,14 +239,30 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         timings["unpack"] = time.perf_counter() - t0
         if not unpacked.audio:
             raise InputError("dataset_path", _nothing_usable(params, unpacked, list(unpacked.skipped)))
+        device = remover.device if remover is not None else "cpu"
+        plan = workers.plan(params.drop_vocals, device, len(unpacked.audio), processes)
+        logger.info(plan.why)
         tagger_config = _tagger_config(params, unpacked, warnings)
-        analyzer = analysis.Analyzer(scratch, tagger_config)
+        analyzer = analysis.Analyzer(scratch, tagger_config, processes=plan.essentia)
         run = _Run(params, unpacked, folder / CLIPS_DIR, analyzer, warnings)
+        jobs = [
+            {"rel": rel, "path": str(unpacked.path(rel)), "out": str(scratch / "tracks" / f"{i:05d}")}
+            for i, rel in enumerate(unpacked.audio)
+        ]
 
         t0 = time.perf_counter()
+        if plan.processes > 1:
+            repo, held = (remover.repo, remover.device) if remover is not None else (None, None)
+            remover = None  # each track process loads its own
+            _empty_gpu_cache(held)
+            pool = workers.TrackPool(plan.devices, plan.threads, repo, dataclasses.asdict(params), scratch)
+            pool.wait_ready()
+            outcomes = (TrackOutcome(**o) for o in pool.outcomes(jobs))
+        else:
+            outcomes = (_prepare_here(job, params, remover) for job in jobs)
         tracks: list[_Track] = []
-        for rel in progress_bar(unpacked.audio, desc="Preparing tracks", unit="track", mininterval=1):
-            track = _prepare_track(rel, run, remover)
+        for outcome in progress_bar(outcomes, total=len(jobs), desc="Preparing tracks", unit="track", mininterval=1):
+            track = _take_track(outcome, run)
             if track is not None:
                 tracks.append(track)
                 _analyse(track, run)
@@ -254,18 +279,37 @@ def prepare(params: PrepareParams, work_dir: str | Path) -> PreparedDataset:
         dataset.report = _final_report(run, tracks, results, sources, timings, started)
         write_report(folder, dataset.report)
     finally:
+        # The processes first: none may still write into the scratch folder when it goes.
+        if pool is not None:
+            pool.close()
         if analyzer is not None:
             analyzer.close()
-        if remover is not None and remover.device.startswith("cuda"):
-            import torch
-
-            del remover  # give the GPU back to training, which starts right after
-            torch.cuda.empty_cache()
+        held = remover.device if remover is not None else None
+        remover = None
+        _empty_gpu_cache(held)  # give the GPU back to training, which starts right after
         # Both were made (and marked) by this run.
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(unpack_dir, ignore_errors=True)
     logger.info(summary(dataset))
     return dataset
+
+
+def _prepare_here(job: dict, params: PrepareParams, remover: vocals.VocalRemover | None) -> TrackOutcome:
+    """`prepare_track` in this process; an unexpected error names the track, as a track process's does."""
+    try:
+        return prepare_track(job["rel"], Path(job["path"]), Path(job["out"]), params, remover)
+    except USER_ERRORS:
+        raise
+    except Exception as e:
+        raise workers.TrackFailed(f"preparing {job['rel']} failed: {type(e).__name__}: {e}") from e
+
+
+def _empty_gpu_cache(device: str | None) -> None:
+    """Give back the GPU memory of a vocal remover on `device` once the last reference to it is gone."""
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -349,110 +393,167 @@ class _Run:
 # ------------------------------------------------------------------------------------------------ one track
 
 
-def _prepare_track(rel: str, run: _Run, remover: vocals.VocalRemover | None) -> _Track | None:
-    """Decode, (separate with `remover`), resample, cut and write the clips of track `rel`; None when it is
-    skipped (logged, and recorded in `run.skipped`)."""
-    decoded = _decode(rel, run)
+@dataclass
+class TrackOutcome:
+    """What preparing one track gave, in this process or in a track process (`preprocessing.track_worker`): plain
+    values, so that a worker can send it as JSON. The preparing process takes outcomes in upload order
+    (`_take_track`): it names and moves the clips, and logs the worker's lines, so nothing depends on which process
+    finished first."""
+
+    rel: str
+    decoded: bool = False  # False: skipped before it was named (corrupt, too short, silent as uploaded)
+    seconds: float = 0.0  # as uploaded
+    sample_rate: int = 0
+    channels: int = 0
+    sha256: str | None = None
+    clips: list[list] = field(default_factory=list)  # [clip index, start, end (samples at 32 kHz), channels, file]
+    skipped: list[str] | None = None  # [category, reason]
+    clips_skipped: list[dict] = field(default_factory=list)
+    normalized: dict | None = None
+    logs: list[list] = field(default_factory=list)  # [level, message]
+
+    def log(self, level: int, message: str, *args: tp.Any) -> None:
+        self.logs.append([level, message % args if args else message])
+
+    def skip(self, category: str, reason: str) -> TrackOutcome:
+        self.skipped = [category, reason]
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def prepare_track(
+    rel: str, path: Path, out_dir: Path, params: PrepareParams, remover: vocals.VocalRemover | None
+) -> TrackOutcome:
+    """Decode track `rel` (the file `path`), separate it with `remover`, resample, cut and write its clips into
+    `out_dir` (named after the track, numbered). What a skipped track was skipped for is in the outcome."""
+    out = TrackOutcome(rel)
+    decoded = _decode(rel, path, params, out)
     if decoded is None:
-        return None
+        return out
     wav, sr, source_peak = decoded
-    track = _Track(rel, run.namer.track_base(rel), wav.shape[-1] / sr, sr, wav.shape[0])
-    track.sha256 = file_sha256(run.unpacked.path(rel))  # what a validation set is compared with (by content)
+    out.decoded, out.seconds, out.sample_rate, out.channels = True, wav.shape[-1] / sr, int(sr), int(wav.shape[0])
+    out.sha256 = file_sha256(path)  # what a validation set is compared with (by content)
+    data = _separate_and_resample(rel, wav, sr, remover, out)
+    del wav  # the decoded track: only its 32 kHz copy is needed from here
+    if data is None:
+        return out
+    out.normalized = _fit_full_scale(data, source_peak, rel, out)
+    _write_clips(rel, data, params, out_dir, out)
+    if not out.clips:
+        out.skip("silent", "every clip was silent")
+    return out
+
+
+def _take_track(outcome: TrackOutcome, run: _Run) -> _Track | None:
+    """A track's outcome into the dataset, in upload order: its log lines, its name (unique among the tracks before
+    it), its clips moved under their final names. None when it was skipped (recorded in `run.skipped`)."""
+    rel = outcome.rel
+    for level, message in outcome.logs:
+        logger.log(level, "%s", message)
+    if not outcome.decoded:
+        run.skipped.append(Skipped(rel, *outcome.skipped))
+        return None
+    track = _Track(rel, run.namer.track_base(rel), outcome.seconds, outcome.sample_rate, outcome.channels)
+    track.sha256 = outcome.sha256
     if len(base_name(rel, None).encode("utf-8")) > MAX_NAME_BYTES:
         run.extra["names_shortened"].append(
             {"file": rel, "clips": f"{track.base}_NNN.wav", "reason": f"clip names are cut to "
              f"{MAX_NAME_BYTES} bytes (a file name may hold 255, with room kept for the index and .json)"}
         )  # fmt: skip
-    data = _separate_and_resample(rel, wav, sr, remover, run)
-    del wav  # the decoded track: only its 32 kHz copy is needed from here
-    if data is None:
+    if outcome.normalized:
+        run.extra["normalized"].append(outcome.normalized)
+    run.clips_skipped.extend(outcome.clips_skipped)
+    if outcome.skipped:
+        run.skipped.append(Skipped(rel, *outcome.skipped))
         return None
-    normalized = _fit_full_scale(data, source_peak, rel)
-    if normalized:
-        run.extra["normalized"].append(normalized)
-    _write_clips(track, data, run)
-    if not track.clips:
-        run.skipped.append(Skipped(rel, "silent", "every clip was silent"))
-        return None
+    for index, start, end, channels, written in outcome.clips:
+        name = ClipNamer.clip_name(track.base, index)
+        if name.casefold() in run.written:  # ClipNamer makes this impossible; never overwrite a clip
+            raise RuntimeError(f"clip name collision: {name}")
+        run.written.add(name.casefold())
+        clip_path = run.clips_dir / name
+        try:
+            os.replace(written, clip_path)  # the scratch folder lies beside the dataset: a rename
+        except OSError as e:
+            raise write_failed(clip_path, e, "the clip") from None
+        track.clips.append(
+            PreparedClip(
+                path=clip_path,
+                duration=(end - start) / SAMPLE_RATE,
+                sample_rate=SAMPLE_RATE,
+                channels=channels,
+                description="",
+                info={"start_seconds": round(start / SAMPLE_RATE, 3), "clip_index": index},
+                source=rel,
+            )
+        )
     return track
 
 
-def _decode(rel: str, run: _Run) -> tuple[torch.Tensor, int, float] | None:
+def _decode(rel: str, path: Path, params: PrepareParams, out: TrackOutcome) -> tuple[torch.Tensor, int, float] | None:
     """Track `rel` decoded (`[C, T]` tensor, its sample rate) and its peak; None when it cannot be decoded, is
-    shorter than min_clip_seconds or is silent."""
-    path = run.unpacked.path(rel)
+    shorter than min_clip_seconds or is silent (the reason in `out`)."""
     try:
         wav, sr = load_audio(path)
     except AudioDecodeError as e:
-        logger.warning("Skipping %s: cannot be decoded (%s)", rel, e)
-        run.skipped.append(Skipped(rel, "corrupt", f"cannot be decoded as audio ({e})"))
+        out.log(logging.WARNING, "Skipping %s: cannot be decoded (%s)", rel, e)
+        out.skip("corrupt", f"cannot be decoded as audio ({e})")
         return None
     seconds = wav.shape[-1] / sr
-    if seconds < run.params.min_clip_seconds:
-        logger.warning("Skipping %s: %.1f s is shorter than min_clip_seconds", rel, seconds)
-        reason = f"{seconds:.1f} s, shorter than min_clip_seconds={run.params.min_clip_seconds:g}"
-        run.skipped.append(Skipped(rel, "too_short", reason))
+    if seconds < params.min_clip_seconds:
+        out.log(logging.WARNING, "Skipping %s: %.1f s is shorter than min_clip_seconds", rel, seconds)
+        out.skip("too_short", f"{seconds:.1f} s, shorter than min_clip_seconds={params.min_clip_seconds:g}")
         return None
     samples = wav.numpy()  # [C, T], no copy
     level = signal_dbfs(samples, axis=-1)
     if level < SILENCE_DBFS:
         reason = _silence_reason(samples, level)
-        logger.warning("Skipping %s: %s", rel, reason)
-        run.skipped.append(Skipped(rel, "silent", reason))
+        out.log(logging.WARNING, "Skipping %s: %s", rel, reason)
+        out.skip("silent", reason)
         return None
     return wav, sr, float(max(samples.max(), -samples.min()))
 
 
 def _separate_and_resample(
-    rel: str, wav: torch.Tensor, sr: int, remover: vocals.VocalRemover | None, run: _Run
+    rel: str, wav: torch.Tensor, sr: int, remover: vocals.VocalRemover | None, out: TrackOutcome
 ) -> np.ndarray | None:
     """`[T, C]` at 32 kHz, at most two channels, vocals removed with a remover; None when nothing is left."""
     if wav.shape[0] > 2:
-        logger.info("%s has %d channels: keeping the first two (front left/right)", rel, wav.shape[0])
+        out.log(logging.INFO, "%s has %d channels: keeping the first two (front left/right)", rel, wav.shape[0])
         wav = wav[:2]
     if remover is not None:
         wav, sr = remover(wav, sr)
     data = resample_fast(wav, sr, SAMPLE_RATE).numpy().T  # [T, C]
     del wav
     if remover is not None and signal_dbfs(data) < SILENCE_DBFS:
-        logger.warning("Skipping %s: nothing left after vocal removal", rel)
-        run.skipped.append(Skipped(rel, "silent", "silent once vocals were removed (an a cappella track?)"))
+        out.log(logging.WARNING, "Skipping %s: nothing left after vocal removal", rel)
+        out.skip("silent", "silent once vocals were removed (an a cappella track?)")
         return None
     return data
 
 
-def _write_clips(track: _Track, data: np.ndarray, run: _Run) -> None:
-    """Cut `data` (`[T, C]` at 32 kHz) into clips, write the non-silent ones as 16-bit WAV into `track.clips`."""
-    params = run.params
+def _write_clips(rel: str, data: np.ndarray, params: PrepareParams, out_dir: Path, out: TrackOutcome) -> None:
+    """Cut `data` (`[T, C]` at 32 kHz) into clips, write the non-silent ones as 16-bit WAV into `out_dir`."""
     spans, dropped = plan_clips(len(data), SAMPLE_RATE, params.chunk_seconds, params.min_clip_seconds)
     if dropped:
-        run.clips_skipped.append(
-            {"track": track.rel, "reason": f"last {dropped / SAMPLE_RATE:.1f} s shorter than min_clip_seconds"}
+        out.clips_skipped.append(
+            {"track": rel, "reason": f"last {dropped / SAMPLE_RATE:.1f} s shorter than min_clip_seconds"}
         )
+    out_dir.mkdir(parents=True, exist_ok=True)
     for span in spans:
         # The track fits full scale already (`_fit_full_scale`); the clip only guards float rounding.
         segment = np.clip(data[span.start : span.end], -1.0, 1.0)
         silence = clip_silence(segment)
         if silence:
-            run.clips_skipped.append({"track": track.rel, "clip": span.index, "reason": silence})
+            out.clips_skipped.append({"track": rel, "clip": span.index, "reason": silence})
             continue
-        name = ClipNamer.clip_name(track.base, span.index)
-        if name.casefold() in run.written:  # ClipNamer makes this impossible; never overwrite a clip
-            raise RuntimeError(f"clip name collision: {name}")
-        run.written.add(name.casefold())
-        clip_path = run.clips_dir / name
+        # Named after the track already (errors name a file the user knows); `_take_track` adds a suffix when
+        # another track took the name first.
+        clip_path = out_dir / ClipNamer.clip_name(base_name(rel), span.index)
         _write_clip(clip_path, segment)
-        track.clips.append(
-            PreparedClip(
-                path=clip_path,
-                duration=(span.end - span.start) / SAMPLE_RATE,
-                sample_rate=SAMPLE_RATE,
-                channels=int(data.shape[1]),
-                description="",
-                info={"start_seconds": round(span.start / SAMPLE_RATE, 3), "clip_index": span.index},
-                source=track.rel,
-            )
-        )
+        out.clips.append([int(span.index), int(span.start), int(span.end), int(data.shape[1]), str(clip_path)])
 
 
 def _analyse(track: _Track, run: _Run) -> None:
@@ -561,7 +662,7 @@ def _silence_reason(samples: np.ndarray, level: float) -> str:
     return f"silent (peak {level:.1f} dBFS, below {SILENCE_DBFS:g})"
 
 
-def _fit_full_scale(data: np.ndarray, source_peak: float, rel: str) -> dict | None:
+def _fit_full_scale(data: np.ndarray, source_peak: float, rel: str, out: TrackOutcome) -> dict | None:
     """Scale a track peaking above full scale (float sources can hold values over 1.0; resampling and vocal
     removal can overshoot too) down to peak at 1.0, in place, instead of hard-clipping it into 16-bit clips (a
     float source at 1.2 would have a third of its samples clipped). One gain for the whole track: its dynamics are
@@ -574,10 +675,10 @@ def _fit_full_scale(data: np.ndarray, source_peak: float, rel: str) -> dict | No
     gain_db = 20.0 * float(np.log10(gain))
     if source_peak > 1.0:
         why = f"the source's float samples peak at {source_peak:.3f}, above full scale (1.0)"
-        logger.warning("%s: %s; the track was scaled by %.2f dB so nothing is clipped", rel, why, gain_db)
+        out.log(logging.WARNING, "%s: %s; the track was scaled by %.2f dB so nothing is clipped", rel, why, gain_db)
     else:
         why = "resampling or vocal removal overshot full scale (1.0)"
-        logger.info("%s: %s (peak %.3f); scaled by %.2f dB so nothing is clipped", rel, why, peak, gain_db)
+        out.log(logging.INFO, "%s: %s (peak %.3f); scaled by %.2f dB so nothing is clipped", rel, why, peak, gain_db)
     return {"file": rel, "source_peak": round(source_peak, 4), "peak": round(peak, 4), "gain_db": round(gain_db, 2),
             "reason": why}  # fmt: skip
 

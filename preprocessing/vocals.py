@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ HUB_FILE = "955717e8-8726e21a.th"
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/955717e8-8726e21a.th"
 ENV_REPO = "MGFT_DEMUCS_REPO"
 KEEP = ("drums", "bass", "other")
+# demucs shifts each track by a random offset (shifts=1) drawn from the global `random`: seeded per track so that a
+# track gives the same clips whichever process separates it, and after however many other tracks.
+SHIFT_SEED = 0
 
 
 def torch_cache_file() -> Path:
@@ -119,6 +123,7 @@ class VocalRemover:
         if missing:
             raise ModelUnavailableError(f"demucs model in {repo} lacks the sources {missing}; it is not htdemucs")
         self.device = device
+        self.repo = Path(repo)
         logger.info("Vocal removal: demucs %s from %s on %s", MODEL_NAME, repo, device)
 
     @property
@@ -133,7 +138,12 @@ class VocalRemover:
         stereo = wav.to(torch.float32)
         if channels == 1:
             stereo = stereo.expand(2, -1).contiguous()
-        _, stems = self.separator.separate_tensor(stereo, sample_rate)
+        state = random.getstate()
+        random.seed(SHIFT_SEED)
+        try:
+            _, stems = self.separator.separate_tensor(stereo, sample_rate)
+        finally:
+            random.setstate(state)  # the caller's random sequence goes on as if we had not been here
         kept = sum(stems[name] for name in KEEP)  # [2, T'] at 44.1 kHz
         kept = kept.to("cpu", torch.float32)
         if channels == 1:
