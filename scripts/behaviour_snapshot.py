@@ -390,8 +390,11 @@ def compare(a: dict, b: dict) -> list[str]:
                 if ma is None or mb is None:
                     lines.append(f"{where}: only in {'B' if ma is None else 'A'}")
                 elif "tensors" in ma:
-                    keys = sorted(k for k in set(ma["tensors"]) | set(mb.get("tensors", {}))
-                                  if ma["tensors"].get(k) != mb.get("tensors", {}).get(k))  # fmt: skip
+                    ta_, tb_ = ma["tensors"], mb.get("tensors", {})
+                    # a safetensors header's metadata: recorded since the first baseline; compared where both have it
+                    shared = {"__metadata__"} if "__metadata__" in ta_ and "__metadata__" in tb_ else set()
+                    names = (set(ta_) | set(tb_)) - {"__metadata__"} | shared
+                    keys = sorted(k for k in names if ta_.get(k) != tb_.get(k))
                     if keys:
                         lines.append(f"{where}: {len(keys)} tensors differ: {', '.join(keys[:8])}")
                     elif ma["sha256"] != mb["sha256"] and not member.endswith(NONCANONICAL_SUFFIXES):
