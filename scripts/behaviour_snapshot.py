@@ -392,8 +392,10 @@ def compare(a: dict, b: dict) -> list[str]:
                 elif "tensors" in ma:
                     ta_, tb_ = ma["tensors"], mb.get("tensors", {})
                     # a safetensors header's metadata: recorded since the first baseline; compared where both have it
-                    shared = {"__metadata__"} if "__metadata__" in ta_ and "__metadata__" in tb_ else set()
-                    names = (set(ta_) | set(tb_)) - {"__metadata__"} | shared
+                    both = any(k.startswith("__metadata__") for k in ta_) and any(
+                        k.startswith("__metadata__") for k in tb_
+                    )
+                    names = {k for k in set(ta_) | set(tb_) if both or not k.startswith("__metadata__")}
                     keys = sorted(k for k in names if ta_.get(k) != tb_.get(k))
                     if keys:
                         lines.append(f"{where}: {len(keys)} tensors differ: {', '.join(keys[:8])}")
