@@ -109,3 +109,24 @@ def test_readme_shows_the_latest_benchmarks():
     shown = text.split(table.BEGIN, 1)[1].split(table.END, 1)[0].strip()
     assert shown == table.render(), "README's benchmark table is stale: run .venv/bin/python bench/table.py --write"
     assert len(table.rows()) >= 4  # generate, train step (speed, memory), prepare
+
+
+def test_the_template_files_ship_in_the_image():
+    """report.html and the model card are rendered from files beside the code (training/templates/): `cog build`
+    copies the tree into the image except what .dockerignore names, so no pattern of it may catch them."""
+    import fnmatch
+
+    templates = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("*/templates/*") if p.is_file())
+    assert {"training/templates/report.html", "training/templates/model_card.md"} <= set(templates)
+    patterns = [
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for path in templates:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]  # the file and every folder above it
+        for pattern in patterns:
+            bare = pattern.removeprefix("**/")
+            caught = [p for p in prefixes if fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p.split("/")[-1], bare)]
+            assert not caught, f".dockerignore's {pattern!r} leaves {path} out of the image"

@@ -4,10 +4,13 @@ validation loss when there is validation), `metrics.json` (every step's and ever
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
+import string
 import typing as tp
+from html import escape
 from pathlib import Path
 
 __all__ = [
@@ -21,6 +24,9 @@ __all__ = [
     "headline",
     "summary_lines",
 ]
+
+# The page's text and layout (its stylesheet included); render_html fills in its `${...}` fields.
+REPORT_TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 
 
 def plot_history(history: tp.Sequence[dict[str, float]], validation: dict | None = None) -> bytes:
@@ -62,8 +68,6 @@ def svg_chart(history: tp.Sequence[dict[str, float]], validation: dict | None = 
     """The loss curves as a small inline SVG for report.html (a few KB: the page stays small inside a LoRA tar of
     a few MB, where matplotlib's SVG alone is ~20 KB): training loss (line), validation loss (dots, conditional;
     crosses, unconditional), the exported step (dashed)."""
-    from html import escape
-
     width, height, left, right, top, bottom = 720, 300, 56, 12, 14, 36
     evaluations = [e for e in (validation or {}).get("evaluations") or [] if e.get("val_loss") is not None]
     points = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None and math.isfinite(h["loss"])]
@@ -163,21 +167,7 @@ def _wav_bytes(wav: tp.Any, rate: int) -> bytes:
     return buffer.getvalue()
 
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.2em 0.7em; border: 1px solid #ddd; }
-th { background: #f4f4f4; text-align: left; } tr.exported td { background: #e8f5e9; font-weight: bold; }
-.verdict { font-size: 1.1em; padding: 0.6em 1em; background: #f4f8ff; border-left: 4px solid #4a7bd0; }
-.warn { background: #fff4e5; border-left-color: #e08a00; } svg { max-width: 100%; height: auto; } audio { width: 22em; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.flag { color: #b00020; font-weight: bold; } td.note { color: #666; }
-"""
-
-
 def _rows(pairs: tp.Iterable[tuple[str, tp.Any]]) -> str:
-    from html import escape
-
     return "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>" for k, v in pairs)
 
 
@@ -328,115 +318,122 @@ def render_html(
     """`report.html`: one self-contained page (the curves as inline SVG, the audio as data: URIs; no script, no
     external resource): the verdict, the data and the split, the curves (`svg_chart`), every evaluation, the
     samples next to a training clip, base vs fine-tuned on held-out prompts (`comparison`: the audio check's samples,
-    `{"base": [[C, T] tensors], "finetuned": [...], "rate": Hz}`), the run and its inputs."""
-    import base64
-    from html import escape
-
-    def uri(kind: str, data: bytes) -> str:
-        return f"data:{kind};base64,{base64.b64encode(data).decode()}"
-
+    `{"base": [[C, T] tensors], "finetuned": [...], "rate": Hz}`), the run and its inputs. The page's text, layout
+    and stylesheet are `templates/report.html`; the sections below are tables built from the numbers."""
     validation = finetune.get("validation")
     training = finetune.get("training", {})
     kind, verdict = _verdict(validation)
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Fine-tune report: {escape(str(finetune.get('model_version')))}</title><style>{_STYLE}</style></head>",
-        "<body>",
-        f"<h1>Fine-tune of {escape(str(finetune.get('model_version')))} ({escape(str(finetune.get('method')))})</h1>",
-        f"<p class='verdict {kind}'>{escape(verdict)}</p>",
-        "<h2>Data</h2><table>",
-        _rows(
-            [
-                ("training clips", training.get("clips")),
-                ("trigger", finetune.get("trigger") or "-"),
-                *((f"labels: {k}", ", ".join(v)) for k, v in (finetune.get("labels") or {}).items()),
-            ]
-        ),
-    ]
+    page = string.Template(REPORT_TEMPLATE.read_text(encoding="utf-8")).substitute(
+        model_version=escape(str(finetune.get("model_version"))),
+        method=escape(str(finetune.get("method"))),
+        verdict_class=kind,
+        verdict=escape(verdict),
+        data_rows=_data_rows(finetune, training, validation),
+        chart=svg_chart(history, validation),
+        evaluations=_evaluations_html(validation) if validation and validation.get("evaluations") else "",
+        listen=_listen_html(finetune, samples, reference) if samples or reference else "",
+        audio_check=_audio_check_html(validation["audio"], comparison)
+        if validation and validation.get("audio") and comparison
+        else "",
+        run_rows=_rows((k, v) for k, v in training.items()),
+        input_rows=_rows(sorted((finetune.get("training_inputs") or {}).items())),
+    )
+    return page.encode()
+
+
+def _uri(kind: str, data: bytes) -> str:
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def _player(data: bytes) -> str:
+    return f"<audio controls preload='none' src='{_uri('audio/wav', data)}'></audio>"
+
+
+def _data_rows(finetune: dict[str, tp.Any], training: dict[str, tp.Any], validation: dict | None) -> str:
+    labels = ((f"labels: {k}", ", ".join(v)) for k, v in (finetune.get("labels") or {}).items())
+    rows = _rows([("training clips", training.get("clips")), ("trigger", finetune.get("trigger") or "-"), *labels])
     if validation:
         split = validation.get("split", {})
-        parts.append(
-            _rows(
-                [
-                    ("validation", split.get("mode")),
-                    ("held-out tracks", ", ".join(split.get("validation_tracks") or []) or "-"),
-                    ("held-out clips", split.get("validation_clips")),
-                    ("held-out seconds", split.get("validation_seconds")),
-                ]
-            )
+        rows += _rows(
+            [
+                ("validation", split.get("mode")),
+                ("held-out tracks", ", ".join(split.get("validation_tracks") or []) or "-"),
+                ("held-out clips", split.get("validation_clips")),
+                ("held-out seconds", split.get("validation_seconds")),
+            ]
         )
-    parts.append("</table><h2>Curves</h2>")
-    parts.append("<figure>" + svg_chart(history, validation) + "<figcaption>loss against the step")
-    parts.append("</figcaption></figure>")
-    if validation and validation.get("evaluations"):
-        header = ["", "base model", f"fine-tuned (step {validation.get('exported_step')}, exported)", "last", "flag"]
-        parts.append("<h2>Base vs fine-tuned</h2><table><tr>")
-        parts.append("".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
-        for row in comparison_rows(validation):
-            cells = [f"<th>{escape(row[0])}</th>", *(f"<td class='num'>{escape(c)}</td>" for c in row[1:4])]
-            flagged = row[4] in ("validation up", "forgetting up", "near copies")  # else a note: red only for flags
-            flag = f"<td class='{'flag' if flagged else 'note'}'>{escape(row[4])}</td>"
-            parts.append("<tr>" + "".join(cells) + flag + "</tr>")
-        rises = validation.get("thresholds") or {}
-        parts.append("</table><p>Lower is better everywhere. Flags: validation up (the last evaluation over the ")
-        parts.append(f"best by more than {100 * rises.get('validation_up', 0):.0f} %), forgetting up (the loss on ")
-        parts.append(f"general music over the base's by more than {100 * rises.get('forgetting_up', 0):.0f} %).</p>")
-        evaluations = validation["evaluations"]
-        codebooks = sorted(k for k in evaluations[0] if k.startswith("val_loss_q"))
-        forgetting = ["forget_loss"] if "forget_loss" in evaluations[0] else []  # prior preservation's other genres
-        header = ["step", "validation loss", "unconditional", *codebooks, *(["forgetting"] if forgetting else [])]
-        parts.append("<h2>Evaluations</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
-        for e in evaluations:
-            cls = " class='exported'" if e.get("step") == validation.get("exported_step") else ""
-            keys = ["val_loss", "val_loss_uncond", *codebooks, *forgetting]
-            cells = [e.get("step"), *(e.get(k) for k in keys)]
-            text = ["-" if c is None else (f"{c:.4f}" if isinstance(c, float) else str(c)) for c in cells]
-            parts.append(f"<tr{cls}>" + "".join(f"<td class='num'>{escape(t)}</td>" for t in text) + "</tr>")
-        parts.append("</table><p>Highlighted: the exported weights.</p>")
-    if samples or reference:
-        parts.append("<h2>Listen</h2><table><tr><th>what</th><th>prompt</th><th>audio</th></tr>")
-        for name, data in samples:
-            prompt = next((s["description"] for s in finetune.get("samples", []) if s["file"] == name), "")
-            parts.append(
-                f"<tr><td>generated ({escape(Path(name).name)})</td><td>{escape(prompt)}</td>"
-                f"<td><audio controls preload='none' src='{uri('audio/wav', data)}'></audio></td></tr>"
-            )
-        if reference is not None:
-            name, description, data = reference
-            parts.append(
-                f"<tr><td>training clip ({escape(name)})</td><td>{escape(description)}</td>"
-                f"<td><audio controls preload='none' src='{uri('audio/wav', data)}'></audio></td></tr>"
-            )
-        parts.append("</table>")
-    check = (validation or {}).get("audio")
-    if check and comparison:
-        flagged = check["copy_check"]["copies"]
-        parts.append("<h2>Base vs fine-tuned, on held-out prompts</h2><table>")
+    return rows
+
+
+def _evaluations_html(validation: dict) -> str:
+    """Base vs fine-tuned (`comparison_rows`, flags in red) and every evaluation, the exported one highlighted."""
+    header = ["", "base model", f"fine-tuned (step {validation.get('exported_step')}, exported)", "last", "flag"]
+    parts = ["<h2>Base vs fine-tuned</h2><table><tr>", "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    for row in comparison_rows(validation):
+        cells = [f"<th>{escape(row[0])}</th>", *(f"<td class='num'>{escape(c)}</td>" for c in row[1:4])]
+        flagged = row[4] in ("validation up", "forgetting up", "near copies")  # else a note: red only for flags
+        flag = f"<td class='{'flag' if flagged else 'note'}'>{escape(row[4])}</td>"
+        parts.append("<tr>" + "".join(cells) + flag + "</tr>")
+    rises = validation.get("thresholds") or {}
+    parts.append(
+        "</table><p>Lower is better everywhere. Flags: validation up (the last evaluation over the best by more "
+        f"than {100 * rises.get('validation_up', 0):.0f} %), forgetting up (the loss on general music over the "
+        f"base's by more than {100 * rises.get('forgetting_up', 0):.0f} %).</p>"
+    )
+    evaluations = validation["evaluations"]
+    codebooks = sorted(k for k in evaluations[0] if k.startswith("val_loss_q"))
+    forgetting = ["forget_loss"] if "forget_loss" in evaluations[0] else []  # prior preservation's other genres
+    header = ["step", "validation loss", "unconditional", *codebooks, *(["forgetting"] if forgetting else [])]
+    parts.append("<h2>Evaluations</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
+    for e in evaluations:
+        cls = " class='exported'" if e.get("step") == validation.get("exported_step") else ""
+        keys = ["val_loss", "val_loss_uncond", *codebooks, *forgetting]
+        cells = [e.get("step"), *(e.get(k) for k in keys)]
+        text = ["-" if c is None else (f"{c:.4f}" if isinstance(c, float) else str(c)) for c in cells]
+        parts.append(f"<tr{cls}>" + "".join(f"<td class='num'>{escape(t)}</td>" for t in text) + "</tr>")
+    parts.append("</table><p>Highlighted: the exported weights.</p>")
+    return "".join(parts)
+
+
+def _listen_html(
+    finetune: dict[str, tp.Any], samples: tp.Sequence[tuple[str, bytes]], reference: tuple[str, str, bytes] | None
+) -> str:
+    parts = ["<h2>Listen</h2><table><tr><th>what</th><th>prompt</th><th>audio</th></tr>"]
+    for name, data in samples:
+        prompt = next((s["description"] for s in finetune.get("samples", []) if s["file"] == name), "")
         parts.append(
-            _rows(
-                [
-                    ("Fréchet distance to the held-out clips, base model", f"{check['frechet_base']:.3f}"),
-                    ("Fréchet distance to the held-out clips, fine-tuned", f"{check['frechet_finetuned']:.3f}"),
-                    ("fine-tuned samples flagged as near copies of a training clip", flagged),
-                ]
-            )
+            f"<tr><td>generated ({escape(Path(name).name)})</td><td>{escape(prompt)}</td><td>{_player(data)}</td></tr>"
         )
-        parts.append("</table><p>Lower Fréchet distance: closer to the held-out music (EnCodec latents).</p>")
+    if reference is not None:
+        name, description, data = reference
         parts.append(
-            "<table><tr><th>prompt</th><th>base model</th><th>fine-tuned</th><th>nearest training clip</th></tr>"
+            f"<tr><td>training clip ({escape(name)})</td><td>{escape(description)}</td><td>{_player(data)}</td></tr>"
         )
-        rate = comparison["rate"]
-        for i, prompt in enumerate(check["prompts"]):
-            cells = [escape(prompt or "(unconditional)")]
-            for wav in (comparison["base"][i], comparison["finetuned"][i]):
-                cells.append(f"<audio controls preload='none' src='{uri('audio/wav', _wav_bytes(wav, rate))}'></audio>")
-            near = check["copy_check"]["samples"][i]
-            cells.append(escape(f"{near['nearest']} ({near['distance']:.3f}{', near copy' if near['copy'] else ''})"))
-            parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        parts.append("</table>")
-    parts.append("<h2>Run</h2><table>")
-    parts.append(_rows((k, v) for k, v in training.items()))
-    parts.append("</table><h2>Inputs</h2><table>")
-    parts.append(_rows(sorted((finetune.get("training_inputs") or {}).items())))
-    parts.append("</table></body></html>\n")
-    return "".join(parts).encode()
+    parts.append("</table>")
+    return "".join(parts)
+
+
+def _audio_check_html(check: dict, comparison: dict[str, tp.Any]) -> str:
+    """The audio check on held-out prompts: Fréchet distances, the base and fine-tuned samples, near copies."""
+    parts = ["<h2>Base vs fine-tuned, on held-out prompts</h2><table>"]
+    parts.append(
+        _rows(
+            [
+                ("Fréchet distance to the held-out clips, base model", f"{check['frechet_base']:.3f}"),
+                ("Fréchet distance to the held-out clips, fine-tuned", f"{check['frechet_finetuned']:.3f}"),
+                ("fine-tuned samples flagged as near copies of a training clip", check["copy_check"]["copies"]),
+            ]
+        )
+    )
+    parts.append("</table><p>Lower Fréchet distance: closer to the held-out music (EnCodec latents).</p>")
+    parts.append("<table><tr><th>prompt</th><th>base model</th><th>fine-tuned</th><th>nearest training clip</th></tr>")
+    rate = comparison["rate"]
+    for i, prompt in enumerate(check["prompts"]):
+        cells = [escape(prompt or "(unconditional)")]
+        for wav in (comparison["base"][i], comparison["finetuned"][i]):
+            cells.append(_player(_wav_bytes(wav, rate)))
+        near = check["copy_check"]["samples"][i]
+        cells.append(escape(f"{near['nearest']} ({near['distance']:.3f}{', near copy' if near['copy'] else ''})"))
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    return "".join(parts)

@@ -246,7 +246,9 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
                 ["--params_json", str(params_file), "--dataset", str(dataset.folder), "--output_dir", str(output_dir)]
                 + (["--validation_dataset", str(validation.folder)] if validation is not None else [])
                 + (["--data_identity", json.dumps(checked.identity)] if checked.identity is not None else [])
-                + (["--checkpoint_verified"] if params.resume_from else []),
+                + (["--checkpoint_verified"] if params.resume_from else [])
+                # This process reports an interruption (below): the workers, stopped within seconds, must not.
+                + ["--parent_reports_interruption"],
                 env=publish.worker_env(params),
             )
         except BaseException as e:
@@ -412,11 +414,13 @@ def run_worker(
     validation: tp.Any = None,
     data_identity: dict | None = None,
     checkpoint_verified: bool = False,
+    report_interruption: bool = True,
 ) -> Path | None:
     """One training process: set up, train, and (rank 0) export. Returns the tar path on rank 0, else None.
     `validation`: validation_path's prepared dataset (None: a share of `dataset`'s tracks, or no validation).
     `data_identity`: the data's fingerprints, recorded in the checkpoints. `checkpoint_verified`: `check_inputs`
-    already verified resume_from's checksum (it is not read twice for it)."""
+    already verified resume_from's checksum (it is not read twice for it). `report_interruption`: rank 0 pushes (or
+    names) the resume checkpoint of an interrupted run; False in torchrun workers, whose launching process does it."""
     own_group = dist is None
     dist = dist or dist_mod.init()
     # The loop, its checkpoints and the export get the inputs without the secrets: nothing they write can hold one.
@@ -451,7 +455,7 @@ def run_worker(
             # SIGTERM (TrainingInterrupted) or a cancel (Cog, Ctrl-C: not an Exception) left a resume checkpoint in
             # a folder that dies with the container: push it to hf_repo_id, or say so (training/publish.py).
             interrupted = isinstance(e, TrainingInterrupted) or not isinstance(e, Exception)
-            if dist.is_main and interrupted and not publish.parent_reports():
+            if dist.is_main and interrupted and report_interruption:
                 publish.report_interrupted(secrets, output_dir / "checkpoints")
             raise
         del resume_state
@@ -506,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint_verified", action="store_true", help="run_training verified resume_from's checksum"
     )
+    parser.add_argument(
+        "--parent_reports_interruption",
+        action="store_true",
+        help="the launching process (run_training) pushes the checkpoint of an interrupted run, not this worker",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The params file has no secrets; run_training passed them in this process's environment.
@@ -518,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         validation=validation,
         data_identity=json.loads(args.data_identity) if args.data_identity else None,
         checkpoint_verified=args.checkpoint_verified,
+        report_interruption=not args.parent_reports_interruption,
     )
     return 0
 

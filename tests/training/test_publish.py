@@ -649,6 +649,9 @@ def test_a_cancelled_torchrun_run_pushes_its_checkpoint_once_from_the_launching_
             run_training(params, tmp_path / "out", nproc=2)
     assert list(hub.files[REPO]) == ["checkpoints/checkpoint-00000002.pt"]
     assert len(hub.commits) == 1  # the worker left the push to the launching process: no second copy
+    # ...nor a second attempt (huggingface_hub skips the commit of an unchanged file, so the hub alone cannot tell)
+    pushes = [r for r in caplog.records if r.getMessage().startswith("Pushing the resume checkpoint")]
+    assert len(pushes) == 1, [r.getMessage() for r in pushes]
     assert f"resume_from={hub.url}/{REPO}/resolve/main/checkpoints/checkpoint-00000002.pt" in _log_text(caplog)
 
 
