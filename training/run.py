@@ -316,7 +316,7 @@ def setup_training(
     if params.model_version in scratch.SCRATCH_VERSIONS:  # a new LM from random init (training/methods/scratch.py)
         model = scratch.build_scratch_musicgen(params, dist.device)
     else:
-        model = versions.load_musicgen(params.model_version, dist.device)
+        model = versions.load_musicgen(params.model_version, dist.device).musicgen
     compression, lm = model.compression_model, model.lm
     compression.eval()
     for p in compression.parameters():  # frozen: only the LM trains

@@ -16,6 +16,7 @@ from core import adapters, style, tiny, versions
 from core.catalogue import SPEC
 from core.devices import default_device
 from core.errors import ModelUnavailableError, WeightsError
+from core.loaded import LoadedModel
 from core.weights.cache import DEFAULT_MIN_FREE_BYTES, FreeBytes, classify, unpack
 from core.weights.format import FINETUNE_FILE, base_of, read_finetune_info
 from core.weights.integrity import check_lm_config, verify_architecture
@@ -110,7 +111,7 @@ def load_trained_model(
     keep: tp.Iterable[str | Path] = (),
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
     free_bytes: FreeBytes | None = None,
-):
+) -> LoadedModel:
     """A fine-tuned MusicGen from a `trained_model.tar` (any reference `unpack` takes), its extracted folder, or
     weights `open_weights` already opened.
 
@@ -118,9 +119,8 @@ def load_trained_model(
     Hugging Face cache; otherwise audiocraft's reference (`facebook/encodec_32khz`) is followed. The members are
     checked against finetune.json's checksums, a full LM's config against its base's architecture, and an
     adapter's base against the recorded architecture. `lora_scale` scales a LoRA adapter's update (0: the base
-    exactly, 1: as trained); for other weights a value other than 1 is ignored with a warning. `keep`,
-    `min_free_bytes`, `free_bytes`: the cache eviction (`evict`). The model gets `weights_folder` (where its
-    weights live) and `is_lora`.
+    exactly, 1: as trained; the returned model's `adapter.set_scale` changes it later); for other weights a value
+    other than 1 is ignored with a warning. `keep`, `min_free_bytes`, `free_bytes`: the cache eviction (`evict`).
     """
     from audiocraft.models import MusicGen
     from audiocraft.models.loaders import load_compression_model, load_lm_model
@@ -130,9 +130,7 @@ def load_trained_model(
     folder, info, base, label = weights.folder, weights.info, weights.base, weights.label
     device = device or default_device()
     if weights.adapter:
-        model = _load_with_adapter(folder, info, base, device, label=label, lora_scale=lora_scale)
-        model.weights_folder = folder
-        return model
+        return _load_with_adapter(folder, info, base, device, label=label, lora_scale=lora_scale)
     if lora_scale != 1.0:
         logger.warning(
             "lora_scale=%g is ignored: %s are %s weights, not a LoRA adapter",
@@ -160,40 +158,36 @@ def load_trained_model(
     if "self_wav" in lm.condition_provider.conditioners:  # as MusicGen.get_pretrained does
         lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
         lm.condition_provider.conditioners["self_wav"]._use_masking = False
-    model = MusicGen(f"fine-tune of {base}" if base else label, compression, lm)
-    model.finetune_info = info
-    model.weights_folder = folder
-    model.is_lora = False
-    return model
+    name = f"fine-tune of {base}" if base else label
+    return LoadedModel(MusicGen(name, compression, lm), name, spec, label, info, folder)
 
 
 def _load_with_adapter(
     folder: Path, info: dict[str, tp.Any], base: str, device: str, *, label: str, lora_scale: float = 1.0
-):
+) -> LoadedModel:
     """A fine-tune that references its base (LoRA, textual inversion, text projection): the base model (by its
-    model_version, as trained) with the adapter merged into its LM (scaled by `lora_scale`) and/or the learned
-    tensors put in. The base's architecture must match the fingerprint finetune.json records."""
+    model_version, as trained) with the adapter merged into its LM (scaled by `lora_scale`, kept as a
+    `MergedLoRA` to change it later) and/or the learned tensors put in. The base's architecture must match the
+    fingerprint finetune.json records."""
     lora = (folder / adapters.ADAPTER_CONFIG_FILE).is_file()
     if lora and not (folder / adapters.ADAPTER_FILE).is_file():
         raise WeightsError(f"{adapters.ADAPTER_CONFIG_FILE} without {adapters.ADAPTER_FILE} in {label}.")
-    model = versions.load_musicgen(base, device)
-    cfg = getattr(model.lm, "cfg", None)
-    if cfg is not None:
-        verify_architecture(info, cfg, base, label)
+    base_model = versions.load_musicgen(base, device)
+    lm = base_model.lm
+    verify_architecture(info, lm.cfg, base, label)  # every loader of load_musicgen gives the LM its cfg
     if not lora and lora_scale != 1.0:
         logger.warning("lora_scale=%g is ignored: %s hold %s weights, not a LoRA adapter", lora_scale, label,
                        info.get("method", "learned embedding"))  # fmt: skip
+    adapter = None
     try:
         if lora:
-            adapters.apply_lora_files(model.lm, folder, merge=True, strength=lora_scale)
+            adapter = adapters.MergedLoRA(lm, folder, lora_scale)
         if (folder / adapters.EMBEDDINGS_FILE).is_file():
-            adapters.apply_partial_file(model.lm, folder)
+            adapters.apply_partial_file(lm, folder)
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, ArithmeticError, OSError) as e:
         raise WeightsError(
             f"The learned weights of {label} do not fit base model {base} ({type(e).__name__}: {e}); "
             "was it trained on another model_version?"
         ) from None
-    model.name = f"{info.get('method', 'adapter')} fine-tune of {base}"
-    model.finetune_info = info
-    model.is_lora = lora
-    return model
+    name = f"{info.get('method', 'adapter')} fine-tune of {base}"
+    return LoadedModel(base_model.musicgen, name, base_model.spec, label, info, folder, adapter)

@@ -42,7 +42,7 @@ def make_tar(path: Path, seed: int = 0) -> Path:
     """A full trained_model.tar of the tiny model (weights moved by `seed`, so each seed is distinct content)."""
     import torch
 
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     state = model.lm.state_dict()
     if seed:
         gen = torch.Generator().manual_seed(seed)

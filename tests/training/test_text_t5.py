@@ -102,7 +102,7 @@ def test_the_tar_carries_the_rows_and_their_tokens(trained):
 
 @pytest.fixture(scope="module")
 def loaded(trained):
-    return weights.load_trained_model(trained["tar"], device="cpu"), load_musicgen("tiny-t5", "cpu")
+    return weights.load_trained_model(trained["tar"], device="cpu").musicgen, load_musicgen("tiny-t5", "cpu").musicgen
 
 
 def encode(model, prompts):
@@ -164,5 +164,6 @@ def test_two_processes_learn_the_trigger_too(tmp_path, capfd):
     tar = run_training(params, tmp_path / "out", nproc=2)
     log = capfd.readouterr().err
     assert "All 2 ranks hold identical weights" in log, log[-3000:]
-    model = weights.load_trained_model(tar, device="cpu")
-    assert not torch.equal(encode(model, ["zzq drums"]), encode(load_musicgen("tiny-t5", "cpu"), ["zzq drums"]))
+    model = weights.load_trained_model(tar, device="cpu").musicgen
+    base = load_musicgen("tiny-t5", "cpu").musicgen
+    assert not torch.equal(encode(model, ["zzq drums"]), encode(base, ["zzq drums"]))
