@@ -61,7 +61,12 @@ def trained(tmp_path_factory):
     t5_before = {k: v.clone() for k, v in t5.state_dict().items()}
     result = train_loop(lm, setup.tokens, params, setup.plan, DistInfo(), out / "checkpoints")
     tar = export_trained_model(
-        out / "trained_model.tar", model=setup.model, result=result, params=params, clips=setup.clips
+        out / "trained_model.tar",
+        model=setup.model,
+        prepared=setup.prepared,
+        result=result,
+        params=params,
+        clips=setup.clips,
     )
     return {
         "tar": tar,
