@@ -49,6 +49,7 @@ __all__ = [
     "is_adapter_key",
     "merge_lora_state",
     "apply_lora_files",
+    "MergedLoRA",
     "set_lora_strength",
     "save_adapter",
     "add_t5_trigger",
@@ -328,40 +329,106 @@ def read_adapter(folder: tp.Any) -> tuple[dict[str, torch.Tensor], dict[str, tp.
     return load_file(str(folder / ADAPTER_FILE)), json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
 
 
+def _check_strength(strength: float) -> None:
+    if not math.isfinite(strength) or strength < 0:
+        raise ValueError(f"LoRA strength must be a finite number >= 0, got {strength}")
+
+
+def _folded_keys(tensors: tp.Mapping[str, torch.Tensor]) -> list[str]:
+    """The base state-dict keys an adapter's tensors fold into (`merge_lora_state`), in its order, each once."""
+    keys: dict[str, None] = {}
+    for key in tensors:
+        if key.endswith(".lora_A"):
+            prefix = key[: -len(".lora_A")]
+            if ".in_proj_lora." in prefix:
+                keys[prefix.split(".in_proj_lora.")[0] + ".in_proj_weight"] = None
+            else:
+                keys[prefix + ".weight"] = None
+    return list(keys)
+
+
+class MergedLoRA:
+    """A LoRA adapter folded into a loaded LM's weights, kept so that its strength can change in place.
+
+    The base weights the adapter touches are set aside once (a copy of those tensors only: the attention
+    projections and linears it targets); `set_scale(strength)` folds `W + strength * (alpha / rank) * B A` from them
+    with `merge_lora_state`, the very computation a fresh load at that strength does, and writes the result into
+    the LM's parameters. So a new `lora_scale` costs one fold of the targeted weights, not a reload of the base, and
+    gives the same weights bit for bit. Strength 0 writes the base weights back: the base model exactly.
+    """
+
+    def __init__(self, lm: nn.Module, folder: tp.Any, strength: float = 1.0):
+        _check_strength(strength)
+        tensors, config = read_adapter(folder)
+        self.folder, self.config = folder, config
+        self.unit_scale = float(config["alpha"]) / int(config["rank"])
+        state = lm.state_dict()  # tensors sharing storage with the parameters: writing them writes the LM
+        keys = _folded_keys(tensors)
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise KeyError(f"the adapter adapts {missing[0]}, which the base model does not have")
+        device = state[keys[0]].device if keys else torch.device("cpu")
+        self._tensors = {k: v.to(device) for k, v in tensors.items()}  # read on the CPU; folded where the LM is
+        self._targets = {k: state[k] for k in keys}
+        self._base = {k: v.detach().clone() for k, v in self._targets.items()}
+        self.strength = 0.0  # the LM holds its base weights until the first fold below
+        self.set_scale(strength)
+
+    @torch.no_grad()
+    def set_scale(self, strength: float) -> None:
+        """Fold the adapter at `strength` (predict's `lora_scale`) into the LM, in place of the previous one."""
+        _check_strength(strength)
+        if strength == self.strength:
+            return
+        if strength == 0:
+            merged = self._base
+            logger.info("LoRA strength 0: the adapter in %s is not applied (the base model as it is)", self.folder)
+        else:
+            merged = merge_lora_state({**self._base, **self._tensors}, self.unit_scale * strength)
+        for key, target in self._targets.items():
+            if merged[key].shape != target.shape:
+                raise ValueError(
+                    f"{key}: the adapter makes {tuple(merged[key].shape)}, the base has {tuple(target.shape)}"
+                )
+            target.copy_(merged[key])
+        self.strength = strength
+        if strength:
+            logger.info(
+                "Applied LoRA adapter (rank %s, alpha %s, %d targets, strength %g) merged into the weights",
+                self.config["rank"],
+                self.config["alpha"],
+                len(self.config["targets"]),
+                strength,
+            )
+
+
 def apply_lora_files(lm: nn.Module, folder: tp.Any, merge: bool = True, strength: float = 1.0) -> dict[str, tp.Any]:
     """Apply the adapter in `folder` to a base `lm` (in place). `merge=True` folds it into the weights (plain
-    modules, as fast as the base); `merge=False` keeps adapter modules (as during training). Returns the config.
+    modules, as fast as the base; `MergedLoRA` keeps it to change its strength later); `merge=False` keeps adapter
+    modules (as during training). Returns the config.
 
     `strength` (predict's `lora_scale`) multiplies the adapter's update: the weight becomes
     `W + strength * (alpha / rank) * B A`. 0 leaves the base weights untouched (nothing is merged: the base model
     exactly), 1 is the adapter as trained.
     """
-    if not math.isfinite(strength) or strength < 0:
-        raise ValueError(f"LoRA strength must be a finite number >= 0, got {strength}")
+    if merge:
+        return MergedLoRA(lm, folder, strength).config
+    _check_strength(strength)
     tensors, config = read_adapter(folder)
     scale = float(config["alpha"]) / int(config["rank"]) * strength
-    if merge and strength == 0:
-        logger.info("LoRA strength 0: the adapter in %s is not applied (the base model as it is)", folder)
-        return config
-    if merge:
-        state = {k: v for k, v in lm.state_dict().items()}
-        merged = merge_lora_state({**state, **tensors}, scale)
-        lm.load_state_dict(merged)
-    else:
-        add_lora(lm, config["targets"], int(config["rank"]), float(config["alpha"]))
-        missing = set(lora_state_dict(lm.state_dict())) - set(tensors)
-        if missing:
-            raise ValueError(f"the adapter lacks {sorted(missing)[:3]}")
-        lm.load_state_dict(tensors, strict=False)
-        if strength != 1.0:
-            set_lora_strength(lm, scale)
+    add_lora(lm, config["targets"], int(config["rank"]), float(config["alpha"]))
+    missing = set(lora_state_dict(lm.state_dict())) - set(tensors)
+    if missing:
+        raise ValueError(f"the adapter lacks {sorted(missing)[:3]}")
+    lm.load_state_dict(tensors, strict=False)
+    if strength != 1.0:
+        set_lora_strength(lm, scale)
     logger.info(
-        "Applied LoRA adapter (rank %s, alpha %s, %d targets, strength %g)%s",
+        "Applied LoRA adapter (rank %s, alpha %s, %d targets, strength %g)",
         config["rank"],
         config["alpha"],
         len(config["targets"]),
         strength,
-        " merged into the weights" if merge else "",
     )
     return config
 

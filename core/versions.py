@@ -24,6 +24,7 @@ from core.catalogue import (
     MODEL_VERSIONS,
     PRETRAINED,
     SCRATCH_VERSIONS,
+    SPEC,
     STYLE_PRETRAINED,
     STYLE_TINY_VERSIONS,
     STYLE_VERSIONS,
@@ -46,6 +47,7 @@ from core.hub import (
     hub_unreachable,
     missing_from_cache,
 )
+from core.loaded import LoadedModel
 from core.style import MERT_NAME, is_style_folder, load_style_musicgen
 
 logger = logging.getLogger(__name__)
@@ -115,8 +117,8 @@ def resolve(model_version: str) -> ModelSource:
     )
 
 
-def load_musicgen(model_version: str, device: str | None = None):
-    """Load a MusicGen (audiocraft's `MusicGen`) by model version, local folder or HF id.
+def load_musicgen(model_version: str, device: str | None = None) -> LoadedModel:
+    """Load a MusicGen (audiocraft's `MusicGen`, in a `LoadedModel`) by model version, local folder or HF id.
 
     Raises `ModelUnavailableError` with the model, where it looked and the fix, instead of a hub stack trace: at
     once (one request) when a hub model is not cached and the hub cannot be reached. A hub model whose files are
@@ -134,7 +136,7 @@ def load_musicgen(model_version: str, device: str | None = None):
     logger.info("Loading MusicGen %s from %s on %s", source.name, source.location, device)
     with hub_offline() if source.kind == "hf" and cached else contextlib.nullcontext():
         if is_style_source(source):
-            return _load_style(source, device)
+            return LoadedModel(_load_style(source, device), source.name, SPEC.get(source.name), source.location)
         try:
             with tiny.tiny_hubs(Path(source.location)) if source.kind != "hf" else contextlib.nullcontext():
                 model = MusicGen.get_pretrained(source.location, device=device)
@@ -142,8 +144,7 @@ def load_musicgen(model_version: str, device: str | None = None):
             raise
         except Exception as e:  # noqa: BLE001 - turned into one actionable message below
             raise ModelUnavailableError(describe_load_failure(source, e)) from None
-    model.name = source.name
-    return model
+    return LoadedModel(model, source.name, SPEC.get(source.name), source.location)
 
 
 def check_available(model_version: str) -> list[str]:

@@ -147,11 +147,11 @@ def _file_part(name: str) -> str:
 
 
 def load_weights(spec: str, device: str) -> tp.Any:
-    """A MusicGen from a base version name, a local model folder or a `trained_model.tar`."""
+    """A MusicGen (audiocraft's) from a base version name, a local model folder or a `trained_model.tar`."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return load_trained_model(path, device)
-    return load_musicgen(spec, device)
+        return load_trained_model(path, device).musicgen
+    return load_musicgen(spec, device).musicgen
 
 
 def load_dataset(spec: str, work: Path, name: str = "dataset") -> tp.Any:

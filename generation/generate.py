@@ -31,6 +31,7 @@ import torch
 from core import audio, versions, weights
 from core.catalogue import SAMPLER_PRECISIONS
 from core.devices import default_device
+from core.loaded import LoadedModel
 from core.params import InputError
 from generation import style
 from generation.fast import FastSampler, default_quantize, unsupported_reason
@@ -173,7 +174,7 @@ class Generator:
         self.free_bytes = free_bytes
         self._protected: set[Path] = set()
         self._key: ModelKey | None = None
-        self._model = None
+        self._model: LoadedModel | None = None
         self._mbd = None
         self._sampler: FastSampler | None = None
         self._sampler_precision = "auto"  # what a model is prepared at when it loads: the last request's choice
@@ -203,27 +204,31 @@ class Generator:
         None when `key` needs no loading (loaded now, or not weights)."""
         if key.kind != "weights" or key == self._key:
             return None
-        if self._key is not None and self._key.ref == key.ref and not getattr(self._model, "is_lora", False):
-            return None  # only lora_scale changed on weights that are no LoRA adapter: model_for keeps the model
-        previous = getattr(self._model, "weights_folder", None)
+        if self._key is not None and (self._key.kind, self._key.ref) == (key.kind, key.ref):
+            return None  # only lora_scale changed: model_for re-folds the adapter (or ignores it) on the loaded model
+        previous = self._model.weights_folder if self._model is not None else None
         keep = {*self._protected, *([previous] if previous else [])}
         return weights.open_weights(key.ref, keep=keep, min_free_bytes=self.min_free_bytes, free_bytes=self.free_bytes)
 
-    def model_for(self, key: ModelKey, opened: weights.OpenedWeights | None = None):
+    def model_for(self, key: ModelKey, opened: weights.OpenedWeights | None = None) -> LoadedModel:
         """The model of `key`, loaded if it is not the one loaded now (`opened`: its weights from `open_weights`).
+        A new `lora_scale` on the loaded LoRA weights re-folds their adapter on the loaded base (no reload).
 
         Whatever fails in a load, the next request finds the generator as if it were the first: either the model
         loaded before is untouched (a failure while the weights are fetched and checked) or no model and no key at
         all (a failure while the new model is built, after the old one was freed), so the next request loads again.
         """
-        if key == self._key:
+        if key == self._key and self._model is not None:
             return self._model
-        same_weights = self._key is not None and (self._key.kind, self._key.ref) == (key.kind, key.ref)
-        if same_weights and not getattr(self._model, "is_lora", False):
-            # Only lora_scale changed, and these weights are no LoRA adapter: nothing to re-apply.
-            logger.warning("lora_scale=%g is ignored: %s are not LoRA weights", key.lora_scale, key.ref[:80])
+        loaded = self._model
+        if loaded is not None and self._key is not None and (self._key.kind, self._key.ref) == (key.kind, key.ref):
+            if loaded.adapter is None:
+                # Only lora_scale changed, and these weights are no LoRA adapter: nothing to re-apply.
+                logger.warning("lora_scale=%g is ignored: %s are not LoRA weights", key.lora_scale, key.ref[:80])
+            else:
+                self._rescale(loaded, key)
             self._key = key
-            return self._model
+            return loaded
         if key.kind == "weights" and opened is None:
             opened = self.open_weights(key)
         # Free the previous model before building the next one (two may not fit on a GPU), and its key with it.
@@ -235,8 +240,6 @@ class Generator:
         model = None
         try:
             if opened is not None:
-                if same_weights:
-                    logger.info("lora_scale changed to %g: re-applying the adapter on its base", key.lora_scale)
                 model = weights.load_trained_model(opened, device=self.device, lora_scale=key.lora_scale)
             else:
                 model = versions.load_musicgen(key.ref, device=self.device)
@@ -252,11 +255,26 @@ class Generator:
         _log_loaded(key, opened)
         return model
 
+    def _rescale(self, loaded: LoadedModel, key: ModelKey) -> None:
+        """Re-fold `loaded`'s LoRA adapter at `key.lora_scale` and re-prepare the sampler's copy of the LM (its
+        int8 / half weights were made from the previous fold). A failure leaves no model loaded: the next request
+        loads again."""
+        logger.info("lora_scale changed to %g: re-folding the adapter on the loaded base", key.lora_scale)
+        try:
+            if self._sampler is not None:
+                self._sampler.forget(loaded.lm)
+            assert loaded.adapter is not None
+            loaded.adapter.set_scale(key.lora_scale)
+            if _plain_lm(loaded.lm):
+                self.sampler().prepare(loaded.lm)
+        except BaseException:
+            self._model, self._key = None, None
+            raise
+
     @property
     def loaded_weights(self) -> Path | None:
         """The folder of the fine-tuned weights loaded now (None for a base model): never evicted."""
-        folder = getattr(self._model, "weights_folder", None)
-        return Path(folder) if folder else None
+        return self._model.weights_folder if self._model is not None else None
 
     def preload(self, base: str | None = DEFAULT_BASE) -> None:
         """Load what `setup()` should: the COG_WEIGHTS fine-tune (failing loudly: the deployment is unusable
@@ -330,9 +348,10 @@ class Generator:
         if opened is not None:
             validate_for_version(params, opened.base, input_audio, style_audio)
         sampler = self.sampler(params.sampler_precision)  # before loading: a new model is prepared at this one
-        model = self.model_for(key, opened)
-        validate_for_model(params, model, input_audio)
-        style.validate_for_model(params, model, style_audio, input_audio)
+        loaded = self.model_for(key, opened)
+        model = loaded.musicgen
+        validate_for_model(params, model, input_audio, name=loaded.name)
+        style.validate_for_model(params, model, style_audio, input_audio, name=loaded.name)
         mbd = self.mbd(model) if params.multi_band_diffusion else None
 
         if sample_fn is None and _plain_lm(model.lm):  # LMs with their own generate (style: double CFG) keep it

@@ -143,8 +143,11 @@ def is_melody_model(model) -> bool:
     return "self_wav" in model.lm.condition_provider.conditioners
 
 
-def validate_for_model(params: PredictParams, model, input_audio: tuple[torch.Tensor, int] | None) -> None:
-    """Checks that depend on the loaded model (still before any generation)."""
+def validate_for_model(
+    params: PredictParams, model, input_audio: tuple[torch.Tensor, int] | None, *, name: str | None = None
+) -> None:
+    """Checks that depend on the loaded model (audiocraft's MusicGen; `name`: what messages call it, by default
+    its own `name`), still before any generation."""
     card = model.lm.card
     if params.prompt and params.prompt.strip() and not model.lm.condition_provider.conditioners:
         logger.warning("This model is unconditional (trained from scratch without text): the prompt is ignored")
@@ -153,8 +156,9 @@ def validate_for_model(params: PredictParams, model, input_audio: tuple[torch.Te
     if input_audio is not None and not params.continuation and not is_melody_model(model):
         raise InputError(
             "input_audio",
-            f"melody conditioning needs a melody model (melody, melody-large, stereo-melody, ...), and {model.name} "
-            "is not one: set continuation=true to continue the audio instead, or pick a melody model_version",
+            "melody conditioning needs a melody model (melody, melody-large, stereo-melody, ...), and "
+            f"{name or model.name} is not one: set continuation=true to continue the audio instead, or pick a melody "
+            "model_version",
         )
     if params.duration > model.max_duration and model.max_duration <= EXTEND_STRIDE:
         raise InputError(

@@ -73,11 +73,12 @@ def validate_request(params: PredictParams, style_audio: Audio | None) -> None:
 
 
 def validate_for_model(
-    params: PredictParams, model, style_audio: Audio | None, input_audio: Audio | None
+    params: PredictParams, model, style_audio: Audio | None, input_audio: Audio | None, *, name: str | None = None
 ) -> dict[str, tp.Any]:
-    """Checks that depend on the loaded model; returns its style conditioners (empty for other models)."""
+    """Checks that depend on the loaded model (audiocraft's MusicGen; `name`: what messages call it, by default its
+    own `name`); returns its style conditioners (empty for other models)."""
     conditioners = style_conditioners(model)
-    name = getattr(model, "name", "this model")
+    name = name or model.name
     if not conditioners:
         if style_audio is not None:
             raise InputError(

@@ -68,7 +68,7 @@ def test_bad_inputs_fail_naming_the_input(server, inputs, name):
 
 
 def test_cog_weights_loads_the_fine_tune(tmp_path):
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     with torch.no_grad():
         for p in model.lm.parameters():
             p.mul_(1.5)

@@ -29,7 +29,7 @@ from training.data import ClipTokens
 from training.evaluate import audio_check
 from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, finished_state, resume_hint
 from training.melody import restore_for_generation
-from training.methods import get_method
+from training.methods import Prepared, get_method
 from training.params import TrainParams
 from training.report import finite_json, metrics_json, plot_history, reference_clip, render_html
 
@@ -130,6 +130,7 @@ def export_trained_model(
     out_tar: Path,
     *,
     model: tp.Any,
+    prepared: Prepared,
     result: TrainResult,
     params: TrainParams,
     clips: tp.Sequence[ClipTokens],
@@ -191,7 +192,7 @@ def export_trained_model(
     finetune["training"]["exported_step"] = exported_step
     if prior_examples:
         finetune["prior_examples"] = prior_examples
-    method_export = get_method(params.method).export(result.state_dict, model.lm, params)  # training/methods/
+    method_export = get_method(params.method).export(result.state_dict, prepared, params)  # training/methods/
     finetune.update(method_export.info)
     check_exported_finite(method_export, result.steps, checkpoint_dir)
     try:

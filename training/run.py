@@ -42,8 +42,8 @@ from training.dist import DistInfo
 from training.export import TAR_NAME, check_output_dir, export_trained_model
 from training.loop import RunPlan, TrainingInterrupted, check_resume_compatible, plan_run, resolve_precision, train_loop
 from training.melody import melody_conditioners, prepare_melody_training
+from training.methods import Prepared, enable_gradient_checkpointing, get_method, prior, scratch
 from training.methods import check_inputs as check_method_inputs
-from training.methods import enable_gradient_checkpointing, get_method, prior, scratch
 from training.params import TrainParams, dropped_settings, prepare_kwargs, validate
 from training.style import prepare_style_training
 
@@ -304,6 +304,7 @@ class Setup:
     clips: list[ClipTokens]
     tokens: TokenDataset
     plan: RunPlan
+    prepared: Prepared  # the method's trainable set and export keys (training/methods/base.py)
     evaluator: evaluation.Evaluator | None = None  # validation on held-out tracks (None: off)
     reference: dict | None = None  # rank 0: the base model's samples of held-out prompts (evaluate.audio_check)
 
@@ -318,7 +319,7 @@ def setup_training(
     if params.model_version in scratch.SCRATCH_VERSIONS:  # a new LM from random init (training/methods/scratch.py)
         model = scratch.build_scratch_musicgen(params, dist.device)
     else:
-        model = versions.load_musicgen(params.model_version, dist.device)
+        model = versions.load_musicgen(params.model_version, dist.device).musicgen
     compression, lm = model.compression_model, model.lm
     compression.eval()
     for p in compression.parameters():  # frozen: only the LM trains
@@ -348,9 +349,9 @@ def setup_training(
     method = get_method(params.method)  # what trains and on which examples (training/methods/)
     with torch.random.fork_rng(devices=[]):  # what a method initialises (LoRA factors) depends on the seed only
         torch.manual_seed(params.seed)
-        method.prepare(lm, params)
-    clips = method.adjust_clips(clips, lm, params)
-    held_out = method.adjust_clips(held_out, lm, params) if held_out else []  # e.g. the trigger's tokens
+        prepared = method.prepare(lm, params)  # what trains and what the tar carries
+    clips = method.adjust_clips(clips, prepared, params)
+    held_out = method.adjust_clips(held_out, prepared, params) if held_out else []  # e.g. the trigger's tokens
     if params.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
     plan = plan_run(
@@ -403,7 +404,7 @@ def setup_training(
             plan.segment_frames / compression.frame_rate,
             resolve_precision(params.precision, dist.device)[2],
         )
-    return Setup(model, clips, tokens, plan, evaluator, reference)
+    return Setup(model, clips, tokens, plan, prepared, evaluator, reference)
 
 
 def run_worker(
@@ -473,6 +474,7 @@ def run_worker(
             tar = export_trained_model(
                 output_dir / TAR_NAME,
                 model=setup.model,
+                prepared=setup.prepared,
                 result=result,
                 params=params,
                 clips=setup.clips,

@@ -15,7 +15,7 @@ from core.versions import load_musicgen
 
 
 def lora_tar(path: Path, base: str = "tiny", seed: int = 0, rank: int = 4, alpha: float = 8.0) -> Path:
-    model = load_musicgen(base, "cpu")
+    model = load_musicgen(base, "cpu").musicgen
     targets = adapters.select_targets(model.lm, "q,k,v,out_proj,linear1,linear2")
     adapters.add_lora(model.lm, targets, rank, alpha)
     gen = torch.Generator().manual_seed(seed)

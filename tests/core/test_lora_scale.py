@@ -1,6 +1,6 @@
 """predict's `lora_scale`: the LoRA adapter's update scaled at load (0: the base model exactly, 1: as trained, 0.5
-in between); the Generator's model key holds it (a change re-applies, the same scale reuses); other weights ignore
-it with a warning."""
+in between); the Generator's model key holds it (a change re-folds the adapter on the loaded base, the same scale
+reuses); other weights ignore it with a warning."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_generator_key_holds_lora_scale(tar, codes, caplog):
     one = generator.model_for(ModelKey("weights", str(tar), 1.0))
     assert generator.model_for(ModelKey("weights", str(tar), 1.0)) is one  # same scale: reused
     half = generator.model_for(ModelKey("weights", str(tar), 0.5))
-    assert half is not one
+    assert half is one and half.adapter.strength == 0.5  # re-folded on the loaded base, not loaded again
     torch.testing.assert_close(lm_logits(half, codes), lm_logits(unmerged(tar, 0.5), codes), atol=1e-4, rtol=1e-4)
     assert generator.model_for(ModelKey("weights", str(tar), 0.5)) is half
     # base model versions: lora_scale is ignored (warned), the key carries 1
@@ -72,3 +72,33 @@ def test_non_lora_weights_ignore_lora_scale_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         again = generator.model_for(ModelKey("weights", str(full), 0.3))
     assert again is first and "lora_scale=0.3 is ignored" in caplog.text
+
+
+def test_a_new_lora_scale_refolds_the_adapter_without_reloading_the_base(tar, monkeypatch):
+    """Between predictions, a new lora_scale changes the loaded LoRA model in place: the base is not loaded again
+    (every base load goes through core.versions.load_musicgen, counted here as it runs), and the weights and the
+    prediction equal those of a fresh load at that scale, bit for bit (the sampler's int8 copy is re-made too)."""
+    import core.versions
+
+    loads = []
+    real = core.versions.load_musicgen
+    monkeypatch.setattr(core.versions, "load_musicgen", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+
+    def request(scale: float) -> PredictParams:
+        return from_kwargs(PredictParams, replicate_weights=str(tar), duration=1, seed=7, lora_scale=scale)
+
+    generator = Generator(device="cpu")
+    generator.generate(request(1.0), progress=False)
+    musicgen = generator._model.musicgen
+    assert loads == ["tiny"]
+    for scale in (0.5, 0.0, 1.0):
+        result = generator.generate(request(scale), progress=False)
+        assert loads == ["tiny"] and generator._model.musicgen is musicgen  # the same base, loaded once
+        fresh_state = weights.load_trained_model(tar, device="cpu", lora_scale=scale).lm.state_dict()
+        state = musicgen.lm.state_dict()
+        assert state.keys() == fresh_state.keys()
+        assert all(torch.equal(state[k], fresh_state[k]) for k in state), scale
+        fresh = Generator(device="cpu").generate(request(scale), progress=False)
+        assert torch.equal(result.codes, fresh.codes) and torch.equal(result.wavs, fresh.wavs), scale
+        loads.clear()
+        loads.append("tiny")  # the fresh loads above are not the generator's

@@ -25,7 +25,7 @@ def real_layout() -> dict:
 
 @pytest.fixture(scope="module")
 def model():
-    return versions.load_musicgen("tiny-style", device="cpu")
+    return versions.load_musicgen("tiny-style", device="cpu").musicgen
 
 
 def wav_condition(seconds: float, freq: float = 220.0, seed: int = 0) -> WavCondition:
@@ -109,7 +109,7 @@ def test_tiny_style_is_a_checkpoint_folder_loaded_by_our_loader(model, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     copy_dir = tmp_path / "copy"
     shutil.copytree(folder, copy_dir)
-    again = versions.load_musicgen(str(copy_dir), device="cpu")
+    again = versions.load_musicgen(str(copy_dir), device="cpu").musicgen
     assert isinstance(again.lm, style.StyleLMModel)
     assert all(torch.equal(v, again.lm.state_dict()[k]) for k, v in model.lm.state_dict().items())
     # The regular models still go through audiocraft's own loader.

@@ -11,7 +11,7 @@ from core import adapters, tiny, versions
 
 @pytest.fixture(scope="module")
 def model():
-    return versions.load_musicgen("tiny-t5", "cpu")
+    return versions.load_musicgen("tiny-t5", "cpu").musicgen
 
 
 def text_conditioner(model):
@@ -54,7 +54,7 @@ def test_tiny_t5_is_deterministic(tmp_path):
 
 
 def test_a_new_t5_trigger_starts_as_the_base_encoding(model):
-    base = versions.load_musicgen("tiny-t5", "cpu")
+    base = versions.load_musicgen("tiny-t5", "cpu").musicgen
     conditioner, reference = text_conditioner(model), text_conditioner(base)
     # fresh conditioners for each trigger: reuse the loaded T5 (frozen) on a copy of the module
     import copy

@@ -35,7 +35,7 @@ def test_tiny_models_are_deterministic(tmp_path, monkeypatch):
     [("tiny", 1, 4, False), ("tiny-stereo", 2, 8, False), ("tiny-melody", 1, 4, True)],
 )
 def test_tiny_models_load(version, channels, n_q, melody):
-    model = versions.load_musicgen(version, device="cpu")
+    model = versions.load_musicgen(version, device="cpu").musicgen
     assert model.sample_rate == 32000 and model.audio_channels == channels and model.lm.n_q == n_q
     assert model.frame_rate == 50 and model.max_duration == 30
     assert ("self_wav" in model.lm.condition_provider.conditioners) is melody
@@ -48,7 +48,7 @@ def test_tiny_models_load(version, channels, n_q, melody):
 def test_local_folder_is_a_model(tmp_path):
     folder = tmp_path / "my-model"
     shutil.copytree(tiny.ensure_tiny("tiny"), folder)
-    model = versions.load_musicgen(str(folder), device="cpu")
+    model = versions.load_musicgen(str(folder), device="cpu").musicgen
     assert model.lm.n_q == 4
 
 

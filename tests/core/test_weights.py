@@ -35,7 +35,7 @@ def logits(model, codes: torch.Tensor, text: str = "lofi beat") -> torch.Tensor:
 
 def perturbed(version: str):
     """A base tiny model whose LM weights moved, standing in for a fine-tune."""
-    model = load_musicgen(version, device="cpu")
+    model = load_musicgen(version, device="cpu").musicgen
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in model.lm.parameters():
@@ -66,7 +66,7 @@ def test_round_trip_identical_logits(tmp_path, version):
     codes = torch.randint(0, 256, (1, model.lm.n_q, 20), generator=torch.Generator().manual_seed(0))
     with tiny.tiny_demucs(tiny.ensure_tiny(version)):
         theirs = MusicGen.get_pretrained(str(folder), device="cpu")  # audiocraft's own loader
-    ours = weights.load_trained_model(out, device="cpu")
+    ours = weights.load_trained_model(out, device="cpu").musicgen
     expected = logits(theirs, codes)
     assert torch.equal(logits(ours, codes), expected)
     # fp16 storage: close to the fp32 model it came from, not identical.
@@ -75,7 +75,7 @@ def test_round_trip_identical_logits(tmp_path, version):
 
 
 def test_unpack_is_cached_by_content(tmp_path):
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     kw = dict(state_dict=model.lm.state_dict(), cfg=model.lm.cfg, base_model="tiny", finetune={"method": "full"})
     a = weights.unpack(weights.write_trained_model(tmp_path / "a.tar", **kw))
     b = weights.unpack(weights.write_trained_model(tmp_path / "b.tar", **kw))
@@ -85,7 +85,7 @@ def test_unpack_is_cached_by_content(tmp_path):
 def test_the_tar_writer_report_members_modes_and_same_bytes(tmp_path, caplog):
     """One writer for the whole tar: the report after the weights (not hashed), every member a 0644 file with
     mtime 0, the file 0644 less the umask, no temp file left, and the same inputs give the same bytes."""
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     report = {"loss.png": b"png", "samples/sample_0.wav": b"RIFF", "metrics.json": b"{}", "report.html": b"<html>"}
     kw = dict(state_dict=model.lm.state_dict(), cfg=model.lm.cfg, base_model="tiny", finetune={"method": "full"})
     written = {}
@@ -162,7 +162,7 @@ def test_corrupt_state_dict(tmp_path):
 
 
 def test_links_and_unknown_members_are_not_extracted(tmp_path):
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     good = weights.write_trained_model(
         tmp_path / "good.tar", state_dict=model.lm.state_dict(), cfg=model.lm.cfg, base_model="tiny", finetune={}
     )

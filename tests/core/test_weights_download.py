@@ -15,7 +15,7 @@ from generation.generate import Generator, ModelKey
 
 @pytest.fixture
 def tar(tmp_path):
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     return weights.write_trained_model(
         tmp_path / "site" / "trained_model.tar",
         state_dict=model.lm.state_dict(),
@@ -62,8 +62,8 @@ def test_bad_url_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_models_are_swapped_only_when_the_weights_change(tar):
     generator = Generator(device="cpu", setup_weights=str(tar))
-    fine_tuned = generator.model_for(ModelKey("weights", str(tar)))
-    assert generator.model_for(ModelKey("weights", str(tar))) is fine_tuned
-    base = generator.model_for(ModelKey("version", "tiny"))
+    fine_tuned = generator.model_for(ModelKey("weights", str(tar))).musicgen
+    assert generator.model_for(ModelKey("weights", str(tar))).musicgen is fine_tuned
+    base = generator.model_for(ModelKey("version", "tiny")).musicgen
     assert base is not fine_tuned
-    assert generator.model_for(ModelKey("version", "tiny")) is base
+    assert generator.model_for(ModelKey("version", "tiny")).musicgen is base

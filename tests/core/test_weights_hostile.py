@@ -185,7 +185,7 @@ def test_a_catalogue_base_fixes_the_architecture():
 
 def test_a_download_has_a_total_deadline(cache, good_tar, monkeypatch):
     """Each read returns within the per-read timeout, and still the download ends at the deadline."""
-    monkeypatch.setattr(weights, "DOWNLOAD_DEADLINE", 1.5)
+    monkeypatch.setattr(weights.cache, "DOWNLOAD_DEADLINE", 1.5)
     server = Trickle(good_tar.read_bytes())
     try:
         with pytest.raises(WeightsError, match="not finished after 2 s") as err:

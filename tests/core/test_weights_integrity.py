@@ -32,7 +32,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def full_tar(path):
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     return weights.write_trained_model(
         path, state_dict=model.lm.state_dict(), cfg=model.lm.cfg, base_model="tiny", finetune={"method": "full"}
     )

@@ -42,7 +42,7 @@ def make_tar(path: Path, seed: int = 0) -> Path:
     """A full trained_model.tar of the tiny model (weights moved by `seed`, so each seed is distinct content)."""
     import torch
 
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     state = model.lm.state_dict()
     if seed:
         gen = torch.Generator().manual_seed(seed)
@@ -268,14 +268,14 @@ def test_lru_eviction_keeps_free_space_and_the_loaded_weights(cache, tmp_path, c
     first = generator.model_for(ModelKey("weights", str(tars[0])))
     second = weights.unpack(tars[1], min_free_bytes=1000, free_bytes=free)
     assert len(_cached(cache)) == 2
-    os.utime(weights._meta(second), (1, 1))  # `second` used long ago; `first` (loaded) is the oldest otherwise
-    os.utime(weights._meta(first.weights_folder), (0, 0))
+    os.utime(weights.cache._meta(second), (1, 1))  # `second` used long ago; `first` (loaded) is the oldest otherwise
+    os.utime(weights.cache._meta(first.weights_folder), (0, 0))
     with caplog.at_level(logging.INFO, logger="core.weights"):
         third = weights.unpack(tars[2], keep=[generator.loaded_weights], min_free_bytes=1000, free_bytes=free)
     assert _cached(cache) == sorted([first.weights_folder.name, third.name])  # `second` evicted, not the loaded
     assert "Evicted cached weights" in caplog.text
     # the Generator protects what it has loaded by itself
-    os.utime(weights._meta(third), (2, 2))
+    os.utime(weights.cache._meta(third), (2, 2))
     generator.model_for(ModelKey("weights", str(tars[1])))
     assert first.weights_folder.is_dir() and generator.loaded_weights.is_dir()
     assert not third.exists()

@@ -30,14 +30,14 @@ def test_the_copy_check_flags_a_sample_that_replays_a_training_clip():
 
 
 def test_encodec_latents_are_the_encoder_output_before_quantization():
-    model = load_musicgen("tiny", "cpu")
+    model = load_musicgen("tiny", "cpu").musicgen
     wav = torch.randn(1, 32000)
     latents = encodec_latents(model.compression_model, wav, 32000)
     assert latents.shape == (50, 32)  # 50 Hz frames of the tiny EnCodec's 32-dim latent
     with torch.no_grad():
         expected = model.compression_model.encoder(wav[None])[0].T.numpy()
     np.testing.assert_allclose(latents, expected, rtol=1e-6)
-    stereo = load_musicgen("tiny-stereo", "cpu")  # the interleaved stereo wrapper: the inner mono EnCodec
+    stereo = load_musicgen("tiny-stereo", "cpu").musicgen  # the interleaved stereo wrapper: the inner mono EnCodec
     assert encodec_latents(stereo.compression_model, torch.randn(2, 16000), 16000).shape == (50, 32)
 
 

@@ -103,7 +103,8 @@ def test_samples_are_generated_in_batches_that_fit_free_memory(monkeypatch, tmp_
     from evaluation.compare import sample_batch
 
     # A wider tiny LM, where the batch's attention cache (not one output's decode) decides what fits.
-    model = load_musicgen(str(tiny.build_variant(tmp_path / "wide", dim=512, num_heads=8, num_layers=8)), "cpu")
+    wide = tiny.build_variant(tmp_path / "wide", dim=512, num_heads=8, num_layers=8)
+    model = load_musicgen(str(wide), "cpu").musicgen
     assert request.decode_bytes(model, 2.0) < 3 * request.kv_cache_bytes(model, 2.0, 1)
     per_output = request.kv_cache_bytes(model, 2.0, 1)
     monkeypatch.setattr(request, "available_memory", lambda device: int(3.5 * per_output / 0.8))

@@ -68,7 +68,7 @@ def test_one_output_is_a_single_file_named_as_before(generator, tmp_path):
 
 def test_the_batch_is_one_sampler_call_per_window(generator):
     """All outputs go through the fast sampler together: one call, B = num_outputs (not one call per output)."""
-    model = generator.model_for(ModelKey("version", "tiny"))
+    model = generator.model_for(ModelKey("version", "tiny")).musicgen
     sampler = generator.sampler()
     calls = []
 
@@ -110,7 +110,7 @@ def test_a_melody_is_analysed_once_for_all_outputs(generator, tmp_path):
     from generation.fast import _condition_tensors
     from generation.generate import build_conditions, load_input_audio, replicate
 
-    model = generator.model_for(ModelKey("version", "tiny-melody"))
+    model = generator.model_for(ModelKey("version", "tiny-melody")).musicgen
     melody = write_wav(tmp_path / "m.wav", 2.0, sr=32000, freq=330.0)
     p = params(model_version="tiny-melody", input_audio=str(melody), prompt="calm piano")
     attributes, _ = replicate(*build_conditions(model, p, load_input_audio(p)), 3)
@@ -145,7 +145,7 @@ def test_continuation_continues_the_same_audio_in_every_output(generator, tmp_pa
 
 @pytest.mark.slow
 def test_windowed_long_outputs_batch(generator):
-    model = generator.model_for(ModelKey("version", "tiny"))
+    model = generator.model_for(ModelKey("version", "tiny")).musicgen
     sampler = generator.sampler()
     calls = []
 
@@ -188,7 +188,7 @@ def test_multi_band_diffusion_decodes_a_stereo_batch():
 def generator_model(version: str):
     from core.versions import load_musicgen
 
-    return load_musicgen(version, device="cpu")
+    return load_musicgen(version, device="cpu").musicgen
 
 
 @pytest.mark.parametrize("value", [0, 9, 2.5])
@@ -199,7 +199,7 @@ def test_num_outputs_bounds(value):
 
 
 def test_a_batch_that_cannot_fit_in_memory_is_refused_naming_the_fix(generator):
-    model = generator.model_for(ModelKey("version", "tiny"))
+    model = generator.model_for(ModelKey("version", "tiny")).musicgen
     one = kv_cache_bytes(model, 8, 1)
     # tiny: 2 layers x 2 (k, v) x 2 rows (guidance) x (400 frames + 4 delay steps) x dim 64 x 4 bytes
     assert one == 2 * 2 * 2 * 404 * 64 * 4

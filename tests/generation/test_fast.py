@@ -27,7 +27,7 @@ SEED = 17
 @functools.cache
 def tiny_model(name: str):
     """Loaded once per test session; tests that change weights load their own copy."""
-    return load_musicgen(name, "cpu")
+    return load_musicgen(name, "cpu").musicgen
 
 
 def attributes(model, n: int, melody: bool = False) -> list[ConditioningAttributes]:
@@ -122,7 +122,7 @@ def test_callback_and_defaults_match_audiocraft():
 
 def test_prepared_model_reused_and_sees_weight_updates():
     """A FastLM in fp32 holds the LM's own parameters: in-place updates (training) are seen by the next call."""
-    model = load_musicgen("tiny", "cpu")  # a private copy: its weights get changed here
+    model = load_musicgen("tiny", "cpu").musicgen  # a private copy: its weights get changed here
     lm = model.lm
     fast = FastLM.from_lm(lm)
     attrs = attributes(model, 2)
@@ -191,7 +191,7 @@ def test_quantized_paths_run_and_stay_close(name, quantize):
 
 def test_kl_detects_a_different_model():
     """The KL measurement is not trivially small: a model with perturbed weights is far away."""
-    model = load_musicgen("tiny", "cpu")
+    model = load_musicgen("tiny", "cpu").musicgen
     lm = model.lm
     attrs = attributes(model, 1)
     ref = FastLM(lm, None)
@@ -204,7 +204,7 @@ def test_kl_detects_a_different_model():
 
 
 def test_unsupported_configuration_falls_back_to_audiocraft(caplog):
-    model = load_musicgen("tiny", "cpu")
+    model = load_musicgen("tiny", "cpu").musicgen
     lm = model.lm
     lm.two_step_cfg = True
     assert unsupported_reason(lm) == "two_step_cfg"
@@ -266,7 +266,7 @@ def test_lora_wrapped_lm_is_read_through_its_adapters():
     the adapted weights (identical tokens to audiocraft's generate through the wrappers), and touches nothing."""
     from core.adapters import add_lora, lora_target_names
 
-    model = load_musicgen("tiny", "cpu")  # a private copy: adapters are added to it
+    model = load_musicgen("tiny", "cpu").musicgen  # a private copy: adapters are added to it
     lm = model.lm
     attrs = attributes(model, 2)
     base = seeded(lambda: generate_tokens(lm, attrs, None, GEN_LEN, top_k=50))

@@ -65,7 +65,7 @@ def test_prompt_changes_the_music(generator):
 
 @pytest.mark.slow
 def test_long_output_is_windowed(generator):
-    model = generator.model_for(generator_key("tiny"))
+    model = generator.model_for(generator_key("tiny")).musicgen
     sampler = generator.sampler()  # the fast sampler predict uses (audiocraft's generate takes minutes here)
     calls = []
 
@@ -199,7 +199,7 @@ def test_sampler_precision_reaches_the_sampler():
     exact_params = params(model_version="tiny", seed=5, sampler_precision="none")
     exact = generator.generate(exact_params, progress=False)
     assert generator.sampler().quantize is None
-    model = generator.model_for(generator_key("tiny"))
+    model = generator.model_for(generator_key("tiny")).musicgen
     seed_everything(5)
     theirs = generate_tokens(model, exact_params, None, sample_fn=lm_generate, progress=False)
     assert torch.equal(exact.codes, theirs.cpu())

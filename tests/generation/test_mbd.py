@@ -22,7 +22,7 @@ def tiny_mbd(codec) -> MultiBandDiffusion:
 
 
 def test_stereo_tokens_decode_per_channel():
-    model = load_musicgen("tiny-stereo", device="cpu")
+    model = load_musicgen("tiny-stereo", device="cpu").musicgen
     mbd = tiny_mbd(model.compression_model.model)  # the mono EnCodec inside the stereo wrapper
     tokens = torch.randint(0, 256, (1, 8, 25), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(3)
@@ -38,7 +38,7 @@ def test_stereo_tokens_decode_per_channel():
 
 
 def test_mono_tokens_decode_directly():
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     mbd = tiny_mbd(model.compression_model)
     tokens = torch.randint(0, 256, (1, 4, 25), generator=torch.Generator().manual_seed(1))
     assert decode(model, tokens, mbd).shape == (1, 1, 16000)

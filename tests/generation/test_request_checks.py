@@ -91,7 +91,8 @@ def test_the_loaded_weights_are_logged_once(tmp_path, caplog):
 def test_the_memory_check_counts_the_attention_cache_of_the_batch(tmp_path):
     """A wider tiny LM (dim 512, 8 layers), where the batch's attention cache outweighs one output's decode: the
     batch is refused naming num_outputs and how many fit."""
-    model = load_musicgen(str(tiny.build_variant(tmp_path / "wide", dim=512, num_heads=8, num_layers=8)), "cpu")
+    wide = tiny.build_variant(tmp_path / "wide", dim=512, num_heads=8, num_layers=8)
+    model = load_musicgen(str(wide), "cpu").musicgen
     one, decoding = kv_cache_bytes(model, 1, 1), decode_bytes(model, 1)
     assert 8 * one > decoding > one
     check_batch_memory(params(num_outputs=8), model, available=int(8 * one / 0.8) + 8)
@@ -106,7 +107,7 @@ def test_decode_memory_is_one_outputs_whatever_the_batch():
 
     from generation.generate import decode
 
-    model = Generator(device="cpu").model_for(ModelKey("version", "tiny"))
+    model = Generator(device="cpu").model_for(ModelKey("version", "tiny")).musicgen
     tokens = torch.randint(0, 256, (3, 4, 50), generator=torch.Generator().manual_seed(0))
     batch = decode(model, tokens)
     assert batch.shape == (3, 1, 32000)

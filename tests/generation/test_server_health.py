@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def full_tar(path, scale: float = 1.0, drop: str | None = None):
     """A full tiny fine-tune (weights scaled by `scale`); `drop`: a state-dict key left out (checksums still
     match: the tar is well-formed, only its LM cannot be built)."""
-    model = load_musicgen("tiny", device="cpu")
+    model = load_musicgen("tiny", device="cpu").musicgen
     state = {k: v * scale if v.is_floating_point() else v for k, v in model.lm.state_dict().items() if k != drop}
     return weights.write_trained_model(
         path, state_dict=state, cfg=model.lm.cfg, base_model="tiny", finetune={"method": "full"}

@@ -55,7 +55,7 @@ def wav_bytes(wav: torch.Tensor, sample_rate: int, tmp_path) -> bytes:
 
 
 def test_generate_audio_is_the_fast_path_and_leaves_the_lm_as_it_was():
-    model = load_musicgen("tiny", "cpu")
+    model = load_musicgen("tiny", "cpu").musicgen
     lm = model.lm
     lm.train()
     descriptions = ["calm piano", ""]
@@ -80,7 +80,7 @@ def test_report_samples_go_through_the_fast_path_with_lora(tmp_path):
     from core.adapters import add_lora, lora_target_names
     from training.export import generate_samples
 
-    model = load_musicgen("tiny", "cpu")
+    model = load_musicgen("tiny", "cpu").musicgen
     lm = model.lm
     add_lora(lm, lora_target_names(lm), rank=4, alpha=8.0)
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_prior_examples_go_through_the_fast_path(tmp_path):
     )
     clips = load_prepared(dataset).clips
     params = tiny_params(dataset, prior_preservation=True, trigger="zzq", class_samples=2, dissimilar_samples=1)
-    model = load_musicgen("tiny", "cpu")
+    model = load_musicgen("tiny", "cpu").musicgen
     out = prior.generate_prior_clips(model, clips, params, tmp_path / "prior", DistInfo(), SECONDS)
     assert [c.info["prior"] for c in out] == ["class", "class", "dissimilar"]
     prompts = [c.description for c in out]
@@ -137,7 +137,7 @@ def test_prior_examples_follow_sampler_precision_and_are_cached_apart(tmp_path):
 
     dataset = make_prepared(tmp_path / "prepared", [{"seconds": 2.0, "freq": 220.0, "description": "zzq calm piano"}])
     clips = load_prepared(dataset).clips
-    model = load_musicgen("tiny", "cpu")
+    model = load_musicgen("tiny", "cpu").musicgen
     cache = tmp_path / "prior"
     runs = {}
     for precision in ("auto", "none"):

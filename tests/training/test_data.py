@@ -15,12 +15,12 @@ from training.dist import DistInfo
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_musicgen("tiny", "cpu")
+    return load_musicgen("tiny", "cpu").musicgen
 
 
 @pytest.fixture(scope="module")
 def tiny_stereo():
-    return load_musicgen("tiny-stereo", "cpu")
+    return load_musicgen("tiny-stereo", "cpu").musicgen
 
 
 class CountingEncoder:

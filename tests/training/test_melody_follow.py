@@ -43,7 +43,7 @@ def tuned(tmp_path_factory):
         lr=1e-3,
     )
     tar = run_training(params, root / "out")
-    return {"tar": tar, "model": weights.load_trained_model(tar, device="cpu"), "root": root}
+    return {"tar": tar, "model": weights.load_trained_model(tar, device="cpu").musicgen, "root": root}
 
 
 def melody(freq: float, seed: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def logits(model, wav: torch.Tensor) -> torch.Tensor:
 
 def test_the_fine_tuned_model_follows_the_chroma(tuned):
     model = tuned["model"]
-    base = load_musicgen("tiny-melody", "cpu")
+    base = load_musicgen("tiny-melody", "cpu").musicgen
     trained_state, base_state = model.lm.state_dict(), base.lm.state_dict()
     moved = moved_beyond_fp16(trained_state, base_state, "transformer.")
     assert len(moved) > len([k for k in base_state if k.startswith("transformer.")]) // 2  # it did fine-tune

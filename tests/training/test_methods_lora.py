@@ -110,9 +110,9 @@ def test_loss_falls_and_the_tar_holds_only_the_adapter(lora_run):
 
 def test_predict_applies_the_adapter_and_merged_equals_unmerged(lora_run, dataset):
     tar = lora_run["tar"]
-    merged = weights.load_trained_model(tar, device="cpu")  # what predict.py loads: base + adapter merged
-    base = load_musicgen("tiny", "cpu")
-    unmerged = load_musicgen("tiny", "cpu")
+    merged = weights.load_trained_model(tar, device="cpu").musicgen  # what predict.py loads: base + adapter merged
+    base = load_musicgen("tiny", "cpu").musicgen
+    unmerged = load_musicgen("tiny", "cpu").musicgen
     adapters.apply_lora_files(unmerged.lm, weights.unpack(tar), merge=False)
     assert any(isinstance(m, adapters.LoRALinear) for m in unmerged.lm.modules())
     assert not any(isinstance(m, adapters.LoRALinear) for m in merged.lm.modules())
@@ -139,7 +139,7 @@ def test_lora_merge_exports_the_full_model(dataset, tmp_path, lora_run):
         names = set(archive.getnames())
         info = json.load(archive.extractfile("finetune.json"))
     assert adapters.ADAPTER_FILE not in names and info["adapter"]["merged"] is True
-    model = weights.load_trained_model(tar, device="cpu")  # an ordinary full export (audiocraft-loadable)
+    model = weights.load_trained_model(tar, device="cpu").musicgen  # an ordinary full export (audiocraft-loadable)
     from audiocraft.models import MusicGen
     from audiocraft.modules.conditioners import ConditioningAttributes
 
@@ -151,8 +151,9 @@ def test_lora_merge_exports_the_full_model(dataset, tmp_path, lora_run):
     assert any(k.endswith("in_proj_weight") for k in changed) and any(k.endswith("linear1.weight") for k in changed)
     assert not any("linears" in k or "emb" in k for k in changed)  # not targeted: untouched
 
-    adapted = weights.load_trained_model(lora_run["tar"], device="cpu")  # base (fp32) + the fp16 adapter, merged
-    unmerged = load_musicgen("tiny", "cpu")  # the adapter modules as in training (no fold of the weights)
+    # base (fp32) + the fp16 adapter, merged
+    adapted = weights.load_trained_model(lora_run["tar"], device="cpu").musicgen
+    unmerged = load_musicgen("tiny", "cpu").musicgen  # the adapter modules as in training (no fold of the weights)
     adapters.apply_lora_files(unmerged.lm, weights.unpack(lora_run["tar"]), merge=False)
     codes = torch.randint(0, tiny.CARD, (2, 4, 40), generator=torch.Generator().manual_seed(1))
     attributes = [ConditioningAttributes(text={"description": d}) for d in ("calm piano", "fast drums")]
@@ -202,5 +203,5 @@ def test_lora_tar_is_a_few_percent_of_a_full_export(dataset, tmp_path):
     )
     ratio = lora_tar.stat().st_size / full_tar.stat().st_size
     assert ratio < 0.05, (lora_tar.stat().st_size, full_tar.stat().st_size)
-    model = weights.load_trained_model(lora_tar, device="cpu")
+    model = weights.load_trained_model(lora_tar, device="cpu").musicgen
     assert model.lm.dim == 768

@@ -61,7 +61,7 @@ def test_tiny_micro_trains_from_scratch_and_generates_unconditionally(tmp_path, 
         info = json.load(archive.extractfile("finetune.json"))
     assert info["base_model"] == "tiny-micro" and info["method"] == "full"
 
-    model = weights.load_trained_model(tar, device="cpu")
+    model = weights.load_trained_model(tar, device="cpu").musicgen
     assert not model.lm.condition_provider.conditioners and model.lm.dim == 64 and len(model.lm.transformer.layers) == 2
     request = from_kwargs(PredictParams, replicate_weights=str(tar), prompt="calm piano", duration=1, seed=1)
     with caplog.at_level(logging.WARNING):

@@ -78,8 +78,8 @@ def test_textual_inversion_learns_the_trigger_row_only(dataset, tmp_path):
     row = hash_trick("zzq", 4096)
     assert info["embeddings"]["rows"] == [row]
 
-    model = weights.load_trained_model(tar, device="cpu")
-    base = load_musicgen("tiny", "cpu")
+    model = weights.load_trained_model(tar, device="cpu").musicgen
+    base = load_musicgen("tiny", "cpu").musicgen
     trained, original = model.lm.state_dict(), base.lm.state_dict()
     changed = [k for k in original if not torch.equal(original[k], trained[k])]
     assert changed == [PREFIX + "embed.weight"]
@@ -94,8 +94,8 @@ def test_text_projection_trains_the_output_projection_only(dataset, tmp_path):
     with tarfile.open(tar) as archive:
         size = archive.getmember(adapters.EMBEDDINGS_FILE).size
     assert size < 64 * 64 * 4 + 4096  # the 64 x 64 projection in fp32, plus the header
-    model = weights.load_trained_model(tar, device="cpu")
-    base = load_musicgen("tiny", "cpu")
+    model = weights.load_trained_model(tar, device="cpu").musicgen
+    base = load_musicgen("tiny", "cpu").musicgen
     trained, original = model.lm.state_dict(), base.lm.state_dict()
     changed = {k for k in original if not torch.equal(original[k], trained[k])}
     assert changed == {PREFIX + "output_proj.weight", PREFIX + "output_proj.bias"} & set(original)

@@ -27,7 +27,7 @@ def test_stereo_model_trains_on_mono_and_stereo_clips(tmp_path):
     )
     params = tiny_params(dataset, model_version="tiny-stereo", epochs=1, updates_per_epoch=3, save_every=3)
     tar = run_training(params, tmp_path / "out")
-    model = weights.load_trained_model(tar, device="cpu")
+    model = weights.load_trained_model(tar, device="cpu").musicgen
     model.set_generation_params(duration=0.5, top_k=50)
     assert model.generate(["wide pad"]).shape == (1, 2, 16000)
 
@@ -86,7 +86,7 @@ def test_melody_model_trains_on_cached_chroma(tmp_path):
     assert len(chroma_files) == 1
 
     tar = run_training(params, tmp_path / "out")  # reuses the cached codes and chroma
-    model = weights.load_trained_model(tar, device="cpu")
+    model = weights.load_trained_model(tar, device="cpu").musicgen
     assert model.lm.condition_provider.conditioners["self_wav"].match_len_on_eval  # generation behaviour
     model.set_generation_params(duration=0.5, top_k=50)
     melody = audio[None, :, :16000]

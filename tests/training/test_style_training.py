@@ -65,7 +65,7 @@ def test_style_fine_tune_exports_and_generates(tmp_path):
 
     base_state = {k: v.clone() for k, v in tiny_state().items()}
     tar = run_worker(params, load_prepared(dataset), out)
-    model = weights.load_trained_model(tar, device="cpu")
+    model = weights.load_trained_model(tar, device="cpu").musicgen
     assert isinstance(model.lm, style.StyleLMModel)
     trained = model.lm.state_dict()
     prefix = "condition_provider.conditioners.self_wav."

@@ -61,7 +61,12 @@ def trained(tmp_path_factory):
     t5_before = {k: v.clone() for k, v in t5.state_dict().items()}
     result = train_loop(lm, setup.tokens, params, setup.plan, DistInfo(), out / "checkpoints")
     tar = export_trained_model(
-        out / "trained_model.tar", model=setup.model, result=result, params=params, clips=setup.clips
+        out / "trained_model.tar",
+        model=setup.model,
+        prepared=setup.prepared,
+        result=result,
+        params=params,
+        clips=setup.clips,
     )
     return {
         "tar": tar,
@@ -102,7 +107,7 @@ def test_the_tar_carries_the_rows_and_their_tokens(trained):
 
 @pytest.fixture(scope="module")
 def loaded(trained):
-    return weights.load_trained_model(trained["tar"], device="cpu"), load_musicgen("tiny-t5", "cpu")
+    return weights.load_trained_model(trained["tar"], device="cpu").musicgen, load_musicgen("tiny-t5", "cpu").musicgen
 
 
 def encode(model, prompts):
@@ -164,5 +169,6 @@ def test_two_processes_learn_the_trigger_too(tmp_path, capfd):
     tar = run_training(params, tmp_path / "out", nproc=2)
     log = capfd.readouterr().err
     assert "All 2 ranks hold identical weights" in log, log[-3000:]
-    model = weights.load_trained_model(tar, device="cpu")
-    assert not torch.equal(encode(model, ["zzq drums"]), encode(load_musicgen("tiny-t5", "cpu"), ["zzq drums"]))
+    model = weights.load_trained_model(tar, device="cpu").musicgen
+    base = load_musicgen("tiny-t5", "cpu").musicgen
+    assert not torch.equal(encode(model, ["zzq drums"]), encode(base, ["zzq drums"]))

@@ -65,7 +65,7 @@ def test_trained_model_tar_loads_and_generates(tiny_run):
     assert info["training"]["steps"] == 30 and info["training"]["final_loss"] < info["training"]["first_loss"]
 
     # predict.py's loader and audiocraft's own loader both take it
-    model = weights.load_trained_model(tar, device="cpu")
+    model = weights.load_trained_model(tar, device="cpu").musicgen
     model.set_generation_params(duration=0.5, top_k=50)
     wav = model.generate(["calm piano"])
     assert wav.shape == (1, 1, 16000) and torch.isfinite(wav).all()
@@ -78,7 +78,7 @@ def test_trained_model_tar_loads_and_generates(tiny_run):
     for k, v in model.lm.state_dict().items():
         assert torch.equal(theirs[k].float(), v.float()) and torch.equal(v.float(), trained[k].half().float()), k
     # the LM changed (fp16 export of the trained weights), the compression model did not
-    base = load_musicgen("tiny", "cpu")
+    base = load_musicgen("tiny", "cpu").musicgen
     trained = model.lm.state_dict()
     changed = [k for k, v in base.lm.state_dict().items() if not torch.equal(v.half().float(), trained[k].float())]
     assert len(changed) > len(trained) // 2

@@ -68,7 +68,7 @@ def fitted_codec(monkeypatch):
 
     def load_fitted(version, device, *args, **kwargs):
         model = load(version, device, *args, **kwargs)
-        fit_codebooks(model.compression_model)
+        fit_codebooks(model.musicgen.compression_model)
         return model
 
     monkeypatch.setattr(core.versions, "load_musicgen", load_fitted)  # setup_training looks it up there at call time

@@ -5,11 +5,14 @@ calls it at four points and nowhere else:
 
 - `check(params)`: input checks that need no model, in `check_inputs` (run by `training.run.check_inputs` before
   any long work);
-- `adjust_clips(clips, lm, params)`: after `prepare`, the encoded training examples, changed or extended;
 - `prepare(lm, params)`: after the base model is loaded (`training.run.setup_training`): change the model (add
-  adapters) and decide what trains (`requires_grad`); the loop optimizes exactly the parameters that require grad;
-- `export(state_dict, lm, params)`: the files of `trained_model.tar` (`training.export.export_trained_model`):
-  either the full LM (`state_dict`), or only what was learned, with the base model referenced by name.
+  adapters), freeze the rest, and return a `Prepared`: the parameters that train (by name; exactly those that
+  require grad, which the loop optimizes), the state-dict keys the export carries, and what the export needs to
+  remember (LoRA config, trigger tokens);
+- `adjust_clips(clips, prepared, params)`: after `prepare`, the encoded training examples, changed or extended;
+- `export(state_dict, prepared, params)`: the files of `trained_model.tar` (`training.export.export_trained_model`):
+  either the full LM (`state_dict`), or only what was learned (`prepared.exports`), with the base model referenced
+  by name.
 
 `full` trains every LM weight; `lora` trains low-rank adapters (`training/methods/lora.py`); `textual_inversion`
 and `text_projection` learn only the text side (`training/methods/text.py`).
@@ -23,7 +26,7 @@ import torch
 
 from core.params import InputError
 from training.methods import prior, scratch
-from training.methods.base import Method, MethodExport, trainable_summary
+from training.methods.base import Method, MethodExport, Prepared, trainable_summary
 from training.methods.lora import LoRAMethod
 from training.methods.text import TextProjectionMethod, TextualInversionMethod
 from training.params import TrainParams
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Method",
     "MethodExport",
+    "Prepared",
     "get_method",
     "method_names",
     "check_inputs",

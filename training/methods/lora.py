@@ -13,7 +13,7 @@ import torch
 from core import adapters
 from core.catalogue import LM_LAYOUTS
 from core.params import InputError
-from training.methods.base import Method, MethodExport, trainable_summary
+from training.methods.base import Method, MethodExport, Prepared, trainable_parameters, trainable_summary
 from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class LoRAMethod(Method):
         if layout is not None:
             check_targets(params.lora_targets, layout_target_names(*layout))
 
-    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> None:
+    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> Prepared:
         try:
             targets = adapters.select_targets(lm, params.lora_targets)
         except ValueError as e:
@@ -61,12 +61,13 @@ class LoRAMethod(Method):
         added = adapters.add_lora(lm, targets, params.lora_rank, params.lora_alpha)
         for p in added:
             p.requires_grad_(True)
-        lm.lora_config = {
+        config = {
             "rank": params.lora_rank,
             "alpha": params.lora_alpha,
             "targets": targets,
             "patterns": params.lora_targets,
         }
+        trained = trainable_parameters(lm)  # the adapter factors, and nothing else
         trainable, total = trainable_summary(lm)
         logger.info(
             "LoRA rank %d alpha %g on %d modules: %.2f M trainable of %.1f M parameters (%.2f%%)",
@@ -77,14 +78,17 @@ class LoRAMethod(Method):
             total / 1e6,
             100 * trainable / total,
         )
+        # the adapter's tensors are the export (`lora_merge`: folded into the whole LM, see `export`)
+        return Prepared(trained, exports=tuple(trained), record={"lora_config": config})
 
-    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: TrainParams) -> MethodExport:
-        config = {"format": "musicgen-ft-lora", "version": 1, "base_model": params.model_version, **lm.lora_config}
+    def export(self, state_dict: dict[str, torch.Tensor], prepared: Prepared, params: TrainParams) -> MethodExport:
+        learned = prepared.record["lora_config"]
+        config = {"format": "musicgen-ft-lora", "version": 1, "base_model": params.model_version, **learned}
         if params.lora_merge:
             merged = adapters.merge_lora_state(state_dict, params.lora_alpha / params.lora_rank)
             return MethodExport(state_dict=merged, info={"adapter": {**config, "merged": True}})
         return MethodExport(
             state_dict={},
-            extra_files=adapters.save_adapter(state_dict, config),
+            extra_files=adapters.save_adapter(prepared.exported(state_dict), config),
             info={"adapter": {**config, "merged": False}},
         )

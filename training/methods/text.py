@@ -29,7 +29,7 @@ from audiocraft.modules.conditioners import LUTConditioner, NoopTokenizer
 
 from core import adapters
 from core.params import InputError
-from training.methods.base import Method, MethodExport, trainable_summary
+from training.methods.base import Method, MethodExport, Prepared, trainable_parameters, trainable_summary
 from training.params import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -57,16 +57,17 @@ def _log_trainable(lm: torch.nn.Module, what: str) -> None:
 class TextProjectionMethod(Method):
     name = "text_projection"
 
-    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> None:
+    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> Prepared:
         conditioner = text_conditioner(lm)
         _freeze(lm)
         for p in conditioner.output_proj.parameters():
             p.requires_grad_(True)
         _log_trainable(lm, "text_projection (the text conditioner's output projection)")
+        trained = trainable_parameters(lm)  # condition_provider.conditioners.description.output_proj.{weight,bias}
+        return Prepared(trained, exports=tuple(trained))
 
-    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: TrainParams) -> MethodExport:
-        prefix = f"condition_provider.conditioners.{TEXT_ATTRIBUTE}.output_proj."
-        tensors = {k: v.to(torch.float32) for k, v in state_dict.items() if k.startswith(prefix)}
+    def export(self, state_dict: dict[str, torch.Tensor], prepared: Prepared, params: TrainParams) -> MethodExport:
+        tensors = {k: v.to(torch.float32) for k, v in prepared.exported(state_dict).items()}
         metadata = {"method": self.name, "base_model": str(params.model_version)}
         return MethodExport(
             state_dict={},
@@ -83,18 +84,19 @@ class TextualInversionMethod(Method):
         if not params.trigger or not params.trigger.strip():
             raise InputError("trigger", "method=textual_inversion learns the trigger word's embedding: give a trigger")
 
-    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> None:
+    def prepare(self, lm: torch.nn.Module, params: TrainParams) -> Prepared:
         conditioner = text_conditioner(lm)
         trigger = params.trigger.strip()
+        prefix = f"condition_provider.conditioners.{TEXT_ATTRIBUTE}."
         _freeze(lm)
         if adapters.is_t5_conditioner(conditioner):
             try:
                 tokens = adapters.add_t5_trigger(conditioner, trigger)
             except ValueError as e:
                 raise InputError("method", f"textual_inversion cannot learn {trigger!r} on this model: {e}") from None
-            lm.trigger_tokens, lm.trigger_pieces = tokens, conditioner.trigger_pieces
             _log_trainable(lm, f"textual_inversion of {trigger!r} (T5 tokens {''.join(tokens)})")
-            return
+            record = {"trigger_tokens": tokens, "trigger_pieces": conditioner.trigger_pieces}
+            return Prepared(trainable_parameters(lm), exports=(prefix + adapters.T5_TRIGGER_PARAM,), record=record)
         if not isinstance(conditioner, LUTConditioner):
             raise InputError(
                 "method",
@@ -104,15 +106,16 @@ class TextualInversionMethod(Method):
         tokens, mask = conditioner.tokenizer([trigger])
         rows = sorted({int(t) for t, m in zip(tokens[0].tolist(), mask[0].tolist(), strict=True) if m})
         conditioner.embed = adapters.RowTrainedEmbedding(conditioner.embed, rows)
-        lm.condition_on_trigger_only = isinstance(conditioner.tokenizer, NoopTokenizer)
-        lm.trigger_rows = rows
         _log_trainable(lm, f"textual_inversion of {trigger!r} (LUT rows {rows})")
+        record = {"trigger_rows": rows, "condition_on_trigger_only": isinstance(conditioner.tokenizer, NoopTokenizer)}
+        exports = (prefix + "embed.trained_rows", prefix + "embed.row_index")  # the rows, and which rows they are
+        return Prepared(trainable_parameters(lm), exports=exports, record=record)
 
-    def adjust_clips(self, clips: list, lm: torch.nn.Module, params: TrainParams) -> list:
+    def adjust_clips(self, clips: list, prepared: Prepared, params: TrainParams) -> list:
         trigger = params.trigger.strip()
-        if getattr(lm, "trigger_tokens", None):
+        if prepared.record.get("trigger_tokens"):
             return _carry_trigger(clips, trigger)
-        if not getattr(lm, "condition_on_trigger_only", False):
+        if not prepared.record.get("condition_on_trigger_only"):
             return clips
         logger.info(
             "The text conditioner reads a whole description as one token (noop tokenizer): the examples are "
@@ -123,22 +126,24 @@ class TextualInversionMethod(Method):
             clip.description = trigger
         return clips
 
-    def export(self, state_dict: dict[str, torch.Tensor], lm: torch.nn.Module, params: TrainParams) -> MethodExport:
+    def export(self, state_dict: dict[str, torch.Tensor], prepared: Prepared, params: TrainParams) -> MethodExport:
         trigger = params.trigger.strip()
         metadata = {"method": self.name, "trigger": trigger, "base_model": str(params.model_version)}
         prefix = f"condition_provider.conditioners.{TEXT_ATTRIBUTE}."
-        if getattr(lm, "trigger_tokens", None):
+        learned = prepared.exported(state_dict)
+        record = prepared.record
+        if record.get("trigger_tokens"):
             key = prefix + adapters.T5_TRIGGER_PARAM
-            tensors = {key: state_dict[key].to(torch.float32)}
-            metadata["trigger_tokens"] = json.dumps(lm.trigger_tokens)
-            info = {"trigger": trigger, "tokens": lm.trigger_tokens, "pieces": lm.trigger_pieces}
+            tensors = {key: learned[key].to(torch.float32)}
+            metadata["trigger_tokens"] = json.dumps(record["trigger_tokens"])
+            info = {"trigger": trigger, "tokens": record["trigger_tokens"], "pieces": record["trigger_pieces"]}
         else:
             key = prefix + "embed.weight"
             tensors = {
-                f"{key}@rows": state_dict[prefix + "embed.trained_rows"].to(torch.float32),
-                f"{key}@index": state_dict[prefix + "embed.row_index"].to(torch.long),
+                f"{key}@rows": learned[prefix + "embed.trained_rows"].to(torch.float32),
+                f"{key}@index": learned[prefix + "embed.row_index"].to(torch.long),
             }
-            info = {"trigger": trigger, "rows": lm.trigger_rows}
+            info = {"trigger": trigger, "rows": record["trigger_rows"]}
         return MethodExport(
             state_dict={},
             extra_files={adapters.EMBEDDINGS_FILE: adapters.save_partial(tensors, metadata)},
