@@ -29,7 +29,7 @@ import tempfile
 import typing as tp
 from pathlib import Path, PurePosixPath
 
-from core.catalogue import PRETRAINED, SCRATCH_VERSIONS, STYLE_PRETRAINED
+from core.catalogue import PRETRAINED, PRETRAINED_COMPRESSION, SPEC, STYLE_PRETRAINED
 from core.params import InputError, secret_fields
 from training.checkpoint import list_checkpoints
 from training.params import TrainParams
@@ -281,8 +281,10 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
     method = str(finetune.get("method", "full"))
     inputs = {k: v for k, v in dict(finetune.get("training_inputs") or {}).items() if k not in SECRET_FIELDS}
     base = _base_repo(version)
-    scratch = version in SCRATCH_VERSIONS
-    meta_weights = base is not None or version == "micro"  # micro trains on facebook/encodec_32khz
+    known = SPEC.get(version)
+    scratch = known is not None and known.scratch
+    # a new LM on facebook/encodec_32khz (micro) carries Meta's non-commercial EnCodec weights too
+    meta_weights = base is not None or (scratch and known.compression == PRETRAINED_COMPRESSION)
     tags = ["musicgen", "audiocraft", "text-to-audio", "music", "fine-tuned", method.replace("_", "-")]
     front = ["---", f"license: {NON_COMMERCIAL if meta_weights else 'other'}"]
     if base:
