@@ -248,7 +248,7 @@ def run_config(model, initial_state, dataset, mode, precision, args, device, cac
 
 def setup(args, device: str, workdir: Path):
     """The model, its encoded dataset (cached under `workdir`, so a child process reuses it) and melody caches."""
-    from training.melody import prepare_melody_training
+    from training.families import prepare_conditions
 
     model = build_model(args.arch, device, workdir)
     clips = []
@@ -259,7 +259,8 @@ def setup(args, device: str, workdir: Path):
         clips.append(Clip(path, f"clip {i} description"))
     t0 = time.perf_counter()
     tokens: list[ClipTokens] = encode_clips(model.compression_model, clips, workdir / "codes", DistInfo(), device)
-    caches = prepare_melody_training(model.lm, tokens, workdir / "chroma", DistInfo(), f"random-{args.arch}")
+    # as setup_training: each family's conditioners set up (melody: chroma once per clip, the ChromaCaches)
+    caches = prepare_conditions(model.lm, tokens, workdir / "chroma", DistInfo(), f"random-{args.arch}", seed=0)
     encode_once_s = time.perf_counter() - t0
     dataset = TokenDataset(
         tokens,

@@ -17,6 +17,7 @@ __all__ = [
     "SPECS",
     "SPEC",
     "spec",
+    "find",
     "TINY_COMPRESSION",
     "PRETRAINED",
     "TINY_VERSIONS",
@@ -54,7 +55,9 @@ class ModelSpec:
     (core/style.py: audiocraft 1.3.0 has no style conditioner), `tiny` (core/tiny.py, offline), `scratch` (a new LM
     trained from nothing: trainable, never loaded as a base). `layout` is (transformer layers, codebooks `n_q`),
     `width` (model dimension, attention heads), both None where the user chooses them (scratch). `test_twin` is the
-    tiny version that stands for it in offline tests.
+    tiny version that stands for it in offline tests. `text_encoder` is the text conditioner: `t5` (audiocraft's
+    `t5-base`, as the facebook/musicgen-* models have), `lut` (a lookup table: the offline tiny models, no download)
+    or `none` (unconditional: trained from scratch).
     """
 
     name: str
@@ -67,6 +70,7 @@ class ModelSpec:
     width: tuple[int, int] | None = None
     fsdp_auto: bool = False  # 1.5 B parameters and more: `parallel=auto` shards it (FSDP) with more than one process
     test_twin: str | None = None
+    text_encoder: str = "t5"
 
     @property
     def stereo(self) -> bool:
@@ -110,11 +114,28 @@ SPECS: tuple[ModelSpec, ...] = (
     _hub("stereo-large", "text", (48, 8), _LARGE, "tiny-stereo", channels=2, fsdp_auto=True),
     _hub("stereo-melody", "melody", (48, 8), _MEDIUM, "tiny-melody", channels=2, fsdp_auto=True),
     _hub("stereo-melody-large", "melody", (48, 8), _LARGE, "tiny-melody", channels=2, fsdp_auto=True),
-    ModelSpec("tiny", "text", "tiny", compression=TINY_COMPRESSION, layout=(2, 4), test_twin="tiny"),
     ModelSpec(
-        "tiny-stereo", "text", "tiny", compression=TINY_COMPRESSION, channels=2, layout=(2, 8), test_twin="tiny-stereo"
+        "tiny", "text", "tiny", compression=TINY_COMPRESSION, layout=(2, 4), test_twin="tiny", text_encoder="lut"
     ),
-    ModelSpec("tiny-melody", "melody", "tiny", compression=TINY_COMPRESSION, layout=(2, 4), test_twin="tiny-melody"),
+    ModelSpec(
+        "tiny-stereo",
+        "text",
+        "tiny",
+        compression=TINY_COMPRESSION,
+        channels=2,
+        layout=(2, 8),
+        test_twin="tiny-stereo",
+        text_encoder="lut",
+    ),
+    ModelSpec(
+        "tiny-melody",
+        "melody",
+        "tiny",
+        compression=TINY_COMPRESSION,
+        layout=(2, 4),
+        test_twin="tiny-melody",
+        text_encoder="lut",
+    ),
     ModelSpec("tiny-t5", "text", "tiny", compression=TINY_COMPRESSION, test_twin="tiny-t5"),
     ModelSpec(
         "style",
@@ -125,9 +146,11 @@ SPECS: tuple[ModelSpec, ...] = (
         fsdp_auto=True,
         test_twin="tiny-style",
     ),
-    ModelSpec("tiny-style", "style", "style", compression=TINY_COMPRESSION, test_twin="tiny-style"),
-    ModelSpec("micro", "scratch", "scratch", test_twin="tiny-micro"),
-    ModelSpec("tiny-micro", "scratch", "scratch", compression=TINY_COMPRESSION, test_twin="tiny-micro"),
+    ModelSpec("tiny-style", "style", "style", compression=TINY_COMPRESSION, test_twin="tiny-style", text_encoder="lut"),
+    ModelSpec("micro", "scratch", "scratch", test_twin="tiny-micro", text_encoder="none"),
+    ModelSpec(
+        "tiny-micro", "scratch", "scratch", compression=TINY_COMPRESSION, test_twin="tiny-micro", text_encoder="none"
+    ),
 )
 SPEC: dict[str, ModelSpec] = {s.name: s for s in SPECS}
 
@@ -138,6 +161,13 @@ def spec(name: str) -> ModelSpec:
         return SPEC[name]
     except KeyError:
         raise KeyError(f"unknown model version {name!r}; known: {', '.join(SPEC)}") from None
+
+
+def find(version: str) -> ModelSpec | None:
+    """The record of a `model_version` input, or of the hub id a fine-tune names as its base (`facebook/musicgen-
+    melody` is `melody`); None for what the catalogue does not know (a local folder): such a model's family is read
+    from the loaded model itself."""
+    return SPEC.get(version) or next((s for s in SPECS if s.hub_id and s.hub_id == version), None)
 
 
 def _names(keep: tp.Callable[[ModelSpec], bool]) -> tuple[str, ...]:

@@ -35,8 +35,8 @@ import torch
 from audiocraft.models import builders
 from omegaconf import OmegaConf
 
-from core.catalogue import STYLE_TINY_VERSIONS, TINY_VERSIONS
-from core.style import build_style_lm
+from core.catalogue import STYLE_TINY_VERSIONS, TINY_VERSIONS, ModelSpec, find
+from core.families import core_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,8 @@ def compression_cfg() -> dict:
 
 def lm_cfg(name: str) -> dict:
     """The LM config, with the keys and values audiocraft's MusicGen configs use (small dims)."""
-    if name not in (*TINY_VERSIONS, *STYLE_TINY_VERSIONS):
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {(*TINY_VERSIONS, *STYLE_TINY_VERSIONS)}")
-    stereo = name == "tiny-stereo"
+    spec = _tiny_spec(name)
+    stereo = spec.stereo
     n_q = 2 * N_Q if stereo else N_Q
     delays = [d for d in range(N_Q) for _ in range(2)] if stereo else list(range(N_Q))
     dim = 64
@@ -175,11 +174,11 @@ def lm_cfg(name: str) -> dict:
     }
     if stereo:
         cfg["interleave_stereo_codebooks"] = {"use": True, "per_timestep": False}
-    if name == "tiny-style":
+    if spec.style:
         _add_style(cfg)
-    if name == "tiny-t5":
+    if spec.text_encoder == "t5":
         cfg["conditioners"]["description"] = {"model": "t5", "t5": t5_conditioner_cfg()}
-    if name == "tiny-melody":
+    if spec.melody:
         cfg["fuser"]["prepend"] = ["self_wav"]
         cfg["conditioners"]["self_wav"] = {
             "model": "chroma_stem",
@@ -227,10 +226,16 @@ def _add_style(cfg: dict) -> None:
     cfg["conditioners"] = {"self_wav": {"model": "style", "style": style}, **cfg["conditioners"]}
 
 
+def _tiny_spec(name: str) -> ModelSpec:
+    """The catalogue record of tiny model `name` (what it is built with: channels, family, text encoder)."""
+    spec = find(name)
+    if spec is None or not spec.tiny or spec.scratch:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {(*TINY_VERSIONS, *STYLE_TINY_VERSIONS)}")
+    return spec
+
+
 def _build_lm(name: str, cfg: dict):
-    if name in STYLE_TINY_VERSIONS:  # audiocraft's builders do not know the style conditioner
-        return build_style_lm(copy.deepcopy(cfg))
-    return builders.get_lm_model(OmegaConf.create(copy.deepcopy(cfg)))
+    return core_hooks(_tiny_spec(name)).build_lm(copy.deepcopy(cfg))
 
 
 def htdemucs_kwargs() -> dict:
@@ -246,14 +251,15 @@ def htdemucs_kwargs() -> dict:
 
 
 def _fingerprint(name: str) -> str:
+    spec = _tiny_spec(name)
     blob = json.dumps(
         {
             "lm": lm_cfg(name),
             "compression": compression_cfg(),
             "seed": SEED,
             "builder": BUILDER_VERSION,
-            "htdemucs": htdemucs_kwargs() if name == "tiny-melody" else None,
-            **({"t5": [t5_encoder_cfg(), T5_CORPUS, T5_VOCAB]} if name == "tiny-t5" else {}),
+            "htdemucs": htdemucs_kwargs() if spec.melody else None,
+            **({"t5": [t5_encoder_cfg(), T5_CORPUS, T5_VOCAB]} if spec.text_encoder == "t5" else {}),
         },
         sort_keys=True,
     )
@@ -321,9 +327,10 @@ def _build(name: str, folder: Path, cfg: dict | None = None) -> None:
         {"xp.cfg": ccfg, "best_state": compression.state_dict(), "version": version, "exported": True},
         folder / "compression_state_dict.bin",
     )
-    if name == "tiny-melody":
+    spec = _tiny_spec(name)
+    if spec.melody:  # audiocraft's chroma conditioner loads htdemucs by name: the folder carries its own
         save_htdemucs_repo(folder / "htdemucs_repo")
-    if name == "tiny-t5":
+    if spec.text_encoder == "t5":  # likewise t5-base
         save_t5_hub(folder / T5_HUB_DIR)
     cfg = cfg if cfg is not None else lm_cfg(name)
     torch.manual_seed(SEED + 1)

@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from audiocraft.models import MusicGen
 
 from core import tiny
@@ -19,23 +18,20 @@ from core.catalogue import (
     ALL_MODEL_VERSIONS,
     CHECKPOINT_FILES,
     FINE_TUNED,
-    MELODY_VERSIONS,
     MODEL_VERSION_CHOICES,
     MODEL_VERSIONS,
     PRETRAINED,
     SCRATCH_VERSIONS,
     SPEC,
     STYLE_PRETRAINED,
-    STYLE_TINY_VERSIONS,
     STYLE_VERSIONS,
-    TINY_VERSIONS,
     TRAINABLE_VERSIONS,
+    find,
 )
 from core.devices import default_device
 from core.errors import ModelUnavailableError
+from core.families import core_hooks
 from core.hub import (
-    HTDEMUCS_HUB_FILE,
-    HTDEMUCS_URL,
     TEXT_ENCODER,
     TEXT_ENCODER_DOWNLOAD,
     TEXT_ENCODER_FILES,
@@ -48,7 +44,7 @@ from core.hub import (
     missing_from_cache,
 )
 from core.loaded import LoadedModel
-from core.style import MERT_NAME, is_style_folder, load_style_musicgen
+from core.style import is_style_folder, load_style_musicgen
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +88,11 @@ class ModelSource:
 
 def resolve(model_version: str) -> ModelSource:
     """Map a `model_version` input (a choice, a facebook/* id or a local folder) to where it is loaded from."""
-    if model_version in PRETRAINED:
-        return ModelSource(model_version, PRETRAINED[model_version], "hf")
-    if model_version in TINY_VERSIONS:
-        return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
-    if model_version in STYLE_PRETRAINED:
-        return ModelSource(model_version, STYLE_PRETRAINED[model_version], "hf")
-    if model_version in STYLE_TINY_VERSIONS:
-        return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
+    spec = find(model_version)
+    if spec is not None and spec.name == model_version and not spec.scratch:  # scratch versions are not loadable
+        if spec.tiny:
+            return ModelSource(model_version, str(tiny.ensure_tiny(model_version)), "tiny")
+        return ModelSource(model_version, spec.hub_id, "hf")
     path = Path(model_version).expanduser()
     if path.is_dir():
         missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
@@ -152,7 +145,8 @@ def check_available(model_version: str) -> list[str]:
     it, for the all-at-once checks before long work: an unknown version or a folder that is not a model, or a hub
     model not in the local cache while the hub cannot be reached (one request, `core.hub.hub_unreachable`). Empty:
     nothing found (a hub that answers will be downloaded from). Tiny models are built offline: always available."""
-    if model_version in (*TINY_VERSIONS, *STYLE_TINY_VERSIONS):
+    spec = find(model_version)
+    if spec is not None and spec.tiny and not spec.scratch:
         return []
     try:
         source = resolve(model_version)
@@ -174,9 +168,9 @@ def _uncached(source: ModelSource) -> list[_Need]:
         (source.location, CHECKPOINT_FILES, "the model", CHECKPOINT_FILES),
         (TEXT_ENCODER, TEXT_ENCODER_FILES, "its text encoder", TEXT_ENCODER_DOWNLOAD),
     ]
-    if is_style_source(source):
-        # MERT loads with its remote code and weights: the whole (small) repo.
-        needs.append((MERT_NAME, ("config.json",), "its style feature extractor", ()))
+    spec = find(source.name) or find(source.location)
+    if spec is not None:
+        needs.extend(core_hooks(spec).hub_needs)
     found = [(repo, missing_from_cache(repo, files), what, args) for repo, files, what, args in needs]
     return [need for need in found if need[1]]
 
@@ -202,21 +196,17 @@ def _unreachable_problem(source: ModelSource, uncached: list[_Need]) -> str | No
 
 
 def _melody_note(source: ModelSource) -> str:
-    """For melody models without demucs' htdemucs weights in the torch hub cache: where they go (audiocraft's
-    melody conditioner loads them through torch.hub, from the network when they are not there)."""
-    melody = source.name in MELODY_VERSIONS or source.location in {PRETRAINED.get(v) for v in MELODY_VERSIONS}
-    if not melody:
-        return ""
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    if (checkpoints / HTDEMUCS_HUB_FILE).is_file():
-        return ""
-    return f" A melody model also needs demucs' htdemucs weights: put {HTDEMUCS_URL} in {checkpoints}."
+    """What the family of a known version reads from outside the Hugging Face cache and lacks (melody models:
+    demucs' htdemucs weights, which audiocraft's chroma conditioner loads through torch.hub)."""
+    spec = find(source.name) or find(source.location)
+    return core_hooks(spec).load_note() if spec is not None else ""
 
 
 def is_style_source(source: ModelSource) -> bool:
     """A MusicGen-Style checkpoint (its LM cfg has a style conditioner)? Hub ids are known by name."""
     if source.kind == "hf":
-        return source.location in STYLE_PRETRAINED.values()
+        spec = find(source.location)
+        return spec is not None and spec.loader == "style"
     return is_style_folder(source.location)
 
 

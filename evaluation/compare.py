@@ -52,9 +52,8 @@ from training.data import TokenDataset, encode_clips
 from training.dist import DistInfo
 from training.evaluate import EvalContext, Evaluator
 from training.export import wav_bytes, write_beside
+from training.families import prepare_conditions
 from training.loop import TrainStep
-from training.melody import melody_conditioners, prepare_melody_training
-from training.style import prepare_style_training
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +176,7 @@ def validation_metrics(model: tp.Any, clips: tp.Sequence[tp.Any], segment: float
     compression, lm = model.compression_model, model.lm
     lm.float()  # get_pretrained loads fp16 on GPUs; the loss is computed as in training (fp32 weights)
     tokens = encode_clips(compression, clips, work / "codes", dist, device)
-    melody = melody_conditioners(lm)
-    if melody:
-        prepare_melody_training(lm, tokens, work, dist, model_key=key)
-    styled = prepare_style_training(lm, seed=0)
+    conditions = prepare_conditions(lm, tokens, work, dist, model_key=key, seed=0)  # as setup_training does
     dataset = TokenDataset(
         tokens,
         segment_frames=int(segment * compression.frame_rate),
@@ -188,7 +184,7 @@ def validation_metrics(model: tp.Any, clips: tp.Sequence[tp.Any], segment: float
         frame_rate=compression.frame_rate,
         sample_rate=compression.sample_rate,
         text_conditions=lm.condition_provider.text_conditions,
-        wav_conditions=[*melody, *styled],
+        wav_conditions=list(conditions),
     )
     evaluator = Evaluator(dataset, {}, every=1, keep_best=False, patience=0)
     step = TrainStep(lm)

@@ -33,7 +33,7 @@ from core.catalogue import SAMPLER_PRECISIONS
 from core.devices import default_device
 from core.loaded import LoadedModel
 from core.params import InputError
-from generation import style
+from generation import families
 from generation.fast import FastSampler, default_quantize, unsupported_reason
 from generation.params import DEFAULT_BASE, FINE_TUNED, PredictParams
 from generation.request import (
@@ -337,21 +337,21 @@ class Generator:
     ) -> GenerationResult:
         params = bounded_prompt(params)
         input_audio = load_input_audio(params)
-        style_audio = style.load_style_audio(params)
+        inputs = families.load_inputs(params)  # what each family reads beyond the prompt: style_audio
         validate_request(params, input_audio)
-        style.validate_request(params, style_audio)
+        families.validate_request(params, inputs)
         check_sampler_precision(params.sampler_precision, self.device)
         key = model_key(params, self.setup_weights)
         if key.kind == "version":
-            validate_for_version(params, key.ref, input_audio, style_audio)
+            validate_for_version(params, key.ref, input_audio, inputs)
         opened = self.open_weights(key)  # the model loaded now serves on until these weights passed every check
         if opened is not None:
-            validate_for_version(params, opened.base, input_audio, style_audio)
+            validate_for_version(params, opened.base, input_audio, inputs)
         sampler = self.sampler(params.sampler_precision)  # before loading: a new model is prepared at this one
         loaded = self.model_for(key, opened)
         model = loaded.musicgen
         validate_for_model(params, model, input_audio, name=loaded.name)
-        style.validate_for_model(params, model, style_audio, input_audio, name=loaded.name)
+        families.validate_for_model(params, model, input_audio, inputs, name=loaded.name)
         mbd = self.mbd(model) if params.multi_band_diffusion else None
 
         if sample_fn is None and _plain_lm(model.lm):  # LMs with their own generate (style: double CFG) keep it
@@ -359,7 +359,7 @@ class Generator:
         seed = resolve_seed(params.seed)
         seed_everything(seed)
         tokens = generate_tokens(
-            model, params, input_audio, sample_fn=sample_fn, progress=progress, style_audio=style_audio
+            model, params, input_audio, sample_fn=sample_fn, progress=progress, inputs=inputs
         )  # [N, K, T]
         wavs = decode(model, tokens, mbd)  # [N, C, T]
         wavs = torch.stack([normalize(wav, params.normalization_strategy, model.sample_rate) for wav in wavs])
@@ -418,25 +418,11 @@ def build_conditions(
     model,
     params: PredictParams,
     input_audio: tuple[torch.Tensor, int] | None,
-    style_audio: tuple[torch.Tensor, int] | None = None,
+    inputs: dict | None = None,
 ):
-    """(attributes, prompt_tokens `[1, K, T]` or None) for one sample, as audiocraft's MusicGen builds them."""
-    from audiocraft.data.audio_utils import convert_audio
-
-    if style.is_style_model(model):
-        return style.build_conditions(model, params, input_audio, style_audio)
-
-    description = params.prompt if params.prompt and params.prompt.strip() else None
-    if input_audio is None:
-        return model._prepare_tokens_and_attributes([description], None)
-    wav, sr = input_audio
-    if params.continuation:
-        start = int(params.continuation_start * sr)
-        end = int(params.continuation_end * sr) if params.continuation_end is not None else wav.shape[-1]
-        prompt = convert_audio(wav[:, start:end], sr, model.sample_rate, model.audio_channels)
-        return model._prepare_tokens_and_attributes([description], prompt[None])
-    melody = convert_audio(wav, sr, model.sample_rate, model.audio_channels)
-    return model._prepare_tokens_and_attributes([description], None, melody_wavs=[melody])
+    """(attributes, prompt_tokens `[1, K, T]` or None) for one sample, as the model's family builds them
+    (`generation.families`; `inputs`: the family inputs `families.load_inputs` loaded)."""
+    return families.family_of(model).build_conditions(model, params, input_audio, inputs or {})
 
 
 @torch.no_grad()
@@ -447,7 +433,7 @@ def generate_tokens(
     *,
     sample_fn: SampleFn | None = None,
     progress: bool = True,
-    style_audio: tuple[torch.Tensor, int] | None = None,
+    inputs: dict | None = None,
 ) -> torch.Tensor:
     """Sample `[N, K, T]` tokens (N = `params.num_outputs`) for `params.duration` seconds, prompt tokens included.
 
@@ -461,9 +447,9 @@ def generate_tokens(
         "top_p": params.top_p,
         "cfg_coef": params.classifier_free_guidance,
         "two_step_cfg": False,
-        **style.gen_params(model, params),
+        **families.family_of(model).gen_params(model, params),
     }
-    attributes, prompt_tokens = build_conditions(model, params, input_audio, style_audio)
+    attributes, prompt_tokens = build_conditions(model, params, input_audio, inputs)
     attributes, prompt_tokens = replicate(attributes, prompt_tokens, params.num_outputs)
     return sample_windows(
         model, attributes, prompt_tokens, params.duration, gen_params, sample_fn=sample_fn, progress=progress

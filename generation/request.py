@@ -12,17 +12,11 @@ from pathlib import Path
 
 import torch
 
-from core import audio, versions
-from core.catalogue import (
-    ALL_MODEL_VERSIONS,
-    MELODY_VERSIONS,
-    PRETRAINED,
-    SCRATCH_VERSIONS,
-    STYLE_PRETRAINED,
-    STYLE_VERSIONS,
-)
+from core import audio
+from core.catalogue import find
 from core.params import InputError
-from generation import style
+from generation import families, style
+from generation.conditions import is_melody_model
 from generation.params import PredictParams
 from generation.windows import EXTEND_STRIDE
 from preprocessing.descriptions import MAX_DESCRIPTION_CHARS, shorten
@@ -56,7 +50,8 @@ def validate_request(params: PredictParams, input_audio: tuple[torch.Tensor, int
             "seed",
             f"{params.seed} is outside -1..{MAX_SEED}: give a seed in that range, or -1 / empty for a random one",
         )
-    if params.model_version in versions.SCRATCH_VERSIONS and not params.replicate_weights:
+    known = find(params.model_version)
+    if known is not None and known.scratch and not params.replicate_weights:
         raise InputError(
             "model_version",
             f"{params.model_version} is an architecture that train.py trains from scratch, not a model to generate "
@@ -101,46 +96,16 @@ def validate_for_version(
     params: PredictParams,
     version: str,
     input_audio: tuple[torch.Tensor, int] | None,
-    style_audio: tuple[torch.Tensor, int] | None,
+    inputs: dict,
 ) -> None:
-    """The audio inputs against the family of model `version` (a model_version, or the base a fine-tune names),
-    from the catalogue alone: a melody input on a model without melody conditioning, or style audio on a model
-    without a style conditioner, is refused before anything loads. A base the catalogue does not know (a local
-    folder) is checked on the loaded model (`validate_for_model`)."""
-    version = {v: k for k, v in {**PRETRAINED, **STYLE_PRETRAINED}.items()}.get(version, version)
-    if version not in (*ALL_MODEL_VERSIONS, *SCRATCH_VERSIONS):
-        return
-    style_model = version in STYLE_VERSIONS
-    if style_audio is not None and not style_model:
-        raise InputError(
-            "style_audio",
-            f"style conditioning needs a MusicGen-Style model ({style.STYLE_MODELS_HINT}), and {version} is not "
-            "one: pick model_version=style, or leave style_audio empty",
-        )
-    if params.classifier_free_guidance_beta is not None and not style_model:
-        raise InputError(
-            "classifier_free_guidance_beta",
-            f"double classifier-free guidance balances text against style: only MusicGen-Style models "
-            f"({style.STYLE_MODELS_HINT}) have it. Leave it empty for {version}",
-        )
-    if input_audio is None or params.continuation:
-        return
-    if style_model:
-        raise InputError(
-            "input_audio",
-            f"{version} takes its audio condition from style_audio (a style, not a melody): pass the file as "
-            "style_audio, or set continuation=true to continue input_audio",
-        )
-    if version not in MELODY_VERSIONS:
-        raise InputError(
-            "input_audio",
-            f"melody conditioning needs a melody model ({', '.join(MELODY_VERSIONS)}), and {version} is not one: "
-            "set continuation=true to continue the audio instead, or pick a melody model_version",
-        )
-
-
-def is_melody_model(model) -> bool:
-    return "self_wav" in model.lm.condition_provider.conditioners
+    """The audio inputs against the family of model `version` (a model_version, or the hub id of the base a
+    fine-tune names), from the catalogue alone: each family's hooks (`generation.families`) refuse the inputs only
+    it reads for a model of another family (a melody input on a model without melody conditioning, style audio on a
+    model without a style conditioner) before anything loads. A base the catalogue does not know (a local folder)
+    is checked on the loaded model (`validate_for_model`)."""
+    spec = find(version)
+    if spec is not None:
+        families.validate_for_version(params, spec, input_audio, inputs)
 
 
 def validate_for_model(

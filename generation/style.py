@@ -23,13 +23,14 @@ import torch
 
 from core import audio
 from core import style as core_style
+from core.catalogue import ModelSpec
 from core.params import InputError
+from generation.conditions import Audio, continued_section, description
 from generation.params import PredictParams
 
 logger = logging.getLogger(__name__)
 
 STYLE_MODELS_HINT = "style (facebook/musicgen-style) or tiny-style"
-Audio = tuple[torch.Tensor, int]  # ([C, T] float32, sample rate)
 
 
 def style_conditioners(model) -> dict[str, tp.Any]:
@@ -43,6 +44,46 @@ def is_style_model(model) -> bool:
 
 def load_style_audio(params: PredictParams) -> Audio | None:
     return audio.load_audio_input("style_audio", params.style_audio)
+
+
+def load_inputs(params: PredictParams) -> dict[str, Audio | None]:
+    """The style family's inputs of a request (`generation.families`): `style_audio`, loaded."""
+    return {"style_audio": load_style_audio(params)}
+
+
+def validate_inputs(params: PredictParams, inputs: dict[str, tp.Any]) -> None:
+    validate_request(params, inputs["style_audio"])
+
+
+def validate_for_version(params: PredictParams, spec: ModelSpec, input_audio: Audio | None, inputs: dict) -> None:
+    """The style inputs against a model the catalogue knows, before it loads: refused for a model without a style
+    conditioner; a style model takes no melody."""
+    if spec.style:
+        if input_audio is not None and not params.continuation:
+            raise InputError(
+                "input_audio",
+                f"{spec.name} takes its audio condition from style_audio (a style, not a melody): pass the file as "
+                "style_audio, or set continuation=true to continue input_audio",
+            )
+        return
+    if inputs["style_audio"] is not None:
+        raise InputError(
+            "style_audio",
+            f"style conditioning needs a MusicGen-Style model ({STYLE_MODELS_HINT}), and {spec.name} is not "
+            "one: pick model_version=style, or leave style_audio empty",
+        )
+    if params.classifier_free_guidance_beta is not None:
+        raise InputError(
+            "classifier_free_guidance_beta",
+            f"double classifier-free guidance balances text against style: only MusicGen-Style models "
+            f"({STYLE_MODELS_HINT}) have it. Leave it empty for {spec.name}",
+        )
+
+
+def validate_inputs_for_model(
+    params: PredictParams, model, input_audio: Audio | None, inputs: dict, *, name: str | None = None
+) -> None:
+    validate_for_model(params, model, inputs["style_audio"], input_audio, name=name)
 
 
 def validate_request(params: PredictParams, style_audio: Audio | None) -> None:
@@ -111,24 +152,21 @@ def configure(model, params: PredictParams) -> None:
         conditioner.set_params(eval_q=params.style_eval_q, excerpt_length=params.style_excerpt_length)
 
 
-def build_conditions(model, params: PredictParams, input_audio: Audio | None, style_audio: Audio | None):
-    """(attributes, prompt_tokens `[1, K, T]` or None) for one sample: text and/or style (`self_wav`), and the
-    continued section of `input_audio` when `continuation` is set."""
+def build_conditions(model, params: PredictParams, input_audio: Audio | None, inputs: dict[str, tp.Any]):
+    """(attributes, prompt_tokens `[1, K, T]` or None) for one sample: text and/or style (`self_wav`, from
+    `inputs["style_audio"]`), and the continued section of `input_audio` when `continuation` is set."""
     from audiocraft.data.audio_utils import convert_audio
 
     configure(model, params)
-    description = params.prompt if params.prompt and params.prompt.strip() else None
     prompt = None
     if input_audio is not None and params.continuation:
-        wav, sr = input_audio
-        start = int(params.continuation_start * sr)
-        end = int(params.continuation_end * sr) if params.continuation_end is not None else wav.shape[-1]
-        prompt = convert_audio(wav[:, start:end], sr, model.sample_rate, model.audio_channels)[None]
+        prompt = continued_section(model, params, input_audio)[None]
     styles = None
+    style_audio = inputs.get("style_audio")
     if style_audio is not None:
         wav, sr = style_audio
         styles = [convert_audio(wav, sr, model.sample_rate, model.audio_channels)]
-    return model._prepare_tokens_and_attributes([description], prompt, melody_wavs=styles)
+    return model._prepare_tokens_and_attributes([description(params)], prompt, melody_wavs=styles)
 
 
 def gen_params(model, params: PredictParams) -> dict[str, tp.Any]:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from core.audio import AudioDecodeError, load_audio
-from core.catalogue import SCRATCH_VERSIONS
+from core.catalogue import SPEC
 from core.params import InputError
 from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
@@ -324,7 +324,8 @@ def forgetting_wanted(params: TrainParams, device: str, examples: tp.Sequence[tp
     mode = params.forgetting_check
     if mode == "off":
         return False
-    if params.model_version in SCRATCH_VERSIONS:
+    known = SPEC.get(params.model_version)
+    if known is not None and known.scratch:
         if mode == "on":
             logger.warning(
                 "forgetting_check='on' is ignored: %s trains from scratch, its base model knows no music",

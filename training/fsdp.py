@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from core import adapters
-from core.catalogue import FSDP_AUTO_VERSIONS  # 1.5 B parameters and more: auto shards them
+from core.catalogue import FSDP_AUTO_VERSIONS, SPEC  # 1.5 B parameters and more: auto shards them
 from training.dist import DistInfo
 from training.params import PARALLEL_MODES
 
@@ -58,7 +58,8 @@ def resolve_parallel(parallel: str, model_version: str, dist: DistInfo) -> str:
             logger.info("parallel=%s: one training process, no data parallelism", parallel)
         return "single"
     if parallel == "auto":
-        mode = "fsdp" if model_version in FSDP_AUTO_VERSIONS else "ddp"
+        known = SPEC.get(model_version)
+        mode = "fsdp" if known is not None and known.fsdp_auto else "ddp"
         why = (
             f"{model_version} is medium-sized or larger: weights, gradients and optimizer state sharded"
             if mode == "fsdp"

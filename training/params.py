@@ -16,7 +16,7 @@ from core.catalogue import (
     METHODS,
     MODEL_VERSION_CHOICES,
     SAMPLER_PRECISIONS,
-    SCRATCH_VERSIONS,
+    SPEC,
     TRAINABLE_VERSIONS,
 )
 from core.params import InputError, param
@@ -348,7 +348,7 @@ _DEPENDENT: tuple[tuple[tuple[str, ...], tp.Callable[[TrainParams], bool], str],
     ),
     (
         ("lm_dim", "lm_layers", "lm_heads"),
-        lambda p: p.model_version not in SCRATCH_VERSIONS,
+        lambda p: not (p.model_version in SPEC and SPEC[p.model_version].scratch),
         "only micro and tiny-micro train a new LM of that shape",
     ),  # fmt: skip
     (

@@ -30,7 +30,7 @@ import tempfile
 import typing as tp
 from pathlib import Path, PurePosixPath
 
-from core.catalogue import PRETRAINED, SCRATCH_VERSIONS, STYLE_PRETRAINED
+from core.catalogue import PRETRAINED, PRETRAINED_COMPRESSION, SPEC, STYLE_PRETRAINED
 from core.params import InputError, secret_fields
 from training.checkpoint import list_checkpoints
 from training.params import TrainParams
@@ -275,11 +275,14 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
     method = str(finetune.get("method", "full"))
     inputs = {k: v for k, v in dict(finetune.get("training_inputs") or {}).items() if k not in SECRET_FIELDS}
     base = _base_repo(version)
-    meta_weights = base is not None or version == "micro"  # micro trains on facebook/encodec_32khz
+    known = SPEC.get(version)
+    scratch = known is not None and known.scratch
+    # a new LM on facebook/encodec_32khz (micro) carries Meta's non-commercial EnCodec weights too
+    meta_weights = base is not None or (scratch and known.compression == PRETRAINED_COMPRESSION)
     tags = ["musicgen", "audiocraft", "text-to-audio", "music", "fine-tuned", method.replace("_", "-")]
     if base:
         origin = f"[{base}](https://huggingface.co/{base})"
-    elif version in SCRATCH_VERSIONS:
+    elif scratch:
         origin = f"a new `{version}` language model trained from scratch"
     else:
         origin = f"the `{version}` model (a small random test model built offline)"

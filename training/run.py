@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from core import versions
-from core.catalogue import MELODY_VERSIONS, PRETRAINED
+from core.catalogue import SPEC
 from core.devices import default_device
 from core.errors import USER_ERRORS, ModelUnavailableError
 from core.hub import TEXT_ENCODER, hub_unreachable
@@ -40,12 +40,11 @@ from training import publish
 from training.data import ClipTokens, TokenDataset, encode_clips
 from training.dist import DistInfo
 from training.export import TAR_NAME, check_output_dir, export_trained_model
+from training.families import load_base, prepare_conditions
 from training.loop import RunPlan, TrainingInterrupted, check_resume_compatible, plan_run, resolve_precision, train_loop
-from training.melody import melody_conditioners, prepare_melody_training
-from training.methods import Prepared, enable_gradient_checkpointing, get_method, prior, scratch
+from training.methods import Prepared, enable_gradient_checkpointing, get_method, prior
 from training.methods import check_inputs as check_method_inputs
 from training.params import TrainParams, dropped_settings, prepare_kwargs, validate
-from training.style import prepare_style_training
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +174,8 @@ def _check_model_available(params: TrainParams) -> None:
     """The base model and what loading it reads (its text encoder) in the Hugging Face cache, or a hub that answers
     one request now: `core.versions.check_available`, as predict uses it. Tiny, scratch and folder models need
     nothing from the hub here."""
-    if params.model_version not in PRETRAINED:
+    spec = SPEC.get(params.model_version)
+    if spec is None or spec.loader != "audiocraft":
         return
     problems = versions.check_available(params.model_version)
     if problems:
@@ -185,7 +185,8 @@ def _check_model_available(params: TrainParams) -> None:
 def _check_demucs_available(params: TrainParams) -> None:
     """demucs' htdemucs weights, for drop_vocals and for a melody model's chroma (audiocraft loads it by name):
     read from the disk only (the tiny melody model brings its own)."""
-    melody = params.model_version in MELODY_VERSIONS and params.model_version in PRETRAINED
+    spec = SPEC.get(params.model_version)
+    melody = spec is not None and spec.melody and spec.loader == "audiocraft"  # a tiny melody brings its own
     uploads = [p for p in (params.dataset_path, params.validation_path) if _given(p)]
     # a prepared folder is read as it is: its vocals were removed (or not) when it was prepared
     to_prepare = [p for p in uploads if prepared_folder(Path(str(p)).expanduser()) is None]
@@ -316,10 +317,7 @@ def setup_training(
 
     `validation`: validation_path's prepared dataset, else a share of `dataset`'s tracks is held out
     (training/evaluate.py); the held-out clips are encoded like the others and only evaluated."""
-    if params.model_version in scratch.SCRATCH_VERSIONS:  # a new LM from random init (training/methods/scratch.py)
-        model = scratch.build_scratch_musicgen(params, dist.device)
-    else:
-        model = versions.load_musicgen(params.model_version, dist.device).musicgen
+    model = load_base(params, dist.device)  # by its family (training/families.py): scratch builds a new LM
     compression, lm = model.compression_model, model.lm
     compression.eval()
     for p in compression.parameters():  # frozen: only the LM trains
@@ -342,10 +340,10 @@ def setup_training(
         held_out = encode_clips(compression, split.validation, cache_dir / "codes", dist, dist.device)
     # the base's own prompts, not adjusted by the method (no trigger): general music as the base model knows it
     general = encode_clips(compression, general, cache_dir / "codes", dist, dist.device) if general else []
-    melody = melody_conditioners(lm)
-    if melody:
-        prepare_melody_training(lm, clips + held_out + general, cache_dir, dist, model_key=params.model_version)
-    styled = prepare_style_training(lm, seed=params.seed + dist.rank)  # MusicGen-Style: {} for other models
+    # melody chroma once per clip, style conditioners frozen: each family's set-up of its conditioners on this lm
+    conditions = prepare_conditions(
+        lm, clips + held_out + general, cache_dir, dist, model_key=params.model_version, seed=params.seed + dist.rank
+    )
     method = get_method(params.method)  # what trains and on which examples (training/methods/)
     with torch.random.fork_rng(devices=[]):  # what a method initialises (LoRA factors) depends on the seed only
         torch.manual_seed(params.seed)
@@ -372,7 +370,7 @@ def setup_training(
             frame_rate=compression.frame_rate,
             sample_rate=compression.sample_rate,
             text_conditions=lm.condition_provider.text_conditions,
-            wav_conditions=[*melody, *styled],
+            wav_conditions=list(conditions),
         )
 
     tokens = token_dataset(clips)

@@ -18,7 +18,7 @@ from audiocraft.models.loaders import load_compression_model
 from omegaconf import OmegaConf
 
 from core import tiny
-from core.catalogue import PRETRAINED_COMPRESSION, SCRATCH_VERSIONS
+from core.catalogue import PRETRAINED_COMPRESSION, SCRATCH_VERSIONS, SPEC
 from core.errors import ModelUnavailableError
 from core.params import InputError
 from training.params import TrainParams
@@ -29,7 +29,8 @@ __all__ = ["SCRATCH_VERSIONS", "check", "build_scratch_musicgen", "scratch_lm_cf
 
 
 def check(params: TrainParams) -> None:
-    if params.model_version not in SCRATCH_VERSIONS:
+    known = SPEC.get(params.model_version)
+    if known is None or not known.scratch:
         return
     if params.method != "full":
         raise InputError("method", f"model_version={params.model_version} trains a new model from scratch: use full")
@@ -56,7 +57,7 @@ def scratch_lm_cfg(params: TrainParams, n_q: int, card: int) -> dict:
 
 def build_scratch_musicgen(params: TrainParams, device: str) -> MusicGen:
     """A MusicGen with a new randomly initialized unconditional LM (seeded by `params.seed`)."""
-    if params.model_version == "tiny-micro":
+    if SPEC[params.model_version].tiny:  # the tiny models' EnCodec, offline
         compression = load_compression_model(str(tiny.ensure_tiny("tiny")), device=device)
     else:
         try:
