@@ -1,9 +1,8 @@
 """Cog runner (`cog run`, Replicate predictions) and command line (`python predict.py --help`): generate music.
 
-The inputs are defined once, in `generation.params.PredictParams`; the signature below repeats them as literal
-`Input(...)`s because `cog build` reads it statically (tests/test_predict.py checks that both agree, and
-tests/test_cog_schema.py that the schema `cog build` writes from it means what it says). Each description is
-one string literal on one line: Cog's schema generator reads no other form.
+The inputs are defined once, in `generation.params.PredictParams`; `run`'s signature below is written from it by
+`scripts/cog_signatures.py` as literal `Input(...)`s, because `cog build` reads it statically (a test fails when it
+is stale, and tests/test_cog_schema.py checks that the schema `cog build` writes from it means what it says).
 
 On Cog a prediction returns one audio file, as meta/musicgen and every MusicGen fine-tuner on Replicate do, so
 clients written for them (`urlretrieve(output)`) work. `num_outputs` (one batch, one file each) is offered on
@@ -18,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import typing as tp
 from pathlib import Path as _Path
 
 from cog import BaseRunner, Input, Path
@@ -64,6 +64,7 @@ class Predictor(BaseRunner):
         self.generator.preload(os.environ.get(PRELOAD_ENV, DEFAULT_BASE))
         self._last_output: _Path | None = None
 
+    # <cog-signature of generation.params:PredictParams: edit the dataclass, then run .venv/bin/python scripts/cog_signatures.py>
     def run(
         self,
         model_version: str = Input(
@@ -185,7 +186,12 @@ class Predictor(BaseRunner):
             ge=0,
         ),
     ) -> Path:
-        params = from_kwargs(PredictParams, **{name: value for name, value in locals().items() if name != "self"})
+        return self._run(locals())
+        # </cog-signature>
+
+    def _run(self, inputs: dict[str, tp.Any]) -> Path:
+        """One Cog prediction from `run`'s inputs (`locals()` of the generated signature)."""
+        params = from_kwargs(PredictParams, **{name: value for name, value in inputs.items() if name != "self"})
         result = self.generator.generate(params)
         # One request's output lives until the next request (Cog has sent it by then): nothing piles up in /tmp.
         self._forget_last_output()

@@ -1,10 +1,9 @@
 """Cog trainer (`cog train`) and command line (`python train.py --help`): fine-tune MusicGen on your audio.
 
-The inputs are defined once, in `training.params.TrainParams`; the signature below repeats them as literal
-`Input(...)`s because `cog build` reads it statically (tests/training/test_train_cli.py checks that both agree,
-tests/test_cog_schema.py that the schema `cog build` writes from it means what it says: each description one
-string literal on one line, every optional input `X | None`, `dataset_path` the only required one). The work is
-done by `training.run.run_training`.
+The inputs are defined once, in `training.params.TrainParams`; `train`'s signature below is written from it by
+`scripts/cog_signatures.py` as literal `Input(...)`s, because `cog build` reads it statically (a test fails when it
+is stale, and tests/test_cog_schema.py checks that the schema `cog build` writes from it means what it says:
+`dataset_path` the only required input). The work is done by `training.run.run_training`.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ class TrainingOutput(BaseModel):
     weights: Path
 
 
+# <cog-signature of training.params:TrainParams: edit the dataclass, then run .venv/bin/python scripts/cog_signatures.py>
 def train(
     dataset_path: Path = Input(
         description="Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file (wav, mp3, flac, ogg, opus, m4a, aac, aiff). A text file named like a track (song.mp3 + song.txt) gives that track's description. Locally, a folder already prepared by `python -m preprocessing` works too."
@@ -278,8 +278,13 @@ def train(
         choices=["auto", "on", "off"],
     ),
 ) -> TrainingOutput:
+    return _train(locals())
+    # </cog-signature>
+
+
+def _train(cog_inputs: dict[str, tp.Any]) -> TrainingOutput:
     """Prepare the dataset, fine-tune, and return `trained_model.tar` (load it in predict.py as the weights)."""
-    inputs = {name: _plain(value) for name, value in locals().items()}
+    inputs = {name: _plain(value) for name, value in cog_inputs.items()}
     configure_logging()
     logger.info("Cog runtime: coglet %s", importlib.metadata.version("coglet"))  # not pinned: cog.yaml
     warn_retired_env(os.environ)

@@ -1,16 +1,16 @@
 """One definition per command: a frozen dataclass whose fields are both the Cog inputs and the CLI flags.
 
+Each input is declared once, as a `param(...)` field carrying everything known about it: Cog's `Input()` metadata
+(description, bounds, choices, file, secret) and our own facts (`used_by`, `must_match_on_resume`, `prepare`).
 Cog needs literal `Input(...)` defaults in the `predict`/`train` signature (its schema is read statically), so
-the signature is written out by hand in `predict.py`/`train.py`; `signature_mismatches` lets a test prove that it
-agrees with the dataclass field by field (name, default, choices, bounds, description), and `build_parser` makes
-the CLI from the same dataclass.
+`scripts/cog_signatures.py` writes those signatures from the dataclasses; `build_parser` makes the CLI from them.
+An input two commands share is declared in one and reused in the other with `same_as`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import types
 import typing as tp
@@ -24,9 +24,10 @@ __all__ = [
     "from_args",
     "from_kwargs",
     "check_bounds",
-    "signature_mismatches",
     "cog_fields",
     "secret_fields",
+    "names_where",
+    "same_as",
 ]
 
 
@@ -40,16 +41,42 @@ def param(
     file: bool = False,
     secret: bool = False,
     cog: bool = True,
+    required: bool = False,
+    used_by: tp.Sequence[str] = (),
+    must_match_on_resume: bool = False,
+    prepare: bool = False,
 ) -> tp.Any:
-    """A dataclass field carrying the metadata Cog's `Input()` carries.
+    """A dataclass field carrying the metadata Cog's `Input()` carries, and what else the code needs to know of it.
 
     `file=True`: a Cog `Path` input (a local path or URL string on the command line). `secret=True`: a Cog
     `Secret` (masked in Replicate's UI and never logged; a plain string here). `cog=False`: a CLI and Python-API
-    input that the Cog signature leaves out (it would break the Cog contract; the signature test knows).
+    input that the Cog signature leaves out (it would break the Cog contract). `required=True`: the Cog signature
+    gives it no default, so Cog refuses a request without it (the dataclass keeps `None`, which `validate` refuses
+    with our own message on the CLI). `used_by`: the only features that read it (a command's params module says
+    when each is off; a value given while it is off is reported as ignored). `must_match_on_resume`: it shapes
+    the data order, the schedule or the update, so a resumed run must use the checkpoint's value. `prepare`: a
+    dataset-preparation input that training passes on to `preprocessing`.
     """
     meta = {"description": description, "ge": ge, "le": le, "choices": list(choices) if choices else None}
-    meta.update(file=file, secret=secret, cog=cog)
+    meta.update(file=file, secret=secret, cog=cog, required=required, used_by=tuple(used_by))
+    meta.update(must_match_on_resume=must_match_on_resume, prepare=prepare)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def same_as(cls: type, name: str, *, also: str = "") -> tp.Any:
+    """The input `name` of `cls`, reused by another command: same default, description and facts (one declaration;
+    the annotation is written again and a test proves it equal). `also`: a sentence that holds only for the
+    command reusing it, appended to the shared description."""
+    source = {f.name: f for f in dataclasses.fields(cls)}[name]
+    metadata = dict(source.metadata)
+    if also:
+        metadata["description"] = f"{metadata['description']} {also}"
+    return dataclasses.field(default=source.default, metadata=metadata)
+
+
+def names_where(cls: type, fact: str) -> tuple[str, ...]:
+    """The names of the inputs of `cls` whose `param(...)` sets `fact` (e.g. `must_match_on_resume`), in order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(fact))
 
 
 def cog_fields(cls: type) -> list[dataclasses.Field]:
@@ -68,7 +95,7 @@ def _range_text(ge: float | None, le: float | None) -> str:
     return f" [>= {ge}]" if ge is not None else f" [<= {le}]"
 
 
-def _base_type(annotation: tp.Any) -> tuple[type, bool]:
+def base_type(annotation: tp.Any) -> tuple[type, bool]:
     """(`int`, optional?) from `int | None` and the like; annotations may be strings (PEP 563)."""
     if isinstance(annotation, str):
         annotation = eval(annotation, {"tp": tp})  # noqa: S307 - our own annotations only
@@ -103,7 +130,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     for f in dataclasses.fields(cls):
-        base, optional = _base_type(f.type)
+        base, optional = base_type(f.type)
         convert: tp.Callable[[str], tp.Any] = parse_bool if base is bool else base
         if optional:
             convert = _optional(convert)
@@ -135,7 +162,7 @@ def from_kwargs(cls: type, **kwargs: tp.Any) -> tp.Any:
     values = {}
     for name, f in known.items():
         value = kwargs.get(name, f.default)
-        base, optional = _base_type(f.type)
+        base, optional = base_type(f.type)
         if value is None and not optional:
             value = f.default
         if value is not None:
@@ -205,26 +232,3 @@ def check_bounds(obj: tp.Any) -> None:
             raise InputError(f.name, f"{value} is below the minimum {meta['ge']}")
         if meta.get("le") is not None and value > meta["le"]:
             raise InputError(f.name, f"{value} is above the maximum {meta['le']}")
-
-
-def signature_mismatches(func: tp.Callable[..., tp.Any], cls: type, skip: tp.Iterable[str] = ("self",)) -> list[str]:
-    """Differences between a Cog `predict`/`train` signature made of `Input(...)` defaults and `cls`."""
-    params = {n: p for n, p in inspect.signature(func).parameters.items() if n not in set(skip)}
-    fields = {f.name: f for f in cog_fields(cls)}
-    problems = []
-    if list(params) != list(fields):
-        problems.append(f"names/order differ: cog={list(params)} dataclass={list(fields)}")
-    for name in set(params) & set(fields):
-        info, f = params[name].default, fields[name]
-        for attr in ("default", "description", "ge", "le", "choices"):
-            cog_value = getattr(info, attr, None)
-            ours = f.default if attr == "default" else f.metadata.get(attr)
-            if cog_value != ours:
-                problems.append(f"{name}.{attr}: cog={cog_value!r} dataclass={ours!r}")
-        annotation = str(params[name].annotation)
-        for kind, flag in (("Path", "file"), ("Secret", "secret")):
-            if (kind in annotation) != bool(f.metadata.get(flag)):
-                problems.append(f"{name}: cog annotation {annotation!r} vs dataclass {flag}={f.metadata.get(flag)}")
-        if "None" in annotation and f.default is not None:  # (None defaults are checked by tests/cog_schema.py)
-            problems.append(f"{name}: cog annotation {annotation!r} vs dataclass default {f.default!r}")
-    return problems

@@ -1,7 +1,9 @@
-"""`PredictParams`: the inputs of `predict.py`, as Cog inputs and as CLI flags (one definition)."""
+"""`PredictParams`: the inputs of `predict.py`, as Cog inputs and as CLI flags (one definition; `predict.py`'s Cog
+signature is written from it by `scripts/cog_signatures.py`)."""
 
 from __future__ import annotations
 
+import typing as tp
 from dataclasses import dataclass
 
 from core.catalogue import FINE_TUNED, MODEL_VERSION_CHOICES, SAMPLER_PRECISIONS
@@ -11,6 +13,16 @@ DEFAULT_BASE = "stereo-melody-large"
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 MAX_DURATION = 300
 MAX_OUTPUTS = 8  # with guidance 16 sequences per step; memory grows with it (checked against free memory too)
+
+
+def sampler_precision_param(purpose: str = "") -> tp.Any:
+    """The `sampler_precision` input of predict, and of train for the audio it generates (`purpose` says which)."""
+    return param(
+        "auto",
+        f"Precision of the token sampler{purpose}: auto (int8 on CPU, fp16 on GPU), int8 (CPU only), bf16, fp16, or "
+        "none (the model's own precision: exactly audiocraft's tokens).",
+        choices=SAMPLER_PRECISIONS,
+    )
 
 
 @dataclass(frozen=True)
@@ -73,12 +85,7 @@ class PredictParams:
     classifier_free_guidance: float = param(
         3.0, "Increases the influence of inputs on the output. Higher: closer to the inputs, less diverse.", ge=0
     )
-    sampler_precision: str = param(
-        "auto",
-        "Precision of the token sampler: auto (int8 on CPU, fp16 on GPU), int8 (CPU only), bf16, fp16, or none (the "
-        "model's own precision: exactly audiocraft's tokens).",
-        choices=SAMPLER_PRECISIONS,
-    )
+    sampler_precision: str = sampler_precision_param()
     output_format: str = param("wav", "Output format for the generated audio.", choices=("wav", "mp3"))
     seed: int | None = param(None, "Seed for the random number generator. Empty or -1: a random seed.", ge=-1)
     replicate_weights: str | None = param(

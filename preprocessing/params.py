@@ -1,5 +1,7 @@
-"""The inputs of dataset preparation: one frozen dataclass, used as the CLI flags of `python -m preprocessing` and
-by `train()` (which passes the matching Cog inputs through)."""
+"""The inputs of dataset preparation: one frozen dataclass, used as the CLI flags of `python -m preprocessing`.
+
+The inputs marked `prepare=True` are declared here only: `training.params.TrainParams` reuses them (`same_as`) as
+Cog inputs of `train()` and passes them on."""
 
 from __future__ import annotations
 
@@ -17,23 +19,31 @@ DEVICES = ("auto", "cpu", "cuda")
 class PrepareParams:
     dataset_path: str | None = param(
         None,
-        "Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file; "
-        "wav, mp3, flac, ogg, opus, m4a, aac or aiff. A text file named like a track (song.mp3 + song.txt) gives "
+        "Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file "
+        "(wav, mp3, flac, ogg, opus, m4a, aac, aiff). A text file named like a track (song.mp3 + song.txt) gives "
         "that track's description.",
         file=True,
+        required=True,
+        prepare=True,
     )
     auto_labeling: bool = param(
         True,
         "Describe tracks that have no description automatically: genre, mood and instruments (essentia), key and bpm.",
+        prepare=True,
     )
     drop_vocals: bool = param(
-        True, "Remove vocals with demucs (htdemucs) before cutting clips; drums, bass and the rest are kept."
+        True,
+        "Remove vocals with demucs (htdemucs) before cutting clips; drums, bass and the rest are kept.",
+        prepare=True,
     )
     one_same_description: str | None = param(
-        None, "One description for every clip; overrides the text files and the automatic labels."
+        None, "One description for every clip; overrides the text files and the automatic labels.", prepare=True
     )
     trigger: str | None = param(
-        None, "A word put at the start of every description (e.g. a made-up artist token) to call the style later."
+        None,
+        "A word put at the start of every description (e.g. a made-up artist token); use it in prompts later "
+        "to call the style you trained.",
+        prepare=True,
     )
     chunk_seconds: float = param(
         30.0, "Tracks are cut into consecutive clips of this many seconds (MusicGen trains on 30 s).", ge=1.0, le=300.0

@@ -23,10 +23,12 @@ writes it.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
 import json
 import sys
 import tokenize
+import types
 import typing as tp
 from pathlib import Path
 
@@ -339,6 +341,16 @@ def mode_schema(ref: str, train: bool) -> dict[str, tp.Any]:
     }
     return {"openapi": "3.0.2", "info": {"title": "Cog", "version": "0.22.0"}, "paths": paths,
             "components": {"schemas": components}}  # fmt: skip
+
+
+def signature_generator() -> types.ModuleType:
+    """`scripts/cog_signatures.py`, the command that writes our signatures from the params dataclasses."""
+    spec = importlib.util.spec_from_file_location("cog_signatures", ROOT / "scripts" / "cog_signatures.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def refs() -> tuple[str, str]:

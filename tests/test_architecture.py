@@ -29,7 +29,7 @@ LEAVES: dict[str, tuple[str, ...]] = {
     "metadata": (),  # shared vocabularies (GENRES), data only
     "core.params": ("core.errors",),
     "core.hub": ("core.catalogue",),
-    "training.params": ("core.params", "core.errors", "core.catalogue"),
+    "training.params": ("core.params", "core.errors", "core.catalogue", "generation.params", "preprocessing.params"),
     "generation.params": ("core.params", "core.errors", "core.catalogue"),
     "preprocessing.params": ("core.params", "core.errors", "core.catalogue"),
 }

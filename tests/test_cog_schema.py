@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import soundfile as sf
@@ -22,6 +25,41 @@ def schemas() -> dict:
 
 def test_signatures_follow_the_schema_generators_rules():
     assert cog_schema.rule_violations() == []
+
+
+def test_signatures_are_written_from_the_dataclasses():
+    """The one check a contributor meets: `--check` fails on a stale file and names the command that fixes it."""
+    from tests.helpers import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "scripts/cog_signatures.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_stale_signature_is_found_and_rewritten(tmp_path, monkeypatch, capsys):
+    """A signature edited by hand (or a dataclass changed without running the command) is found, the message names
+    the command, and the command writes back exactly what the dataclass makes, formatted as ruff formats it."""
+    from tests.helpers import ROOT
+
+    generator = cog_schema.signature_generator()
+    for name in ("predict.py", "train.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.setattr(generator, "ROOT", tmp_path)
+    assert generator.stale() == []
+    original = (tmp_path / "predict.py").read_text()
+    edited = original.replace("default=250, ge=0", "default=200, ge=0")
+    assert edited != original
+    (tmp_path / "predict.py").write_text(edited)
+    (tmp_path / "train.py").write_text((tmp_path / "train.py").read_text().replace("default=3, ge=1,", "ge=1,"))
+    assert generator.stale() == ["predict.py", "train.py"]
+    capsys.readouterr()
+    assert generator.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert f"predict.py: its Cog signature differs from the params dataclass; run `{generator.COMMAND}`" in err, err
+    assert generator.main([]) == 0
+    assert generator.stale() == []
+    assert (tmp_path / "predict.py").read_text() == original
 
 
 def test_required_inputs_are_only_the_training_data():
@@ -92,9 +130,9 @@ def test_the_generator_reads_the_old_signatures_as_the_issue_measured(tmp_path, 
 def _expected_property(field) -> dict:
     """What Replicate must be told about one predict input, from the dataclass alone (not from the schema file the
     server was given): JSON type, default, whether it may be left empty, choices and bounds."""
-    from core.params import _base_type
+    from core.params import base_type
 
-    base, optional = _base_type(field.type)
+    base, optional = base_type(field.type)
     meta = field.metadata
     if meta.get("choices"):
         return {"choices": list(meta["choices"]), "default": field.default}

@@ -1,8 +1,9 @@
 """The inputs of a training run: one frozen dataclass, the Cog `train()` inputs and the `python train.py` flags.
 
 Field names and defaults follow sakemin's MusicGen fine-tuner where he has them (dataset_path ... cfg_p); the rest
-(grad_accumulation ... method) are ours. `train.py` repeats these fields as literal `Input(...)`s (Cog reads the
-signature statically); a test proves both agree.
+(grad_accumulation ... method) are ours. `train.py`'s Cog signature is written from this dataclass by
+`scripts/cog_signatures.py` (Cog reads it statically). The dataset-preparation inputs are `PrepareParams`' own
+and `sampler_precision` is predict's, reused here (`same_as`, `sampler_precision_param`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from core.catalogue import (
     FINE_TUNED,
     METHODS,
     MODEL_VERSION_CHOICES,
-    SAMPLER_PRECISIONS,
     SPEC,
     TRAINABLE_VERSIONS,
 )
-from core.params import InputError, param
+from core.params import InputError, names_where, param, same_as
+from generation.params import sampler_precision_param
+from preprocessing.params import PrepareParams
 
 __all__ = [
     "TrainParams",
@@ -33,6 +35,9 @@ __all__ = [
     "validate",
     "prepare_kwargs",
     "dropped_settings",
+    "used_only_by",
+    "RESUME_MUST_MATCH",
+    "PREPARE_FIELDS",
 ]
 
 OPTIMIZERS = ("dadam", "adamw")
@@ -47,41 +52,28 @@ ADAMW_MAX_LR = 0.1
 
 @dataclass(frozen=True)
 class TrainParams:
-    dataset_path: str | None = param(
-        None,
-        "Your training audio: a zip, tar, tar.gz/tgz or gz archive (folders allowed) or a single audio file "
-        "(wav, mp3, flac, ogg, opus, m4a, aac, aiff). A text file named like a track (song.mp3 + song.txt) gives "
-        "that track's description. Locally, a folder already prepared by `python -m preprocessing` works too.",
-        file=True,
+    dataset_path: str | None = same_as(
+        PrepareParams, "dataset_path", also="Locally, a folder already prepared by `python -m preprocessing` works too."
     )
-    auto_labeling: bool = param(
-        True,
-        "Describe tracks that have no description automatically: genre, mood and instruments (essentia), key and bpm.",
-    )
-    drop_vocals: bool = param(
-        True, "Remove vocals with demucs (htdemucs) before cutting clips; drums, bass and the rest are kept."
-    )
-    one_same_description: str | None = param(
-        None, "One description for every clip; overrides the text files and the automatic labels."
-    )
-    trigger: str | None = param(
-        None,
-        "A word put at the start of every description (e.g. a made-up artist token); use it in prompts later "
-        "to call the style you trained.",
-    )
+    auto_labeling: bool = same_as(PrepareParams, "auto_labeling")
+    drop_vocals: bool = same_as(PrepareParams, "drop_vocals")
+    one_same_description: str | None = same_as(PrepareParams, "one_same_description")
+    trigger: str | None = same_as(PrepareParams, "trigger")
     model_version: str = param(
         "stereo-melody",
         "The MusicGen model to fine-tune. `micro`, `tiny-micro`: a new small model trained from scratch (lm_dim, "
         "lm_layers, lm_heads). The `tiny*` models are small random models for offline tests. (`fine-tuned` is "
         "predict's choice and is refused here.)",
         choices=MODEL_VERSION_CHOICES,
+        must_match_on_resume=True,
     )
-    epochs: int = param(3, "Number of epochs to train for.", ge=1, le=100000)
+    epochs: int = param(3, "Number of epochs to train for.", ge=1, le=100000, must_match_on_resume=True)
     updates_per_epoch: int = param(
         100,
         "Optimizer steps per epoch. 0: one pass over the clips per epoch.",
         ge=0,
         le=1000000,
+        must_match_on_resume=True,
     )
     batch_size: int = param(
         16,
@@ -89,11 +81,13 @@ class TrainParams:
         "needed; the adjustment is logged.",
         ge=1,
         le=4096,
+        must_match_on_resume=True,
     )
     optimizer: str = param(
         "dadam",
         "`dadam`: D-Adaptation Adam, which finds the step size itself (keep lr=1). `adamw`: AdamW (try lr 1e-5).",
         choices=OPTIMIZERS,
+        must_match_on_resume=True,
     )
     lr: float = param(
         1.0,
@@ -101,27 +95,35 @@ class TrainParams:
         "size itself (1e-5 is a good start; 0.1 and more is refused).",
         ge=0.0,
         le=100.0,
+        must_match_on_resume=True,
     )
     lr_scheduler: str = param(
         "cosine",
         "Learning rate schedule after the warmup: cosine (to 0), exponential (to lr/100), polynomial_decay "
         "(linear to 0), inverse_sqrt, linear_warmup (constant after the warmup).",
         choices=LR_SCHEDULERS,
+        must_match_on_resume=True,
     )
-    warmup: int = param(8, "Optimizer steps of linear learning-rate warmup.", ge=0, le=1000000)
+    warmup: int = param(
+        8, "Optimizer steps of linear learning-rate warmup.", ge=0, le=1000000, must_match_on_resume=True
+    )
     cfg_p: float = param(
         0.3,
         "Condition dropout for classifier-free guidance: the share of batches trained without conditions.",
         ge=0.0,
         le=1.0,
+        must_match_on_resume=True,
     )
     grad_accumulation: int = param(
         1,
         "Split each GPU's share of the batch into this many micro-batches (less memory, same result).",
         ge=1,
         le=1024,
+        must_match_on_resume=True,
     )
-    seed: int = param(42, "Random seed: data order, crops, condition dropout.", ge=0, le=2**31 - 1)
+    seed: int = param(
+        42, "Random seed: data order, crops, condition dropout.", ge=0, le=2**31 - 1, must_match_on_resume=True
+    )
     precision: str = param(
         "auto",
         "Training precision. auto: bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, fp32 "
@@ -134,10 +136,19 @@ class TrainParams:
         "MusicGen was trained on 30 s.",
         ge=1.0,
         le=30.0,
+        must_match_on_resume=True,
     )
-    max_grad_norm: float = param(1.0, "Clip the gradient norm to this value (0: no clipping).", ge=0.0, le=1e6)
-    weight_decay: float = param(0.01, "Decoupled weight decay (AdamW style) for both optimizers.", ge=0.0, le=1.0)
-    ema: bool = param(False, f"Keep an exponential moving average of the weights (decay {EMA_DECAY}) and export it.")
+    max_grad_norm: float = param(
+        1.0, "Clip the gradient norm to this value (0: no clipping).", ge=0.0, le=1e6, must_match_on_resume=True
+    )
+    weight_decay: float = param(
+        0.01, "Decoupled weight decay (AdamW style) for both optimizers.", ge=0.0, le=1.0, must_match_on_resume=True
+    )
+    ema: bool = param(
+        False,
+        f"Keep an exponential moving average of the weights (decay {EMA_DECAY}) and export it.",
+        must_match_on_resume=True,
+    )
     save_every: int = param(
         0,
         "Write a resume checkpoint every this many optimizer steps and at the end (the last 2 are kept). "
@@ -177,12 +188,9 @@ class TrainParams:
         ge=0.0,
         le=30.0,
     )
-    sampler_precision: str = param(
-        "auto",
-        "Precision of the token sampler for the samples put in the weights, the prior-preservation examples and the "
-        "evaluation's samples (as predict's sampler_precision): auto (int8 on CPU, fp16 on GPU), int8 (CPU only), "
-        "bf16, fp16, or none (the model's own precision: exactly audiocraft's tokens).",
-        choices=SAMPLER_PRECISIONS,
+    sampler_precision: str = sampler_precision_param(
+        " for the samples put in the weights, the prior-preservation examples and the evaluation's samples (as "
+        "predict's sampler_precision)"
     )
     method: str = param(
         "full",
@@ -191,16 +199,34 @@ class TrainParams:
         "textual_inversion: only the trigger word's embedding (new T5 tokens). text_projection: only the "
         "text conditioner's output projection.",
         choices=METHODS,
+        must_match_on_resume=True,
     )
-    lora_rank: int = param(16, "method=lora: rank of each adapter (its size grows linearly with it).", ge=1, le=1024)
-    lora_alpha: float = param(16.0, "method=lora: adapter scale numerator (the update is alpha/rank x B A).", ge=0.0)
+    lora_rank: int = param(
+        16,
+        "method=lora: rank of each adapter (its size grows linearly with it).",
+        ge=1,
+        le=1024,
+        used_by=("lora",),
+        must_match_on_resume=True,
+    )
+    lora_alpha: float = param(
+        16.0,
+        "method=lora: adapter scale numerator (the update is alpha/rank x B A).",
+        ge=0.0,
+        used_by=("lora",),
+        must_match_on_resume=True,
+    )
     lora_targets: str = param(
         "q,k,v,out_proj,linear1,linear2",
         "method=lora: modules to adapt, comma-separated globs on module names: q, k, v (attention projections), "
         "out_proj, linear1, linear2 (feed-forward), linears.* (output heads), self_attn.*, layers.0.*, ...",
+        used_by=("lora",),
+        must_match_on_resume=True,
     )
     lora_merge: bool = param(
-        False, "method=lora: export the full model with the adapter merged in, instead of the adapter alone."
+        False,
+        "method=lora: export the full model with the adapter merged in, instead of the adapter alone.",
+        used_by=("lora",),
     )
     gradient_checkpointing: bool = param(
         False, "Recompute each transformer layer's activations in the backward pass: far less memory, ~30% slower."
@@ -209,23 +235,61 @@ class TrainParams:
         False,
         "DreamBooth prior preservation (any method): the base model first generates examples of the class "
         "(class_prompt) and of other genres, and training keeps fitting them, so other styles are not forgotten.",
+        must_match_on_resume=True,
     )
     class_prompt: str | None = param(
         None,
         "prior_preservation: the prompt of the class examples. Empty: each track's labels without the trigger.",
+        used_by=("prior_preservation",),
+        must_match_on_resume=True,
     )
-    class_samples: int = param(2, "prior_preservation: class examples generated per training track.", ge=0, le=16)
+    class_samples: int = param(
+        2,
+        "prior_preservation: class examples generated per training track.",
+        ge=0,
+        le=16,
+        used_by=("prior_preservation",),
+        must_match_on_resume=True,
+    )
     dissimilar_samples: int = param(
-        1, "prior_preservation: examples of other genres generated per training track.", ge=0, le=16
+        1,
+        "prior_preservation: examples of other genres generated per training track.",
+        ge=0,
+        le=16,
+        used_by=("prior_preservation",),
+        must_match_on_resume=True,
     )
     prior_loss_weight: float = param(
-        1.0, "prior_preservation: weight of the generated examples' loss (instance loss + weight x prior loss).", ge=0.0
+        1.0,
+        "prior_preservation: weight of the generated examples' loss (instance loss + weight x prior loss).",
+        ge=0.0,
+        used_by=("prior_preservation",),
+        must_match_on_resume=True,
     )
     lm_dim: int = param(
-        2048, "model_version=micro / tiny-micro: width of the new LM trained from scratch.", ge=8, le=8192
+        2048,
+        "model_version=micro / tiny-micro: width of the new LM trained from scratch.",
+        ge=8,
+        le=8192,
+        used_by=("scratch",),
+        must_match_on_resume=True,
     )
-    lm_layers: int = param(2, "model_version=micro / tiny-micro: transformer layers of the new LM.", ge=1, le=96)
-    lm_heads: int = param(2, "model_version=micro / tiny-micro: attention heads of the new LM.", ge=1, le=64)
+    lm_layers: int = param(
+        2,
+        "model_version=micro / tiny-micro: transformer layers of the new LM.",
+        ge=1,
+        le=96,
+        used_by=("scratch",),
+        must_match_on_resume=True,
+    )
+    lm_heads: int = param(
+        2,
+        "model_version=micro / tiny-micro: attention heads of the new LM.",
+        ge=1,
+        le=64,
+        used_by=("scratch",),
+        must_match_on_resume=True,
+    )
     parallel: str = param(
         "auto",
         "With several GPUs: ddp (a whole model per GPU) or fsdp (weights, gradients and optimizer state sharded "
@@ -240,6 +304,8 @@ class TrainParams:
         "0: no validation. Ignored when validation_path is given.",
         ge=0.0,
         le=0.5,
+        used_by=("split_validation",),
+        must_match_on_resume=True,
     )
     validation_path: str | None = param(
         None,
@@ -253,11 +319,15 @@ class TrainParams:
         "epoch.",
         ge=0,
         le=1000000,
+        used_by=("validation",),
+        must_match_on_resume=True,
     )
     keep_best: bool = param(
         True,
         "With validation: export the weights of the evaluation with the lowest validation loss (the base model "
         "included) instead of the last step's.",
+        used_by=("validation",),
+        must_match_on_resume=True,
     )
     early_stop_patience: int = param(
         0,
@@ -265,6 +335,7 @@ class TrainParams:
         "0: never stop early.",
         ge=0,
         le=100000,
+        used_by=("validation",),
     )
     forgetting_check: str = param(
         "auto",
@@ -272,45 +343,13 @@ class TrainParams:
         "prompts (prior_preservation's examples of other genres when there are), base vs fine-tuned, and flag it "
         "when it rises. auto: on with a GPU or with prior_preservation, off on CPU (generating is slow there).",
         choices=FORGETTING_CHECKS,
+        used_by=("validation",),
     )
 
 
-# Inputs that shape the data order, the schedule or the update: a resumed run must use the same values.
-RESUME_MUST_MATCH = (
-    "model_version",
-    "epochs",
-    "updates_per_epoch",
-    "batch_size",
-    "optimizer",
-    "lr",
-    "lr_scheduler",
-    "warmup",
-    "cfg_p",
-    "grad_accumulation",
-    "seed",
-    "segment_duration",
-    "max_grad_norm",
-    "weight_decay",
-    "ema",
-    "method",
-    "lora_rank",
-    "lora_alpha",
-    "lora_targets",
-    "prior_preservation",
-    "class_prompt",
-    "class_samples",
-    "dissimilar_samples",
-    "prior_loss_weight",
-    "lm_dim",
-    "lm_layers",
-    "lm_heads",
-    # validation (training/evaluate.py): the split changes the training set; the evaluation points and keeping the
-    # best weights change what is exported. validation_path is a path (it differs between machines) and is not here.
-    "validation_split",
-    "eval_every",
-    "keep_best",
-)
-PREPARE_FIELDS = ("dataset_path", "auto_labeling", "drop_vocals", "one_same_description", "trigger")
+# Views of the `param(...)` facts, for the code that reads them.
+RESUME_MUST_MATCH = names_where(TrainParams, "must_match_on_resume")
+PREPARE_FIELDS = names_where(TrainParams, "prepare")
 
 
 def validate(params: TrainParams) -> None:
@@ -338,42 +377,42 @@ def validate(params: TrainParams) -> None:
         raise InputError("model_version", f"{params.model_version!r} is not one of: {', '.join(TRAINABLE_VERSIONS)}")
 
 
-# Inputs that only act together with another: (inputs, when they are dropped, why). A non-default value of one
-# of them while it is dropped is warned (`dropped_settings`), never ignored without a word.
-_DEPENDENT: tuple[tuple[tuple[str, ...], tp.Callable[[TrainParams], bool], str], ...] = (
-    (
-        ("class_prompt", "class_samples", "dissimilar_samples", "prior_loss_weight"),
-        lambda p: not p.prior_preservation,
-        "prior_preservation is off",
-    ),
-    (
-        ("lm_dim", "lm_layers", "lm_heads"),
+def _validation_path_given(p: TrainParams) -> bool:
+    return p.validation_path is not None and bool(str(p.validation_path).strip())
+
+
+# When each feature that inputs are `used_by` is off, and why (the methods, e.g. `lora`, say it themselves:
+# `training.methods.base.Method.check`). A non-default value of an input while every feature reading it is off is
+# warned (`dropped_settings`), never ignored without a word.
+FEATURE_OFF: dict[str, tuple[tp.Callable[[TrainParams], bool], str]] = {
+    "prior_preservation": (lambda p: not p.prior_preservation, "prior_preservation is off"),
+    "scratch": (
         lambda p: not (p.model_version in SPEC and SPEC[p.model_version].scratch),
         "only micro and tiny-micro train a new LM of that shape",
-    ),  # fmt: skip
-    (
-        ("validation_split",),
-        lambda p: p.validation_path is not None and bool(str(p.validation_path).strip()),
-        "validation_path is given (every track of dataset_path trains)",
     ),
-    (
-        ("eval_every", "keep_best", "early_stop_patience", "forgetting_check"),
-        lambda p: p.validation_split == 0 and not (p.validation_path and str(p.validation_path).strip()),
+    "split_validation": (_validation_path_given, "validation_path is given (every track of dataset_path trains)"),
+    "validation": (
+        lambda p: p.validation_split == 0 and not _validation_path_given(p),
         "validation is off (validation_split=0 and no validation_path)",
     ),
-)
+}
+
+
+def used_only_by(feature: str) -> tuple[str, ...]:
+    """The inputs that only `feature` reads (their `param(..., used_by=...)`)."""
+    return tuple(f.name for f in dataclasses.fields(TrainParams) if f.metadata["used_by"] == (feature,))
 
 
 def dropped_settings(params: TrainParams) -> list[str]:
     """`"name=value is ignored: why"` for each input given a non-default value that this run cannot use."""
     defaults = TrainParams()
     found = []
-    for names, dropped, why in _DEPENDENT:
-        if dropped(params):
-            for name in names:
-                value = getattr(params, name)
-                if value != getattr(defaults, name):
-                    found.append(f"{name}={value!r} is ignored: {why}")
+    for f in dataclasses.fields(TrainParams):
+        off = [FEATURE_OFF[feature] for feature in f.metadata["used_by"] if feature in FEATURE_OFF]
+        if off and len(off) == len(f.metadata["used_by"]) and all(is_off(params) for is_off, _ in off):
+            value = getattr(params, f.name)
+            if value != getattr(defaults, f.name):
+                found.append(f"{f.name}={value!r} is ignored: {'; '.join(why for _, why in off)}")
     return found
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from training.params import TrainParams
+from training.params import TrainParams, used_only_by
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class Method:
     """`full`: every weight of the language model trains; the export is the whole LM."""
 
     name = "full"
-    # inputs that belong to other methods: a non-default value with this method is logged as ignored
-    foreign_inputs: tuple[str, ...] = ("lora_rank", "lora_alpha", "lora_targets", "lora_merge")
+    # inputs that belong to other methods (`used_by` in training/params.py): a non-default value with this method is
+    # logged as ignored
+    foreign_inputs: tuple[str, ...] = used_only_by("lora")
 
     def check(self, params: TrainParams) -> None:
         defaults = TrainParams()
