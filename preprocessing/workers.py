@@ -259,7 +259,7 @@ class TrackPool:
         code = worker.proc.wait()
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         doing = f"while preparing {rels[worker.job]}" if rels is not None and worker.job is not None else "at start"
-        hint = " (SIGKILL: most often the machine ran out of memory)" if code == -signal.SIGKILL else ""
+        hint = " (most often: the machine ran out of memory)" if code == -signal.SIGKILL else ""
         tail = worker.log_tail()
         return TrackFailed(
             f"the track process {worker.index} on {worker.device} {how}{hint} {doing}; the preparation stopped. "

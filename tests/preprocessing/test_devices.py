@@ -59,6 +59,15 @@ def _processes(marker: str) -> list[int]:
     return found
 
 
+def _zip(src: Path) -> Path:
+    upload = src.with_suffix(".zip")
+    with zipfile.ZipFile(upload, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(src).as_posix())
+    return upload
+
+
 def _snapshot(work: Path) -> dict:
     """Everything a preparation leaves in `work/dataset`, with the folder's own path taken out: clip bytes, sidecars,
     manifest lines, and the report without its timings."""
@@ -82,11 +91,7 @@ def test_two_processes_prepare_the_same_dataset_as_one(tmp_path, repo, models):
     write_audio(src / "deep/short.ogg", track(6, 22050, 2, freq=440, seed=4), 22050)
     (src / "deep" / "short.txt").write_text("a described track")
     (src / "broken.mp3").write_bytes(b"not audio at all" * 100)
-    upload = tmp_path / "upload.zip"
-    with zipfile.ZipFile(upload, "w") as zf:
-        for p in sorted(src.rglob("*")):
-            if p.is_file():
-                zf.write(p, p.relative_to(src).as_posix())
+    upload = _zip(src)
     params = _params(upload, repo, auto_labeling=True, essentia_models=str(models), chunk_seconds=10)
 
     two = plan(True, "cpu", 4, processes=2)
@@ -140,7 +145,7 @@ def _long_upload(folder: Path) -> Path:
     """Four tracks long enough that a worker is busy with one for seconds (the tiny HTDemucs: ~1 s per 10 s)."""
     for i in range(4):
         write_audio(folder / f"track {i}.wav", track(40, 44100, 2, freq=200 + 50 * i, seed=i), 44100)
-    return folder
+    return _zip(folder)
 
 
 def test_a_worker_that_dies_names_its_track_and_leaves_no_process(tmp_path, repo):
