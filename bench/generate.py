@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing as tp
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def run_audiocraft(model, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_fast(model, fast, batch: int) -> float:
+def run_fast(model, fast, batch: int, static: bool | None = None) -> float:
+    """`static`: as `generate_tokens`' (None: CUDA-graph steps on CUDA in half precision, today's steps elsewhere)."""
     from generation.fast import generate_tokens
 
     t0 = time.perf_counter()
@@ -89,9 +91,34 @@ def run_fast(model, fast, batch: int) -> float:
         top_k=p["top_k"],
         top_p=p["top_p"],
         cfg_coef=p["cfg_coef"],
+        static=static,
     )
     model.generate_audio(tokens)
     return time.perf_counter() - t0
+
+
+def time_interleaved(
+    paths: dict[str, tp.Callable[[], tp.Any]], runs: int, sync: tp.Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds per run of each path, runs interleaved (the order reversed every other run) and seeded alike, after
+    one untimed warm-up call each (kernel choices, allocator, CUDA graph capture of the first buckets)."""
+
+    def timed(fn: tp.Callable[[], tp.Any]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    for fn in paths.values():
+        timed(fn)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for run in range(runs):
+        order = list(paths) if run % 2 == 0 else list(paths)[::-1]
+        for name in order:
+            torch.manual_seed(SEED + run)
+            times[name].append(timed(paths[name]))
+    return times
 
 
 def measure_rss(path: str, duration: float, threads: int, quantize: str) -> dict:
