@@ -17,7 +17,10 @@ Where the time goes in audiocraft, and what is done here instead:
   `in_proj_weight` audiocraft applies with `F.linear`, feed-forward, output heads) runs on int8 weights, per output
   channel symmetric, with dynamically quantized activations (fbgemm/oneDNN `quantized::linear_dynamic`). Decoding
   at batch 2 is bound by reading weights, and int8 reads 4x fewer bytes;
-- `quantize='bf16'` / `'fp16'`: weights and activations in half precision (for GPUs).
+- `quantize='bf16'` / `'fp16'`: weights and activations in half precision (for GPUs);
+- on CUDA in half precision the steps after the first are `_StaticStep`s: fixed shapes and addresses (attention over
+  whole cache buckets with a length mask, the position a tensor), each bucket captured once as a CUDA graph and
+  replayed, so a step costs one graph launch instead of hundreds of kernel launches from Python.
 
 A prepared model (`FastLM.from_lm(lm, quantize=...)`) can be kept and reused across calls; building the int8 copy of
 musicgen-small takes about a second. The fp32 path holds references to the LM's own parameters (no copy), so it sees
