@@ -51,8 +51,10 @@ def test_static_step_gives_the_tokens_of_todays_path(name, setting, with_prompt,
     assert torch.equal(dynamic, theirs)
     assert torch.equal(static, dynamic)
     # Every step after the first went through the static step, over several buckets of whole lengths.
-    first = 9 if with_prompt else 1  # the first sampled sequence step: the prefill before it runs dynamically
-    assert len(step_lengths) == GEN_LEN + 3 - first - 1
+    # The delay pattern's sequence: one special step, GEN_LEN frames, 3 delays. The first sampled step (after the
+    # prompt) follows the prefill, which runs as today; every later step is static.
+    first = 1 + (9 if with_prompt else 0)
+    assert len(step_lengths) == (1 + GEN_LEN + 3) - first - 1
     assert all(n % BUCKET == 0 for n in step_lengths)
     assert len(set(step_lengths)) >= 3
     assert not torch.equal(static[0], static[1])  # two samples that differ: the comparison is not trivial
