@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing as tp
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def run_audiocraft(model, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_fast(model, fast, batch: int) -> float:
+def run_fast(model, fast, batch: int, static: bool | None = None) -> float:
+    """`static`: as `generate_tokens`' (None: CUDA-graph steps on CUDA in half precision, today's steps elsewhere)."""
     from generation.fast import generate_tokens
 
     t0 = time.perf_counter()
@@ -89,9 +91,34 @@ def run_fast(model, fast, batch: int) -> float:
         top_k=p["top_k"],
         top_p=p["top_p"],
         cfg_coef=p["cfg_coef"],
+        static=static,
     )
     model.generate_audio(tokens)
     return time.perf_counter() - t0
+
+
+def time_interleaved(
+    paths: dict[str, tp.Callable[[], tp.Any]], runs: int, sync: tp.Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds per run of each path, runs interleaved (the order reversed every other run) and seeded alike, after
+    one untimed warm-up call each (kernel choices, allocator, CUDA graph capture of the first buckets)."""
+
+    def timed(fn: tp.Callable[[], tp.Any]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    for fn in paths.values():
+        timed(fn)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for run in range(runs):
+        order = list(paths) if run % 2 == 0 else list(paths)[::-1]
+        for name in order:
+            torch.manual_seed(SEED + run)
+            times[name].append(timed(paths[name]))
+    return times
 
 
 def measure_rss(path: str, duration: float, threads: int, quantize: str) -> dict:
@@ -253,6 +280,7 @@ def main() -> None:
 
 def print_table(result: dict, args) -> None:
     print()
+    real_time_steps = result["settings"]["steps"] / args.duration  # steps per second that keep up with playback
     print(f"{'':24s}{'s/call':>9s}{'steps/s':>9s}{'RTF':>8s}{'samples/s':>11s}")
     rows = [("batch1", "audiocraft"), ("batch1", "ours"), ("batch1", "ours_fp32")]
     if args.batch > 1:
@@ -265,7 +293,12 @@ def print_table(result: dict, args) -> None:
         print(
             f"{label:24s}{r['seconds']:9.2f}{r['steps_per_s']:9.1f}{r['real_time_factor']:8.2f}{r['samples_per_s']:11.2f}"
         )
-    print(f"ratio ours/audiocraft, batch 1 ({args.quantize}): {result['ratio_batch1']:.2f}x (goal >= {GOAL_RATIO}x)")
+    ours1 = result["batch1"]["ours"]
+    print(
+        f"ratio ours/audiocraft, batch 1 ({args.quantize}): {result['ratio_batch1']:.2f}x (goal >= {GOAL_RATIO}x); "
+        f"real-time factor {ours1['real_time_factor']:.2f} ({ours1['steps_per_s']:.1f} steps/s; 1.0 = real time, "
+        f"{real_time_steps:.1f} steps/s at {args.duration:g} s)"
+    )
     if "ratio_batch1_fp32" in result:
         print(f"ratio ours/audiocraft, batch 1 (fp32, identical tokens): {result['ratio_batch1_fp32']:.2f}x")
     if args.batch > 1:

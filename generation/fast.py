@@ -17,7 +17,10 @@ Where the time goes in audiocraft, and what is done here instead:
   `in_proj_weight` audiocraft applies with `F.linear`, feed-forward, output heads) runs on int8 weights, per output
   channel symmetric, with dynamically quantized activations (fbgemm/oneDNN `quantized::linear_dynamic`). Decoding
   at batch 2 is bound by reading weights, and int8 reads 4x fewer bytes;
-- `quantize='bf16'` / `'fp16'`: weights and activations in half precision (for GPUs).
+- `quantize='bf16'` / `'fp16'`: weights and activations in half precision (for GPUs);
+- on CUDA in half precision the steps after the first are `_StaticStep`s: fixed shapes and addresses (attention over
+  whole cache buckets with a length mask, the position a tensor), each bucket captured once as a CUDA graph and
+  replayed, so a step costs one graph launch instead of hundreds of kernel launches from Python.
 
 A prepared model (`FastLM.from_lm(lm, quantize=...)`) can be kept and reused across calls; building the int8 copy of
 musicgen-small takes about a second. The fp32 path holds references to the LM's own parameters (no copy), so it sees
@@ -373,10 +376,13 @@ class _State:
     pos: int = 0
 
 
-def _new_state(fast: FastLM, n: int, max_len: int, cross_src: torch.Tensor | None) -> _State:
+def _new_state(fast: FastLM, n: int, max_len: int, cross_src: torch.Tensor | None, zeroed: bool = False) -> _State:
+    """`zeroed`: the static step attends over cache entries not written yet (masked out): they must hold finite
+    values, since a masked weight of exactly 0 times a NaN left in uninitialised memory is still NaN."""
     shape = (n, fast.num_heads, max_len, fast.head_dim)
-    k_cache = [torch.empty(shape, dtype=fast.dtype, device=fast.device) for _ in fast.blocks]
-    v_cache = [torch.empty(shape, dtype=fast.dtype, device=fast.device) for _ in fast.blocks]
+    alloc = torch.zeros if zeroed else torch.empty
+    k_cache = [alloc(shape, dtype=fast.dtype, device=fast.device) for _ in fast.blocks]
+    v_cache = [alloc(shape, dtype=fast.dtype, device=fast.device) for _ in fast.blocks]
     if cross_src is None:
         if any(b.cross_q is not None for b in fast.blocks):
             raise ValueError("this model cross-attends to its conditions: pass `attributes` (one per sample)")
@@ -401,21 +407,44 @@ def _attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: 
 
 def _forward(fast: FastLM, state: _State, x: torch.Tensor) -> torch.Tensor:
     """Run `[N, T, D]` fused inputs through the transformer, extending the cache; returns the `[N, D]` last output."""
-    N, T, D = x.shape
-    H, d = fast.num_heads, fast.head_dim
+    T = x.shape[1]
     start, end = state.pos, state.pos + T
-    shape = (D,)
     x = x.to(fast.dtype) + state.pos_table[:, start:end]
     # audiocraft's causal mask only exists when several steps go through at once (the first call).
     causal = T > 1
     attend = fast.attend
+
+    def self_attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = state.k_cache[i], state.v_cache[i]
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        return attend(q, k_cache[:, :, :end], v_cache[:, :, :end], is_causal=causal)
+
+    x = _layers(fast, state, x, self_attention)
+    state.pos = end
+    return x[:, -1]
+
+
+def _layers(
+    fast: FastLM,
+    state: _State,
+    x: torch.Tensor,
+    self_attention: tp.Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The transformer layers on `[N, T, D]` inputs (positions already added) -> `[N, T, D]`.
+
+    `self_attention(layer, q, k, v)` (each `[N, H, T, d]`) stores the new keys/values in that layer's cache and
+    returns the attention output `[N, H, T, d]`: the one thing the dynamic and the static step do differently.
+    """
+    N, T, D = x.shape
+    H, d = fast.num_heads, fast.head_dim
+    shape = (D,)
+    attend = fast.attend
     for i, blk in enumerate(fast.blocks):
         n1 = blk.norm1
         qkv = blk.in_proj(F.layer_norm(x, shape, n1.weight, n1.bias, n1.eps)).view(N, T, 3, H, d)
-        k_cache, v_cache = state.k_cache[i], state.v_cache[i]
-        k_cache[:, :, start:end] = qkv[:, :, 1].transpose(1, 2)
-        v_cache[:, :, start:end] = qkv[:, :, 2].transpose(1, 2)
-        att = attend(qkv[:, :, 0].transpose(1, 2), k_cache[:, :, :end], v_cache[:, :, :end], is_causal=causal)
+        q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
+        att = self_attention(i, q, k, v)
         h = blk.out_proj(att.transpose(1, 2).reshape(N, T, D))
         x = x + (h if blk.scale1 is None else blk.scale1 * h)
         cross = state.cross[i]
@@ -428,8 +457,107 @@ def _forward(fast: FastLM, state: _State, x: torch.Tensor) -> torch.Tensor:
         n2 = blk.norm2
         h = blk.ff2(blk.activation(blk.ff1(F.layer_norm(x, shape, n2.weight, n2.bias, n2.eps))))
         x = x + (h if blk.scale2 is None else blk.scale2 * h)
-    state.pos = end
-    return x[:, -1]
+    return x
+
+
+STATIC_BUCKET = 128  # cache entries per length bucket of the static step: one CUDA graph per bucket
+
+
+def _bucket_end(pos: int, bucket: int) -> int:
+    """The attended cache length for a step at position `pos`: `pos + 1` rounded up to a multiple of `bucket`."""
+    return (pos // bucket + 1) * bucket
+
+
+class _StaticStep:
+    """One single-token decode step with fixed shapes and addresses, replayable as a CUDA graph.
+
+    Inputs are buffers written before each step: `tokens` `[B, K, 1]` (the last column of the sequence) and `pos`
+    `[1]` long (its position). The step embeds the column (twice with guidance: conditional, then unconditional),
+    adds the positional embedding of `pos`, writes every layer's keys/values at `pos` of the preallocated cache,
+    attends over the first `length` cache entries with the mask `key_position <= pos`, and writes the guided
+    `[B, K, card]` fp32 logits into `logits`. `length` is the step's bucket (`_bucket_end`), so within a bucket
+    every step runs the same kernels on the same addresses: on CUDA each bucket is captured once as a graph and
+    replayed; elsewhere the same step runs eagerly. The step is idempotent (it rewrites position `pos` with the
+    same values), which makes the capture's warm-up run harmless.
+    """
+
+    def __init__(self, fast: FastLM, state: _State, batch: int, guided: bool, cfg_coef: float, bucket: int):
+        n_rows = state.k_cache[0].shape[0]
+        capacity = state.k_cache[0].shape[2]
+        if capacity % bucket:
+            raise ValueError(f"internal error: cache length {capacity} is not a multiple of the bucket {bucket}")
+        self.fast, self.state, self.batch, self.guided, self.cfg_coef = fast, state, batch, guided, cfg_coef
+        self.bucket = bucket
+        device = fast.device
+        self.tokens = torch.zeros(batch, fast.n_q, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_positions = torch.arange(capacity, device=device)
+        self.logits = torch.zeros(batch, fast.n_q, fast.card, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph | None] = {}
+        self.use_graphs = device.type == "cuda"
+        assert n_rows == (2 * batch if guided else batch)
+
+    def _step(self, length: int) -> None:
+        fast, state, pos = self.fast, self.state, self.pos
+        x = fast.embed(self.tokens)
+        if self.guided:
+            x = torch.cat([x, x], dim=0)
+        x = x.to(fast.dtype) + state.pos_table.index_select(1, pos)
+        visible = (self.key_positions[:length] <= pos).view(1, 1, 1, length)
+
+        def self_attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_cache, v_cache = state.k_cache[i], state.v_cache[i]
+            k_cache.index_copy_(2, pos, k)
+            v_cache.index_copy_(2, pos, v)
+            return F.scaled_dot_product_attention(q, k_cache[:, :, :length], v_cache[:, :, :length], visible)
+
+        logits = _logits(fast, _layers(fast, state, x, self_attention)[:, -1])
+        if self.guided:
+            cond_logits, uncond_logits = logits.split(self.batch, dim=0)
+            logits = uncond_logits + (cond_logits - uncond_logits) * self.cfg_coef
+        self.logits.copy_(logits)
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """`[B, K, 1]` codes at sequence position `pos` -> the guided `[B, K, card]` logits of the next step."""
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)
+        length = _bucket_end(pos, self.bucket)
+        if not self.use_graphs:
+            self._step(length)
+        else:
+            graph = self.graphs.get(length)
+            if graph is None:
+                graph = self.graphs[length] = self._capture(length)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._step(length)
+        self.state.pos = pos + 1
+        # A copy: the next step overwrites `logits` while a chooser may still hold this step's.
+        return self.logits.clone()
+
+    def _capture(self, length: int) -> torch.cuda.CUDAGraph | None:
+        """The step over `length` cache entries as a CUDA graph, or None (logged) where this GPU / torch cannot
+        capture it: then the same step runs eagerly, slower but with the same results."""
+        try:
+            return self._try_capture(length)
+        except RuntimeError as err:
+            logger.warning("CUDA graph capture failed (%s): decoding without graphs", err)
+            self.use_graphs = False
+            return None
+
+    def _try_capture(self, length: int) -> torch.cuda.CUDAGraph:
+        # Warm-up on a side stream first (cuBLAS handles, lazy kernel choices), as torch.cuda.graphs asks; it
+        # runs this very step, so the replay that follows recomputes the same values.
+        side = torch.cuda.Stream(self.fast.device)
+        side.wait_stream(torch.cuda.current_stream(self.fast.device))
+        with torch.cuda.stream(side):
+            self._step(length)
+        torch.cuda.current_stream(self.fast.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(length)
+        return graph
 
 
 def _logits(fast: FastLM, out: torch.Tensor) -> torch.Tensor:
@@ -567,8 +695,17 @@ def _decode(
     cfg_coef: float,
     choose: tp.Callable[[int, torch.Tensor], torch.Tensor],
     callback: Callback | None,
+    static: bool | None = None,
+    bucket: int | None = None,
 ) -> None:
-    """The step loop. `choose(offset, logits [B, K, card]) -> [B, K, 1]` picks each step's tokens."""
+    """The step loop. `choose(offset, logits [B, K, card]) -> [B, K, 1]` picks each step's tokens.
+
+    `static`: run the steps after the first as `_StaticStep`s (CUDA graphs on CUDA); None: where they pay, on CUDA in
+    half precision (the exact `quantize=None` path keeps audiocraft's shapes, hence its kernels, everywhere).
+    """
+    if static is None:
+        static = fast.device.type == "cuda" and fast.quantize in _HALF
+    bucket = STATIC_BUCKET if bucket is None else bucket
     seq = plan.gen_sequence
     B = seq.shape[0]
     cond = _condition_tensors(lm, attributes)
@@ -584,17 +721,23 @@ def _decode(
     # The LM's own fuser prepends conditions (melody chroma) and builds the cross-attention source.
     x, cross_src = lm.fuser(x, cond)
     prepend = x.shape[1] - plan.start
-    state = _new_state(fast, x.shape[0], prepend + S, cross_src)
+    capacity = prepend + S
+    if static:
+        capacity = _bucket_end(capacity - 1, bucket)  # whole buckets: every step's attended length exists
+    state = _new_state(fast, x.shape[0], capacity, cross_src, zeroed=static)
+    step = _StaticStep(fast, state, B, guided, cfg_coef, bucket) if static else None
 
     invalid = [plan.invalid[:, t] for t in range(S)]
     any_invalid = [bool(m.any()) for m in invalid]
     total = S - plan.start
     for offset in range(plan.start, S):
-        out = _forward(fast, state, x)
-        logits = _logits(fast, out)
-        if guided:
-            cond_logits, uncond_logits = logits.split(B, dim=0)
-            logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
+        if step is not None and offset > plan.start:
+            logits = step(seq[..., offset - 1 : offset], state.pos)
+        else:
+            logits = _logits(fast, _forward(fast, state, x))
+            if guided:
+                cond_logits, uncond_logits = logits.split(B, dim=0)
+                logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
         next_token = choose(offset, logits)
         if any_invalid[offset]:
             next_token[:, invalid[offset]] = special
@@ -602,7 +745,7 @@ def _decode(
         column.copy_(torch.where(column == -1, next_token, column))
         if callback is not None:
             callback(1 + offset - plan.start, total)
-        if offset + 1 < S:
+        if step is None and offset + 1 < S:
             x = fast.embed(column)
             if guided:
                 x = torch.cat([x, x], dim=0)
@@ -639,6 +782,7 @@ def generate_tokens(
     cfg_coef: float | None = 3.0,
     callback: Callback | None = None,
     quantize: str | None = None,
+    static: bool | None = None,
 ) -> torch.Tensor:
     """Sample `[B, K, max_gen_len]` codes (prompt included), like `lm.generate(prompt_tokens, attributes, ...)`.
 
@@ -656,6 +800,8 @@ def generate_tokens(
         quantize: None (the LM's dtype: identical tokens to audiocraft in fp32), `'int8'` (CPU), `'bf16'`,
             `'fp16'`, or `'auto'` (`default_quantize(device)`). When `lm` is a `FastLM` its own setting is used
             (None / 'auto' accepted, another value is an error).
+        static: decode with fixed-shape steps (`_StaticStep`: attention over whole cache buckets with a length mask,
+            positions as a tensor), captured as CUDA graphs on CUDA; None: on CUDA in half precision only.
     Returns:
         `[B, K, max_gen_len]` long tensor of codes in `[0, card)`.
     """
@@ -684,7 +830,7 @@ def generate_tokens(
         return sample_next_token(logits, use_sampling, temp, top_k, top_p)
 
     with torch.autocast(fast.device.type, enabled=False):
-        _decode(fast, lm_model, attributes, plan, cfg_coef=cfg, choose=choose, callback=callback)
+        _decode(fast, lm_model, attributes, plan, cfg_coef=cfg, choose=choose, callback=callback, static=static)
     return _finish(lm_model, plan, max_gen_len)
 
 
