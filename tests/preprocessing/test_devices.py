@@ -74,7 +74,8 @@ def _snapshot(work: Path) -> dict:
     folder = work / "dataset"
     files = {p.name: p.read_bytes() for p in sorted((folder / "clips").iterdir())}
     manifest = (folder / "data.jsonl").read_text(encoding="utf-8").replace(str(folder), "DATASET")
-    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    # A skipped file's reason quotes the decoder's message, with the run's own unpack path in it.
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8").replace(str(work), "WORK"))
     for key in ("seconds_taken", "real_time_factor", "timings"):
         report.pop(key)
     return {"files": files, "manifest": manifest, "report": report}
