@@ -113,9 +113,10 @@ def test_two_processes_prepare_the_same_dataset_as_one(tmp_path, repo, models):
         assert a["files"][name] == b["files"][name], name
     assert a["manifest"] == b["manifest"]
     assert a["report"] == b["report"]
-    # What is compared holds what it should: the separated long track in 3 clips, both "beat"s, labels and a skip.
+    # What is compared holds what it should: the separated long track first, in its 2 whole 10 s clips (the last
+    # 4 s are too short for a clip), both "beat"s, labels and a skip.
     names = [c.path.name for c in both.clips]
-    assert names[:3] == ["A_long_song_000.wav", "A_long_song_001.wav", "A_long_song_002.wav"]
+    assert names[:3] == ["A_long_song_000.wav", "A_long_song_001.wav", "Beat_000.wav"]
     assert {"Beat_000.wav", "beat-2_000.wav"} <= set(names), names
     assert [s["file"] for s in both.report["skipped"]] == ["broken.mp3"]
     labelled = [c for c in both.clips if c.info["description_source"] == "auto_labels"]
