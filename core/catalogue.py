@@ -2,9 +2,9 @@
 
 A leaf: it imports nothing of ours (nor torch), so the params modules, the loaders and the tests all read the one
 list. Every version is one `ModelSpec` record in `SPECS`; the name lists below are views derived from them. Adding
-a checkpoint of a known family: one record here, and the literal `model_version` choices of `predict.py` and
-`train.py` (Cog reads those signatures statically; `tests/test_cog_schema.py` proves they equal
-`MODEL_VERSION_CHOICES`).
+a checkpoint of a known family: one record here, then `scripts/cog_signatures.py` writes the `model_version`
+choices into the Cog signatures of `predict.py` and `train.py` (Cog reads them statically; a test fails while
+they are stale). A new family: its hooks in `core/families.py`, `generation/families.py`, `training/families.py`.
 """
 
 from __future__ import annotations
