@@ -115,7 +115,7 @@ def rows() -> list[tuple[str, ...]]:
                     ts["date"][:10],
                 )
             )
-    prep = latest("prepare")
+    prep = latest("prepare", bench="prepare")
     if prep:
         out.append(
             (
@@ -128,6 +128,24 @@ def rows() -> list[tuple[str, ...]]:
                 _met(prep["real_time_factor"], 50.0),
                 prep["machine"],
                 prep["date"][:10],
+            )
+        )
+    demucs = latest("prepare", bench="prepare_demucs")
+    if demucs:
+        one, *more = demucs["runs"]
+        best = max(more, key=lambda r: r["ratio"]) if more else one
+        out.append(
+            (
+                "prepare with vocal removal (`bench/prepare.py --demucs`)",
+                f"{demucs['tracks']} tracks, {demucs['audio_seconds'] / 60:g} min, random real-size htdemucs, "
+                f"{best['processes']} processes on {demucs['device']}",
+                f"1 process: {one['real_time_factor']:.3f}x real time",
+                f"{best['real_time_factor']:.3f}x real time",
+                f"{best['ratio']:.2f}x",
+                "~N x on N GPUs (measured on a GPU machine)",
+                "–" if demucs["device"] == "cpu" else _met(best["ratio"], 0.8 * best["processes"]),
+                demucs["machine"],
+                demucs["date"][:10],
             )
         )
     micro = latest("micro_speed")
