@@ -26,6 +26,7 @@ LEAVES: dict[str, tuple[str, ...]] = {
     "core.catalogue": (),
     "core.devices": (),
     "core.files": (),
+    "training.worker_env": (),  # stdlib only: the worker entry imports it before anything that starts a process
     "metadata": (),  # shared vocabularies (GENRES), data only
     "core.params": ("core.errors",),
     "core.hub": ("core.catalogue",),

@@ -13,7 +13,8 @@ On Replicate nothing outlives the container but what the training returns, so:
 
 Secret inputs (`core.params.secret_fields(TrainParams)`) never reach a file or a log line: the training loop, the
 checkpoints and finetune.json get the inputs with the secrets blanked (`without_secrets`); torchrun workers get
-them through their environment (`secret_env` / `pop_secret_env`), not through the params file.
+them through their environment (`worker_env`; `training.worker` takes them out of it first thing), not through
+the params file.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from core.params import InputError, secret_fields
 from training.checkpoint import list_checkpoints
 from training.params import TrainParams
 from training.report import headline
+from training.worker_env import secret_env
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ __all__ = [
     "push_checkpoint",
     "report_interrupted",
     "worker_env",
-    "pop_secret_env",
+    "worker_secrets",
 ]
 
 SECRET_FIELDS: tuple[str, ...] = secret_fields(TrainParams)
@@ -59,7 +61,6 @@ HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 # Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..', no leading/trailing '-'/'.'
 # (the rules huggingface_hub's validate_repo_id applies, plus the namespace we need for the resume URL).
 _REPO_ID = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?$")
-_ENV_PREFIX = "MGFT_SECRET_"
 NON_COMMERCIAL = "cc-by-nc-4.0"
 # The model card's text (README.md of the pushed repo); model_card fills in its `${...}` fields.
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
@@ -92,13 +93,16 @@ def redact(text: str, params: TrainParams) -> str:
 
 def worker_env(params: TrainParams) -> dict[str, str]:
     """Environment of the torchrun workers `run_training` starts: the secrets (the params file they read has none)."""
-    return {_ENV_PREFIX + name.upper(): getattr(params, name) for name in SECRET_FIELDS if getattr(params, name)}
+    return secret_env({name: getattr(params, name) for name in SECRET_FIELDS if getattr(params, name)})
 
 
-def pop_secret_env() -> dict[str, str]:
-    """In a torchrun worker: take the secrets out of the environment (so that the processes a worker starts, such
-    as wandb's service, do not inherit them) and return them as input values."""
-    return {name: value for name in SECRET_FIELDS if (value := os.environ.pop(_ENV_PREFIX + name.upper(), None))}
+def worker_secrets(popped: dict[str, str]) -> dict[str, str]:
+    """The secret inputs among what `training.worker_env.pop_secret_env` took out of a worker's environment (a name
+    that is not a secret input of this version is dropped with a warning: it cannot be passed on as an input)."""
+    unknown = sorted(set(popped) - set(SECRET_FIELDS))
+    if unknown:
+        logger.warning("Ignoring environment entries that name no secret input: %s", ", ".join(unknown))
+    return {name: value for name, value in popped.items() if name in SECRET_FIELDS}
 
 
 # ---------------------------------------------------------------------------------------------------- checks

@@ -2,8 +2,8 @@
 torchrun) -> `trained_model.tar`.
 
 `run_training` is what `train.py` (Cog and CLI) calls. `run_worker` is one training process: load the base model,
-encode the clips once, train, and (rank 0) export. `python -m training.run --params_json ...` is the torchrun
-entry of each worker.
+encode the clips once, train, and (rank 0) export. `python -m training.worker --params_json ...` is the torchrun
+entry of each worker (`worker_main` here, after training/worker.py took the secrets out of its environment).
 
 Output folder layout: `trained_model.tar`, `checkpoints/checkpoint-<step>.pt`, `cache/` (codes, chroma),
 `work/dataset/` (the prepared clips), `train_params.json`.
@@ -243,7 +243,7 @@ def run_training(params: TrainParams, output_dir: Path, nproc: int | None = None
         try:
             dist_mod.launch_torchrun(
                 nproc,
-                "training.run",
+                "training.worker",
                 ["--params_json", str(params_file), "--dataset", str(dataset.folder), "--output_dir", str(output_dir)]
                 + (["--validation_dataset", str(validation.folder)] if validation is not None else [])
                 + (["--data_identity", json.dumps(checked.identity)] if checked.identity is not None else [])
@@ -499,8 +499,9 @@ def run_worker(
             dist_mod.shutdown(dist)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """torchrun entry: one worker of a multi-process run started by `run_training` (or by hand, multi-node)."""
+def worker_main(argv: list[str] | None, secrets: dict[str, str]) -> int:
+    """One worker of a multi-process run started by `run_training` (or by hand, multi-node), through
+    `python -m training.worker`, which passes the `secrets` it took out of the environment."""
     parser = argparse.ArgumentParser(description="One training process (started by torchrun).")
     parser.add_argument("--params_json", required=True, help="training inputs as JSON (written by run_training)")
     parser.add_argument("--dataset", required=True, help="a prepared dataset folder (holding data.jsonl)")
@@ -517,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The params file has no secrets; run_training passed them in this process's environment.
-    params = from_kwargs(TrainParams, **json.loads(Path(args.params_json).read_text()), **publish.pop_secret_env())
+    # The params file has no secrets: run_training passed them in the environment, training.worker took them out.
+    params = from_kwargs(
+        TrainParams, **json.loads(Path(args.params_json).read_text()), **publish.worker_secrets(secrets)
+    )
     validation = load_prepared(args.validation_dataset) if args.validation_dataset else None
     run_worker(
         params,
@@ -533,4 +536,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(
+        "The torchrun entry of a training worker is `python -m training.worker` (same flags); see docs/training.md."
+    )

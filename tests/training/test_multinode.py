@@ -34,7 +34,7 @@ def documented_torchrun() -> str:
 
 def test_the_documented_command_is_the_one_this_test_runs():
     command = documented_torchrun()
-    for part in ("--nproc_per_node $GPUS", "--rdzv_backend c10d", "--rdzv_endpoint $NODE0", "-m training.run"):
+    for part in ("--nproc_per_node $GPUS", "--rdzv_backend c10d", "--rdzv_endpoint $NODE0", "-m training.worker"):
         assert part in command, command
     assert "RUN=/shared/run NODE0=node0:29500 GPUS=8" in DOC.read_text()  # the variables it names, documented
 

@@ -21,6 +21,8 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import typing as tp
@@ -31,10 +33,11 @@ from pathlib import Path
 import pytest
 
 from core.params import InputError, from_kwargs
-from tests.helpers import reported_problem
+from tests.helpers import ROOT, reported_problem
 from tests.training.conftest import make_prepared, tiny_params
 from training import publish
 from training import run as run_mod
+from training import worker as worker_mod
 from training.loop import TrainingInterrupted
 from training.params import TrainParams
 from training.run import check_inputs, run_training
@@ -589,7 +592,7 @@ def test_ctrl_c_with_hf_repo_pushes_the_checkpoint_too(tmp_path, hub_env, monkey
 
 
 def _launch_in_process(monkeypatch, launched: list[dict], step_to_stop: int | None = None):
-    """A stand-in for `launch_torchrun` that runs the one worker `python -m training.run` would run, in this
+    """A stand-in for `launch_torchrun` that runs the one worker `python -m training.worker` would run, in this
     process, with the arguments and environment run_training gives torchrun (a world of 1: RANK 0 of 1). With
     `step_to_stop`, the worker gets a SIGTERM there, as torchrun relays a cancel, and the launch then raises Cog's
     CancelationException, as launch_torchrun re-raises the cancel that made it stop its workers."""
@@ -603,7 +606,7 @@ def _launch_in_process(monkeypatch, launched: list[dict], step_to_stop: int | No
         if step_to_stop is not None:
             _sigterm_at_step(monkeypatch, step_to_stop)
         try:
-            run_mod.main(args)
+            worker_mod.main(args)
         except TrainingInterrupted:
             raise CancelationException() from None
         finally:
@@ -611,6 +614,35 @@ def _launch_in_process(monkeypatch, launched: list[dict], step_to_stop: int | No
                 monkeypatch.delenv(name)
 
     monkeypatch.setattr(run_mod.dist_mod, "launch_torchrun", launch)
+
+
+def test_a_worker_takes_the_secrets_out_of_its_environment_before_it_starts_any_process(tmp_path):
+    """`python -m training.worker` pops the secrets before importing the training code, which starts processes:
+    matplotlib (audiocraft -> torchmetrics -> matplotlib) runs `fc-list` to build its font cache. A stand-in `fc-list`
+    first on PATH records the environment it inherits; it must hold no secret (CI caught that leak once)."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "fc-list-env"
+    bin_dir.mkdir()
+    fake = bin_dir / "fc-list"
+    fake.write_text(f"#!/bin/sh\nenv >> {record}\n")  # prints nothing: matplotlib then finds no system font
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),  # no font cache yet: matplotlib runs fc-list at import
+        **{
+            f"MGFT_SECRET_{name.upper()}": value
+            for name, value in (("hf_token", HF_TOKEN), ("wandb_api_key", WANDB_KEY))
+        },
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.worker", "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--params_json" in proc.stdout
+    inherited = record.read_text()  # the import did start fc-list (else this test would prove nothing)
+    assert "MPLCONFIGDIR=" in inherited
+    assert all(secret not in inherited for secret in SECRETS)
 
 
 def test_torchrun_workers_get_the_secrets_from_their_environment_not_the_params_file(
@@ -625,7 +657,7 @@ def test_torchrun_workers_get_the_secrets_from_their_environment_not_the_params_
         out = tmp_path / "out"
         tar = run_training(params, out, nproc=2)
     (call,) = launched
-    assert call["module"] == "training.run"
+    assert call["module"] == "training.worker"
     inputs = json.loads(call["file"])  # train_params.json, as the workers read it
     assert inputs["hf_repo_id"] == REPO and not set(publish.SECRET_FIELDS) & set(inputs)
     assert HF_TOKEN in call["env"].values()  # the token reached the worker through its environment...
@@ -692,7 +724,7 @@ class _ProcessWatch:
     training worker started (wandb's service, ...), collecting any that holds a secret."""
 
     def __init__(self) -> None:
-        self.workers: dict[int, str] = {}  # pid -> command line of a `training.run` worker
+        self.workers: dict[int, str] = {}  # pid -> command line of a `training.worker` worker
         self.leaks: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -719,13 +751,16 @@ class _ProcessWatch:
                 if any(s.encode() in cmdline for s in SECRETS):
                     self.leaks.append(f"argv of {pid}: {cmdline[:200]!r}")
                 # a worker (torchrun's launcher names the module too; it hands the environment on, by design)
-                if b"training.run --params_json" in cmdline and b"torch.distributed.run" not in cmdline:
+                if b"training.worker --params_json" in cmdline and b"torch.distributed.run" not in cmdline:
                     self.workers[int(pid)] = cmdline.decode(errors="replace")
                 stat = self._read(pid, "stat").rsplit(b")", 1)[-1].split()
-                if len(stat) > 1 and int(stat[1]) in self.workers:  # started by a worker
+                # Started by a worker, and no longer the worker itself: between a fork and its exec a child is the
+                # worker's memory (its environment block too), with the worker's command line.
+                parent = int(stat[1]) if len(stat) > 1 else None
+                if parent in self.workers and cmdline.decode(errors="replace") != self.workers[parent]:
                     environ = self._read(pid, "environ")
                     if any(s.encode() in environ for s in SECRETS):
-                        self.leaks.append(f"environment of {pid} (child of worker {int(stat[1])})")
+                        self.leaks.append(f"environment of {pid} (child of worker {parent}): {cmdline[:120]!r}")
 
 
 @pytest.mark.slow
