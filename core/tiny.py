@@ -330,9 +330,9 @@ def _build(name: str, folder: Path, cfg: dict | None = None) -> None:
     spec = _tiny_spec(name)
     if spec.melody:  # audiocraft's chroma conditioner loads htdemucs by name: the folder carries its own
         save_htdemucs_repo(folder / "htdemucs_repo")
-    if spec.text_encoder == "t5":  # likewise t5-base
-        save_t5_hub(folder / T5_HUB_DIR)
     cfg = cfg if cfg is not None else lm_cfg(name)
+    if cfg["conditioners"]["description"]["model"] == "t5":  # likewise t5-base
+        save_t5_hub(folder / T5_HUB_DIR)
     torch.manual_seed(SEED + 1)
     with tiny_hubs(folder):
         lm = _build_lm(name, cfg)
@@ -374,6 +374,27 @@ def build_variant(folder: Path, base: str = "tiny", **transformer: tp.Any) -> Pa
     if not (folder / "state_dict.bin").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         _build(base, folder, cfg)
+    return folder
+
+
+def t5_variant_cfg(base: str) -> dict:
+    """`base`'s LM config with `tiny-t5`'s T5 text conditioner; for a melody base also facebook/musicgen-melody's
+    fuser layout (chroma and text both prepended, no cross-attention), the one transformers' MusicgenMelody has."""
+    cfg = lm_cfg(base)
+    cfg["conditioners"]["description"] = {"model": "t5", "t5": t5_conditioner_cfg()}
+    if _tiny_spec(base).melody:
+        cfg["fuser"]["prepend"] = ["self_wav", "description"]
+        cfg["fuser"]["cross"] = []
+    return cfg
+
+
+def build_t5_variant(folder: Path, base: str) -> Path:
+    """A model folder built like tiny model `base` but conditioned on text through T5 (`t5_variant_cfg`): the
+    T5-conditioned stereo and melody models the transformers-format tests need, loadable as a model folder."""
+    folder = Path(folder)
+    if not (folder / "state_dict.bin").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        _build(base, folder, t5_variant_cfg(base))
     return folder
 
 
