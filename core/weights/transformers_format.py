@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from core.catalogue import ModelSpec
+from core.tiny import tiny_demucs
 
 logger = logging.getLogger(__name__)
 
@@ -647,14 +648,14 @@ def _t5_hub(model: tp.Any, name: str, folder: Path | None, tokenizer: tp.Any) ->
 def _lstm_is_identity(model: tp.Any) -> bool:
     """True when every LSTM weight of the EnCodec is zero: the `lstm: 0` SEANet `to_transformers` writes."""
     lstms = [m.lstm for part in (model.encoder, model.decoder) for m in part.layers if type(m).__name__ == "EncodecLSTM"]
-    return all(float(p.abs().max()) == 0.0 for m in lstms for p in m.parameters())
+    return all(not p.detach().any() for m in lstms for p in m.parameters())
 
 
 def from_transformers(
     folder_or_model: tp.Any, device: str = "cpu", *, tokenizer: tp.Any = None
 ) -> tuple[tp.Any, tp.Any, dict]:
     """A transformers MusicGen (a folder `is_transformers_folder` accepts, or the model object) -> audiocraft's
-    `LMModel`, its compression model (stereo: wrapped as audiocraft's interleaved stereo EnCodec) and the LM
+    `LMModel`, its mono EnCodec (as audiocraft's loaders give it: `MusicGen` wraps it for stereo) and the LM
     config (a plain dict, also set as `lm.cfg` as audiocraft's loaders do), in eval mode on `device`; they sample
     as the transformers model does (`MusicGen(name, compression_model, lm)`).
 
@@ -684,7 +685,8 @@ def from_transformers(
     compression.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
 
     name = cfg["conditioners"]["description"]["t5"]["name"]
-    with _t5_hub(model, name, folder, tokenizer):
+    # a tiny model's folder carries its own htdemucs for the chroma conditioner (core/tiny.py); others use demucs'
+    with _t5_hub(model, name, folder, tokenizer), tiny_demucs(folder) if folder else contextlib.nullcontext():
         lm = builders.get_lm_model(OmegaConf.create(cfg))
     ours = lm.state_dict()
     state = {}
@@ -695,5 +697,4 @@ def from_transformers(
     _check_cover({**state, **derived}, ours, "audiocraft's LM")
     lm.load_state_dict({**{k: v.detach().clone() for k, v in state.items()}, **derived}, strict=True)
     lm.cfg = OmegaConf.create(cfg)
-    compression = builders.get_wrapped_compression_model(compression, lm.cfg)
     return lm.to(device).eval(), compression.to(device).eval(), cfg
