@@ -104,7 +104,9 @@ def _cfg_reason(cfg: dict) -> str | None:
     if text != "t5":
         return f"the text conditioner is {text!r}, not the T5 encoder transformers' MusicGen requires"
     melody = models.get("self_wav") == "chroma_stem"
-    others = set(models) - {"description", "self_wav"} | ({"self_wav"} if "self_wav" in models and not melody else set())
+    others = set(models) - {"description", "self_wav"} | (
+        {"self_wav"} if "self_wav" in models and not melody else set()
+    )
     if others:
         return f"transformers' MusicGen has no counterpart for the conditioner(s) {sorted(others)}"
     fuser = cfg.get("fuser") or {}
@@ -266,7 +268,9 @@ def _encodec_config(compression_model: tp.Any):
         dilation_growth_rate=dilation_base,
         use_causal_conv=bool(first.causal),
         pad_mode=first.pad_mode,
-        compress=(blocks[0].block[1].conv.conv.in_channels // blocks[0].block[1].conv.conv.out_channels) if blocks else 2,
+        compress=(blocks[0].block[1].conv.conv.in_channels // blocks[0].block[1].conv.conv.out_channels)
+        if blocks
+        else 2,
         num_lstm_layers=lstms[0].lstm.num_layers if lstms else 1,
         trim_right_ratio=1.0,
         codebook_size=bins,
@@ -300,7 +304,8 @@ def _chroma_length(cfg: dict) -> int:
     """Chroma frames over the LM's segment (transformers' `chroma_length`: 235 for facebook/musicgen-melody)."""
     chroma = cfg["conditioners"]["self_wav"]["chroma_stem"]
     hop = 2 ** chroma["radix2_exp"] // 4  # audiocraft's ChromaExtractor: winhop = n_fft // 4
-    return math.ceil(cfg["dataset"]["segment_duration"] * chroma["sample_rate"] / hop)
+    # as ChromaStemConditioner._get_chroma_len: the centred STFT of the segment has samples // hop + 1 frames
+    return int(cfg["dataset"]["segment_duration"] * chroma["sample_rate"]) // hop + 1
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -535,14 +540,19 @@ def _lm_cfg(model: tp.Any) -> dict:
         "conditioners": {
             "description": {
                 "model": "t5",
-                "t5": {"name": _T5_BY_WIDTH[t5.d_model], "finetune": False, "word_dropout": 0.3, "normalize_text": False},
+                "t5": {
+                    "name": _T5_BY_WIDTH[t5.d_model],
+                    "finetune": False,
+                    "word_dropout": 0.3,
+                    "normalize_text": False,
+                },
             }
         },
     }
     if stereo:
         cfg["interleave_stereo_codebooks"] = {"use": True, "per_timestep": False}
     if melody:
-        hop = seconds * config.audio_encoder.sampling_rate / config.chroma_length
+        hop = seconds * config.audio_encoder.sampling_rate / max(config.chroma_length - 1, 1)
         cfg["conditioners"]["self_wav"] = {
             "model": "chroma_stem",
             "chroma_stem": {
@@ -647,7 +657,9 @@ def _t5_hub(model: tp.Any, name: str, folder: Path | None, tokenizer: tp.Any) ->
 
 def _lstm_is_identity(model: tp.Any) -> bool:
     """True when every LSTM weight of the EnCodec is zero: the `lstm: 0` SEANet `to_transformers` writes."""
-    lstms = [m.lstm for part in (model.encoder, model.decoder) for m in part.layers if type(m).__name__ == "EncodecLSTM"]
+    lstms = [
+        m.lstm for part in (model.encoder, model.decoder) for m in part.layers if type(m).__name__ == "EncodecLSTM"
+    ]
     return all(not p.detach().any() for m in lstms for p in m.parameters())
 
 
