@@ -452,7 +452,8 @@ def save_transformers_tiny(folder: Path, *, stereo: bool = False, melody: bool =
     parts = {"text_encoder": T5Config(vocab_size=len(tokenizer), **t5_encoder_cfg()).to_dict(), "audio_encoder": audio}
     torch.manual_seed(seed)
     if melody:
-        config = MusicgenMelodyConfig(decoder=MusicgenMelodyDecoderConfig(**decoder).to_dict(), chroma_length=235, **parts)
+        decoder_config = MusicgenMelodyDecoderConfig(**decoder).to_dict()
+        config = MusicgenMelodyConfig(decoder=decoder_config, chroma_length=235, **parts)
         model = MusicgenMelodyForConditionalGeneration(config)
         extractor = MusicgenMelodyFeatureExtractor(sampling_rate=SAMPLE_RATE)  # n_fft 16384, hop 4096: 235 for 30 s
         processor = MusicgenMelodyProcessor(feature_extractor=extractor, tokenizer=tokenizer)

@@ -117,7 +117,8 @@ def _cfg_reason(cfg: dict) -> str | None:
         else {"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []}
     )
     if layout != want:
-        return f"the fuser layout {layout} differs from the one transformers' {'MusicgenMelody' if melody else 'Musicgen'} has ({want})"
+        kind = "MusicgenMelody" if melody else "Musicgen"
+        return f"the fuser layout {layout} differs from the one transformers' {kind} has ({want})"
     if fuser.get("cross_attention_pos_emb"):
         return "the LM adds positions to the cross-attention input, which transformers' MusicGen does not"
     lm = cfg.get("transformer_lm") or {}
@@ -351,7 +352,7 @@ def to_transformers(lm: tp.Any, compression_model: tp.Any, *, dtype: torch.dtype
     state: dict[str, torch.Tensor] = {}
     lm_cfg = cfg["transformer_lm"]
     for key, targets in _lm_pairs(lm_cfg["num_layers"], lm_cfg["n_q"], melody):
-        for target, value in zip(targets, ours[key].chunk(len(targets), dim=0)):
+        for target, value in zip(targets, ours[key].chunk(len(targets), dim=0), strict=True):
             state[target] = value
     state.update({f"text_encoder.{k}": v for k, v in t5.state_dict().items()})
     pairs, zeros = _encodec_pairs(_mono(compression_model), model.audio_encoder)
