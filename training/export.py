@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from core import adapters, weights
-from core.catalogue import SPEC
-from core.weights import peft_format, transformers_format
 from core.audio import save_audio
+from core.catalogue import SPEC
 from core.errors import InputError
 from core.params import secret_fields
+from core.weights import peft_format, transformers_format
 from generation.generate import generate_audio, normalize, resolved_precision
 from training import checkpoint as ckpt
 from training.data import ClipTokens

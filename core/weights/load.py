@@ -252,9 +252,6 @@ def _load_transformers(weights: OpenedWeights, device: str, lora_scale: float) -
     if "self_wav" in lm.condition_provider.conditioners:  # as MusicGen.get_pretrained does
         lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
         lm.condition_provider.conditioners["self_wav"]._use_masking = False
-    if weights.format == "peft":
-        name = f"PEFT LoRA fine-tune of {weights.base}"
-    else:
-        name = f"transformers model {label}"
+    name = f"PEFT LoRA fine-tune of {weights.base}" if weights.format == "peft" else f"transformers model {label}"
     logger.info("Converted %s from transformers' format", label)
     return LoadedModel(MusicGen(name, compression, lm), name, spec, label, weights.info, folder)
