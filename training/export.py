@@ -322,11 +322,18 @@ def transformers_export(
             else:
                 model = _as_predict_loads(Path(tmp), cfg, finetune, method_export, params)
                 converted = transformers_format.to_transformers(model.lm, model.musicgen.compression_model)
+                text = model.lm.condition_provider.conditioners["description"]
+                if isinstance(text, adapters.T5TriggerMixin):
+                    put_trigger_rows(converted, text)
+                tokenizer = transformers_format.text_tokenizer(model.lm)  # a trigger's tokens included
                 del model
-                transformers_format.save_transformers(converted, staged)
+                transformers_format.save_transformers(converted, staged, tokenizer=tokenizer)
                 record = {"kind": "model", "class": type(converted).__name__}
                 del converted
-            if folder.exists():  # a previous training's in this output_dir: ours, replaced as the tar is
+            ours = transformers_format.is_transformers_folder(folder) or peft_format.is_peft_folder(folder)
+            if folder.exists() and not ours and any(folder.iterdir()):
+                raise FileExistsError(f"{folder} exists and is not a transformers export: not replacing it")
+            if folder.exists():  # an earlier training's in this output_dir, replaced as its tar is
                 shutil.rmtree(folder)
             os.replace(staged, folder)
     except Exception as e:  # noqa: BLE001 - the tar is the fine-tune; this form is extra
@@ -338,6 +345,19 @@ def transformers_export(
     size = sum(p.stat().st_size for p in files.values())
     logger.info("Wrote the transformers form (%s, %.1f MB) to %s", record["kind"], size / 1e6, folder)
     return files
+
+
+def put_trigger_rows(model: tp.Any, conditioner: tp.Any) -> None:
+    """A textual inversion's learned T5 rows (`trigger_embedding` `[n, d_model]`, the placeholder tokens' input
+    embeddings, see `core.adapters.add_t5_trigger`) into the transformers model's text encoder table, at the ids the
+    tokenizer gives those tokens (the table grows when they lie past its end)."""
+    first, n = int(conditioner.trigger_first_id), int(conditioner.trigger_embedding.shape[0])
+    encoder = model.text_encoder
+    if first + n > encoder.get_input_embeddings().num_embeddings:
+        encoder.resize_token_embeddings(first + n)
+    table = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[first : first + n] = conditioner.trigger_embedding.detach().to(table.device, table.dtype)
 
 
 def _as_predict_loads(tmp: Path, cfg: tp.Any, finetune: dict, method_export: tp.Any, params: TrainParams) -> tp.Any:

@@ -38,6 +38,7 @@ TRANSFORMERS_PATTERNS = (
     "config.json",
     "generation_config.json",
     "preprocessor_config.json",
+    "processor_config.json",
     "model.safetensors",
     "model-*.safetensors",
     "model.safetensors.index.json",
