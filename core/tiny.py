@@ -330,9 +330,9 @@ def _build(name: str, folder: Path, cfg: dict | None = None) -> None:
     spec = _tiny_spec(name)
     if spec.melody:  # audiocraft's chroma conditioner loads htdemucs by name: the folder carries its own
         save_htdemucs_repo(folder / "htdemucs_repo")
-    if spec.text_encoder == "t5":  # likewise t5-base
-        save_t5_hub(folder / T5_HUB_DIR)
     cfg = cfg if cfg is not None else lm_cfg(name)
+    if cfg["conditioners"]["description"]["model"] == "t5":  # likewise t5-base
+        save_t5_hub(folder / T5_HUB_DIR)
     torch.manual_seed(SEED + 1)
     with tiny_hubs(folder):
         lm = _build_lm(name, cfg)
@@ -374,6 +374,100 @@ def build_variant(folder: Path, base: str = "tiny", **transformer: tp.Any) -> Pa
     if not (folder / "state_dict.bin").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         _build(base, folder, cfg)
+    return folder
+
+
+def t5_variant_cfg(base: str) -> dict:
+    """`base`'s LM config with `tiny-t5`'s T5 text conditioner; for a melody base also facebook/musicgen-melody's
+    fuser layout (chroma and text both prepended, no cross-attention), the one transformers' MusicgenMelody has."""
+    cfg = lm_cfg(base)
+    cfg["conditioners"]["description"] = {"model": "t5", "t5": t5_conditioner_cfg()}
+    if _tiny_spec(base).melody:
+        cfg["fuser"]["prepend"] = ["self_wav", "description"]
+        cfg["fuser"]["cross"] = []
+    return cfg
+
+
+def build_t5_variant(folder: Path, base: str) -> Path:
+    """A model folder built like tiny model `base` but conditioned on text through T5 (`t5_variant_cfg`): the
+    T5-conditioned stereo and melody models the transformers-format tests need, loadable as a model folder."""
+    folder = Path(folder)
+    if not (folder / "state_dict.bin").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        _build(base, folder, t5_variant_cfg(base))
+    return folder
+
+
+def save_transformers_tiny(folder: Path, *, stereo: bool = False, melody: bool = False, seed: int = SEED) -> Path:
+    """A random tiny MusicGen written by transformers itself (`save_pretrained` of `MusicgenForConditionalGeneration`,
+    or `MusicgenMelodyForConditionalGeneration` for `melody`; `stereo`: `audio_channels=2` over 8 codebooks), with
+    the tiny T5 tokenizer and the processor files, as a fine-tune made with transformers would be shared. The
+    shapes are the tiny models' (dim 64, 2 layers, card 256 over a small 32 kHz EnCodec with its 2-layer LSTM, as
+    facebook/encodec_32khz has). Returns `folder`."""
+    from transformers import (
+        EncodecConfig,
+        EncodecFeatureExtractor,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig,
+        MusicgenMelodyFeatureExtractor,
+        MusicgenMelodyForConditionalGeneration,
+        MusicgenMelodyProcessor,
+        MusicgenProcessor,
+        T5Config,
+        T5Tokenizer,
+    )
+
+    tokenizer = T5Tokenizer(vocab=_t5_vocab())
+    audio = EncodecConfig(
+        target_bandwidths=[(N_Q * 50 * 8 + 0.5) / 1000],  # 4 codebooks of 8 bits at 50 Hz
+        sampling_rate=SAMPLE_RATE,
+        audio_channels=1,
+        normalize=False,
+        hidden_size=32,
+        num_filters=4,
+        num_residual_layers=1,
+        upsampling_ratios=[8, 5, 4, 4],
+        use_causal_conv=False,
+        pad_mode="constant",
+        num_lstm_layers=2,
+        codebook_size=CARD,
+        codebook_dim=32,
+        use_conv_shortcut=False,
+    )
+    n_q = 2 * N_Q if stereo else N_Q
+    decoder = dict(
+        vocab_size=CARD,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=256,
+        num_codebooks=n_q,
+        audio_channels=2 if stereo else 1,
+        pad_token_id=CARD,
+        bos_token_id=CARD,
+    )
+    parts = {"text_encoder": T5Config(vocab_size=len(tokenizer), **t5_encoder_cfg()).to_dict(), "audio_encoder": audio}
+    torch.manual_seed(seed)
+    if melody:
+        config = MusicgenMelodyConfig(decoder=MusicgenMelodyDecoderConfig(**decoder).to_dict(), chroma_length=235, **parts)
+        model = MusicgenMelodyForConditionalGeneration(config)
+        extractor = MusicgenMelodyFeatureExtractor(sampling_rate=SAMPLE_RATE)  # n_fft 16384, hop 4096: 235 for 30 s
+        processor = MusicgenMelodyProcessor(feature_extractor=extractor, tokenizer=tokenizer)
+    else:
+        config = MusicgenConfig(decoder=MusicgenDecoderConfig(**decoder).to_dict(), **parts)
+        model = MusicgenForConditionalGeneration(config)
+        processor = MusicgenProcessor(EncodecFeatureExtractor(sampling_rate=SAMPLE_RATE), tokenizer)
+    gen = model.generation_config
+    gen.do_sample, gen.guidance_scale, gen.max_length, gen.top_k = True, 3.0, 1501, 250
+    gen.pad_token_id = gen.bos_token_id = gen.decoder_start_token_id = CARD
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if melody:  # the chroma conditioner audiocraft builds on import asks demucs for htdemucs (see `tiny_demucs`)
+        save_htdemucs_repo(folder / "htdemucs_repo")
     return folder
 
 
