@@ -89,57 +89,6 @@ def write_files(folder: Path, files: dict[str, bytes]) -> Path:
     return folder
 
 
-def tiny_t5_tokenizer():
-    from transformers import AutoTokenizer
-
-    snapshot = next((tiny.ensure_tiny("tiny-t5") / tiny.T5_HUB_DIR).glob("models--t5-base/snapshots/*"))
-    return AutoTokenizer.from_pretrained(str(snapshot))
-
-
-def transformers_saved_model(folder: Path, seed: int = 0) -> Path:
-    """A random tiny `MusicgenForConditionalGeneration` made and saved by transformers itself (its own configs,
-    `save_pretrained`), with a T5 tokenizer: no code of ours writes it."""
-    from transformers import (
-        EncodecConfig,
-        EncodecFeatureExtractor,
-        MusicgenConfig,
-        MusicgenDecoderConfig,
-        MusicgenForConditionalGeneration,
-        MusicgenProcessor,
-        T5Config,
-    )
-
-    tokenizer = tiny_t5_tokenizer()
-    text = T5Config(vocab_size=len(tokenizer), d_model=768, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
-    # 32 kHz, hop 640 (50 frames/s as every MusicGen); 4 codebooks of 64 entries: 4 * 50 * 6 bits = 1.2 kbps
-    audio = EncodecConfig(
-        sampling_rate=32000,
-        audio_channels=1,
-        target_bandwidths=[1.2],
-        upsampling_ratios=[8, 5, 4, 4],
-        num_filters=4,
-        hidden_size=16,
-        codebook_size=64,
-        num_residual_layers=1,
-        chunk_length_s=None,
-        overlap=None,
-        normalize=False,
-        use_causal_conv=False,
-    )
-    decoder = MusicgenDecoderConfig(
-        vocab_size=64, num_hidden_layers=2, hidden_size=32, num_attention_heads=2, ffn_dim=128, num_codebooks=4,
-        pad_token_id=64, bos_token_id=64, decoder_start_token_id=64, max_position_embeddings=2048,
-    )  # fmt: skip
-    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
-    torch.manual_seed(seed)
-    model = MusicgenForConditionalGeneration(config)
-    model.generation_config.pad_token_id = model.generation_config.decoder_start_token_id = 64
-    model.generation_config.max_length = 1501  # 30 s at 50 frames/s
-    model.save_pretrained(folder)
-    MusicgenProcessor(EncodecFeatureExtractor(sampling_rate=32000), tokenizer).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     """A private weights cache (MGFT_CACHE), the tiny models linked from the shared one (built there first)."""
@@ -224,7 +173,7 @@ def test_a_peft_adapter_on_a_base_without_transformers_form_is_refused(cache, tm
 def test_a_transformers_folder_from_a_repo_id_in_the_hub_cache_loads(cache, tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
-    saved = transformers_saved_model(tmp_path / "saved")
+    saved = tiny.save_transformers_tiny(tmp_path / "saved")
     hub = tmp_path / "hf-hub"
     root = hub / "models--bob--musicgen-tiny-ft"
     commit = "c" * 40
@@ -241,7 +190,7 @@ def test_a_transformers_folder_from_a_repo_id_in_the_hub_cache_loads(cache, tmp_
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert weights.unpack("bob/musicgen-tiny-ft") == snapshot  # the hub cache is the one copy
     model = weights.load_trained_model("bob/musicgen-tiny-ft", device="cpu")
-    assert model.lm.n_q == 4 and model.lm.card == 64 and model.source == "bob/musicgen-tiny-ft"
+    assert model.lm.n_q == tiny.N_Q and model.lm.card == tiny.CARD and model.source == "bob/musicgen-tiny-ft"
     # a repo holding our tar beside the transformers files (training/publish.py pushes both): the tar wins
     tar_bytes = _tiny_tar(tmp_path / "tar" / "trained_model.tar").read_bytes()
     blob = root / "blobs" / hashlib.sha256(tar_bytes).hexdigest()
@@ -259,7 +208,7 @@ def _tiny_tar(path: Path) -> Path:
 
 
 def test_a_bad_transformers_config_is_refused_before_anything_is_built(cache, tmp_path):
-    folder = transformers_saved_model(tmp_path / "saved")
+    folder = tiny.save_transformers_tiny(tmp_path / "saved")
     config = json.loads((folder / "config.json").read_text())
     config["decoder"]["num_hidden_layers"] = 10_000
     (folder / "config.json").write_text(json.dumps(config))
@@ -271,7 +220,7 @@ def test_a_bad_transformers_config_is_refused_before_anything_is_built(cache, tm
 
 
 def test_resume_from_refuses_transformers_models(tmp_path):
-    folder = transformers_saved_model(tmp_path / "saved")
+    folder = tiny.save_transformers_tiny(tmp_path / "saved")
     with pytest.raises(InputError, match="resume_from.*transformers' format.*replicate_weights"):
         find_checkpoint(folder)
     with pytest.raises(InputError, match="resume_from.*model.safetensors is a transformers weights file"):
@@ -285,7 +234,7 @@ def test_resume_from_refuses_transformers_models(tmp_path):
 
 @pytest.mark.slow
 def test_a_model_saved_by_transformers_samples_through_the_cog_server(server, tmp_path):
-    folder = transformers_saved_model(tmp_path / "saved", seed=1)
+    folder = tiny.save_transformers_tiny(tmp_path / "saved", seed=1)
     inputs = {"prompt": "calm piano", "duration": 1, "seed": 5, "top_k": 20, "replicate_weights": str(folder)}
     status, body = server.post("/predictions", {"input": inputs})
     assert status == 200 and body["status"] == "succeeded", body.get("error") or body
