@@ -55,7 +55,7 @@ def test_stack_pins():
     assert runtime["xformers"] == "0.0.33.post2"
     for needed in ("einops", "flashy", "hydra-core", "julius", "num2words", "sentencepiece", "spacy",
                    "huggingface-hub", "tqdm", "transformers", "av", "soundfile", "librosa", "torchmetrics",
-                   "demucs", "essentia-tensorflow", "cog", "dadaptation"):  # fmt: skip
+                   "demucs", "essentia-tensorflow", "cog", "dadaptation", "peft"):  # fmt: skip
         assert needed in runtime, needed
     assert runtime["librosa"].startswith("0.")
     for banned in ("torchvision", "torchtext", "gradio"):

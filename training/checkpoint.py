@@ -28,6 +28,9 @@ import torch
 from core.errors import write_failed
 from core.files import current_umask
 from core.params import InputError
+from core.weights.cache import HF_REPO_ID
+from core.weights.peft_format import is_peft_folder
+from core.weights.transformers_format import is_transformers_folder
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +153,29 @@ def find_checkpoint(resume_from: str | Path) -> Path:
     path = Path(resume_from).expanduser()
     if path.is_dir():
         found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+        if not found and (is_transformers_folder(path) or is_peft_folder(path)):
+            raise InputError("resume_from", f"{path} {_NOT_RESUMABLE}")
         if not found:
             raise InputError("resume_from", f"no checkpoint-*.pt in {path}; give a checkpoint file or its folder")
         return found[-1]
     if not path.is_file():
+        if HF_REPO_ID.match(str(resume_from).strip()) and not str(resume_from).strip().endswith((".pt", ".tar")):
+            raise InputError(
+                "resume_from",
+                f"{resume_from} does not exist as a path, and Hugging Face repo ids are not resumed: a repo holds a "
+                f"trained model, not the optimizer state of a run; give a checkpoint-*.pt file or its folder",
+            )
         raise InputError("resume_from", f"{path} does not exist; give a checkpoint-*.pt file or its folder")
+    if path.suffix == ".safetensors" or path.name == "config.json":
+        raise InputError("resume_from", f"{path.name} is a transformers weights file: {path.parent} {_NOT_RESUMABLE}")
     return path
+
+
+_NOT_RESUMABLE = (
+    "is a model in Hugging Face transformers' format (or a PEFT adapter): a resume continues a run of this trainer "
+    "from its checkpoint-*.pt (weights, optimizer, schedule and data order), which such a model does not hold. "
+    "Generate with it as replicate_weights / --weights; give resume_from a checkpoint-*.pt of the run"
+)
 
 
 def load_checkpoint(path: Path, mmap: bool = False, verify: bool = True) -> dict[str, tp.Any]:

@@ -13,16 +13,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import typing as tp
 from pathlib import Path
 
 import torch
 
-from core import weights
+from core import adapters, weights
 from core.audio import save_audio
+from core.catalogue import SPEC
 from core.errors import InputError
 from core.params import secret_fields
+from core.weights import peft_format, transformers_format
 from generation.generate import generate_audio, normalize, resolved_precision
 from training import checkpoint as ckpt
 from training.data import ClipTokens
@@ -247,6 +250,8 @@ def _write(
     samples = [(name, data) for name, data in extra.items() if name.startswith("samples/")]
     reference = reference_clip(clips, params.sample_duration) if samples else None
     extra["report.html"] = render_html(finetune, history, samples, reference, comparison)
+    # The same fine-tune in transformers' format, in output_dir/transformers/ and under transformers/ in the tar
+    portable = transformers_export(out_tar.parent / weights.TRANSFORMERS_FOLDER, cfg, finetune, method_export, params)
     out_tar = weights.write_trained_model(
         out_tar,
         state_dict=method_export.state_dict,
@@ -255,6 +260,7 @@ def _write(
         finetune=finetune,
         extra_files=method_export.extra_files,
         report_files=extra,
+        portable_files=portable,
     )
     # Beside the tar too, to read, open and listen to without unpacking it: the report, the curves, the samples.
     beside = {name: extra[name] for name in ("metrics.json", "report.html", "loss.png")}
@@ -274,6 +280,98 @@ def _write(
     side_by_side = " (heldout_<i>_base/_finetuned.wav: base and fine-tune side by side)" if heldout else ""
     logger.info("Beside it in %s: %s%s", out_tar.parent, ", ".join(beside), side_by_side)
     return out_tar
+
+
+# ------------------------------------------------------------------------------------------- transformers form
+
+
+def transformers_export(
+    folder: Path, cfg: tp.Any, finetune: dict[str, tp.Any], method_export: tp.Any, params: TrainParams
+) -> dict[str, Path]:
+    """Write the fine-tune in transformers' format into `folder` (replaced whole, through a temp folder) and
+    record what it is in `finetune['transformers']`; returns its files (name -> path) for the tar.
+
+    - A LoRA adapter (not `lora_merge`): a PEFT adapter on the transformers form of the base
+      (`core.weights.peft_format`), written from the adapter's tensors.
+    - Every other export: the whole model, converted from the model the tar's weights make (loaded from them as
+      predict loads them, on the CPU: a LoRA merged, learned embeddings put in, in the tar's fp16 values), so the
+      two forms hold the same weights. A textual inversion's T5 trigger becomes new tokenizer tokens whose rows of
+      T5's input embeddings are the learned ones (`transformers_format`).
+
+    A model transformers cannot represent (`transformers_format.unsupported_reason`: MusicGen-Style, LUT or no text
+    encoder) gets no folder: finetune.json says why, and the log says it once. A conversion that fails does not
+    fail the export (the tar is the fine-tune): it is logged as an error and recorded the same way.
+    """
+    spec = SPEC.get(params.model_version)
+    reason = transformers_format.unsupported_reason(spec if spec is not None else cfg)
+    if reason:
+        logger.warning("No transformers form of this fine-tune (%s); trained_model.tar holds it for predict", reason)
+        finetune["transformers"] = {"unsupported": reason}
+        return {}
+    lora = method_export.info.get("adapter") or {}
+    try:
+        with tempfile.TemporaryDirectory(prefix=".transformers-", dir=folder.parent) as tmp:
+            staged = Path(tmp) / "out"
+            if lora and not lora.get("merged"):
+                base = spec.hub_id if spec is not None and spec.hub_id else params.model_version
+                from safetensors.torch import load as load_safetensors
+
+                tensors = load_safetensors(method_export.extra_files[adapters.ADAPTER_FILE])  # the tar's fp16 values
+                write_beside(staged, peft_format.peft_adapter_files(tensors, lora, base))
+                record = {"kind": "peft_adapter", "base_model": base}
+            else:
+                model = _as_predict_loads(Path(tmp), cfg, finetune, method_export, params)
+                converted = transformers_format.to_transformers(model.lm, model.musicgen.compression_model)
+                text = model.lm.condition_provider.conditioners["description"]
+                if isinstance(text, adapters.T5TriggerMixin):
+                    put_trigger_rows(converted, text)
+                tokenizer = transformers_format.text_tokenizer(model.lm)  # a trigger's tokens included
+                del model
+                transformers_format.save_transformers(converted, staged, tokenizer=tokenizer)
+                record = {"kind": "model", "class": type(converted).__name__}
+                del converted
+            ours = transformers_format.is_transformers_folder(folder) or peft_format.is_peft_folder(folder)
+            if folder.exists() and not ours and any(folder.iterdir()):
+                raise FileExistsError(f"{folder} exists and is not a transformers export: not replacing it")
+            if folder.exists():  # an earlier training's in this output_dir, replaced as its tar is
+                shutil.rmtree(folder)
+            os.replace(staged, folder)
+    except Exception as e:  # noqa: BLE001 - the tar is the fine-tune; this form is extra
+        logger.error("Could not write the transformers form of this fine-tune (%s: %s)", type(e).__name__, e)
+        finetune["transformers"] = {"unsupported": f"the conversion failed: {type(e).__name__}: {e}"[:500]}
+        return {}
+    finetune["transformers"] = {"folder": weights.TRANSFORMERS_FOLDER, **record}
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    size = sum(p.stat().st_size for p in files.values())
+    logger.info("Wrote the transformers form (%s, %.1f MB) to %s", record["kind"], size / 1e6, folder)
+    return files
+
+
+def put_trigger_rows(model: tp.Any, conditioner: tp.Any) -> None:
+    """A textual inversion's learned T5 rows (`trigger_embedding` `[n, d_model]`, the placeholder tokens' input
+    embeddings, see `core.adapters.add_t5_trigger`) into the transformers model's text encoder table, at the ids the
+    tokenizer gives those tokens (the table grows when they lie past its end)."""
+    first, n = int(conditioner.trigger_first_id), int(conditioner.trigger_embedding.shape[0])
+    encoder = model.text_encoder
+    if first + n > encoder.get_input_embeddings().num_embeddings:
+        encoder.resize_token_embeddings(first + n)
+    table = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[first : first + n] = conditioner.trigger_embedding.detach().to(table.device, table.dtype)
+
+
+def _as_predict_loads(tmp: Path, cfg: tp.Any, finetune: dict, method_export: tp.Any, params: TrainParams) -> tp.Any:
+    """The fine-tune as predict would load it from the tar's weights members (written into `tmp/weights`)."""
+    members = weights.weights_members(
+        state_dict=method_export.state_dict,
+        cfg=cfg,
+        base_model=params.model_version,
+        finetune=finetune,
+        extra_files=method_export.extra_files,
+    )
+    write_beside(tmp / "weights", members)
+    del members
+    return weights.load_trained_model(tmp / "weights", device="cpu")
 
 
 # ------------------------------------------------------------------------------------------------ nothing lost

@@ -6,8 +6,10 @@ On Replicate nothing outlives the container but what the training returns, so:
 - `wandb_api_key` (a Cog Secret) turns on Weights & Biases. The key goes to wandb in memory only
   (`wandb.Settings(api_key=...)`): not into our environment, not into `~/.netrc`, not into a file of ours.
 - `hf_repo_id` + `hf_token` push `trained_model.tar`, a model card (README.md) and, beside it, the loss plot and
-  the samples the card links. A cancelled or SIGTERM-ed training pushes its resume checkpoint to `checkpoints/`
-  and logs the `resume_from` URL, since its temp folder is gone once the container stops.
+  the samples the card links, and the transformers form of the fine-tune (the tar's `transformers/` folder) at the
+  repo's root, so that transformers and peft load the repo by its id. A cancelled or SIGTERM-ed training pushes
+  its resume checkpoint to `checkpoints/` and logs the `resume_from` URL, since its temp folder is gone once the
+  container stops.
 - Neither a failed wandb start nor a failed push stops a training or loses its weights: an ERROR line (secrets
   masked) and the run goes on / the tar is still returned.
 
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import string
 import tarfile
 import tempfile
@@ -33,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from core.catalogue import PRETRAINED, PRETRAINED_COMPRESSION, SPEC, STYLE_PRETRAINED
 from core.params import InputError, secret_fields
+from core.weights.format import TRANSFORMERS_FOLDER
 from training.checkpoint import list_checkpoints
 from training.params import TrainParams
 from training.report import headline
@@ -291,8 +295,14 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
     else:
         origin = f"the `{version}` model (a small random test model built offline)"
     trigger = finetune.get("trigger")
+    portable = dict(finetune.get("transformers") or {})
+    library = {"model": "transformers", "peft_adapter": "peft"}.get(str(portable.get("kind")), "audiocraft")
+    prompt = f"{trigger + ', ' if trigger else ''}rainy night lofi"
     return string.Template(MODEL_CARD_TEMPLATE.read_text(encoding="utf-8")).substitute(
         license=NON_COMMERCIAL if meta_weights else "other",
+        library=library,
+        audiocraft=_audiocraft_use(finetune, repo_id, prompt),
+        transformers=_transformers_use(finetune, repo_id, prompt, base),
         base_model_line=f"base_model: {json.dumps(base)}\n" if base else "",
         tags=json.dumps(tags),
         name=repo_id.split("/")[-1],
@@ -307,6 +317,79 @@ def model_card(finetune: dict[str, tp.Any], repo_id: str, files: tp.Sequence[str
         sections="".join(_card_sections(finetune, inputs, files)),
         license_text=_META_LICENSE if meta_weights else _NO_LICENSE,
     )
+
+
+def _audiocraft_use(finetune: dict[str, tp.Any], repo_id: str, prompt: str) -> str:
+    """The card's "With audiocraft" paragraph: audiocraft's own loader reads the extracted tar when it holds the
+    whole LM; a tar that references its base (an adapter, learned embeddings) needs our loader."""
+    adapter = dict(finetune.get("adapter") or {})
+    if finetune.get("embeddings") is not None or (adapter and not adapter.get("merged")):
+        return (
+            "This tar holds only what was learned and references its base model, which audiocraft's loader alone "
+            "cannot apply: use `predict.py` above (or `core.weights.load_trained_model` of the MusicGen fine-tuner, "
+            "which returns audiocraft's `MusicGen`), or the transformers form below."
+        )
+    name = repo_id.split("/")[-1]
+    return "\n".join(
+        [
+            "The extracted tar is a model folder for audiocraft's `MusicGen.get_pretrained` (after the `hf download`",
+            "above):",
+            "",
+            "```python",
+            "import tarfile",
+            "",
+            "from audiocraft.models import MusicGen",
+            "",
+            'with tarfile.open("trained_model.tar") as archive:',
+            f'    archive.extractall("{name}", filter="data")',
+            f'model = MusicGen.get_pretrained("{name}")',
+            "model.set_generation_params(duration=8)",
+            f'wav = model.generate(["{prompt}"])  # [B, C, T] at model.sample_rate',
+            "```",
+        ]
+    )
+
+
+def _transformers_use(finetune: dict[str, tp.Any], repo_id: str, prompt: str, base: str | None) -> str:
+    """The card's "With transformers" paragraph, from finetune.json's `transformers` record: the whole model with
+    `from_pretrained` + `generate`, a PEFT adapter on its base, or why there is no transformers form."""
+    portable = dict(finetune.get("transformers") or {})
+    kind = portable.get("kind")
+    if kind not in ("model", "peft_adapter"):
+        reason = portable.get("unsupported") or "it was trained before this form was written"
+        return f"This fine-tune has no transformers form: {reason}."
+    tokens = dict(finetune.get("embeddings") or {}).get("tokens")
+    text = prompt
+    note = ""
+    if tokens:  # transformers' tokenizer has no trigger-word substitution: the placeholder tokens are written out
+        text = prompt.replace(str(finetune.get("trigger")), "".join(tokens), 1)
+        note = f"In transformers, write the trigger as its learned tokens `{''.join(tokens)}`.\n\n"
+    cls = str(portable.get("class") or "MusicgenForConditionalGeneration")  # the melody class for melody models
+    lines = ["```python", f"from transformers import AutoProcessor, {cls}"]
+    if kind == "peft_adapter":
+        base_id = str(portable.get("base_model") or base)
+        lines[1:1] = ["from peft import PeftModel"]
+        lines += [
+            "",
+            f'base = {cls}.from_pretrained("{base_id}")',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}").merge_and_unload()',
+            f'processor = AutoProcessor.from_pretrained("{base_id}")',
+        ]
+        intro = f"The repo's root holds a PEFT LoRA adapter on `{base_id}`:"
+    else:
+        lines += [
+            "",
+            f'model = {cls}.from_pretrained("{repo_id}")',
+            f'processor = AutoProcessor.from_pretrained("{repo_id}")',
+        ]
+        intro = f"The repo's root holds the whole model for transformers' `{cls}`:"
+    lines += [
+        f'inputs = processor(text=["{text}"], padding=True, return_tensors="pt")',
+        "audio = model.generate(**inputs, do_sample=True, max_new_tokens=256)  # [B, C, T]",
+        "rate = model.config.audio_encoder.sampling_rate",
+        "```",
+    ]
+    return f"{intro}\n\n{note}" + "\n".join(lines)
 
 
 _PRIOR = "Trained with DreamBooth-style prior preservation (class examples generated by the base model)."
@@ -429,11 +512,15 @@ def push_trained_model(params: TrainParams, tar: Path) -> str | None:
     url = f"{_endpoint()}/{params.hf_repo_id}"
     logger.info("Pushing %s (%.1f MB) to Hugging Face: %s", tar.name, tar.stat().st_size / 1e6, url)
     try:
-        report = _report_files(tar)
-        finetune = json.loads(report.pop("finetune.json", b"{}"))
-        files: dict[str, bytes | Path] = {"trained_model.tar": tar, **report}
-        files["README.md"] = model_card(finetune, params.hf_repo_id, sorted(report)).encode()
-        _commit(params, files, f"Trained model ({finetune.get('method', '')} on {finetune.get('model_version', '')})")
+        with tempfile.TemporaryDirectory(prefix=".push-", dir=tar.parent) as tmp:
+            report = _report_files(tar)
+            finetune = json.loads(report.pop("finetune.json", b"{}"))
+            # the transformers form at the repo's root: `from_pretrained(repo_id)` / `PeftModel.from_pretrained`
+            portable = _transformers_files(tar, Path(tmp))
+            files: dict[str, bytes | Path] = {"trained_model.tar": tar, **report, **portable}
+            files["README.md"] = model_card(finetune, params.hf_repo_id, sorted(report)).encode()
+            message = f"Trained model ({finetune.get('method', '')} on {finetune.get('model_version', '')})"
+            _commit(params, files, message)
     except Exception as e:  # noqa: BLE001 - a failed push must never lose the trained weights
         logger.error(
             "Push to Hugging Face %s failed (%s: %s). The trained weights are still returned as %s",
@@ -443,8 +530,30 @@ def push_trained_model(params: TrainParams, tar: Path) -> str | None:
             tar.name,
         )
         return None
-    logger.info("Pushed to %s (trained_model.tar, README.md, %d report files)", url, len(report))
+    extra = f", the transformers form ({', '.join(sorted(portable))})" if portable else ""
+    logger.info("Pushed to %s (trained_model.tar, README.md, %d report files%s)", url, len(report), extra)
     return url
+
+
+def _transformers_files(tar: Path, tmp: Path) -> dict[str, Path]:
+    """The transformers form inside `tar` (`transformers/<name>`), extracted into `tmp`: name -> file."""
+    prefix = TRANSFORMERS_FOLDER + "/"
+    out: dict[str, Path] = {}
+    with tarfile.open(tar) as archive:
+        for member in archive.getmembers():
+            name = member.name.removeprefix(prefix)
+            if not (member.isfile() and member.name.startswith(prefix)) or ".." in name or name.startswith("/"):
+                continue
+            if name in ("README.md", "trained_model.tar") or name.startswith(("samples/", "checkpoints/")):
+                continue  # never in that folder; and never over what the push writes itself
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = archive.extractfile(member)
+            assert source is not None
+            with open(target, "wb") as f:
+                shutil.copyfileobj(source, f, length=1 << 20)
+            out[name] = target
+    return out
 
 
 def push_checkpoint(params: TrainParams, checkpoint: Path) -> str | None:

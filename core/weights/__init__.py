@@ -4,7 +4,9 @@
 - `core.weights.cache`: where weights come from (path, URL, `data:` URI, Hugging Face repo), download, unpack,
   the least-recently-used cache;
 - `core.weights.integrity`: members against their checksums, an LM config against its base's architecture;
-- `core.weights.load`: `open_weights` (no model built) and `load_trained_model` (a `core.loaded.LoadedModel`).
+- `core.weights.load`: `open_weights` (no model built) and `load_trained_model` (a `core.loaded.LoadedModel`);
+- `core.weights.transformers_format`, `core.weights.peft_format`: the same weights in Hugging Face transformers'
+  format (a MusicGen, or a PEFT adapter on one), written beside the tar and converted on load.
 
 The names callers use are re-exported here (`from core import weights; weights.unpack(...)`).
 """
@@ -29,11 +31,13 @@ from core.weights.format import (
     INTEGRITY_MEMBERS,
     KNOWN_FILES,
     OPTIONAL_FILES,
+    TRANSFORMERS_FOLDER,
     architecture_fingerprint,
     check_finetune_info,
     compression_package,
     lm_package,
     read_finetune_info,
+    weights_members,
     write_tar,
     write_trained_model,
 )
@@ -50,6 +54,7 @@ __all__ = [
     "INTEGRITY_MEMBERS",
     "KNOWN_FILES",
     "OPTIONAL_FILES",
+    "TRANSFORMERS_FOLDER",
     "FreeBytes",
     "OpenedWeights",
     "WeightsError",
@@ -70,6 +75,7 @@ __all__ = [
     "unpack",
     "verify_architecture",
     "verify_members",
+    "weights_members",
     "write_tar",
     "write_trained_model",
 ]

@@ -24,7 +24,8 @@ from core import adapters, tiny
 from core.catalogue import CHECKPOINT_FILES
 from core.errors import DiskError, WeightsError
 from core.hub import hf_cache_hint
-from core.weights.format import FINETUNE_FILE, KNOWN_FILES, MAX_MEMBER_BYTES, REPORT_MEMBERS
+from core.weights import peft_format, transformers_format
+from core.weights.format import FINETUNE_FILE, KNOWN_FILES, MAX_MEMBER_BYTES, PORTABLE_MEMBERS, REPORT_MEMBERS
 from core.weights.integrity import check_folder, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,12 @@ def _touch(folder: Path) -> None:
 
 
 def _ready(folder: Path) -> bool:
-    return (folder / "state_dict.bin").is_file() or (folder / adapters.ADAPTER_CONFIG_FILE).is_file()
+    """`folder` holds weights (ours, a LoRA adapter, a transformers MusicGen or a PEFT adapter on one)."""
+    return (
+        (folder / "state_dict.bin").is_file()
+        or (folder / adapters.ADAPTER_CONFIG_FILE).is_file()
+        or transformers_format.is_transformers_folder(folder)
+    )
 
 
 def evict(
@@ -356,8 +362,10 @@ def _extract(path: Path, label: str, folder: Path) -> None:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
-                if not member.isfile() or name not in KNOWN_FILES:
-                    is_report = member.name.lstrip("./").startswith(REPORT_MEMBERS)
+                inner = member.name.lstrip("./")
+                # transformers/: the same weights in transformers' format, for other tools; ours load from ours
+                if not member.isfile() or name not in KNOWN_FILES or inner.startswith(PORTABLE_MEMBERS):
+                    is_report = inner.startswith((*REPORT_MEMBERS, *PORTABLE_MEMBERS))
                     if (member.isfile() and not is_report) or member.issym() or member.islnk():
                         logger.warning("Ignoring %s in %s (not a weights file)", member.name, label)
                     continue
@@ -394,10 +402,11 @@ def _fetch_hf(
     free_bytes: FreeBytes | None,
 ) -> Path:
     """The weights of a Hugging Face model repo (`user/name`, `@revision` optional) holding a trained_model.tar
-    (any `*.tar`; `trained_model.tar` preferred) or its extracted members / LoRA adapter files at the root.
+    (any `*.tar`; `trained_model.tar` preferred) or its extracted members / LoRA adapter files at the root, or else a
+    transformers MusicGen (`config.json` + safetensors) or a PEFT adapter on one (converted on load).
 
-    - Extracted members: downloaded through huggingface_hub into its cache, whose snapshot folder is returned (the
-      hub cache is then the one copy).
+    - Extracted members, a transformers model or a PEFT adapter: downloaded through huggingface_hub into its cache,
+      whose snapshot folder is returned (the hub cache is then the one copy).
     - A tar: downloaded into a temp folder, extracted into our cache (keyed by repo id and revision, with the
       commit it came from), the tar deleted. The hub is asked for the commit each time; when it is unreachable
       (offline, `HF_HUB_OFFLINE=1`), the cached folder is used, else the huggingface_hub cache.
@@ -408,6 +417,7 @@ def _fetch_hf(
     repo, revision, label = source.location, source.revision, source.label
     folder = cache_dir("weights") / ("hf-" + _key(f"{repo}@{revision or 'main'}"))
     members = list(KNOWN_FILES)
+    portable = list(peft_format.TRANSFORMERS_PATTERNS)
     try:
         info = HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT)
     except (RepositoryNotFoundError, GatedRepoError) as e:
@@ -424,7 +434,9 @@ def _fetch_hf(
             return folder
         try:
             snapshot = Path(
-                snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=[*members, "*.tar"])
+                snapshot_download(
+                    repo, revision=revision, local_files_only=True, allow_patterns=[*members, "*.tar", *portable]
+                )
             )
         except Exception:  # noqa: BLE001 - not cached either: one message below
             raise WeightsError(
@@ -434,9 +446,17 @@ def _fetch_hf(
             ) from None
         return _from_snapshot(snapshot, source, folder, keep, min_free_bytes, free_bytes)
     files = [s.rfilename for s in info.siblings or []]
-    if any(f in files for f in ("state_dict.bin", adapters.ADAPTER_CONFIG_FILE)):
+    if any(f in files for f in ("state_dict.bin", adapters.ADAPTER_FILE)):
         logger.info("Downloading the weights of %s (commit %s) from the Hugging Face hub", label, info.sha)
         snapshot = Path(snapshot_download(repo, revision=info.sha, allow_patterns=members))
+        check_folder(snapshot, label)
+        return snapshot
+    # A trained_model.tar is ours, whole: preferred to the transformers files pushed beside it (training/publish.py)
+    if not any(f.endswith(".tar") for f in files) and any(
+        f in files for f in (transformers_format.CONFIG_FILE, peft_format.PEFT_CONFIG_FILE)
+    ):
+        logger.info("Downloading the transformers weights of %s (commit %s) from the Hugging Face hub", label, info.sha)
+        snapshot = Path(snapshot_download(repo, revision=info.sha, allow_patterns=portable))
         check_folder(snapshot, label)
         return snapshot
     tar_name = _pick_tar(files, label)
@@ -466,8 +486,9 @@ def _pick_tar(files: tp.Sequence[str], label: str) -> str:
         return tars[0]
     raise WeightsError(
         f"Weights {label}: the repo holds {'several tars (' + ', '.join(tars) + ')' if tars else 'no tar'} and no "
-        f"{' / '.join(CHECKPOINT_FILES)} or {adapters.ADAPTER_FILE} at its root (it has: {', '.join(files[:12])}). "
-        "Upload the trained_model.tar (or its extracted files) to the repo's root."
+        f"{' / '.join(CHECKPOINT_FILES)}, {adapters.ADAPTER_FILE}, transformers config.json or PEFT "
+        f"{peft_format.PEFT_CONFIG_FILE} at its root (it has: {', '.join(files[:12])}). Upload the trained_model.tar "
+        "(or its extracted files) to the repo's root."
     )
 
 
@@ -480,10 +501,13 @@ def _from_snapshot(
     free_bytes: FreeBytes | None,
 ) -> Path:
     """Weights from a repo snapshot in the huggingface_hub cache (offline): its folder, or its tar extracted."""
-    if _ready(snapshot):
+    names = [p.name for p in snapshot.iterdir()]
+    if _ready(snapshot) and not (
+        transformers_format.is_transformers_folder(snapshot) and any(n.endswith(".tar") for n in names)
+    ):  # ours, or transformers files alone (a trained_model.tar beside them is preferred: it is ours, whole)
         check_folder(snapshot, source.label)
         return snapshot
-    tar_name = _pick_tar([p.name for p in snapshot.iterdir()], source.label)
+    tar_name = _pick_tar(names, source.label)
     evict([*keep], min_free_bytes=min_free_bytes, free_bytes=free_bytes)
     # The hub cache's file is left alone: that cache is huggingface_hub's (and perhaps the user's), not ours.
     _extract(snapshot / tar_name, source.label, folder)

@@ -14,6 +14,12 @@ A real tar archive holding
   then holds the config and an empty `best_state`): `adapter.safetensors` + `adapter_config.json` (LoRA) or
   `embeddings.safetensors` (textual inversion, text projection); see `core/adapters.py`.
 
+Beside them, under `transformers/`, the same fine-tune in Hugging Face transformers' format, for other tools
+(`core.weights.transformers_format`: config + safetensors of `MusicgenForConditionalGeneration` or
+`MusicgenMelodyForConditionalGeneration`; a LoRA adapter as a PEFT adapter on the transformers base,
+`core.weights.peft_format`); finetune.json's `transformers` says which, or why the model has no such form. Loading
+the tar never reads that folder (the members above are the weights).
+
 Extracted, the folder loads with audiocraft's own `MusicGen.get_pretrained(folder)`.
 """
 
@@ -46,6 +52,9 @@ KNOWN_FILES = (*CHECKPOINT_FILES, FINETUNE_FILE, *OPTIONAL_FILES)
 MAX_MEMBER_BYTES = 64 * 1024**3
 # The training report (training/export.py): for people, not needed to load, so unpacking skips it without a warning.
 REPORT_MEMBERS = ("loss.png", "metrics.json", "report.html", "samples/")
+# The fine-tune in transformers' format (a folder in the tar, and beside the tar in output_dir): for other tools.
+TRANSFORMERS_FOLDER = "transformers"
+PORTABLE_MEMBERS = (TRANSFORMERS_FOLDER + "/",)
 # The members whose bytes are the weights: hashed into finetune.json on export, verified on load.
 INTEGRITY_MEMBERS = (*CHECKPOINT_FILES, *OPTIONAL_FILES)
 # LM cfg sections audiocraft's builders construct every LM parameter from (names and shapes follow from them).
@@ -128,6 +137,7 @@ def write_trained_model(
     finetune: dict[str, tp.Any],
     extra_files: dict[str, bytes] | None = None,
     report_files: dict[str, bytes] | None = None,
+    portable_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write `trained_model.tar` (through `write_tar`: atomic, mode 0644 less the umask).
 
@@ -135,7 +145,34 @@ def write_trained_model(
     base's architecture: `cfg` is the base's LM cfg for adapter exports, the trained LM's for full ones).
     `extra_files`: adapter / embeddings members (`OPTIONAL_FILES`), hashed like the weights. `report_files`: the
     training report (loss plot, samples, report.html: for people, not read on load), after the weights, not hashed.
+    `portable_files`: the transformers form (name in its folder -> file), stored under `transformers/`, last.
     """
+    members: dict[str, bytes | Path] = {
+        **weights_members(
+            state_dict=state_dict, cfg=cfg, base_model=base_model, finetune=finetune, extra_files=extra_files
+        )
+    }
+    for name, data in (report_files or {}).items():
+        if name in KNOWN_FILES:
+            raise ValueError(f"{name} is a weights member, not a report file; name the report file otherwise")
+        members[name] = data
+    for name, path in (portable_files or {}).items():
+        members[f"{TRANSFORMERS_FOLDER}/{name}"] = Path(path)
+    out_tar = write_tar(out_tar, members)
+    logger.info("Wrote %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
+    return out_tar
+
+
+def weights_members(
+    *,
+    state_dict: dict[str, torch.Tensor],
+    cfg: tp.Any,
+    base_model: str,
+    finetune: dict[str, tp.Any],
+    extra_files: dict[str, bytes] | None = None,
+) -> dict[str, bytes]:
+    """The weights members of a trained_model.tar and its finetune.json (with `integrity`), name -> bytes: what
+    `write_trained_model` writes, and what an extracted tar's folder holds."""
     members: dict[str, bytes] = {}
     for name, obj in (("state_dict.bin", lm_package(state_dict, cfg)), ("compression_state_dict.bin", None)):
         buffer = io.BytesIO()
@@ -151,17 +188,12 @@ def write_trained_model(
     }
     info = {"format_version": FORMAT_VERSION, "base_model": base_model, **finetune, "integrity": integrity}
     members[FINETUNE_FILE] = json.dumps(info, indent=2, sort_keys=True, default=str).encode()
-    for name, data in (report_files or {}).items():
-        if name in KNOWN_FILES:
-            raise ValueError(f"{name} is a weights member, not a report file; name the report file otherwise")
-        members[name] = data
-    out_tar = write_tar(out_tar, members)
-    logger.info("Wrote %s (%.1f MB)", out_tar, out_tar.stat().st_size / 1e6)
-    return out_tar
+    return members
 
 
-def write_tar(out_tar: str | Path, members: tp.Mapping[str, bytes]) -> Path:
-    """Write the tar `out_tar` holding `members` (name -> bytes, in that order); the one writer of our tars.
+def write_tar(out_tar: str | Path, members: tp.Mapping[str, bytes | Path]) -> Path:
+    """Write the tar `out_tar` holding `members` (name -> bytes, or a file copied in chunks: gigabytes of weights
+    are never held in memory twice; in that order); the one writer of our tars.
 
     Atomic: written to a temp file beside it, then renamed, so a partial file never carries the final name. The
     file is mode 0644 less the umask (a file handed to users; `mkstemp` alone would leave it 0600). Every member is
@@ -175,10 +207,14 @@ def write_tar(out_tar: str | Path, members: tp.Mapping[str, bytes]) -> Path:
         with tarfile.open(tmp, "w") as tar:
             for name, data in members.items():
                 member = tarfile.TarInfo(name)
-                member.size = len(data)
+                member.size = data.stat().st_size if isinstance(data, Path) else len(data)
                 member.mode = 0o644
                 member.mtime = 0
-                tar.addfile(member, io.BytesIO(data))
+                if isinstance(data, Path):
+                    with open(data, "rb") as source:
+                        tar.addfile(member, source)
+                else:
+                    tar.addfile(member, io.BytesIO(data))
         os.chmod(tmp, 0o644 & ~current_umask())
         os.replace(tmp, out_tar)
     finally:

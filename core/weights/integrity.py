@@ -14,6 +14,7 @@ import torch
 from core import adapters, tiny
 from core.catalogue import CHECKPOINT_FILES, PRETRAINED_COMPRESSION, SPEC, TINY_COMPRESSION
 from core.errors import WeightsError
+from core.weights import peft_format, transformers_format
 from core.weights.format import (
     FINETUNE_FILE,
     INTEGRITY_MEMBERS,
@@ -185,8 +186,15 @@ def check_lm_config(cfg: tp.Any, base: str, label: str) -> None:
 
 def check_folder(folder: Path, label: str | None = None) -> None:
     """A folder holds loadable weights: the checkpoint files (state_dict.bin an audiocraft LM checkpoint), or only
-    a LoRA adapter whose config names its base model."""
+    a LoRA adapter whose config names its base model; or, in transformers' format, a MusicGen (its config and
+    weights) or a PEFT LoRA adapter naming its base."""
     label = label or str(folder)
+    if peft_format.is_peft_folder(folder):
+        peft_format.check_peft_folder(folder, label)
+        return
+    if not (folder / "state_dict.bin").is_file() and transformers_format.is_transformers_folder(folder):
+        check_transformers_folder(folder, label)
+        return
     # Checksums first: a flipped byte is then reported as a corrupt member, whatever torch.load would make of it.
     verify_members(folder, read_finetune_info(folder, label), label)
     adapter_only = (folder / adapters.ADAPTER_CONFIG_FILE).is_file() and not (folder / "state_dict.bin").is_file()
@@ -215,3 +223,33 @@ def check_folder(folder: Path, label: str | None = None) -> None:
         raise WeightsError(
             f"state_dict.bin of {label} is not an audiocraft LM checkpoint (no 'best_state' / 'xp.cfg')."
         )
+
+
+def check_transformers_folder(folder: Path, label: str) -> None:
+    """A transformers MusicGen folder: its weights are there, and its config's sizes are within `LM_CONFIG_BOUNDS`
+    (read before anything is built: a config from anyone's URL must not ask for terabytes)."""
+    import json
+
+    fix = "Give a folder (or repo) saved by transformers' MusicgenForConditionalGeneration.save_pretrained."
+    if not any(folder.glob("model*.safetensors")):
+        raise WeightsError(f"Weights {label}: a transformers config.json without model.safetensors. {fix}")
+    try:
+        config = json.loads((folder / transformers_format.CONFIG_FILE).read_bytes().decode("utf-8"))
+        decoder = config["decoder"]
+        sizes = {
+            "dim": decoder["hidden_size"],
+            "num_heads": decoder["num_attention_heads"],
+            "num_layers": decoder["num_hidden_layers"],
+            "n_q": decoder["num_codebooks"],
+            "card": decoder["vocab_size"],
+        }
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        raise WeightsError(
+            f"Weights {label}: config.json is not a transformers MusicGen config ({type(e).__name__}: {e}). {fix}"
+        ) from None
+    for key, (low, high) in LM_CONFIG_BOUNDS.items():
+        value = sizes[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise WeightsError(
+                f"Weights {label}: config.json's decoder gives {key} {str(value)[:40]}, outside {low}..{high}. {fix}"
+            )

@@ -1,6 +1,7 @@
 """Loading weights: `open_weights` (fetch, unpack, check: no model built) and `load_trained_model` (a
 `core.loaded.LoadedModel` built with audiocraft's loaders: a full LM, or the base with a LoRA adapter or learned
-embeddings put in)."""
+embeddings put in; or, from transformers' format, a MusicGen or a PEFT adapter on a facebook/musicgen-* base,
+converted into the LM we sample with by `core.weights.transformers_format`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from pathlib import Path
 import torch
 
 from core import adapters, style, tiny, versions
-from core.catalogue import SPEC
+from core.catalogue import SPEC, find
 from core.devices import default_device
 from core.errors import ModelUnavailableError, WeightsError
 from core.loaded import LoadedModel
+from core.weights import peft_format, transformers_format
 from core.weights.cache import DEFAULT_MIN_FREE_BYTES, FreeBytes, classify, unpack
 from core.weights.format import FINETUNE_FILE, base_of, read_finetune_info
 from core.weights.integrity import check_lm_config, verify_architecture
@@ -60,6 +62,7 @@ class OpenedWeights:
     base: str
     label: str
     adapter: bool
+    format: str = "audiocraft"  # or `transformers` (a transformers MusicGen), `peft` (a PEFT adapter on one)
 
     @property
     def method(self) -> str:
@@ -67,7 +70,9 @@ class OpenedWeights:
 
     @property
     def lora(self) -> bool:
-        return (self.folder / adapters.ADAPTER_CONFIG_FILE).is_file()
+        return self.format == "peft" or (
+            self.format == "audiocraft" and (self.folder / adapters.ADAPTER_CONFIG_FILE).is_file()
+        )
 
 
 def open_weights(
@@ -82,6 +87,11 @@ def open_weights(
     A caller can do this while another model still serves, and build only weights that passed."""
     label = classify(weights).label
     folder = unpack(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
+    if peft_format.is_peft_folder(folder):
+        return OpenedWeights(folder, *_peft_base(folder, label), label, True, "peft")
+    if transformers_format.is_transformers_folder(folder) and not (folder / "state_dict.bin").is_file():
+        info = {"method": "transformers", "format": "transformers"}
+        return OpenedWeights(folder, info, "", label, False, "transformers")
     info = read_finetune_info(folder, label)
     base = base_of(folder, info)
     adapter = (folder / adapters.ADAPTER_CONFIG_FILE).is_file() or (folder / adapters.EMBEDDINGS_FILE).is_file()
@@ -101,6 +111,21 @@ def open_weights(
     check_lm_config(pkg["xp.cfg"], base, label)
     verify_architecture(info, pkg["xp.cfg"], base, label)
     return OpenedWeights(folder, info, base, label, adapter)
+
+
+def _peft_base(folder: Path, label: str) -> tuple[dict[str, tp.Any], str]:
+    """(info, base model_version) of a PEFT adapter: its base must be a model we can load and write in transformers'
+    format (a facebook/musicgen-* model, or a model version such as `tiny-t5`)."""
+    named = peft_format.check_peft_folder(folder, label)
+    spec = find(named)
+    reason = transformers_format.unsupported_reason(spec) if spec is not None else None
+    if spec is None or reason:
+        raise WeightsError(
+            f"Weights {label}: a PEFT adapter on {named!r}, "
+            + (f"which has no transformers form here ({reason})" if reason else "which is not a MusicGen we know")
+            + ". A PEFT adapter must be trained on a facebook/musicgen-* model (text, stereo or melody)."
+        )
+    return {"method": "lora", "format": "peft", "base_model": named}, spec.name
 
 
 def load_trained_model(
@@ -129,6 +154,8 @@ def load_trained_model(
         weights = open_weights(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
     folder, info, base, label = weights.folder, weights.info, weights.base, weights.label
     device = device or default_device()
+    if weights.format != "audiocraft":
+        return _load_transformers(weights, device, lora_scale)
     if weights.adapter:
         return _load_with_adapter(folder, info, base, device, label=label, lora_scale=lora_scale)
     if lora_scale != 1.0:
@@ -191,3 +218,40 @@ def _load_with_adapter(
         ) from None
     name = f"{info.get('method', 'adapter')} fine-tune of {base}"
     return LoadedModel(base_model.musicgen, name, base_model.spec, label, info, folder, adapter)
+
+
+def _load_transformers(weights: OpenedWeights, device: str, lora_scale: float) -> LoadedModel:
+    """A transformers MusicGen, or a PEFT adapter merged (at `lora_scale`) into the transformers form of its base,
+    converted into audiocraft's LM and EnCodec (`transformers_format.from_transformers`)."""
+    from audiocraft.models import MusicGen
+
+    folder, label = weights.folder, weights.label
+    spec = None
+    try:
+        if weights.format == "peft":
+            base = versions.load_musicgen(weights.base, device)
+            spec = base.spec
+            model = transformers_format.to_transformers(base.lm, base.musicgen.compression_model)
+            del base
+            model = peft_format.merge_peft(model, folder, label, lora_scale)
+            source: tp.Any = model
+        else:
+            if lora_scale != 1.0:
+                logger.warning("lora_scale=%g is ignored: %s is a whole transformers model, not an adapter",
+                               lora_scale, label)  # fmt: skip
+            source = folder
+        lm, compression, _cfg = transformers_format.from_transformers(source, device)
+    except (WeightsError, ModelUnavailableError):
+        raise
+    except Exception as e:  # noqa: BLE001 - anyone's files: one message naming them
+        raise WeightsError(
+            f"Could not convert the transformers weights {label} into a MusicGen ({type(e).__name__}: "
+            f"{str(e)[:300]}). Give a folder or repo saved by transformers' MusicgenForConditionalGeneration (or "
+            "MusicgenMelodyForConditionalGeneration), or a PEFT LoRA adapter on a facebook/musicgen-* model."
+        ) from None
+    if "self_wav" in lm.condition_provider.conditioners:  # as MusicGen.get_pretrained does
+        lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
+        lm.condition_provider.conditioners["self_wav"]._use_masking = False
+    name = f"PEFT LoRA fine-tune of {weights.base}" if weights.format == "peft" else f"transformers model {label}"
+    logger.info("Converted %s from transformers' format", label)
+    return LoadedModel(MusicGen(name, compression, lm), name, spec, label, weights.info, folder)

@@ -22,6 +22,7 @@ from core.versions import load_musicgen
 from generation.generate import Generator
 from generation.params import PredictParams
 from preprocessing import load_prepared
+from tests.core.test_portable_weights import our_logits, random_codes, their_logits
 from tests.helpers import ROOT
 from tests.training.conftest import make_prepared, tiny_params
 from training.dist import DistInfo
@@ -127,6 +128,35 @@ def test_the_loaded_model_uses_the_trigger_only_where_prompted(trained, loaded):
     with_trigger = encode(model, ["zzq calm piano"])
     assert not torch.allclose(with_trigger, encode(base, ["zzq calm piano"]), atol=1e-3)
     assert torch.equal(encode(model, ["ZZQ calm piano"]), with_trigger)
+
+
+def test_the_transformers_form_holds_the_learned_tokens(trained, loaded, tmp_path):
+    """The tar's transformers/ folder (written by the export) is the whole model with the trigger's placeholder
+    tokens in its tokenizer and their learned rows in T5's input embeddings: transformers' logits for a prompt
+    written with the tokens equal ours for the prompt with the trigger word (fp32, <= 1e-4)."""
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    with tarfile.open(trained["tar"]) as archive:
+        info = json.load(archive.extractfile("finetune.json"))
+        portable = [m for m in archive.getmembers() if m.name.startswith("transformers/")]
+        archive.extractall(tmp_path, members=portable, filter="data")
+    assert info["transformers"] == {
+        "folder": "transformers",
+        "kind": "model",
+        "class": "MusicgenForConditionalGeneration",
+    }
+    folder = tmp_path / "transformers"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    theirs = MusicgenForConditionalGeneration.from_pretrained(folder).eval()
+    tokenizer = AutoProcessor.from_pretrained(folder).tokenizer
+    model, base = loaded
+    tokens = "".join(info["embeddings"]["tokens"])
+    codes = random_codes(model.lm)
+    ours = our_logits(model.lm.eval(), codes, "zzq calm piano")
+    assert (ours - our_logits(base.lm.eval(), codes, "zzq calm piano")).abs().max() > 1e-2  # the trigger acts
+    assert (their_logits(theirs, tokenizer, codes, f"{tokens} calm piano") - ours).abs().max() <= 1e-4
+    plain = our_logits(model.lm, codes, "calm piano")  # without the trigger: the base model's, in both
+    assert (their_logits(theirs, tokenizer, codes, "calm piano") - plain).abs().max() <= 1e-4
 
 
 def test_predict_generates_from_the_tar(trained, tmp_path):
