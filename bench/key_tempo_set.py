@@ -12,7 +12,7 @@ Timbres cover what breaks tempo and key estimators: `voice` (a sustained, vibrat
 bright partials dying fast) and `marimba` (percussive, inharmonic partials). The sustained three go without drums
 half of the time, and then their bass holds the bar: only the melody's soft onsets mark the beat.
 
-    make_set(n, seed) -> list[Score]      the first 24 keys x 2 modes in a shuffled order, tempi 60-150 bpm
+    make_set(n, seed) -> list[Score]      the 24 keys in shuffled rounds, tempi spread over 60-150 bpm
     render(score, sample_rate) -> float32 mono audio
 
 Used by `bench/key_tempo.py` (the benchmark) and `tests/preprocessing/test_key_tempo.py` (a small set in CI).
