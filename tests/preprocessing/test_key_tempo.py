@@ -104,3 +104,28 @@ def test_no_key_or_bpm_analysis_when_nothing_would_use_it(tmp_path, caplog):
         dataset = prepare(_params(_zip(one_missing, tmp_path / "b.zip"), auto_labeling=False), tmp_path / "w2")
     assert not [r for r in caplog.records if r.getMessage().startswith("Key/bpm analysis skipped")]
     assert all(c.info["key"] and c.info["bpm"] for c in dataset.clips)
+
+
+def test_the_scores_the_benchmark_gives():
+    """MIREX's weights and the tempo accuracies on cases worked out by hand."""
+    cases = {
+        ("C major", "C major"): 1.0,
+        ("C major", "G major"): 0.5,  # a fifth up
+        ("C major", "F major"): 0.5,  # a fifth down
+        ("A minor", "E minor"): 0.5,
+        ("C major", "A minor"): 0.3,  # relative
+        ("A minor", "C major"): 0.3,
+        ("F# minor", "A major"): 0.3,
+        ("C major", "C minor"): 0.2,  # parallel
+        ("C major", "G minor"): 0.0,
+        ("C major", "D major"): 0.0,
+        ("C major", None): 0.0,
+        ("Eb major", "D# major"): 1.0,  # enharmonic spelling
+    }
+    for (truth, estimate), weight in cases.items():
+        assert mirex_key_score(truth, estimate) == weight, (truth, estimate)
+    assert tempo_acc(100, 103.9) == (True, True) and tempo_acc(100, 96.1) == (True, True)
+    assert tempo_acc(100, 104.5) == (False, False)
+    assert tempo_acc(100, 201) == (False, True) and tempo_acc(100, 49.5) == (False, True)
+    assert tempo_acc(100, 300) == (False, True) and tempo_acc(100, 33.4) == (False, True)
+    assert tempo_acc(100, 150) == (False, False) and tempo_acc(100, None) == (False, False)
