@@ -1,11 +1,13 @@
 """`python -m preprocessing.demo demo.zip`: a small synthesized dataset in one recognisable style, to try the whole
 job offline (prepare -> fine-tune -> report -> predict) and to test that a fine-tune learns.
 
-Every track is the same kind of music, a slow minor-key lo-fi loop: four-chord progression (i - VI - III - VII) on
-an electric-piano-like voice, a sine bass on the chord roots, a kick on beats 1 and 3, a noise snare on 2 and 4,
-soft eighth-note hats and a pentatonic melody. Tracks differ in key, tempo, voicing and melody, so a held-out
-track is new music of a style the others teach. Each track comes with `<track>.txt`, its description (style,
-instruments, bpm, key), as a user's upload would.
+Every track is the same kind of music, a slow minor-key lo-fi loop: a four-chord cadence (i - iv - V - i, the V
+major: the harmonic minor's leading tone) on an electric-piano-like voice, a sine bass on the chord roots, a kick on
+beats 1 and 3, a noise snare on 2 and 4, soft eighth-note hats and a melody on the chords' tones. The cadence is
+what makes the key plain to hear (and to measure: preparation finds the key each description names); a loop such as
+i - VI - III - VII sounds as much like the relative major. Tracks differ in key, tempo, voicing and melody, so a
+held-out track is new music of a style the others teach. Each track comes with `<track>.txt`, its description
+(style, instruments, bpm, key), as a user's upload would.
 
 The archive is deterministic: the same arguments give the same bytes (audio from seeded generators, FLAC, fixed
 zip timestamps). With the defaults it is 8 tracks of 24 s, about 3.4 MB.
@@ -33,8 +35,8 @@ __all__ = ["STYLE", "synthesize_track", "track_description", "write_demo", "main
 SAMPLE_RATE = 16000  # the content stays below 8 kHz; preparation resamples to 32 kHz (half the archive size)
 STYLE = "zzq lofi"  # the style word every description starts with (use it in prompts)
 KEYS = {"A": 57, "C": 60, "D": 62, "E": 64, "G": 55}  # MIDI note of each key's tonic (minor keys)
-PROGRESSION = (0, 8, 3, 10)  # i - VI - III - VII, semitones above the minor tonic
-PENTATONIC = (0, 3, 5, 7, 10)  # minor pentatonic
+# i - iv - V - i: (semitones above the minor tonic, the chord's third), the V major
+PROGRESSION = ((0, 3), (5, 3), (7, 4), (0, 3))
 _ZIP_TIME = (2024, 1, 1, 0, 0, 0)  # fixed member timestamps: a deterministic archive
 
 
@@ -85,15 +87,17 @@ def synthesize_track(index: int, seconds: float = 24.0, seed: int = 0) -> np.nda
     n = int(seconds * SAMPLE_RATE)
     out = np.zeros(n)
     inversion = int(rng.integers(3))  # voicing differs per track
-    melody_note = int(rng.integers(len(PENTATONIC)))
+    melody_note = int(rng.integers(3))
     kick = _kick()
     n_beats = int(seconds / beat) + 1
     for b in range(n_beats):
         at = int(b * beat * SAMPLE_RATE)
         bar, beat_in_bar = divmod(b, 4)
-        root = tonic + PROGRESSION[bar % 4]
+        step, third = PROGRESSION[bar % 4]
+        root = tonic + step
+        chord_tones = (0, third, 7)
         if beat_in_bar in (0, 2):  # chord stabs and bass on 1 and 3
-            notes = [root, root + (3 if PROGRESSION[bar % 4] in (0,) else 4), root + 7]
+            notes = [root, root + third, root + 7]
             notes = sorted(notes[inversion:] + [x + 12 for x in notes[:inversion]])
             for note in notes:
                 _add(out, at, 0.12 * _tone(_hz(note), 2 * beat, 0.6, (1.0, 0.35, 0.1)))
@@ -104,10 +108,10 @@ def synthesize_track(index: int, seconds: float = 24.0, seed: int = 0) -> np.nda
         for half in (0, 1):  # hats and melody on eighths
             at8 = at + int(half * beat / 2 * SAMPLE_RATE)
             _add(out, at8, 0.04 * _noise_hit(rng, 0.05, 0.01, bright=True))
-            if rng.random() < 0.55:
-                melody_note = int(np.clip(melody_note + rng.integers(-2, 3), 0, 2 * len(PENTATONIC) - 1))
-                octave, degree = divmod(melody_note, len(PENTATONIC))
-                pitch = tonic + 12 + 12 * octave + PENTATONIC[degree]
+            if rng.random() < 0.55:  # the chord's tones over two octaves, moving by at most two of them
+                melody_note = int(np.clip(melody_note + rng.integers(-2, 3), 0, 2 * len(chord_tones) - 1))
+                octave, degree = divmod(melody_note, len(chord_tones))
+                pitch = tonic + 12 + 12 * octave + (step + chord_tones[degree]) % 12
                 _add(out, at8, 0.1 * _tone(_hz(pitch), beat, 0.3, (1.0, 0.0, 0.3)))
     fade = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.05 * SAMPLE_RATE))
     out *= fade

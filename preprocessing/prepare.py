@@ -242,8 +242,14 @@ def prepare(params: PrepareParams, work_dir: str | Path, processes: int | None =
         device = remover.device if remover is not None else "cpu"
         plan = workers.plan(params.drop_vocals, device, len(unpacked.audio), processes)
         logger.info(plan.why)
-        tagger_config = _tagger_config(params, unpacked, warnings)
-        analyzer = analysis.Analyzer(scratch, tagger_config, processes=plan.essentia)
+        if _labels_needed(params, unpacked):
+            tagger_config = _tagger_config(params, unpacked, warnings)
+            analyzer = analysis.Analyzer(scratch, tagger_config, processes=plan.essentia)
+        else:
+            logger.info(
+                "Key/bpm analysis skipped: auto_labeling is off and every track has a description of its own "
+                "(set auto_labeling=true to have key and bpm measured and written into the clips' info)"
+            )
         run = _Run(params, unpacked, folder / CLIPS_DIR, analyzer, warnings)
         jobs = [
             {"rel": rel, "path": str(unpacked.path(rel)), "out": str(scratch / "tracks" / f"{i:05d}")}
@@ -268,7 +274,7 @@ def prepare(params: PrepareParams, work_dir: str | Path, processes: int | None =
                 _analyse(track, run)
         timings["tracks"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        results = _collect_analysis(analyzer, warnings)
+        results = _collect_analysis(analyzer, warnings) if analyzer is not None else {}
         timings["analysis_wait"] = time.perf_counter() - t0
 
         if not tracks:
@@ -354,6 +360,25 @@ def _tagger_config(params: PrepareParams, unpacked: Unpacked, warnings: list[str
     return None
 
 
+def _labels_needed(params: PrepareParams, unpacked: Unpacked) -> bool:
+    """Whether the essentia worker has anything to do: key and bpm go into the clips' info and into auto-labels,
+    so they are skipped only when auto-labeling is off and every track has a description (one_same_description, or
+    a text file with a line of text) that the labels could not replace."""
+    if params.auto_labeling:
+        return True
+    if (params.one_same_description or "").strip():
+        return False
+    texts = _text_index(unpacked.texts)
+    for rel in unpacked.audio:
+        text_file = _description_file(rel, texts)
+        if not text_file:
+            return True
+        with open(unpacked.path(text_file), "rb") as f:  # a quiet look: `_analyse` reads it (and warns) later
+            if not f.read(descriptions.MAX_TEXT_BYTES).decode("utf-8", "replace").lstrip("\ufeff").strip():
+                return True
+    return False
+
+
 def _unpack(params: PrepareParams, unpack_dir: Path) -> Unpacked:
     limits = Limits(
         max_bytes=int(params.max_unpacked_gb * 2**30),
@@ -373,7 +398,7 @@ class _Run:
     params: PrepareParams
     unpacked: Unpacked
     clips_dir: Path
-    analyzer: analysis.Analyzer
+    analyzer: analysis.Analyzer | None  # None: no key/bpm/tags wanted (`_labels_needed`)
     warnings: list[str]
     skipped: list[Skipped] = field(init=False)
     extra: dict[str, list] = field(init=False)
@@ -565,6 +590,8 @@ def _analyse(track: _Track, run: _Run) -> None:
         run.warnings.extend(text_warnings)
         if not track.text:
             logger.warning("%s is empty: %s gets no description from it", text_file, track.rel)
+    if run.analyzer is None:
+        return
     needs_tags = run.params.auto_labeling and not run.one_same and not track.text
     run.analyzer.submit(track.rel, [c.path for c in track.clips], tags=needs_tags)
 
