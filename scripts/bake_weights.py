@@ -22,6 +22,9 @@ What it bakes (`--only` picks groups):
 - `t5`: `t5-base`, the text encoder audiocraft's T5Conditioner loads for the facebook/musicgen-* models
   (config, tokenizer, `model.safetensors`), into the Hugging Face cache;
 - `encodec`: `facebook/encodec_32khz`, the EnCodec a trained_model.tar references, into the Hugging Face cache;
+- `clap`: `laion/larger_clap_music`, the CLAP model of the report's and `python -m evaluation`'s prompt adherence and
+  audio distances (evaluation/clap.py), into the Hugging Face cache (configs, tokenizer and one weights file:
+  `model.safetensors` when the repo has it, else `pytorch_model.bin`);
 - `htdemucs`: demucs' `955717e8-8726e21a.th` into the torch hub cache (vocal removal, melody chroma);
 - `essentia`: the auto-labeling models (discogs-effnet embeddings, genre / mood / instrument heads) into
   `$MGFT_ESSENTIA_MODELS`, else `$MGFT_CACHE/essentia`, else `~/.cache/musicgen-ft/essentia`.
@@ -31,7 +34,7 @@ How each file is verified:
 - Hugging Face files: against the hub's own metadata, read at build time for the resolved commit
   (`HfApi.model_info(files_metadata=True)`): the LFS sha256 for large files, the git blob sha1 for small ones.
   Fixed hashes cannot be known offline for a moving `main`; the commit baked is printed and written to the cache's
-  `refs/main`, so a build is reproducible by passing `--t5-revision` / `--encodec-revision`.
+  `refs/main`, so a build is reproducible by passing `--t5-revision` / `--encodec-revision` / `--clap-revision`.
 - htdemucs: the full sha256 recorded below (its file name carries the first 8 hex digits, as torch.hub names it).
 - essentia: the sha256 recorded below where a published value was found (the effnet embeddings and the instrument
   head), the byte size where only that was found (genre head); the mood head has no recorded value: it is
@@ -113,8 +116,24 @@ HF_REPOS: dict[str, dict[str, tp.Any]] = {
         "files": ("config.json", "preprocessor_config.json", "model.safetensors"),
         "required": ("config.json", "model.safetensors"),
     },
+    "clap": {
+        "repo": "laion/larger_clap_music",
+        "files": (
+            "config.json",
+            "preprocessor_config.json",
+            "processor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+            "special_tokens_map.json",
+        ),  # fmt: skip
+        "required": ("config.json",),
+        # the weights: the first of these the repo has (both are the same weights; transformers reads either)
+        "one_of": ("model.safetensors", "pytorch_model.bin"),
+    },
 }
-GROUPS = ("t5", "encodec", "htdemucs", "essentia")
+GROUPS = ("t5", "encodec", "clap", "htdemucs", "essentia")
 # huggingface_hub errors that another try cannot fix (a wrong id, offline mode set in the build environment).
 FINAL_HUB_ERRORS = ("OfflineModeIsEnabled", "RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError")
 
@@ -287,6 +306,7 @@ def bake_hf(
     files: tp.Sequence[str],
     *,
     required: tp.Sequence[str] = (),
+    one_of: tp.Sequence[str] = (),
     revision: str = "main",
     cache: Path | None = None,
     endpoint: str | None = None,
@@ -296,7 +316,8 @@ def bake_hf(
 ) -> Path:
     """Bake `files` of model repo `repo` at `revision` into huggingface_hub's cache layout (`blobs/<etag>`,
     `snapshots/<commit>/<file>` links, `refs/<revision>`), each verified against the hub's metadata for that
-    commit. Returns the snapshot folder. Offline loaders (`HF_HUB_OFFLINE=1`) then find them."""
+    commit, and the first of `one_of` that the repo has (a BakeError when it has none). Returns the snapshot folder.
+    Offline loaders (`HF_HUB_OFFLINE=1`) then find them."""
     from huggingface_hub import HfApi
 
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
@@ -314,6 +335,12 @@ def bake_hf(
     missing = [f for f in required if f not in siblings]
     if missing:
         raise BakeError(f"{repo}@{commit}: the repo lacks {', '.join(missing)} (it has {', '.join(sorted(siblings))})")
+    if one_of:
+        chosen = next((f for f in one_of if f in siblings), None)
+        if chosen is None:
+            raise BakeError(f"{repo}@{commit}: the repo has none of {', '.join(one_of)} "
+                            f"(it has {', '.join(sorted(siblings))})")  # fmt: skip
+        files = [*files, chosen]
     root = cache / ("models--" + repo.replace("/", "--"))
     snapshot = root / "snapshots" / commit
     for name in (f for f in files if f in siblings):
@@ -405,8 +432,8 @@ def bake(
         if group in HF_REPOS:
             spec = HF_REPOS[group]
             revision = (revisions or {}).get(group, "main")
-            snapshot = bake_hf(spec["repo"], spec["files"], required=spec["required"], revision=revision,
-                               attempts=attempts, backoff=backoff)  # fmt: skip
+            snapshot = bake_hf(spec["repo"], spec["files"], required=spec["required"], one_of=spec.get("one_of", ()),
+                               revision=revision, attempts=attempts, backoff=backoff)  # fmt: skip
             done[group] = str(snapshot)
         elif group in ("htdemucs", "essentia"):
             assets = htdemucs_assets() if group == "htdemucs" else essentia_assets()
@@ -424,6 +451,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="refuse files with no recorded checksum")
     parser.add_argument("--t5-revision", default="main", help="t5-base revision (a commit for reproducible builds)")
     parser.add_argument("--encodec-revision", default="main", help="facebook/encodec_32khz revision")
+    parser.add_argument("--clap-revision", default="main", help="laion/larger_clap_music revision")
     parser.add_argument(
         "--write-cog-yaml",
         metavar="PATH",
@@ -447,8 +475,8 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     if args.attempts < 1:
         parser.error("--attempts must be at least 1")
     try:
-        done = bake(groups, revisions={"t5": args.t5_revision, "encodec": args.encodec_revision},
-                    attempts=args.attempts, backoff=args.backoff, strict=args.strict)  # fmt: skip
+        revisions = {"t5": args.t5_revision, "encodec": args.encodec_revision, "clap": args.clap_revision}
+        done = bake(groups, revisions=revisions, attempts=args.attempts, backoff=args.backoff, strict=args.strict)
     except BakeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

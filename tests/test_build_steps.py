@@ -108,6 +108,14 @@ ENCODEC_FILES = {
     "preprocessor_config.json": b"{}",
     "model.safetensors": b"encodec weights " * 20000,
 }
+# laion/larger_clap_music's kinds of files: configs, the RoBERTa tokenizer's, weights in the older format only
+CLAP_FILES = {
+    "config.json": json.dumps({"model_type": "clap"}).encode(),
+    "preprocessor_config.json": b"{}",
+    "vocab.json": b"{}",
+    "merges.txt": b"#version: 0.2\n",
+    "pytorch_model.bin": b"clap weights " * 20000,
+}
 
 
 def fake_bytes(name: str, size: int) -> bytes:
@@ -160,10 +168,11 @@ def sh(step: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
 def test_the_steps_bake_everything_and_a_trained_version_predicts_offline(tmp_path):
     step, program, args = bake_step()
     routes, fake_program, mirror_files = mirror_routes(program)
-    lfs = ("model.safetensors",)
+    lfs = ("model.safetensors", "pytorch_model.bin")
     hub = {
         **hub_routes("t5-base", "1" * 40, T5_FILES, lfs),
         **hub_routes("facebook/encodec_32khz", "2" * 40, ENCODEC_FILES, lfs),
+        **hub_routes("laion/larger_clap_music", "3" * 40, CLAP_FILES, lfs),
     }
     build = tmp_path / "build"  # the working folder of the steps: empty, as in the image before `COPY . /src`
     build.mkdir()
@@ -182,7 +191,8 @@ def test_the_steps_bake_everything_and_a_trained_version_predicts_offline(tmp_pa
     tar = lora_tar(tmp_path / "trained_model.tar", base="tiny", seed=1)
     expected = {
         "hub": {repo: {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
-                for repo, files in (("t5-base", T5_FILES), ("facebook/encodec_32khz", ENCODEC_FILES))},
+                for repo, files in (("t5-base", T5_FILES), ("facebook/encodec_32khz", ENCODEC_FILES),
+                                    ("laion/larger_clap_music", CLAP_FILES))},
         "essentia": {name: len(data) for name, data in mirror_files.items() if name.endswith((".pb", ".json"))},
         "htdemucs": len(mirror_files[bake.HTDEMUCS_URL.rsplit("/", 1)[1]]),
     }  # fmt: skip

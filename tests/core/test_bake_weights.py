@@ -130,6 +130,46 @@ def test_hf_files_baked_into_the_hub_cache_and_verified(tmp_path, monkeypatch):
                      attempts=2, sleep=lambda s: None)  # fmt: skip
 
 
+def test_clap_baked_from_the_hub_is_what_evaluation_loads(tmp_path, monkeypatch):
+    """The tiny CLAP's files served as `laion/larger_clap_music` by a loopback hub: the bake takes the configs and
+    the one weights file the repo has, and evaluation/clap.py then loads CLAP from that cache, offline."""
+    import huggingface_hub.constants as constants
+
+    from core.tiny import tiny_clap
+    from evaluation.clap import CLAP_REPO, CLAP_WEIGHTS, clap_skip_reason, load_clap
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test session is offline; the build is not
+    spec = bake.HF_REPOS["clap"]
+    assert spec["repo"] == CLAP_REPO and set(spec["one_of"]) == set(CLAP_WEIGHTS)
+    folder = tiny_clap()
+    data = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    data["pytorch_model.bin"] = b"older format, not taken: the repo has model.safetensors"
+    siblings = []
+    for name, content in data.items():
+        entry = {"rfilename": name, "size": len(content), "blobId": git_blob_sha1(content)}
+        if name.endswith((".safetensors", ".bin")):
+            entry["lfs"] = {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+        siblings.append(entry)
+    info = {"id": CLAP_REPO, "sha": COMMIT, "siblings": siblings}
+    api = [(200, {"Content-Type": "application/json"}, json.dumps(info).encode())]
+    routes = {f"/api/models/{CLAP_REPO}": api, f"/api/models/{CLAP_REPO}/revision/main": api}
+    routes |= {f"/{CLAP_REPO}/resolve/{COMMIT}/{name}": [(200, {}, content)] for name, content in data.items()}
+    cache = tmp_path / "hub"
+    with Server(routes) as srv:
+        bake.bake_hf(CLAP_REPO, spec["files"], required=spec["required"], one_of=spec["one_of"], cache=cache,
+                     endpoint=srv.url, sleep=print)  # fmt: skip
+        assert f"/{CLAP_REPO}/resolve/{COMMIT}/pytorch_model.bin" not in srv.hits  # one weights file only
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert clap_skip_reason() is None
+    assert load_clap("cpu") is not None
+
+    info["siblings"] = [s for s in siblings if not s["rfilename"].endswith((".safetensors", ".bin"))]
+    api[:] = [(200, {"Content-Type": "application/json"}, json.dumps(info).encode())]
+    routes[f"/api/models/{CLAP_REPO}"] = routes[f"/api/models/{CLAP_REPO}/revision/main"] = api * 2
+    with Server(routes) as srv, pytest.raises(bake.BakeError, match="has none of model.safetensors, pytorch_model"):
+        bake.bake_hf(CLAP_REPO, spec["files"], one_of=spec["one_of"], cache=tmp_path / "hub2", endpoint=srv.url)
+
+
 def test_what_is_baked_is_what_the_code_loads(tmp_path, monkeypatch):
     import torch
 
