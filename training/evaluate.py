@@ -870,6 +870,7 @@ TIMELINE_SHARE = 0.05  # the samples' share of the training time, at most
 TIMELINE_KEPT = 12  # evaluations whose audio the report keeps (more: the closest-spaced middle ones are thinned)
 TIMELINE_KBPS = 128  # MP3: a 4 s sample is ~64 KB, inside the tar and as a data: URI in report.html
 TIMELINE_FOLDER = "samples/during"
+LOUDNESS_GATE_S = 0.4  # torchaudio's loudness measures 400 ms blocks: shorter audio cannot be loudness-normalized
 
 
 def timeline_skip_reason(model_version: str) -> str | None:
@@ -925,7 +926,9 @@ class TrainingSamples:
         started = time.perf_counter()
         wav = generate_for_check(self.model, self.prompts, self.seconds, self.seed, self.sampler_precision)
         rate = int(self.model.sample_rate)
-        heard = [normalize(w, "loudness", rate) for w in wav]  # as predict's default output sounds
+        # as predict's default output sounds; loudness needs one 400 ms gate block, a shorter sample is peak-scaled
+        strategy = "loudness" if wav.shape[-1] >= LOUDNESS_GATE_S * rate else "peak"
+        heard = [normalize(w, strategy, rate) for w in wav]
         files = []
         for i, one in enumerate(heard):
             name = f"{TIMELINE_FOLDER}/step_{step:06d}_{i}.mp3"
