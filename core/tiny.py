@@ -15,6 +15,9 @@ server) runs offline on a CPU in seconds. Each is a folder holding `state_dict.b
   facebook/musicgen-* models have. The folder carries a tiny T5 encoder (d_model 768 as T5Conditioner requires for
   `t5-base`, 2 small layers, a 256-piece sentencepiece unigram vocabulary saved as `tokenizer.json`) in Hugging
   Face cache layout (`hf_hub/models--t5-base/...`); `tiny_hubs()` points huggingface_hub at it during a load.
+- the tiny CLAP (`tiny_clap()`, `save_clap_hub()`): a random `transformers.ClapModel` + `ClapProcessor` of
+  larger_clap_music's kinds of parts, a few layers wide, saved with `save_pretrained`; evaluation/clap.py loads it as
+  it loads `laion/larger_clap_music` (not a MusicGen: no catalogue record).
 """
 
 from __future__ import annotations
@@ -495,3 +498,102 @@ def tiny_hubs(model_dir: Path) -> tp.Iterator[None]:
     """`tiny_demucs` and `tiny_t5_hub` together: what any tiny model folder needs while it loads."""
     with tiny_demucs(model_dir), tiny_t5_hub(model_dir):
         yield
+
+
+# ------------------------------------------------------------------------------------------------- tiny CLAP
+CLAP_NAME = "laion/larger_clap_music"  # the repo evaluation/clap.py loads; the tiny one stands in for it offline
+CLAP_HUB_DIR = "hf_hub"
+
+
+def clap_configs() -> dict:
+    """The tiny CLAP's `transformers.ClapConfig` fields: larger_clap_music's kinds of parts (RoBERTa text encoder,
+    unfused HTSAT audio encoder on 64 mel bins of 10 s at 48 kHz, 2-layer projections), each a few layers wide."""
+    return {
+        "text_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 80,
+            "projection_dim": 32,
+        },
+        "audio_config": {
+            "patch_embeds_hidden_size": 16,
+            "depths": [1, 1],
+            "num_attention_heads": [1, 2],
+            "hidden_size": 32,  # patch_embeds_hidden_size x 2 per stage after the first
+            "window_size": 8,
+            "spec_size": 256,
+            "num_mel_bins": 64,
+            "enable_fusion": False,
+            "projection_dim": 32,
+        },
+        "projection_dim": 32,
+    }
+
+
+def clap_feature_extractor_cfg() -> dict:
+    """`transformers.ClapFeatureExtractor` settings, those of larger_clap_music (48 kHz, 10 s windows, 64 mels)."""
+    return {
+        "feature_size": 64,
+        "sampling_rate": 48000,
+        "hop_length": 480,
+        "max_length_s": 10,
+        "fft_window_size": 1024,
+        "frequency_min": 50,
+        "frequency_max": 14000,
+        "truncation": "rand_trunc",
+        "padding": "repeatpad",
+    }
+
+
+def save_clap(folder: Path, seed: int = SEED) -> Path:
+    """Write a tiny random `ClapModel` and its `ClapProcessor` (byte-level BPE tokenizer, as RoBERTa's, with no
+    merges: every text splits into known pieces; the feature extractor of larger_clap_music) into `folder` with
+    `save_pretrained`: what `ClapModel.from_pretrained(folder)` and `ClapProcessor.from_pretrained(folder)` read."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", *sorted(ByteLevel.alphabet()), "<mask>"]
+    tokenizer = RobertaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], model_max_length=77)
+    extractor = ClapFeatureExtractor(**clap_feature_extractor_cfg())
+    processor = ClapProcessor(feature_extractor=extractor, tokenizer=tokenizer)
+    cfg = clap_configs()
+    cfg["text_config"]["vocab_size"] = len(tokenizer)
+    torch.manual_seed(seed)
+    model = ClapModel(ClapConfig(**cfg)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_clap() -> Path:
+    """The tiny CLAP's folder, built once under `$MGFT_CACHE/models/` (a temporary folder, then renamed)."""
+    key = hashlib.sha1(json.dumps([clap_configs(), clap_feature_extractor_cfg(), SEED]).encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / f"tiny-clap-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-clap-", dir=folder.parent))
+    try:
+        save_clap(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # another process may have built it first: keep that one
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def save_clap_hub(hub: Path, seed: int = SEED) -> Path:
+    """The tiny CLAP as `laion/larger_clap_music` in Hugging Face cache layout under `hub` (`models--laion--
+    larger_clap_music/refs/main` naming `snapshots/<revision>/`), as the image bakes the real one. Returns the
+    snapshot folder."""
+    repo = hub / f"models--{CLAP_NAME.replace('/', '--')}"
+    revision = hashlib.sha1(json.dumps([clap_configs(), clap_feature_extractor_cfg(), seed]).encode()).hexdigest()
+    snapshot = save_clap(repo / "snapshots" / revision, seed)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

@@ -40,7 +40,10 @@ ROOMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("core",)),
     ("preprocessing", ("preprocessing",)),
     ("generation", ("generation",)),
-    ("evaluation metrics", ("evaluation.embed", "evaluation.frechet", "evaluation.effnet")),
+    (
+        "evaluation metrics",
+        ("evaluation.embed", "evaluation.frechet", "evaluation.effnet", "evaluation.clap", "evaluation.health"),
+    ),
     ("training", ("training",)),
     ("tools", ("evaluation",)),
     ("entry points", ("train", "predict")),

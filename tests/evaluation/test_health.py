@@ -1,0 +1,122 @@
+"""Sample health: each flag on its synthetic case (a loop, a silent tail, white noise, clipping, DC) and on none of
+them for music. The music is the demo's synthesized tracks (preprocessing/demo.py: drums with noise snares, bass,
+chords and a melody over a repeating progression) and, when Debian's `singularity-music` package is installed, its
+game music (the tracks without a DC offset in the files themselves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.health import FLAGS, THRESHOLD_REASONS, THRESHOLDS, indistinguishable, pair_correlations, sample_health
+from preprocessing.demo import SAMPLE_RATE, synthesize_track
+
+SR = SAMPLE_RATE  # 16 kHz: the demo's rate
+GAME_MUSIC = Path("/usr/share/games/singularity/music")
+# Of singularity-music's tracks, these are centred on 0 in the files themselves (the others carry a DC offset of
+# 2-40 % of full scale, which the `dc` flag reports: measured the same with soundfile and PyAV).
+CENTRED = ("A New Journey.ogg", "Aberrations.ogg", "Nebula.ogg", "Orbital Elevator.ogg", "Through Space.ogg")
+
+
+def music(index: int = 0, seconds: float = 10.0, start: float = 4.0) -> torch.Tensor:
+    """`[1, T]` of demo track `index`, from `start` s."""
+    track = torch.from_numpy(synthesize_track(index, start + seconds)).float().reshape(1, -1)
+    return track[:, int(start * SR) :]
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[torch.Tensor]:
+    return [music(i) for i in range(3)]
+
+
+def test_music_is_healthy(clips):
+    for clip in clips:
+        health = sample_health(clip, SR)
+        assert health.flags == () and health.healthy, health.measures
+        assert health.measures["loop_correlation"] < THRESHOLDS["loop"] - 0.1  # repeating bars, not a replay
+
+
+@pytest.mark.skipif(not GAME_MUSIC.is_dir(), reason="Debian's singularity-music is not installed")
+def test_game_music_is_healthy():
+    from core.audio import load_audio
+
+    for name in CENTRED:
+        wav, sr = load_audio(GAME_MUSIC / name)
+        start = wav.shape[1] // 3
+        health = sample_health(wav[:, start : start + 10 * sr], sr)
+        assert health.flags == (), (name, health.measures)
+
+
+def test_a_loop_is_flagged(clips):
+    """1.5 s of music replayed: flagged `loop`, with its period; the same music played on is not."""
+    piece = clips[0][:, : int(1.5 * SR)]
+    health = sample_health(piece.repeat(1, 7), SR)
+    assert health.flags == ("loop",), health.measures
+    assert health.measures["loop_period_s"] == pytest.approx(1.5, abs=0.03)
+    assert health.measures["loop_correlation"] > 0.99
+
+
+def test_a_silent_tail_is_flagged(clips):
+    wav = clips[1].clone()
+    wav[:, int(6.5 * SR) :] = 0.0  # stops after 6.5 s of 10
+    health = sample_health(wav, SR)
+    assert health.flags == ("silence",), health.measures
+    assert health.measures["silent_fraction"] == pytest.approx(0.35, abs=0.02)
+    assert sample_health(torch.zeros(1, 4 * SR), SR).flags == ("silence",)  # nothing at all
+
+
+def test_white_noise_is_flagged():
+    noise = 0.3 * torch.randn(2, 8 * SR, generator=torch.Generator().manual_seed(0))
+    health = sample_health(noise, SR)
+    assert health.flags == ("noise",), health.measures
+    assert health.measures["spectral_flatness"] == pytest.approx(0.56, abs=0.05)  # exp(-Euler's gamma)
+
+
+def test_clipping_is_flagged_and_a_normalized_peak_is_not(clips):
+    loud = clips[2] / clips[2].abs().max()  # peak-normalized, as predict writes its outputs: touches 1.0 once
+    assert sample_health(loud, SR).flags == ()
+    health = sample_health((4.0 * loud).clamp(-1.0, 1.0), SR)
+    assert "clipping" in health.flags and health.measures["clipped_fraction"] > THRESHOLDS["clipping"]
+
+
+def test_a_dc_offset_is_flagged(clips):
+    health = sample_health(0.5 * clips[0] + 0.1, SR)
+    assert health.flags == ("dc",), health.measures
+    assert health.measures["dc_offset"] == pytest.approx(0.1, abs=0.005)
+
+
+def test_indistinguishable_base_and_fine_tune(clips):
+    """The same samples (or nearly: a fine-tune that moved nothing audible) are indistinguishable; different music
+    is not; base and fine-tune both noise are."""
+    nudged = [c + 1e-3 * torch.randn(c.shape, generator=torch.Generator().manual_seed(1)) for c in clips]
+    assert indistinguishable(clips, nudged, SR)
+    assert min(pair_correlations(clips, nudged, SR)) > 0.95  # a -60 dB noise floor added
+    other = [clips[1], clips[2], clips[0]]
+    assert not indistinguishable(clips, other, SR)
+    assert max(pair_correlations(clips, other, SR)) < 0.5
+    gen = torch.Generator().manual_seed(2)
+    noise = [0.2 * torch.randn(1, 4 * SR, generator=gen) for _ in range(4)]
+    assert indistinguishable(noise[:2], noise[2:], SR)  # different noise, the same failure
+    with pytest.raises(ValueError, match="need pairs"):
+        indistinguishable(clips, clips[:2], SR)
+
+
+def test_not_audio_is_refused():
+    for bad, match in (
+        (torch.full((1, SR), float("nan")), "NaN or infinite"),
+        (torch.zeros(1, 0), "with samples"),
+        (torch.zeros(2, 3, SR), "with samples"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sample_health(bad, SR)
+    with pytest.raises(ValueError, match="sample_rate"):
+        sample_health(torch.zeros(1, SR), 0)
+
+
+def test_every_flag_has_a_documented_threshold():
+    assert set(FLAGS) < set(THRESHOLDS) and set(THRESHOLDS) == set(THRESHOLD_REASONS)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    for name, value in THRESHOLDS.items():
+        assert f"`{name}`" in doc and f"{value:g}" in doc, name
