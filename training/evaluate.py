@@ -38,12 +38,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.audio import AudioDecodeError, encode_mp3, load_audio
+from core.audio import AudioDecodeError, encode_mp3, load_audio, resample
 from core.catalogue import SPEC
 from core.params import InputError
+from evaluation.clap import CLAP_REPO, clap_skip_reason, kad, load_clap, prompt_adherence
+from evaluation.clap import copy_check as clap_copy_check
+from evaluation.clap import frechet as clap_frechet
 from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
 from evaluation.frechet import embedding_frechet
+from evaluation.health import THRESHOLDS as HEALTH_THRESHOLDS
+from evaluation.health import indistinguishable, pair_correlations, sample_health
 from generation.generate import generate_audio, normalize, resolved_precision
 from preprocessing.dataset import PreparedClip, load_prepared
 from preprocessing.fingerprint import SOURCE_KEY, Fingerprints, fingerprint
@@ -846,6 +851,20 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
         copies["copies"],
         len(copies["samples"]),
     )
+    summary["health"] = audio_health(list(reference["base"]), list(tuned), sample_rate)
+    summary["clap"] = clap_metrics(model, reference, list(tuned), reference["validation_clips"], clips)
+    if "skipped" in summary["clap"]:
+        logger.info("CLAP metrics skipped: %s", summary["clap"]["skipped"])
+    else:
+        c = summary["clap"]
+        logger.info(
+            "CLAP on the held-out prompts: prompt adherence %s (base) -> %s (fine-tuned); Fréchet distance to the "
+            "held-out clips %s -> %s, KAD %s -> %s; %d of %d samples near copies",
+            *(_fmt(c.get(k)) for k in ("adherence_base", "adherence_finetuned", "frechet_base", "frechet_finetuned")),
+            *(_fmt(c.get(k)) for k in ("kad_base", "kad_finetuned")),
+            c["copy_check"]["copies"],
+            len(c["copy_check"]["samples"]),
+        )
     if "skipped" in effnet:
         logger.info("Audio check in discogs-effnet space skipped: %s", effnet["skipped"])
     else:
@@ -891,7 +910,7 @@ class TrainingSamples:
 
     `entries`: one per evaluation, `{"step", "files", "seconds" (generation time), "flags"}` or `{"step",
     "skipped": why}`; `audio`: file name -> MP3 bytes (thinned to `TIMELINE_KEPT` evaluations). `on_samples`, when
-    set, gets `(step, [(prompt, [C, T] normalized audio)], rate)` after each generation (wandb)."""
+    set, gets `(step, [(prompt, [C, T] normalized audio)], rate, flags)` after each generation (wandb)."""
 
     def __init__(self, model: tp.Any, prompts: list[str], seconds: float, seed: int, sampler_precision: str):
         self.model = model
@@ -902,7 +921,7 @@ class TrainingSamples:
         self.entries: list[dict[str, tp.Any]] = []
         self.audio: dict[str, bytes] = {}
         self.spent = 0.0  # seconds spent generating
-        self.on_samples: tp.Callable[[int, list[tuple[str, torch.Tensor]], int], None] | None = None
+        self.on_samples: tp.Callable[[int, list[tuple[str, torch.Tensor]], int, list[str]], None] | None = None
 
     def bound(self, training_seconds: float) -> float:
         """Seconds the samples may have cost in all after `training_seconds` of training."""
@@ -929,6 +948,7 @@ class TrainingSamples:
         # as predict's default output sounds; loudness needs one 400 ms gate block, a shorter sample is peak-scaled
         strategy = "loudness" if wav.shape[-1] >= LOUDNESS_GATE_S * rate else "peak"
         heard = [normalize(w, strategy, rate) for w in wav]
+        flags = sorted({f"{flag} (prompt {i + 1})" for i, w in enumerate(wav) for flag in health_of(w, rate)["flags"]})
         files = []
         for i, one in enumerate(heard):
             name = f"{TIMELINE_FOLDER}/step_{step:06d}_{i}.mp3"
@@ -936,20 +956,21 @@ class TrainingSamples:
             files.append(name)
         took = time.perf_counter() - started
         self.spent += took
-        entry = {"step": step, "files": files, "seconds": round(took, 3), "flags": []}
+        entry = {"step": step, "files": files, "seconds": round(took, 3), "flags": flags}
         self.entries.append(entry)
         self._thin()
         logger.info(
-            "Samples at step %d: %d of %.1f s in %.1f s (%s/step_%06d_*.mp3)",
+            "Samples at step %d: %d of %.1f s in %.1f s (%s/step_%06d_*.mp3)%s",
             step,
             len(files),
             self.seconds,
             took,
             TIMELINE_FOLDER,
             step,
+            f"; flags: {', '.join(flags)}" if flags else "",
         )
         if self.on_samples is not None:
-            self.on_samples(step, list(zip(self.prompts, heard, strict=True)), rate)
+            self.on_samples(step, list(zip(self.prompts, heard, strict=True)), rate, flags)
         return entry
 
     def _thin(self) -> None:
@@ -1000,3 +1021,92 @@ def training_samples(model: tp.Any, held_out: tp.Sequence[tp.Any], params: Train
         prompts,
     )
     return TrainingSamples(model, prompts, seconds, params.seed, params.sampler_precision)
+
+
+# ------------------------------------------------------------------------------------------ health and CLAP
+# Sample health (evaluation/health.py) of every generated sample, and CLAP's metrics (evaluation/clap.py) of the
+# audio check's samples: prompt adherence, distance to the held-out clips, the copy check in CLAP's space.
+
+# "still follows prompts": the fine-tune's CLAP similarity to the held-out prompts may fall this much below the base
+# model's before it is flagged (cosine similarity; a sample and an unrelated prompt measure about 0.1 below a
+# matching one in larger_clap_music's space, so a drop of half that is a clear loss of adherence)
+CLAP_ADHERENCE_DROP = 0.05
+
+
+def health_of(wav: torch.Tensor, sample_rate: int) -> dict[str, tp.Any]:
+    """`{"flags": [...], "measures": {...}}` of one `[C, T]` sample (evaluation/health.py's thresholds)."""
+    health = sample_health(wav.float().cpu(), int(sample_rate))
+    return {"flags": list(health.flags), "measures": dict(health.measures)}
+
+
+def audio_health(base: list[torch.Tensor], tuned: list[torch.Tensor], sample_rate: int) -> dict[str, tp.Any]:
+    """Each base and fine-tuned sample's health, and whether the two sides are indistinguishable (the fine-tune
+    changed nothing audible: the same prompts and seeds give the same music)."""
+    return {
+        "base": [health_of(w, sample_rate) for w in base],
+        "finetuned": [health_of(w, sample_rate) for w in tuned],
+        "correlations": pair_correlations(base, tuned, int(sample_rate)),
+        "indistinguishable": bool(indistinguishable(base, tuned, int(sample_rate))),
+        "thresholds": dict(HEALTH_THRESHOLDS),
+    }
+
+
+def sample_flags(health: dict[str, tp.Any] | None) -> list[str]:
+    """The health flags of the fine-tuned samples as the log, wandb and metrics.json list them: `noise (2 of 2
+    samples)`, and `base and fine-tuned indistinguishable`."""
+    if not health:
+        return []
+    tuned = health.get("finetuned") or []
+    counts: dict[str, int] = {}
+    for h in tuned:
+        for flag in h["flags"]:
+            counts[flag] = counts.get(flag, 0) + 1
+    flags = [f"{flag} ({n} of {len(tuned)} samples)" for flag, n in counts.items()]
+    if health.get("indistinguishable"):
+        flags.append("base and fine-tuned indistinguishable")
+    return flags
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _device_of(model: tp.Any) -> str:
+    return str(next(model.lm.parameters()).device)
+
+
+def clap_metrics(
+    model: tp.Any,
+    reference: dict[str, tp.Any],
+    tuned: list[torch.Tensor],
+    held_paths: tp.Sequence[str],
+    training_clips: tp.Sequence[tp.Any],
+) -> dict[str, tp.Any]:
+    """CLAP's measures of the base and fine-tuned samples of the held-out prompts, or `{"skipped": why and how to add
+    it}` when `laion/larger_clap_music` is not on the disk."""
+    clap = load_clap(_device_of(model))
+    if clap is None:
+        return {"skipped": clap_skip_reason() or "CLAP did not load"}
+    rate = int(model.sample_rate)
+    base = list(reference["base"])
+    held = [resample(w, sr, rate) for w, sr in (load_audio(p) for p in held_paths)]
+    e_held = clap.embed_audio(held, rate)
+    e_base, e_tuned = clap.embed_audio(base, rate), clap.embed_audio(tuned, rate)
+    out: dict[str, tp.Any] = {"model": CLAP_REPO, "adherence_drop": CLAP_ADHERENCE_DROP}
+    pairs = [i for i, p in enumerate(reference["prompts"]) if p]  # unconditional samples have no prompt to follow
+    if pairs:
+        prompts = [reference["prompts"][i] for i in pairs]
+        out["adherence_base"] = prompt_adherence(clap, [base[i] for i in pairs], rate, prompts)
+        out["adherence_finetuned"] = prompt_adherence(clap, [tuned[i] for i in pairs], rate, prompts)
+    if len(e_held) >= 2 and len(e_base) >= 2:  # a distribution needs two vectors a side
+        for side, emb in (("base", e_base), ("finetuned", e_tuned)):
+            out[f"frechet_{side}"] = clap_frechet(emb, e_held)
+            out[f"kad_{side}"] = kad(emb, e_held)
+    else:
+        out["distance_skipped"] = f"{len(e_held)} held-out clip(s): the distances need at least 2"
+    clips = list(training_clips)[:MAX_COPY_CLIPS]
+    train = [resample(w, sr, rate) for w, sr in (load_audio(c.path) for c in clips)]
+    out["copy_check"] = clap_copy_check(
+        clap, e_tuned, clap.embed_audio(train, rate), names=[Path(str(c.path)).name for c in clips]
+    )
+    return finite_json(out)

@@ -26,7 +26,7 @@ from core.params import secret_fields
 from generation.generate import generate_audio, normalize, resolved_precision
 from training import checkpoint as ckpt
 from training.data import ClipTokens
-from training.evaluate import TIMELINE_FOLDER, audio_check
+from training.evaluate import TIMELINE_FOLDER, audio_check, sample_flags
 from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, finished_state, resume_hint
 from training.melody import restore_for_generation
 from training.methods import Prepared, get_method
@@ -246,6 +246,8 @@ def _write(
                 heldout[f"samples/heldout_{i}_{side}.wav"] = wav_bytes(wav, rate, normalize_first=False)
         heldout = dict(sorted(heldout.items()))
         finetune["validation"]["audio"] = finite_json(check)
+        # the samples' health: the report's verdict, the log's result line, wandb's summary, metrics.json
+        finetune["validation"]["sample_flags"] = sample_flags(check.get("health"))
     # after the audio check: metrics.json carries the whole base-vs-fine-tuned table (Fréchet, copy check) too
     extra["metrics.json"] = metrics_json(history, finetune.get("validation"), finetune["training"]["exported_step"])
     # report.html: all of the above on one self-contained page, the samples next to a training clip

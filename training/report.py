@@ -209,8 +209,8 @@ CLOSER_MIN = 0.01
 # fall to this share of the base model's gain before it is flagged (the prompts matter less and less)
 PROMPT_GAIN_KEPT = 0.5
 CLAP_HOW = (
-    "add laion/larger_clap_music to the Hugging Face cache of the image (the weights are baked in with the others: "
-    "huggingface-cli download laion/larger_clap_music)"
+    "add laion/larger_clap_music to the Hugging Face cache (the image bakes it with the other weights; elsewhere "
+    "`hf download laion/larger_clap_music`)"
 )
 
 
@@ -268,7 +268,7 @@ def _closer(validation: dict, audio: dict, clap: dict) -> tuple[str, str]:
         if (clap.get("frechet_finetuned") or 0) > clap["frechet_base"]:
             kind = "warn"
     elif audio:
-        text += f" CLAP distance skipped: {clap.get('skipped') or 'not computed'}."
+        text += f" CLAP distance skipped: {clap.get('skipped') or clap.get('distance_skipped') or 'not computed'}."
     return kind, text
 
 
@@ -302,9 +302,9 @@ def _prompts(validation: dict, clap: dict) -> tuple[str, str]:
         )
         if a1 is None or (drop is not None and a0 - a1 > drop):
             kind = "warn"
-    else:
-        why = clap.get("skipped") or "not computed"
-        parts.append(f"CLAP prompt adherence skipped: {why}; to add it, {clap.get('how') or CLAP_HOW}.")
+    else:  # evaluation/clap.py's reason says how to add it; without one, CLAP_HOW does
+        why = clap.get("skipped")
+        parts.append(f"CLAP prompt adherence skipped: {why}." if why else f"CLAP not measured; to add it, {CLAP_HOW}.")
         kind = kind or ("skip" if g0 is None else "")
     return kind, " ".join(parts)
 
@@ -364,6 +364,13 @@ def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
     text = ("No: " + "; ".join(flagged) + ".") if flagged else "Yes: no fine-tuned sample was flagged."
     if health.get("indistinguishable"):
         text += " Base and fine-tuned samples are indistinguishable: the fine-tune changed nothing audible."
+    during = [
+        f"step {e['step']}: {', '.join(e['flags'])}"
+        for e in (validation.get("samples_during_training") or {}).get("entries") or []
+        if e.get("flags")
+    ]
+    if during:
+        text += f" Samples during training flagged at {'; '.join(during)}."
     if rule:
         text += f" (Thresholds: {rule}.)"
     return ("warn" if flagged or health.get("indistinguishable") else ""), text
@@ -465,7 +472,11 @@ def headline(validation: dict | None, exported_step: int | None) -> str:
             f"(exported), last {_num(forgetting.get('final_loss'))}"
         )
     flags = validation.get("flags") or []
-    return line + (f"; flags: {', '.join(flags)}" if flags else "; no flags")
+    line += f"; flags: {', '.join(flags)}" if flags else "; no flags"
+    samples = validation.get("sample_flags")
+    if samples is not None:  # the health of the fine-tuned samples (measured when sample_duration > 0)
+        line += f"; sample flags: {', '.join(samples)}" if samples else "; samples healthy"
+    return line
 
 
 def summary_lines(tar: Path) -> list[str]:

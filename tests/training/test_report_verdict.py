@@ -12,7 +12,7 @@ from core.versions import load_musicgen
 from tests.training.conftest import make_prepared, tiny_params
 from tests.training.test_validation import SIX, _Page
 from training import evaluate
-from training.report import CLOSER_MIN, PROMPT_GAIN_KEPT, render_html, verdicts
+from training.report import CLOSER_MIN, PROMPT_GAIN_KEPT, render_html, summary_lines, verdicts
 from training.run import run_training
 
 QUESTIONS = [
@@ -44,7 +44,9 @@ def _finetune(model_version: str = "small", **changes) -> dict:
             "frechet_base": 2.0,
             "frechet_finetuned": 1.0,
             "copy_check": {"ratio": 0.5, "copies": 0, "samples": [{"copy": False}, {"copy": False}]},
-            "clap": {"skipped": "laion/larger_clap_music is not in the Hugging Face cache"},
+            "clap": {
+                "skipped": "laion/larger_clap_music is not in the Hugging Face cache (...); add it with `hf download`"
+            },
         },
     }
     for key, value in changes.items():
@@ -68,7 +70,7 @@ def test_the_verdict_answers_each_question_with_its_threshold():
     assert f"flagged under {100 * PROMPT_GAIN_KEPT:.0f} % of the base's" in text
     # CLAP absent: skipped, why, and how to add it
     assert "CLAP prompt adherence skipped: laion/larger_clap_music is not in the Hugging Face cache" in text
-    assert "huggingface-cli download laion/larger_clap_music" in text
+    assert "hf download" in text
     kind, text = answers["Forgot other music?"]
     assert kind == "" and "3.000 (base) -> 3.050 (exported), under the +5 % that is flagged" in text
     kind, text = answers["Copies your clips?"]
@@ -160,10 +162,18 @@ def test_the_timeline_is_thinned_keeping_its_ends(tiny_model, monkeypatch):
     assert [e["step"] for e in samples.entries if e.get("thinned")] == [2, 3]
 
 
-def test_samples_during_training_reach_the_report_tar_and_wandb(tmp_path, monkeypatch):
+def test_samples_clap_and_health_reach_the_report_tar_log_and_wandb(tmp_path, monkeypatch):
+    """One run with the tiny CLAP in the Hugging Face cache (as the image bakes the real one): the samples during
+    training, CLAP's metrics and the health flags land in metrics.json, the tar, report.html, the log's result line
+    and wandb. (About 40 s: a whole run with wandb offline, the one way to see all five places at once.)"""
     import wandb
+    from huggingface_hub import constants
 
-    from tests.training.test_publish import WANDB_KEY, _wandb_history_and_config
+    from core.tiny import save_clap_hub
+    from tests.training.test_publish import WANDB_KEY, _wandb_history_and_config, _wandb_summary
+
+    save_clap_hub(tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
     # every evaluation samples (the tiny model trains 4 steps in about a second: 5 % of it is no time)
     monkeypatch.setattr(evaluate, "TIMELINE_SHARE", 1000.0)
@@ -199,3 +209,22 @@ def test_samples_during_training_reach_the_report_tar_and_wandb(tmp_path, monkey
     assert [h["step"] for h in logged] == [0, 2, 4]
     assert all(h["samples_during/1/_type"] == "audio-file" for h in logged)
     assert [h["samples_during/0/caption"] for h in logged] == [f"step {s}: {during['prompts'][0]}" for s in (0, 2, 4)]
+    assert [h["samples_during/flags"] for h in logged] == [", ".join(e["flags"]) or "none" for e in during["entries"]]
+
+    validation = json.loads((out / "metrics.json").read_text())["validation"]
+    clap, health = validation["audio"]["clap"], validation["audio"]["health"]
+    assert "skipped" not in clap and clap["model"] == "laion/larger_clap_music"
+    assert -1 <= clap["adherence_base"] <= 1 and -1 <= clap["adherence_finetuned"] <= 1
+    assert len(clap["copy_check"]["samples"]) == 2 and "1 held-out clip(s)" in clap["distance_skipped"]
+    assert len(health["base"]) == len(health["finetuned"]) == 2 and len(health["correlations"]) == 2
+    assert validation["sample_flags"] == evaluate.sample_flags(health)
+    answers = {q: text for q, _, text in verdicts({"model_version": "tiny", "validation": validation})}
+    assert (
+        f"{clap['adherence_base']:.3f} (base) -> {clap['adherence_finetuned']:.3f} (fine-tuned)"
+        in (answers["Still follows prompts?"])
+    )
+    assert answers["Still follows prompts?"] in page.verdict and answers["Healthy audio?"] in page.verdict
+    result = summary_lines(tar)[1]  # the log's result line
+    flags = validation["sample_flags"]
+    assert (f"; sample flags: {', '.join(flags)}" if flags else "; samples healthy") in result
+    assert _wandb_summary(out)["sample_flags"] == (", ".join(flags) or "none")
