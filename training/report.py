@@ -1,6 +1,12 @@
 """The training report that goes into the weights: `loss.png` (loss and learning-rate curves, matplotlib, with the
 validation loss when there is validation), `metrics.json` (every step's and every evaluation's numbers) and
-`report.html` (all of it on one self-contained page, the samples as audio players next to a training clip)."""
+`report.html` (all of it on one self-contained page, the samples as audio players next to a training clip).
+
+The page opens with `verdicts`: one sentence per question a musician asks (closer to your music? still follows
+prompts? forgot other music? copies? healthy audio?), each from its metric with the threshold it was judged by, a
+measure that was not taken said as skipped with why and how to add it, and a first line on a test model (`tiny*`)
+whose numbers mean nothing. The samples made during training (training/evaluate.py `TrainingSamples`) are its
+timeline: the same prompts and seeds at each evaluation, next to that evaluation's validation loss."""
 
 from __future__ import annotations
 
@@ -310,28 +316,33 @@ def _prompts(validation: dict, clap: dict) -> tuple[str, str]:
 
 
 def _forgot(validation: dict, clap: dict) -> tuple[str, str]:
+    """The loss on general music of other genres (forgetting_check), and CLAP's adherence to their prompts."""
     forgetting = validation.get("forgetting")
-    if not forgetting:
-        return "skip", (
-            "Not measured: forgetting_check was off (auto is off on CPU, where generating the base model's general "
-            "music is slow); set forgetting_check=on to measure it."
-        )
-    flagged = "forgetting up" in (validation.get("flags") or [])
-    if flagged:
-        text = _forgetting_sentence(forgetting)
-    else:
-        text = (
+    kind, parts = "", []
+    if forgetting and "forgetting up" in (validation.get("flags") or []):
+        kind = "warn"
+        parts.append(_forgetting_sentence(forgetting))
+    elif forgetting:
+        parts.append(
             "No: on general music of other genres the base model generated, the loss went "
             f"{_num(forgetting.get('base_loss'), 3)} (base) -> {_num(forgetting.get('exported_loss'), 3)} "
-            "(exported), under the "
-            f"+{100 * forgetting.get('threshold', 0):.0f} % that is flagged."
+            f"(exported), under the +{100 * forgetting.get('threshold', 0):.0f} % that is flagged."
         )
     if clap.get("forget_adherence_base") is not None:
-        text += (
-            f" CLAP similarity to those other genres' prompts: {_num(clap['forget_adherence_base'], 3)} (base) -> "
-            f"{_num(clap.get('forget_adherence_finetuned'), 3)} (fine-tuned)."
+        a0, a1, drop = clap["forget_adherence_base"], clap.get("forget_adherence_finetuned"), clap.get("adherence_drop")
+        parts.append(
+            f"CLAP similarity of samples to prompts of other genres ({'; '.join(clap.get('forget_prompts') or [])}): "
+            f"{_num(a0, 3)} (base) -> {_num(a1, 3)} (fine-tuned)"
+            + (f", flagged when it falls by more than {drop:g}." if drop is not None else ".")
         )
-    return ("warn" if flagged else ""), text
+        if a1 is None or (drop is not None and a0 - a1 > drop):
+            kind = "warn"
+    if not parts:
+        return "skip", (
+            "Not measured: forgetting_check was off (auto is off on CPU, where generating the base model's general "
+            "music is slow) and CLAP is not there; set forgetting_check=on to measure it."
+        )
+    return kind, " ".join(parts)
 
 
 def _copies(audio: dict, clap: dict) -> tuple[str, str]:

@@ -112,6 +112,19 @@ def test_each_flag_turns_its_answer():
     assert (
         answers["Forgot other music?"][0] == "skip" and "set forgetting_check=on" in answers["Forgot other music?"][1]
     )
+    # CLAP: the fine-tune stopped following prompts of other genres, or the held-out ones
+    clap = {"adherence_drop": 0.05, "forget_adherence_base": 0.30, "forget_adherence_finetuned": 0.26}
+    audio = {**_finetune()["validation"]["audio"], "clap": clap}
+    answers = _answers(_finetune(audio=audio))
+    assert (
+        answers["Forgot other music?"][0] == ""
+        and "0.300 (base) -> 0.260 (fine-tuned)" in answers["Forgot other music?"][1]
+    )
+    clap["forget_adherence_finetuned"] = 0.24
+    assert _answers(_finetune(audio=audio, forgetting=None))["Forgot other music?"][0] == "warn"
+    clap.update(adherence_base=0.4, adherence_finetuned=0.34)
+    kind, text = _answers(_finetune(audio=audio))["Still follows prompts?"]
+    assert kind == "warn" and "0.400 (base) -> 0.340 (fine-tuned), flagged when it falls by more than 0.05" in text
     # under CLOSER_MIN lower: not closer
     kind, text = _answers(_finetune(best_loss=4.99))["Closer to your music?"]
     assert kind == "warn" and f"under the {100 * CLOSER_MIN:.0f} %" in text
@@ -228,3 +241,23 @@ def test_samples_clap_and_health_reach_the_report_tar_log_and_wandb(tmp_path, mo
     flags = validation["sample_flags"]
     assert (f"; sample flags: {', '.join(flags)}" if flags else "; samples healthy") in result
     assert _wandb_summary(out)["sample_flags"] == (", ".join(flags) or "none")
+    assert len(clap["forget_prompts"]) == evaluate.CLAP_FORGET_PROMPTS and clap["forget_adherence_finetuned"] <= 1
+    assert f"{clap['forget_adherence_base']:.3f} (base)" in answers["Forgot other music?"]
+
+
+def test_predicts_result_line_carries_the_samples_health_flags(tmp_path):
+    """The tiny model's random weights make noise: predict's `Wrote ...` line names the flags its sample measures."""
+    import soundfile as sf
+    import torch
+
+    from evaluation.health import sample_health
+    from tests.test_predict import run_cli
+
+    out = run_cli("--model_version", "tiny", "--prompt", "lofi beat", "--duration", "2", "--seed", "3",
+                  "--output", str(tmp_path / "out.wav"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    data, rate = sf.read(str(tmp_path / "out.wav"), dtype="float32", always_2d=True)
+    flags = sample_health(torch.from_numpy(data.T.copy()), rate).flags
+    assert flags, "the tiny model's sample should measure unhealthy (random weights)"
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("Wrote ")]
+    assert line.endswith(f"; health flags: {', '.join(flags)} (evaluation/health.py's thresholds)"), line
