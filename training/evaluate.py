@@ -861,9 +861,7 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
     )
     summary["health"] = audio_health(list(reference["base"]), list(tuned), sample_rate)
     summary["clap"] = clap_metrics(model, reference, list(tuned), reference["validation_clips"], clips)
-    if "skipped" in summary["clap"]:
-        logger.info("CLAP metrics skipped: %s", summary["clap"]["skipped"])
-    else:
+    if "skipped" not in summary["clap"]:  # skipped: evaluation/clap.py's load_clap said why
         c = summary["clap"]
         logger.info(
             "CLAP on the held-out prompts: prompt adherence %s (base) -> %s (fine-tuned); Fréchet distance to the "
