@@ -27,6 +27,7 @@ from core.errors import cli_errors
 from core.logs import configure_logging, warn_retired_env
 from core.params import build_parser, from_kwargs
 from core.weights import DEFAULT_MIN_FREE_BYTES
+from evaluation.health import sample_health
 from generation.generate import Generator, output_paths, write_outputs
 from generation.params import DEFAULT_BASE, PredictParams
 
@@ -197,13 +198,25 @@ class Predictor(BaseRunner):
         self._forget_last_output()
         self._last_output = _Path(tempfile.mkdtemp(prefix=_OUTPUT_PREFIX))
         (out,) = write_outputs(result, self._last_output, params.output_format)
-        logger.info("Wrote %s (%.1f s, seed %d)", out.name, result.wav.shape[-1] / result.sample_rate, result.seed)
+        logger.info(
+            "Wrote %s (%.1f s, seed %d)%s",
+            out.name,
+            result.wav.shape[-1] / result.sample_rate,
+            result.seed,
+            _health_note(result.wav, result.sample_rate),
+        )
         return Path(out)
 
     def _forget_last_output(self) -> None:
         if self._last_output is not None and self._last_output.name.startswith(_OUTPUT_PREFIX):
             shutil.rmtree(self._last_output, ignore_errors=True)
         self._last_output = None
+
+
+def _health_note(wav: tp.Any, sample_rate: int) -> str:
+    """`; health flags: noise, loop` for a sample that measures unhealthy (evaluation/health.py), else nothing."""
+    flags = sample_health(wav, int(sample_rate)).flags
+    return f"; health flags: {', '.join(flags)} (evaluation/health.py's thresholds)" if flags else ""
 
 
 def _cli_outputs(output: str | None, fmt_input: str, n: int) -> tuple[list[_Path], str]:
@@ -249,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         result = Generator(setup_weights=setup_weights, min_free_bytes=min_free_setting()).generate(params)
         for path, wav in zip(paths, result.wavs, strict=True):
             save_audio(path, wav, result.sample_rate, fmt)
-            print(f"Wrote {path} ({wav.shape[-1] / result.sample_rate:.2f} s, seed {result.seed})")
+            note = _health_note(wav, result.sample_rate)
+            print(f"Wrote {path} ({wav.shape[-1] / result.sample_rate:.2f} s, seed {result.seed}){note}")
     return failed.code
 
 

@@ -17,6 +17,11 @@ forward and a backward (about 3 forwards) of `batch_size` crops. A default run (
 evaluations) spends about 4 x 2 x V / (300 x 16 x 3) = V / 1800 of its time evaluating V crops: under 10 % up to
 180 validation crops, i.e. 10 % of a dataset of up to ~1800 clips of 30 s (15 hours of audio).
 
+Samples during training (issue 22): at each evaluation a few held-out prompts are generated
+(training/evaluate.py `TrainingSamples`, `--sample_seconds` each; 0 turns them off), within their bound of
+`TIMELINE_SHARE` (5 %) of the training time so far. Their time is measured apart from the loss's and printed as its
+own ratio, and the two together against the goal of 10 %.
+
 Prints the times and the overhead, and appends one JSON line to bench/results/eval_overhead.jsonl.
 """
 
@@ -44,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--updates_per_epoch", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--segment", type=float, default=30.0)
+    parser.add_argument(
+        "--sample_seconds", type=float, default=4.0, help="length of the samples during training (0: none)"
+    )
     parser.add_argument("--no_save", action="store_true", help="do not append to bench/results/eval_overhead.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.params import from_kwargs
     from preprocessing import demo
     from training.dist import DistInfo
+    from training.evaluate import TIMELINE_SHARE
     from training.loop import train_loop
     from training.params import TrainParams
     from training.run import prepare_dataset, setup_training
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             updates_per_epoch=args.updates_per_epoch,
             batch_size=args.batch_size,
             segment_duration=args.segment,
-            sample_duration=0.0,
+            sample_duration=args.sample_seconds,  # also the audio check's base samples, made before train_loop
         )
         dataset = prepare_dataset(params, root / "work")
         setup = setup_training(params, dataset, root / "out", DistInfo())
@@ -80,14 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         train_loop(setup.model.lm, setup.tokens, params, setup.plan, DistInfo(), root / "ck", evaluator=evaluator)
         total = time.perf_counter() - started
+    samples = evaluator.samples
+    sample_s = samples.spent if samples is not None else 0.0
+    sampled = [e for e in samples.entries if "seconds" in e] if samples is not None else []
     # What validation adds, measured inside the one run (the machine's load is the same for both parts): the
     # evaluations (forwards, the all-reduce, copying the best weights) against the rest of train_loop.
     plan = setup.plan
     n_evals = len(evaluator.history)
-    training = total - evaluator.seconds
+    training = total - evaluator.seconds - sample_s
     overhead = evaluator.seconds / training
-    # The same evaluations over a default run's 100 steps per epoch: training time scales with the steps.
-    at_default = evaluator.seconds / (training / plan.total_steps * args.epochs * 100)
+    sample_overhead = sample_s / training
+    # The same evaluations over a default run's 100 steps per epoch: training time scales with the steps; the samples
+    # at every evaluation, up to their bound.
+    training_at_default = training / plan.total_steps * args.epochs * 100
+    at_default = evaluator.seconds / training_at_default
+    per_sampling = sample_s / len(sampled) if sampled else 0.0
+    samples_at_default = min(per_sampling * n_evals, TIMELINE_SHARE * training_at_default) / training_at_default
     result = {
         "benchmark": "eval_overhead",
         "date": datetime.date.today().isoformat(),
@@ -106,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         "eval_s": round(evaluator.seconds, 2),
         "overhead": round(overhead, 4),
         "overhead_at_100_steps_per_epoch": round(at_default, 4),
+        "sample_seconds": args.sample_seconds,
+        "samples_made": len(sampled),
+        "samples_s": round(sample_s, 2),
+        "samples_overhead": round(sample_overhead, 4),
+        "samples_overhead_at_100_steps_per_epoch": round(samples_at_default, 4),
+        "total_overhead": round(overhead + sample_overhead, 4),
         "goal": 0.10,
     }
     print(
@@ -113,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(setup.clips)} clips; {n_evals} evaluations of {len(evaluator.crops)} crops "
         f"({len(evaluator.tokens)} held-out clips)\n"
         f"training {training:.1f} s, evaluations {evaluator.seconds:.1f} s: validation adds {100 * overhead:.1f} %; "
-        f"at 100 steps per epoch: {100 * at_default:.1f} % (goal <= 10 %)"
+        f"at 100 steps per epoch: {100 * at_default:.1f} % (goal <= 10 %)\n"
+        f"samples during training: {len(sampled)} of {n_evals} evaluations, {sample_s:.1f} s "
+        f"({per_sampling:.1f} s each): they add {100 * sample_overhead:.1f} % (bound {100 * TIMELINE_SHARE:.0f} %); "
+        f"at 100 steps per epoch: {100 * samples_at_default:.1f} %\n"
+        f"evaluation cost in all: {100 * (overhead + sample_overhead):.1f} % of the training "
+        f"(at 100 steps per epoch: {100 * (at_default + samples_at_default):.1f} %; goal <= 10 %)"
     )
     if not args.no_save:
         out = ROOT / "bench" / "results" / "eval_overhead.jsonl"

@@ -38,13 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.audio import AudioDecodeError, load_audio
+from core.audio import AudioDecodeError, encode_mp3, load_audio, resample
 from core.catalogue import SPEC
 from core.params import InputError
+from evaluation.clap import CLAP_REPO, clap_skip_reason, kad, load_clap, prompt_adherence
+from evaluation.clap import copy_check as clap_copy_check
+from evaluation.clap import frechet as clap_frechet
 from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
 from evaluation.frechet import embedding_frechet
-from generation.generate import generate_audio, resolved_precision
+from evaluation.health import THRESHOLDS as HEALTH_THRESHOLDS
+from evaluation.health import indistinguishable, pair_correlations, sample_health
+from generation.generate import generate_audio, normalize, resolved_precision
 from preprocessing.dataset import PreparedClip, load_prepared
 from preprocessing.fingerprint import SOURCE_KEY, Fingerprints, fingerprint
 from preprocessing.params import PrepareParams, is_url, url_message
@@ -446,8 +451,12 @@ class Evaluator:
         patience: int,
         forgetting: TokenDataset | None = None,
         forgetting_info: dict | None = None,
+        samples: TrainingSamples | None = None,
     ):
         self.tokens = tokens
+        # Samples during training (rank 0): fixed prompts generated at each evaluation, within a time bound.
+        self.samples = samples
+        self._clock: float | None = None  # when the first evaluation of this process started
         # Forgetting: the same loss on general music the base model generated (`general_music`), at every
         # evaluation; reported only, the best weights follow the validation loss.
         self.forgetting = forgetting
@@ -523,6 +532,8 @@ class Evaluator:
         taken from the example's own audio) belongs to the loss; their random excerpts are seeded per evaluation.
         """
         started = time.perf_counter()
+        self._clock = started if self._clock is None else self._clock
+        sampled = None
         modes = {m: m.training for m in ctx.modules.modules()}
         python_state = random.getstate()
         swapped = None
@@ -549,6 +560,8 @@ class Evaluator:
                     forgot = self._losses(ctx, self.forgetting, self.forget_crops)
                     metrics["forget_loss"] = forgot["val_loss"]
                     metrics["forget_loss_uncond"] = forgot["val_loss_uncond"]
+                if self.samples is not None and ctx.dist.is_main:  # the weights evaluated above: EMA when on
+                    sampled = self._sample(step, ctx, started)
         finally:
             if swapped is not None:
                 with torch.no_grad():
@@ -566,9 +579,12 @@ class Evaluator:
                 self.best = [t.detach().to("cpu", copy=True) for t in ctx.exported]
         else:
             self.since_best += 1
-        seconds = time.perf_counter() - started
+        sample_s = (sampled or {}).get("seconds", 0.0)
+        seconds = time.perf_counter() - started - sample_s  # the loss's cost; the samples' is their own
         self.seconds += seconds
         metrics = {"step": step, **metrics, "best": 1.0 if improved else 0.0, "eval_s": seconds}
+        if sampled is not None and sampled.get("files"):
+            metrics["samples_s"] = sample_s
         self.history.append(metrics)
         if ctx.dist.is_main:
             logger.info(
@@ -609,6 +625,17 @@ class Evaluator:
                 )
         return metrics
 
+    def _sample(self, step: int, ctx: EvalContext, started: float) -> dict[str, tp.Any] | None:
+        """This evaluation's samples during training (rank 0), within their bound; None when the run cannot."""
+        why = "FSDP shards the LM over the processes" if ctx.sharded else None
+        if why is not None:
+            logger.info("No samples during training: %s", why)
+            self.samples = None
+            return None
+        spent = self.samples.spent
+        training_seconds = started - self._clock - self.seconds - spent  # wall time since the base, less evaluating
+        return self.samples.sample(step, training_seconds)
+
     # ---- the best weights
     @torch.no_grad()
     def restore_best(self, ctx: EvalContext) -> int | None:
@@ -647,6 +674,7 @@ class Evaluator:
             "best_is_current": best_is_current,
             "stopped_early_at": self.stopped_early_at,
             "info": self.info,
+            "samples": self.samples.state_dict() if self.samples is not None else None,
         }
 
     def final_state(self) -> dict[str, tp.Any]:
@@ -661,6 +689,7 @@ class Evaluator:
             "best_is_current": True,
             "stopped_early_at": self.stopped_early_at,
             "info": self.info,
+            "samples": self.samples.state_dict() if self.samples is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, tp.Any] | None, ctx: EvalContext) -> None:
@@ -674,6 +703,8 @@ class Evaluator:
         self.best_loss = float(state.get("best_loss", math.inf))
         self.since_best = int(state.get("since_best", 0))
         self.stopped_early_at = state.get("stopped_early_at")
+        if self.samples is not None:
+            self.samples.load_state_dict(state.get("samples"))
         self.best = None
         if self.keep_best and self.best_step is not None:
             if state.get("best_is_current"):
@@ -722,6 +753,8 @@ class Evaluator:
             summary["forgetting"] = forget
             if forget["exported_up"] or forget["final_up"]:
                 flags.append("forgetting up")
+        if self.samples is not None:
+            summary["samples_during_training"] = self.samples.summary()
         summary["flags"] = flags
         summary["thresholds"] = {"validation_up": VALIDATION_RISE, "forgetting_up": FORGET_RISE}
         return finite_json(summary)  # finetune.json is strict JSON: a diverged loss is null, not NaN
@@ -770,7 +803,7 @@ def base_reference(model: tp.Any, held_out: tp.Sequence[tp.Any], params: TrainPa
     logger.info(
         "Audio check: %d samples of %.1f s with the base model: %s", len(prompts), params.sample_duration, prompts
     )
-    return {
+    reference = {
         "prompts": prompts,
         "seconds": float(params.sample_duration),
         "seed": int(params.seed),
@@ -778,6 +811,14 @@ def base_reference(model: tp.Any, held_out: tp.Sequence[tp.Any], params: TrainPa
         "base": generate_for_check(model, prompts, params.sample_duration, params.seed, params.sampler_precision),
         "validation_clips": [str(c.path) for c in held_out],
     }
+    if clap_skip_reason() is None:  # CLAP will measure whether the fine-tune still follows prompts of other genres
+        forget = list(FORGET_PROMPTS[:CLAP_FORGET_PROMPTS])
+        logger.info("Audio check: %d samples of other genres with the base model, for CLAP: %s", len(forget), forget)
+        reference["forget_prompts"] = forget
+        reference["forget_base"] = generate_for_check(
+            model, forget, params.sample_duration, params.seed, params.sampler_precision
+        )
+    return reference
 
 
 def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.Sequence[tp.Any]) -> dict[str, tp.Any]:
@@ -818,6 +859,18 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
         copies["copies"],
         len(copies["samples"]),
     )
+    summary["health"] = audio_health(list(reference["base"]), list(tuned), sample_rate)
+    summary["clap"] = clap_metrics(model, reference, list(tuned), reference["validation_clips"], clips)
+    if "skipped" not in summary["clap"]:  # skipped: evaluation/clap.py's load_clap said why
+        c = summary["clap"]
+        logger.info(
+            "CLAP on the held-out prompts: prompt adherence %s (base) -> %s (fine-tuned); Fréchet distance to the "
+            "held-out clips %s -> %s, KAD %s -> %s; %d of %d samples near copies",
+            *(_fmt(c.get(k)) for k in ("adherence_base", "adherence_finetuned", "frechet_base", "frechet_finetuned")),
+            *(_fmt(c.get(k)) for k in ("kad_base", "kad_finetuned")),
+            c["copy_check"]["copies"],
+            len(c["copy_check"]["samples"]),
+        )
     if "skipped" in effnet:
         logger.info("Audio check in discogs-effnet space skipped: %s", effnet["skipped"])
     else:
@@ -827,3 +880,248 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
             effnet["frechet_finetuned"],
         )
     return {**summary, "audio": {"base": list(reference["base"]), "finetuned": list(tuned), "rate": sample_rate}}
+
+
+# ------------------------------------------------------------------------------------- samples during training
+# At every evaluation a few fixed held-out prompts are generated with the weights as they are (the EMA when on), from
+# the same seeds, so the report's timeline and wandb let a user hear when the fine-tune started to copy or overfit.
+# Their cost is bounded: the base model's samples (step 0, the reference) are always made; a later evaluation's are
+# made only while everything spent on samples stays within TIMELINE_SHARE of the training time so far, and skipped
+# with a log line when the next ones would pass it.
+
+TIMELINE_PROMPTS = 2
+TIMELINE_SECONDS = 4.0  # each sample's length, at most sample_duration
+TIMELINE_SHARE = 0.05  # the samples' share of the training time, at most
+TIMELINE_KEPT = 12  # evaluations whose audio the report keeps (more: the closest-spaced middle ones are thinned)
+TIMELINE_KBPS = 128  # MP3: a 4 s sample is ~64 KB, inside the tar and as a data: URI in report.html
+TIMELINE_FOLDER = "samples/during"
+LOUDNESS_GATE_S = 0.4  # torchaudio's loudness measures 400 ms blocks: shorter audio cannot be loudness-normalized
+
+
+def timeline_skip_reason(model_version: str) -> str | None:
+    """Why this model cannot generate during training (None: it can). Melody models switch their chroma conditioner
+    to training from cached chroma and style models train their style conditioner on each example's own audio:
+    generating would have to undo that set-up in the middle of the run. (FSDP, which holds a shard of the LM per
+    rank, is found at the first evaluation: `Evaluator._sample`.)"""
+    known = SPEC.get(model_version)
+    if known is not None and known.melody:
+        return "melody models' conditioners are set up for training from cached chroma"
+    if known is not None and known.style:
+        return "style models' conditioners train on each example's own audio"
+    return None
+
+
+class TrainingSamples:
+    """Fixed prompts generated at each evaluation (rank 0), encoded as MP3, kept for the report and wandb.
+
+    `entries`: one per evaluation, `{"step", "files", "seconds" (generation time), "flags"}` or `{"step",
+    "skipped": why}`; `audio`: file name -> MP3 bytes (thinned to `TIMELINE_KEPT` evaluations). `on_samples`, when
+    set, gets `(step, [(prompt, [C, T] normalized audio)], rate, flags)` after each generation (wandb)."""
+
+    def __init__(self, model: tp.Any, prompts: list[str], seconds: float, seed: int, sampler_precision: str):
+        self.model = model
+        self.prompts = list(prompts)
+        self.seconds = float(seconds)
+        self.seed = int(seed)
+        self.sampler_precision = sampler_precision
+        self.entries: list[dict[str, tp.Any]] = []
+        self.audio: dict[str, bytes] = {}
+        self.spent = 0.0  # seconds spent generating
+        self.on_samples: tp.Callable[[int, list[tuple[str, torch.Tensor]], int, list[str]], None] | None = None
+
+    def bound(self, training_seconds: float) -> float:
+        """Seconds the samples may have cost in all after `training_seconds` of training."""
+        return TIMELINE_SHARE * max(0.0, training_seconds)
+
+    def sample(self, step: int, training_seconds: float) -> dict[str, tp.Any]:
+        """Generate this evaluation's samples, or skip them when they would pass the bound. Returns the entry."""
+        expected = max((e["seconds"] for e in self.entries if "seconds" in e), default=0.0)  # the slowest so far
+        if step > 0 and self.spent + expected > self.bound(training_seconds):
+            entry = {
+                "step": step,
+                "skipped": (
+                    f"over the bound: samples may cost {100 * TIMELINE_SHARE:.0f} % of the training time "
+                    f"({self.bound(training_seconds):.1f} s of {training_seconds:.1f} s); they took {self.spent:.1f} s "
+                    f"and the next would take ~{expected:.1f} s"
+                ),
+            }
+            logger.info("Samples at step %d skipped: %s", step, entry["skipped"])
+            self.entries.append(entry)
+            return entry
+        started = time.perf_counter()
+        wav = generate_for_check(self.model, self.prompts, self.seconds, self.seed, self.sampler_precision)
+        rate = int(self.model.sample_rate)
+        # as predict's default output sounds; loudness needs one 400 ms gate block, a shorter sample is peak-scaled
+        strategy = "loudness" if wav.shape[-1] >= LOUDNESS_GATE_S * rate else "peak"
+        heard = [normalize(w, strategy, rate) for w in wav]
+        flags = sorted({f"{flag} (prompt {i + 1})" for i, w in enumerate(wav) for flag in health_of(w, rate)["flags"]})
+        files = []
+        for i, one in enumerate(heard):
+            name = f"{TIMELINE_FOLDER}/step_{step:06d}_{i}.mp3"
+            self.audio[name] = encode_mp3(one.clamp(-1, 1).numpy().T, rate, TIMELINE_KBPS)
+            files.append(name)
+        took = time.perf_counter() - started
+        self.spent += took
+        entry = {"step": step, "files": files, "seconds": round(took, 3), "flags": flags}
+        self.entries.append(entry)
+        self._thin()
+        logger.info(
+            "Samples at step %d: %d of %.1f s in %.1f s (%s/step_%06d_*.mp3)%s",
+            step,
+            len(files),
+            self.seconds,
+            took,
+            TIMELINE_FOLDER,
+            step,
+            f"; flags: {', '.join(flags)}" if flags else "",
+        )
+        if self.on_samples is not None:
+            self.on_samples(step, list(zip(self.prompts, heard, strict=True)), rate, flags)
+        return entry
+
+    def _thin(self) -> None:
+        """Past `TIMELINE_KEPT` evaluations with audio, drop the audio of the middle one closest to its neighbours
+        (the first and the last stay): the timeline keeps its span at a bounded size."""
+        kept = [e for e in self.entries if e.get("files")]
+        while len(kept) > TIMELINE_KEPT:
+            gaps = [kept[i + 1]["step"] - kept[i - 1]["step"] for i in range(1, len(kept) - 1)]
+            drop = kept[1 + gaps.index(min(gaps))]
+            for name in drop["files"]:
+                self.audio.pop(name, None)
+            drop["files"] = []
+            drop["thinned"] = True
+            kept = [e for e in self.entries if e.get("files")]
+
+    def summary(self) -> dict[str, tp.Any]:
+        """What metrics.json and the report say about the samples (the audio itself is in `audio`)."""
+        return {
+            "prompts": self.prompts,
+            "seconds": self.seconds,
+            "seed": self.seed,
+            "bound_share": TIMELINE_SHARE,
+            "spent_s": round(self.spent, 3),
+            "entries": [dict(e) for e in self.entries],
+        }
+
+    def state_dict(self) -> dict[str, tp.Any]:
+        return {"entries": [dict(e) for e in self.entries], "audio": dict(self.audio), "spent": self.spent}
+
+    def load_state_dict(self, state: dict[str, tp.Any] | None) -> None:
+        if state:
+            self.entries = [dict(e) for e in state.get("entries", [])]
+            self.audio = dict(state.get("audio", {}))
+            self.spent = float(state.get("spent", 0.0))
+
+
+def training_samples(model: tp.Any, held_out: tp.Sequence[tp.Any], params: TrainParams) -> TrainingSamples:
+    """The run's samples during training: `TIMELINE_PROMPTS` held-out descriptions, `TIMELINE_SECONDS` each (at most
+    `sample_duration`), predict's sampler at `sampler_precision`, seeded from `seed`."""
+    seconds = min(TIMELINE_SECONDS, float(params.sample_duration))
+    prompts = audio_prompts(held_out, TIMELINE_PROMPTS)
+    logger.info(
+        "Samples during training: %d held-out prompts of %.1f s at each evaluation, within %.0f %% of the training "
+        "time (later ones are skipped past it): %s",
+        len(prompts),
+        seconds,
+        100 * TIMELINE_SHARE,
+        prompts,
+    )
+    return TrainingSamples(model, prompts, seconds, params.seed, params.sampler_precision)
+
+
+# ------------------------------------------------------------------------------------------ health and CLAP
+# Sample health (evaluation/health.py) of every generated sample, and CLAP's metrics (evaluation/clap.py) of the
+# audio check's samples: prompt adherence, distance to the held-out clips, the copy check in CLAP's space.
+
+# "still follows prompts": the fine-tune's CLAP similarity to the held-out prompts may fall this much below the base
+# model's before it is flagged (cosine similarity; a sample and an unrelated prompt measure about 0.1 below a
+# matching one in larger_clap_music's space, so a drop of half that is a clear loss of adherence)
+CLAP_ADHERENCE_DROP = 0.05
+CLAP_FORGET_PROMPTS = 2  # of FORGET_PROMPTS, generated by the base model before training and by the fine-tune after
+
+
+def health_of(wav: torch.Tensor, sample_rate: int) -> dict[str, tp.Any]:
+    """`{"flags": [...], "measures": {...}}` of one `[C, T]` sample (evaluation/health.py's thresholds)."""
+    health = sample_health(wav.float().cpu(), int(sample_rate))
+    return {"flags": list(health.flags), "measures": dict(health.measures)}
+
+
+def audio_health(base: list[torch.Tensor], tuned: list[torch.Tensor], sample_rate: int) -> dict[str, tp.Any]:
+    """Each base and fine-tuned sample's health, and whether the two sides are indistinguishable (the fine-tune
+    changed nothing audible: the same prompts and seeds give the same music)."""
+    return {
+        "base": [health_of(w, sample_rate) for w in base],
+        "finetuned": [health_of(w, sample_rate) for w in tuned],
+        "correlations": pair_correlations(base, tuned, int(sample_rate)),
+        "indistinguishable": bool(indistinguishable(base, tuned, int(sample_rate))),
+        "thresholds": dict(HEALTH_THRESHOLDS),
+    }
+
+
+def sample_flags(health: dict[str, tp.Any] | None) -> list[str]:
+    """The health flags of the fine-tuned samples as the log, wandb and metrics.json list them: `noise (2 of 2
+    samples)`, and `base and fine-tuned indistinguishable`."""
+    if not health:
+        return []
+    tuned = health.get("finetuned") or []
+    counts: dict[str, int] = {}
+    for h in tuned:
+        for flag in h["flags"]:
+            counts[flag] = counts.get(flag, 0) + 1
+    flags = [f"{flag} ({n} of {len(tuned)} samples)" for flag, n in counts.items()]
+    if health.get("indistinguishable"):
+        flags.append("base and fine-tuned indistinguishable")
+    return flags
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _device_of(model: tp.Any) -> str:
+    return str(next(model.lm.parameters()).device)
+
+
+def clap_metrics(
+    model: tp.Any,
+    reference: dict[str, tp.Any],
+    tuned: list[torch.Tensor],
+    held_paths: tp.Sequence[str],
+    training_clips: tp.Sequence[tp.Any],
+) -> dict[str, tp.Any]:
+    """CLAP's measures of the base and fine-tuned samples of the held-out prompts, or `{"skipped": why and how to add
+    it}` when `laion/larger_clap_music` is not on the disk."""
+    clap = load_clap(_device_of(model))
+    if clap is None:
+        return {"skipped": clap_skip_reason() or "CLAP did not load"}
+    rate = int(model.sample_rate)
+    base = list(reference["base"])
+    held = [resample(w, sr, rate) for w, sr in (load_audio(p) for p in held_paths)]
+    e_held = clap.embed_audio(held, rate)
+    e_base, e_tuned = clap.embed_audio(base, rate), clap.embed_audio(tuned, rate)
+    out: dict[str, tp.Any] = {"model": CLAP_REPO, "adherence_drop": CLAP_ADHERENCE_DROP}
+    pairs = [i for i, p in enumerate(reference["prompts"]) if p]  # unconditional samples have no prompt to follow
+    if pairs:
+        prompts = [reference["prompts"][i] for i in pairs]
+        out["adherence_base"] = prompt_adherence(clap, [base[i] for i in pairs], rate, prompts)
+        out["adherence_finetuned"] = prompt_adherence(clap, [tuned[i] for i in pairs], rate, prompts)
+    if len(e_held) >= 2 and len(e_base) >= 2:  # a distribution needs two vectors a side
+        for side, emb in (("base", e_base), ("finetuned", e_tuned)):
+            out[f"frechet_{side}"] = clap_frechet(emb, e_held)
+            out[f"kad_{side}"] = kad(emb, e_held)
+    else:
+        out["distance_skipped"] = f"{len(e_held)} held-out clip(s): the distances need at least 2"
+    if reference.get("forget_prompts"):  # prompts of other genres, never trained on: does it still follow them?
+        forget = reference["forget_prompts"]
+        forget_tuned = generate_for_check(
+            model, forget, reference["seconds"], reference["seed"], reference["sampler_precision"]
+        )
+        out["forget_adherence_base"] = prompt_adherence(clap, list(reference["forget_base"]), rate, forget)
+        out["forget_adherence_finetuned"] = prompt_adherence(clap, list(forget_tuned), rate, forget)
+        out["forget_prompts"] = list(forget)
+    clips = list(training_clips)[:MAX_COPY_CLIPS]
+    train = [resample(w, sr, rate) for w, sr in (load_audio(c.path) for c in clips)]
+    out["copy_check"] = clap_copy_check(
+        clap, e_tuned, clap.embed_audio(train, rate), names=[Path(str(c.path)).name for c in clips]
+    )
+    return finite_json(out)

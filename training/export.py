@@ -29,7 +29,7 @@ from core.weights import peft_format, transformers_format
 from generation.generate import generate_audio, normalize, resolved_precision
 from training import checkpoint as ckpt
 from training.data import ClipTokens
-from training.evaluate import audio_check
+from training.evaluate import TIMELINE_FOLDER, audio_check, sample_flags
 from training.loop import NonFiniteError, TrainingInterrupted, TrainResult, finished_state, resume_hint
 from training.melody import restore_for_generation
 from training.methods import Prepared, get_method
@@ -141,6 +141,7 @@ def export_trained_model(
     run_info: dict | None = None,
     audio_reference: dict | None = None,
     checkpoint_dir: Path | None = None,
+    timeline: tp.Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write `out_tar` atomically: weights (fp16 LM + compression reference), finetune.json, loss.png, samples.
 
@@ -199,7 +200,9 @@ def export_trained_model(
     finetune.update(method_export.info)
     check_exported_finite(method_export, result.steps, checkpoint_dir)
     try:
-        return _write(out_tar, model, result, params, clips, cfg, finetune, method_export, audio_reference)
+        return _write(
+            out_tar, model, result, params, clips, cfg, finetune, method_export, audio_reference, timeline or {}
+        )
     except BaseException as e:
         kept = keep_trained_state(result, params, checkpoint_dir)
         replacement = _export_failure(e, Path(out_tar), result.steps, kept)
@@ -218,10 +221,12 @@ def _write(
     finetune: dict[str, tp.Any],
     method_export: tp.Any,
     audio_reference: dict | None = None,
+    timeline: tp.Mapping[str, bytes] | None = None,
 ) -> Path:
     """The part of the export that can fail on the disk: the report, the samples, the tar."""
     history = result.history
     extra: dict[str, bytes] = {"loss.png": plot_history(history, result.evaluation)}
+    extra.update(sorted((timeline or {}).items()))  # samples during training (samples/during/step_<n>_<i>.mp3)
     if params.sample_duration > 0:
         model.lm.load_state_dict(result.state_dict)
         descriptions = sample_descriptions(clips)
@@ -244,12 +249,15 @@ def _write(
                 heldout[f"samples/heldout_{i}_{side}.wav"] = wav_bytes(wav, rate, normalize_first=False)
         heldout = dict(sorted(heldout.items()))
         finetune["validation"]["audio"] = finite_json(check)
+        # the samples' health: the report's verdict, the log's result line, wandb's summary, metrics.json
+        finetune["validation"]["sample_flags"] = sample_flags(check.get("health"))
     # after the audio check: metrics.json carries the whole base-vs-fine-tuned table (Fréchet, copy check) too
     extra["metrics.json"] = metrics_json(history, finetune.get("validation"), finetune["training"]["exported_step"])
     # report.html: all of the above on one self-contained page, the samples next to a training clip
-    samples = [(name, data) for name, data in extra.items() if name.startswith("samples/")]
+    timeline = dict(timeline or {})
+    samples = [(name, data) for name, data in extra.items() if name.startswith("samples/") and name not in timeline]
     reference = reference_clip(clips, params.sample_duration) if samples else None
-    extra["report.html"] = render_html(finetune, history, samples, reference, comparison)
+    extra["report.html"] = render_html(finetune, history, samples, reference, comparison, timeline)
     # The same fine-tune in transformers' format, in output_dir/transformers/ and under transformers/ in the tar
     portable = transformers_export(out_tar.parent / weights.TRANSFORMERS_FOLDER, cfg, finetune, method_export, params)
     out_tar = weights.write_trained_model(
@@ -266,6 +274,7 @@ def _write(
     beside = {name: extra[name] for name in ("metrics.json", "report.html", "loss.png")}
     beside.update((name, data) for name, data in samples)
     beside.update(heldout)
+    beside.update(timeline)
     try:
         write_beside(out_tar.parent, beside)
     except OSError as e:  # the tar is written and holds all but the held-out files (report.html plays those too)
@@ -278,7 +287,9 @@ def _write(
         return out_tar
     # Announced once each: the tar by core.weights ("Wrote ..."), the report by the entry point's summary.
     side_by_side = " (heldout_<i>_base/_finetuned.wav: base and fine-tune side by side)" if heldout else ""
-    logger.info("Beside it in %s: %s%s", out_tar.parent, ", ".join(beside), side_by_side)
+    listed = [name for name in beside if name not in timeline]
+    listed += [f"{TIMELINE_FOLDER}/ ({len(timeline)} samples during training)"] if timeline else []
+    logger.info("Beside it in %s: %s%s", out_tar.parent, ", ".join(listed), side_by_side)
     return out_tar
 
 

@@ -183,6 +183,11 @@ class WandbRun:
     def log(self, metrics: dict[str, tp.Any]) -> None:
         self._guard("log", lambda: self.run.log(metrics))
 
+    def log_audio(self, step: int, samples: list[tuple[str, tp.Any]], rate: int, flags: list[str]) -> None:
+        """The samples of one evaluation (`(prompt, [C, T] audio)`), under `samples_during/<i>` at `step`, and their
+        health flags (`samples_during/flags`, "none" when healthy)."""
+        self._guard("sample upload", lambda: _log_audio(self.run, step, samples, rate, flags))
+
     def log_samples(self, tar: Path) -> None:
         self._guard("sample upload", lambda: _log_samples(self.run, tar))
         self._guard("summary", lambda: self.run.summary.update(run_summary(tar)))
@@ -241,6 +246,8 @@ def run_summary(tar: Path) -> dict[str, tp.Any]:
             val_loss_last=validation.get("final_loss"),
             flags=", ".join(validation.get("flags") or []) or "none",
         )
+        if "sample_flags" in validation:  # the samples' health (training/evaluate.py: sample_flags)
+            summary["sample_flags"] = ", ".join(validation["sample_flags"]) or "none"
         forgetting = validation.get("forgetting") or {}
         if forgetting.get("base_loss") is not None:
             summary["forget_loss_base"] = forgetting["base_loss"]
@@ -248,12 +255,22 @@ def run_summary(tar: Path) -> dict[str, tp.Any]:
     return summary
 
 
+def _log_audio(run: tp.Any, step: int, samples: list[tuple[str, tp.Any]], rate: int, flags: list[str]) -> None:
+    import wandb
+
+    logged = {
+        f"samples_during/{i}": wandb.Audio(wav.numpy().T, sample_rate=rate, caption=f"step {step}: {prompt}")
+        for i, (prompt, wav) in enumerate(samples)
+    }
+    run.log({"step": step, **logged, "samples_during/flags": ", ".join(flags) or "none"})
+
+
 def _log_samples(run: tp.Any, tar: Path) -> None:
     import wandb
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in _report_files(tar).items():
-            if name.startswith("samples/"):
+            if name.startswith("samples/") and not name.startswith("samples/during/"):  # logged as they came
                 target = Path(tmp) / PurePosixPath(name).name
                 target.write_bytes(data)
                 run.log({f"samples/{target.stem}": wandb.Audio(str(target))})

@@ -1,6 +1,12 @@
 """The training report that goes into the weights: `loss.png` (loss and learning-rate curves, matplotlib, with the
 validation loss when there is validation), `metrics.json` (every step's and every evaluation's numbers) and
-`report.html` (all of it on one self-contained page, the samples as audio players next to a training clip)."""
+`report.html` (all of it on one self-contained page, the samples as audio players next to a training clip).
+
+The page opens with `verdicts`: one sentence per question a musician asks (closer to your music? still follows
+prompts? forgot other music? copies? healthy audio?), each from its metric with the threshold it was judged by, a
+measure that was not taken said as skipped with why and how to add it, and a first line on a test model (`tiny*`)
+whose numbers mean nothing. The samples made during training (training/evaluate.py `TrainingSamples`) are its
+timeline: the same prompts and seeds at each evaluation, next to that evaluation's validation loss."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import typing as tp
 from html import escape
 from pathlib import Path
 
+from core.catalogue import SPEC
+
 __all__ = [
     "plot_history",
     "svg_chart",
@@ -23,6 +31,9 @@ __all__ = [
     "comparison_rows",
     "headline",
     "summary_lines",
+    "verdicts",
+    "CLOSER_MIN",
+    "PROMPT_GAIN_KEPT",
 ]
 
 # The page's text and layout (its stylesheet included); render_html fills in its `${...}` fields.
@@ -198,6 +209,184 @@ def _verdict(validation: dict | None) -> tuple[str, str]:
     return ("warn" if flags else ""), text
 
 
+# "closer to your music": the exported weights' validation loss at least this share under the base model's
+CLOSER_MIN = 0.01
+# "still follows prompts" without CLAP: the text's gain in the held-out loss (unconditional minus conditional) may
+# fall to this share of the base model's gain before it is flagged (the prompts matter less and less)
+PROMPT_GAIN_KEPT = 0.5
+CLAP_HOW = (
+    "add laion/larger_clap_music to the Hugging Face cache (the image bakes it with the other weights; elsewhere "
+    "`hf download laion/larger_clap_music`)"
+)
+
+
+def verdicts(finetune: dict[str, tp.Any]) -> list[tuple[str, str, str]]:
+    """The report's opening: `(question, kind, sentence)` for each question a musician asks, each from its metric
+    with the threshold it was judged by. `kind`: "" (fine), "warn" (flagged), "skip" (not measured: why and how).
+    A test model's line comes first: its numbers say nothing about music."""
+    validation = finetune.get("validation")
+    out = []
+    known = SPEC.get(str(finetune.get("model_version")))
+    if known is not None and known.tiny:
+        out.append(
+            (
+                "Test model",
+                "warn",
+                f"{finetune.get('model_version')} is a tiny test model with random weights: it checks the pipeline, "
+                "its numbers and samples mean nothing about music.",
+            )
+        )
+    if not validation:
+        kind, text = _verdict(validation)
+        return [*out, ("Closer to your music?", "skip", text)]
+    audio = validation.get("audio") or {}
+    clap = audio.get("clap") or {}
+    out.append(("Closer to your music?", *_closer(validation, audio, clap)))
+    out.append(("Still follows prompts?", *_prompts(validation, clap)))
+    out.append(("Forgot other music?", *_forgot(validation, clap)))
+    out.append(("Copies your clips?", *_copies(audio, clap)))
+    out.append(("Healthy audio?", *_healthy(validation, audio)))
+    return out
+
+
+def _closer(validation: dict, audio: dict, clap: dict) -> tuple[str, str]:
+    kind, text = _verdict(validation)
+    base, best = validation.get("base_loss"), validation.get("best_loss")
+    if kind == "" and base and best is not None and (base - best) / base < CLOSER_MIN:
+        kind = "warn"
+        text += f" That is under the {100 * CLOSER_MIN:.0f} % a fine-tune should gain."
+    elif kind == "" and base:
+        text += f" (counted closer from {100 * CLOSER_MIN:.0f} % lower)."
+    if audio.get("frechet_base") is not None:
+        fb, ft = audio["frechet_base"], audio.get("frechet_finetuned")
+        text += (
+            f" Fréchet distance of generated samples to the held-out clips (EnCodec latents, lower is closer): "
+            f"{_num(fb, 3)} (base) -> {_num(ft, 3)} (fine-tuned)."
+        )
+        if ft is not None and ft > fb:
+            kind = "warn"
+    if clap.get("frechet_base") is not None:
+        text += (
+            f" In CLAP's audio space: Fréchet {_num(clap['frechet_base'], 3)} -> "
+            f"{_num(clap.get('frechet_finetuned'), 3)}"
+            f", KAD {_num(clap.get('kad_base'), 4)} -> {_num(clap.get('kad_finetuned'), 4)}."
+        )
+        if (clap.get("frechet_finetuned") or 0) > clap["frechet_base"]:
+            kind = "warn"
+    elif audio:
+        text += f" CLAP distance skipped: {clap.get('skipped') or clap.get('distance_skipped') or 'not computed'}."
+    return kind, text
+
+
+def _gain(evaluation: dict | None) -> float | None:
+    if not evaluation or evaluation.get("val_loss") is None or evaluation.get("val_loss_uncond") is None:
+        return None
+    return evaluation["val_loss_uncond"] - evaluation["val_loss"]
+
+
+def _prompts(validation: dict, clap: dict) -> tuple[str, str]:
+    """CLAP prompt adherence when measured; else the text's gain in the held-out loss, base vs fine-tuned."""
+    evaluations = validation.get("evaluations") or []
+    base = next((e for e in evaluations if e.get("step") == 0), None)
+    exported = next((e for e in evaluations if e.get("step") == validation.get("exported_step")), None)
+    g0, g1 = _gain(base), _gain(exported)
+    kind, parts = "", []
+    if g0 is not None and g1 is not None:
+        parts.append(
+            f"The prompts lower the held-out loss by {g0:.3f} with the base model and {g1:.3f} with the fine-tune "
+            f"(flagged under {100 * PROMPT_GAIN_KEPT:.0f} % of the base's)."
+        )
+        if g0 > 0 and g1 < PROMPT_GAIN_KEPT * g0:
+            kind = "warn"
+            parts.append("The fine-tune listens to its prompts much less than the base model did.")
+    if clap.get("adherence_base") is not None:
+        a0, a1 = clap["adherence_base"], clap.get("adherence_finetuned")
+        drop = clap.get("adherence_drop")
+        parts.append(
+            f"CLAP text-audio similarity to the held-out prompts: {_num(a0, 3)} (base) -> {_num(a1, 3)} (fine-tuned)"
+            + (f", flagged when it falls by more than {drop:g}." if drop is not None else ".")
+        )
+        if a1 is None or (drop is not None and a0 - a1 > drop):
+            kind = "warn"
+    else:  # evaluation/clap.py's reason says how to add it; without one, CLAP_HOW does
+        why = clap.get("skipped")
+        parts.append(f"CLAP prompt adherence skipped: {why}." if why else f"CLAP not measured; to add it, {CLAP_HOW}.")
+        kind = kind or ("skip" if g0 is None else "")
+    return kind, " ".join(parts)
+
+
+def _forgot(validation: dict, clap: dict) -> tuple[str, str]:
+    """The loss on general music of other genres (forgetting_check), and CLAP's adherence to their prompts."""
+    forgetting = validation.get("forgetting")
+    kind, parts = "", []
+    if forgetting and "forgetting up" in (validation.get("flags") or []):
+        kind = "warn"
+        parts.append(_forgetting_sentence(forgetting))
+    elif forgetting:
+        parts.append(
+            "No: on general music of other genres the base model generated, the loss went "
+            f"{_num(forgetting.get('base_loss'), 3)} (base) -> {_num(forgetting.get('exported_loss'), 3)} "
+            f"(exported), under the +{100 * forgetting.get('threshold', 0):.0f} % that is flagged."
+        )
+    if clap.get("forget_adherence_base") is not None:
+        a0, a1, drop = clap["forget_adherence_base"], clap.get("forget_adherence_finetuned"), clap.get("adherence_drop")
+        parts.append(
+            f"CLAP similarity of samples to prompts of other genres ({'; '.join(clap.get('forget_prompts') or [])}): "
+            f"{_num(a0, 3)} (base) -> {_num(a1, 3)} (fine-tuned)"
+            + (f", flagged when it falls by more than {drop:g}." if drop is not None else ".")
+        )
+        if a1 is None or (drop is not None and a0 - a1 > drop):
+            kind = "warn"
+    if not parts:
+        return "skip", (
+            "Not measured: forgetting_check was off (auto is off on CPU, where generating the base model's general "
+            "music is slow) and CLAP is not there; set forgetting_check=on to measure it."
+        )
+    return kind, " ".join(parts)
+
+
+def _copies(audio: dict, clap: dict) -> tuple[str, str]:
+    copies = audio.get("copy_check")
+    if not copies:
+        return "skip", "Not measured: sample_duration is 0 (no samples to compare with the training clips)."
+    n, total = copies.get("copies", 0), len(copies.get("samples") or [])
+    text = (
+        f"{'Yes' if n else 'No'}: {n} of {total} fine-tuned samples are near copies of a training clip (EnCodec "
+        f"latents: closer than {copies.get('ratio', 0):g} x the distance between two halves of one training clip)."
+    )
+    clap_copies = clap.get("copy_check") or {}
+    if clap_copies.get("samples") is not None:
+        m = clap_copies.get("copies", 0)
+        text += f" In CLAP's space: {m} of {len(clap_copies['samples'])}."
+        n += m
+    return ("warn" if n else ""), text
+
+
+def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
+    health = audio.get("health")
+    if not health:
+        why = "sample_duration is 0" if not audio else (audio.get("health_skipped") or "not computed")
+        return "skip", f"Not measured: {why}."
+    flagged = [
+        f"sample {i + 1}: {', '.join(h['flags'])}" for i, h in enumerate(health.get("finetuned") or []) if h["flags"]
+    ]
+    thresholds = health.get("thresholds") or {}
+    rule = ", ".join(f"{k} {v:g}" for k, v in sorted(thresholds.items()))
+    text = ("No: " + "; ".join(flagged) + ".") if flagged else "Yes: no fine-tuned sample was flagged."
+    if health.get("indistinguishable"):
+        text += " Base and fine-tuned samples are indistinguishable: the fine-tune changed nothing audible."
+    during = [
+        f"step {e['step']}: {', '.join(e['flags'])}"
+        for e in (validation.get("samples_during_training") or {}).get("entries") or []
+        if e.get("flags")
+    ]
+    if during:
+        text += f" Samples during training flagged at {'; '.join(during)}."
+    if rule:
+        text += f" (Thresholds: {rule}.)"
+    return ("warn" if flagged or health.get("indistinguishable") else ""), text
+
+
 def _pct(base: float | None, value: float | None) -> str:
     return "diverged" if value is None else ("" if not base else f"{100 * (value / base - 1):+.1f} %")
 
@@ -294,7 +483,11 @@ def headline(validation: dict | None, exported_step: int | None) -> str:
             f"(exported), last {_num(forgetting.get('final_loss'))}"
         )
     flags = validation.get("flags") or []
-    return line + (f"; flags: {', '.join(flags)}" if flags else "; no flags")
+    line += f"; flags: {', '.join(flags)}" if flags else "; no flags"
+    samples = validation.get("sample_flags")
+    if samples is not None:  # the health of the fine-tuned samples (measured when sample_duration > 0)
+        line += f"; sample flags: {', '.join(samples)}" if samples else "; samples healthy"
+    return line
 
 
 def summary_lines(tar: Path) -> list[str]:
@@ -314,6 +507,7 @@ def render_html(
     samples: tp.Sequence[tuple[str, bytes]],
     reference: tuple[str, str, bytes] | None = None,
     comparison: dict[str, tp.Any] | None = None,
+    timeline: tp.Mapping[str, bytes] | None = None,
 ) -> bytes:
     """`report.html`: one self-contained page (the curves as inline SVG, the audio as data: URIs; no script, no
     external resource): the verdict, the data and the split, the curves (`svg_chart`), every evaluation, the
@@ -322,16 +516,16 @@ def render_html(
     and stylesheet are `templates/report.html`; the sections below are tables built from the numbers."""
     validation = finetune.get("validation")
     training = finetune.get("training", {})
-    kind, verdict = _verdict(validation)
+    during = (validation or {}).get("samples_during_training")
     page = string.Template(REPORT_TEMPLATE.read_text(encoding="utf-8")).substitute(
         model_version=escape(str(finetune.get("model_version"))),
         method=escape(str(finetune.get("method"))),
-        verdict_class=kind,
-        verdict=escape(verdict),
+        verdicts=_verdicts_html(finetune),
         data_rows=_data_rows(finetune, training, validation),
         chart=svg_chart(history, validation),
         evaluations=_evaluations_html(validation) if validation and validation.get("evaluations") else "",
         listen=_listen_html(finetune, samples, reference) if samples or reference else "",
+        timeline=_timeline_html(validation, during, timeline or {}) if during else "",
         audio_check=_audio_check_html(validation["audio"], comparison)
         if validation and validation.get("audio") and comparison
         else "",
@@ -341,12 +535,52 @@ def render_html(
     return page.encode()
 
 
+def _verdicts_html(finetune: dict[str, tp.Any]) -> str:
+    """One paragraph per question (`verdicts`), its answer coloured by its kind."""
+    return "".join(
+        f"<p class='verdict {kind}'><b>{escape(question)}</b> {escape(text)}</p>"
+        for question, kind, text in verdicts(finetune)
+    )
+
+
+def _timeline_html(validation: dict, during: dict, audio: tp.Mapping[str, bytes]) -> str:
+    """Samples during training: the same prompts and seeds at each evaluation, next to its validation loss."""
+    losses = {e.get("step"): e.get("val_loss") for e in validation.get("evaluations") or []}
+    prompts = during.get("prompts") or []
+    header = ["step", "validation loss", *(p or "(unconditional)" for p in prompts), "flags"]
+    parts = ["<h2>Samples during training</h2><table><tr>", *(f"<th>{escape(h)}</th>" for h in header), "</tr>"]
+    for entry in during.get("entries") or []:
+        step = entry.get("step")
+        cls = " class='exported'" if step == validation.get("exported_step") else ""
+        cells = [escape(str(step)), escape(_num(losses.get(step)))]
+        files = entry.get("files") or []
+        if files and all(f in audio for f in files):
+            cells += [_player(audio[f], "audio/mpeg") for f in files]
+        else:
+            note = entry.get("skipped") or (
+                "thinned: only some evaluations keep their audio" if entry.get("thinned") else "-"
+            )
+            cells += [escape(note)] + [""] * (len(prompts) - 1)
+        flag = ", ".join(entry.get("flags") or [])
+        parts.append(
+            f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td class='flag'>{escape(flag)}</td></tr>"
+        )
+    parts.append(
+        f"</table><p>The same prompts and seeds at each evaluation ({_num(during.get('seconds'), 1)} s each): listen "
+        "for where they stop improving or start to copy. Highlighted: the exported weights. The samples may cost at "
+        f"most {100 * during.get('bound_share', 0):.0f} % of the training time (they took "
+        f"{_num(during.get('spent_s'), 1)} s); "
+        "later ones are skipped past it.</p>"
+    )
+    return "".join(parts)
+
+
 def _uri(kind: str, data: bytes) -> str:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def _player(data: bytes) -> str:
-    return f"<audio controls preload='none' src='{_uri('audio/wav', data)}'></audio>"
+def _player(data: bytes, kind: str = "audio/wav") -> str:
+    return f"<audio controls preload='none' src='{_uri(kind, data)}'></audio>"
 
 
 def _data_rows(finetune: dict[str, tp.Any], training: dict[str, tp.Any], validation: dict | None) -> str:

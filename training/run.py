@@ -375,6 +375,13 @@ def setup_training(
 
     tokens = token_dataset(clips)
     evaluator = None
+    samples = None  # samples during training (rank 0): the report's timeline and wandb
+    if held_out and params.sample_duration > 0 and dist.is_main:
+        why = evaluation.timeline_skip_reason(params.model_version)
+        if why is None:
+            samples = evaluation.training_samples(model, split.validation, params)
+        else:
+            logger.info("No samples during training: %s", why)
     if held_out:
         evaluator = evaluation.Evaluator(
             token_dataset(held_out),
@@ -384,6 +391,7 @@ def setup_training(
             patience=params.early_stop_patience,
             forgetting=token_dataset(general) if general else None,
             forgetting_info=general_info,
+            samples=samples,
         )
     elif dist.is_main and (params.validation_split > 0 or params.validation_path):  # else said before any work
         for dropped in evaluation.dropped_without_validation(params):
@@ -437,6 +445,8 @@ def run_worker(
                 ckpt.find_checkpoint(params.resume_from), verify=not checkpoint_verified
             )
         run = _wandb_logger(secrets, dist, output_dir)
+        if run is not None and setup.evaluator is not None and setup.evaluator.samples is not None:
+            setup.evaluator.samples.on_samples = run.log_audio  # each evaluation's samples, heard on wandb
         try:
             result = train_loop(
                 lm,
@@ -484,6 +494,7 @@ def run_worker(
                     "parallel": result.parallel,
                 },
                 checkpoint_dir=output_dir / "checkpoints",  # a failed export keeps the trained state there
+                timeline=setup.evaluator.samples.audio if setup.evaluator and setup.evaluator.samples else None,
             )
             if run is not None:
                 run.log_samples(tar)
