@@ -91,6 +91,8 @@ def test_transformers_model_gives_our_lm_next_token_logits(models, family):
     assert type(hf).__name__ == expected.get(family, "MusicgenMelodyForConditionalGeneration")
     assert hf.config.decoder.audio_channels == (2 if family == "stereo" else 1)
     assert hf.config.decoder.num_codebooks == musicgen.lm.num_codebooks
+    text_encoder = hf.text_encoder  # tied as transformers ties it (one tensor, saved once)
+    assert text_encoder.shared.weight.data_ptr() == text_encoder.encoder.embed_tokens.weight.data_ptr()
     wav = torch.from_numpy(tone(2.0)).T if family == "melody" else None
     diff = _oracle(musicgen, hf, wav)
     assert diff <= TOL, f"{family}: max abs logit difference {diff}"
