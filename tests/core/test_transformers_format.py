@@ -122,6 +122,7 @@ def test_export_then_import_is_bitwise(models, family, tmp_path):
     )
     assert cfg["codebooks_pattern"]["delay"]["delays"] == list(original.codebooks_pattern.delay.delays)
     assert cfg["channels"] == original.channels
+    assert cfg["dataset"]["segment_duration"] == original.dataset.segment_duration == 30.0
     t5 = lm.condition_provider.conditioners["description"]
     assert t5.t5_tokenizer(DESCRIPTION).input_ids == tf.text_tokenizer(musicgen.lm)(DESCRIPTION).input_ids
 
@@ -133,6 +134,7 @@ def test_a_musicgen_saved_by_transformers_imports_and_samples(kind, tmp_path):
     lm, compression, cfg = tf.from_transformers(folder)
     assert cfg["conditioners"]["description"]["model"] == "t5"
     assert cfg["transformer_lm"]["n_q"] == (8 if kind.get("stereo") else 4)
+    assert cfg["dataset"]["segment_duration"] == 30.0  # max_length 1500 frames, as facebook's repos write it
     musicgen = MusicGen("transformers-tiny", compression, lm)
     musicgen.set_generation_params(duration=0.2, top_k=50)
     if kind.get("melody"):
