@@ -195,3 +195,20 @@ def test_is_transformers_folder(tmp_path):
     assert not tf.is_transformers_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "musicgen_melody"}))
     assert tf.is_transformers_folder(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["text", "stereo", "melody"])
+def test_our_export_loads_and_generates_in_transformers(models, family, tmp_path):
+    """What a user of the export runs: `from_pretrained` of the folder, its processor, `generate`, audio out."""
+    from transformers import AutoProcessor
+
+    musicgen = models[family]
+    hf = tf.to_transformers(musicgen.lm, musicgen.compression_model)
+    folder = tf.save_transformers(hf, tmp_path / "hf", tokenizer=tf.text_tokenizer(musicgen.lm))
+    model = tf._load_model(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=["lofi beat"], padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    audio = model.generate(**inputs, max_new_tokens=8, do_sample=True)
+    channels = 2 if family == "stereo" else 1
+    assert audio.shape[:2] == (1, channels) and audio.shape[-1] > 0 and torch.isfinite(audio).all()
