@@ -465,7 +465,7 @@ def save_transformers_tiny(folder: Path, *, stereo: bool = False, melody: bool =
         model = MusicgenForConditionalGeneration(config)
         processor = MusicgenProcessor(EncodecFeatureExtractor(sampling_rate=SAMPLE_RATE), tokenizer)
     gen = model.generation_config
-    gen.do_sample, gen.guidance_scale, gen.max_length, gen.top_k = True, 3.0, 1501, 250
+    gen.do_sample, gen.guidance_scale, gen.max_length, gen.top_k = True, 3.0, 1500, 250
     gen.pad_token_id = gen.bos_token_id = gen.decoder_start_token_id = CARD
     folder = Path(folder)
     model.save_pretrained(folder)

@@ -330,6 +330,8 @@ def to_transformers(lm: tp.Any, compression_model: tp.Any, *, dtype: torch.dtype
     reason = _cfg_reason(cfg)
     if reason:
         raise ValueError(f"This model cannot be written in transformers' format: {reason}.")
+    from transformers.initialization import no_init_weights
+
     melody = "self_wav" in cfg["conditioners"]
     t5 = lm.condition_provider.conditioners["description"].t5
     audio_config = _encodec_config(compression_model)
@@ -342,10 +344,14 @@ def to_transformers(lm: tp.Any, compression_model: tp.Any, *, dtype: torch.dtype
             chroma_length=_chroma_length(cfg),
             **parts,
         )
-        model = MusicgenMelodyForConditionalGeneration(config)
+        cls = MusicgenMelodyForConditionalGeneration
     else:
         config = MusicgenConfig(decoder=MusicgenDecoderConfig(**_decoder_kwargs(cfg)).to_dict(), **parts)
-        model = MusicgenForConditionalGeneration(config)
+        cls = MusicgenForConditionalGeneration
+    # every weight is overwritten below (`_check_cover` proves it): skip the random init, as from_pretrained does
+    # (3/4 of the conversion time at musicgen-small's size)
+    with no_init_weights():
+        model = cls(config)
     _set_generation_config(model, cfg)
 
     ours = {k: v for k, v in lm.state_dict().items()}
@@ -361,7 +367,9 @@ def to_transformers(lm: tp.Any, compression_model: tp.Any, *, dtype: torch.dtype
     theirs = model.state_dict()
     state.update({f"audio_encoder.{t}": torch.zeros_like(theirs[f"audio_encoder.{t}"]) for t in zeros})
     _check_cover(state, theirs, "transformers' model")
-    model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    with torch.no_grad():  # load_state_dict copies into the model's own tensors: nothing is shared with `lm`
+        model.load_state_dict(state, strict=True)
+    model.tie_weights()  # what the skipped init would have done: T5's input embedding is one shared tensor
     return model.to(dtype).eval()
 
 
@@ -372,7 +380,7 @@ def _set_generation_config(model: tp.Any, cfg: dict) -> None:
     gen.do_sample = True
     gen.top_k = min(250, card)
     gen.guidance_scale = float(cfg.get("classifier_free_guidance", {}).get("inference_coef", 3.0))
-    gen.max_length = int(cfg["dataset"]["segment_duration"] * _FRAME_RATE) + 1
+    gen.max_length = int(cfg["dataset"]["segment_duration"] * _FRAME_RATE)  # 1500 for 30 s, as facebook's repos
     gen.pad_token_id = gen.bos_token_id = gen.decoder_start_token_id = card
 
 
@@ -400,7 +408,7 @@ def _processor(model: tp.Any, tokenizer: tp.Any) -> tp.Any:
     if config.model_type == "musicgen_melody":
         from transformers import MusicgenMelodyFeatureExtractor, MusicgenMelodyProcessor
 
-        seconds = (model.generation_config.max_length - 1) / _FRAME_RATE
+        seconds = _seconds(model.generation_config)
         hop = round(seconds * rate / config.chroma_length)
         n_fft = 2 ** round(math.log2(4 * hop))
         extractor = MusicgenMelodyFeatureExtractor(
@@ -467,6 +475,13 @@ def _load_model(folder: Path) -> tp.Any:
     return cls.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def _seconds(generation_config: tp.Any) -> float:
+    """The LM's segment, whole seconds, from transformers' `max_length` in frames (facebook's repos: 1500, 30 s;
+    some count the start token: 1501)."""
+    frames = generation_config.max_length or 0
+    return float(round(frames / _FRAME_RATE)) if frames >= _FRAME_RATE else 30.0
+
+
 def _lm_cfg(model: tp.Any) -> dict:
     """audiocraft's LM config (the keys its builders read) for a transformers MusicGen."""
     config, gen = model.config, model.generation_config
@@ -478,7 +493,7 @@ def _lm_cfg(model: tp.Any) -> dict:
         raise ValueError(f"the decoder's ffn_dim {dec.ffn_dim} is not a multiple of its width {dec.hidden_size}")
     if t5.d_model not in _T5_BY_WIDTH:
         raise ValueError(f"the text encoder's width {t5.d_model} is none of T5's {sorted(_T5_BY_WIDTH)}")
-    seconds = (gen.max_length - 1) / _FRAME_RATE if gen.max_length and gen.max_length > 1 else 30.0
+    seconds = _seconds(gen)
     cfg: dict = {
         "lm_model": "transformer_lm",
         "device": "cpu",
@@ -684,7 +699,7 @@ def from_transformers(
             raise ValueError(f"{folder} holds no transformers MusicGen ({CONFIG_FILE} with model_type {MODEL_TYPES})")
         model = _load_model(folder)
     else:
-        model = folder_or_model.float().eval()
+        model = folder_or_model.float().eval()  # (in place: the conversion reads fp32 weights)
     cfg = _lm_cfg(model)
     melody = "self_wav" in cfg["conditioners"]
 

@@ -91,6 +91,8 @@ def test_transformers_model_gives_our_lm_next_token_logits(models, family):
     assert type(hf).__name__ == expected.get(family, "MusicgenMelodyForConditionalGeneration")
     assert hf.config.decoder.audio_channels == (2 if family == "stereo" else 1)
     assert hf.config.decoder.num_codebooks == musicgen.lm.num_codebooks
+    text_encoder = hf.text_encoder  # tied as transformers ties it (one tensor, saved once)
+    assert text_encoder.shared.weight.data_ptr() == text_encoder.encoder.embed_tokens.weight.data_ptr()
     wav = torch.from_numpy(tone(2.0)).T if family == "melody" else None
     diff = _oracle(musicgen, hf, wav)
     assert diff <= TOL, f"{family}: max abs logit difference {diff}"
@@ -120,6 +122,7 @@ def test_export_then_import_is_bitwise(models, family, tmp_path):
     )
     assert cfg["codebooks_pattern"]["delay"]["delays"] == list(original.codebooks_pattern.delay.delays)
     assert cfg["channels"] == original.channels
+    assert cfg["dataset"]["segment_duration"] == original.dataset.segment_duration == 30.0
     t5 = lm.condition_provider.conditioners["description"]
     assert t5.t5_tokenizer(DESCRIPTION).input_ids == tf.text_tokenizer(musicgen.lm)(DESCRIPTION).input_ids
 
@@ -131,6 +134,7 @@ def test_a_musicgen_saved_by_transformers_imports_and_samples(kind, tmp_path):
     lm, compression, cfg = tf.from_transformers(folder)
     assert cfg["conditioners"]["description"]["model"] == "t5"
     assert cfg["transformer_lm"]["n_q"] == (8 if kind.get("stereo") else 4)
+    assert cfg["dataset"]["segment_duration"] == 30.0  # max_length 1500 frames, as facebook's repos write it
     musicgen = MusicGen("transformers-tiny", compression, lm)
     musicgen.set_generation_params(duration=0.2, top_k=50)
     if kind.get("melody"):
@@ -191,3 +195,20 @@ def test_is_transformers_folder(tmp_path):
     assert not tf.is_transformers_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "musicgen_melody"}))
     assert tf.is_transformers_folder(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["text", "stereo", "melody"])
+def test_our_export_loads_and_generates_in_transformers(models, family, tmp_path):
+    """What a user of the export runs: `from_pretrained` of the folder, its processor, `generate`, audio out."""
+    from transformers import AutoProcessor
+
+    musicgen = models[family]
+    hf = tf.to_transformers(musicgen.lm, musicgen.compression_model)
+    folder = tf.save_transformers(hf, tmp_path / "hf", tokenizer=tf.text_tokenizer(musicgen.lm))
+    model = tf._load_model(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=["lofi beat"], padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    audio = model.generate(**inputs, max_new_tokens=8, do_sample=True)
+    channels = 2 if family == "stereo" else 1
+    assert audio.shape[:2] == (1, channels) and audio.shape[-1] > 0 and torch.isfinite(audio).all()
