@@ -24,9 +24,11 @@ from core import adapters, tiny
 from core.catalogue import CHECKPOINT_FILES
 from core.errors import DiskError, WeightsError
 from core.hub import hf_cache_hint
-from core.weights import peft_format, transformers_format
 from core.weights.format import FINETUNE_FILE, KNOWN_FILES, MAX_MEMBER_BYTES, PORTABLE_MEMBERS, REPORT_MEMBERS
 from core.weights.integrity import check_folder, sha256_file
+from core.weights.peft_format import PEFT_CONFIG_FILE, TRANSFORMERS_PATTERNS
+from core.weights.transformers_format import CONFIG_FILE as TRANSFORMERS_CONFIG_FILE
+from core.weights.transformers_format import is_transformers_folder
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def _ready(folder: Path) -> bool:
     return (
         (folder / "state_dict.bin").is_file()
         or (folder / adapters.ADAPTER_CONFIG_FILE).is_file()
-        or transformers_format.is_transformers_folder(folder)
+        or is_transformers_folder(folder)
     )
 
 
@@ -417,7 +419,7 @@ def _fetch_hf(
     repo, revision, label = source.location, source.revision, source.label
     folder = cache_dir("weights") / ("hf-" + _key(f"{repo}@{revision or 'main'}"))
     members = list(KNOWN_FILES)
-    portable = list(peft_format.TRANSFORMERS_PATTERNS)
+    portable = list(TRANSFORMERS_PATTERNS)
     try:
         info = HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT)
     except (RepositoryNotFoundError, GatedRepoError) as e:
@@ -453,7 +455,7 @@ def _fetch_hf(
         return snapshot
     # A trained_model.tar is ours, whole: preferred to the transformers files pushed beside it (training/publish.py)
     if not any(f.endswith(".tar") for f in files) and any(
-        f in files for f in (transformers_format.CONFIG_FILE, peft_format.PEFT_CONFIG_FILE)
+        f in files for f in (TRANSFORMERS_CONFIG_FILE, PEFT_CONFIG_FILE)
     ):
         logger.info("Downloading the transformers weights of %s (commit %s) from the Hugging Face hub", label, info.sha)
         snapshot = Path(snapshot_download(repo, revision=info.sha, allow_patterns=portable))
@@ -487,7 +489,7 @@ def _pick_tar(files: tp.Sequence[str], label: str) -> str:
     raise WeightsError(
         f"Weights {label}: the repo holds {'several tars (' + ', '.join(tars) + ')' if tars else 'no tar'} and no "
         f"{' / '.join(CHECKPOINT_FILES)}, {adapters.ADAPTER_FILE}, transformers config.json or PEFT "
-        f"{peft_format.PEFT_CONFIG_FILE} at its root (it has: {', '.join(files[:12])}). Upload the trained_model.tar "
+        f"{PEFT_CONFIG_FILE} at its root (it has: {', '.join(files[:12])}). Upload the trained_model.tar "
         "(or its extracted files) to the repo's root."
     )
 
@@ -503,7 +505,7 @@ def _from_snapshot(
     """Weights from a repo snapshot in the huggingface_hub cache (offline): its folder, or its tar extracted."""
     names = [p.name for p in snapshot.iterdir()]
     if _ready(snapshot) and not (
-        transformers_format.is_transformers_folder(snapshot) and any(n.endswith(".tar") for n in names)
+        is_transformers_folder(snapshot) and any(n.endswith(".tar") for n in names)
     ):  # ours, or transformers files alone (a trained_model.tar beside them is preferred: it is ours, whole)
         check_folder(snapshot, source.label)
         return snapshot

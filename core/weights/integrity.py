@@ -14,7 +14,6 @@ import torch
 from core import adapters, tiny
 from core.catalogue import CHECKPOINT_FILES, PRETRAINED_COMPRESSION, SPEC, TINY_COMPRESSION
 from core.errors import WeightsError
-from core.weights import peft_format, transformers_format
 from core.weights.format import (
     FINETUNE_FILE,
     INTEGRITY_MEMBERS,
@@ -23,6 +22,9 @@ from core.weights.format import (
     plain_cfg,
     read_finetune_info,
 )
+from core.weights.peft_format import check_peft_folder, is_peft_folder
+from core.weights.transformers_format import CONFIG_FILE as TRANSFORMERS_CONFIG_FILE
+from core.weights.transformers_format import is_transformers_folder
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +191,10 @@ def check_folder(folder: Path, label: str | None = None) -> None:
     a LoRA adapter whose config names its base model; or, in transformers' format, a MusicGen (its config and
     weights) or a PEFT LoRA adapter naming its base."""
     label = label or str(folder)
-    if peft_format.is_peft_folder(folder):
-        peft_format.check_peft_folder(folder, label)
+    if is_peft_folder(folder):
+        check_peft_folder(folder, label)
         return
-    if not (folder / "state_dict.bin").is_file() and transformers_format.is_transformers_folder(folder):
+    if not (folder / "state_dict.bin").is_file() and is_transformers_folder(folder):
         check_transformers_folder(folder, label)
         return
     # Checksums first: a flipped byte is then reported as a corrupt member, whatever torch.load would make of it.
@@ -234,7 +236,7 @@ def check_transformers_folder(folder: Path, label: str) -> None:
     if not any(folder.glob("model*.safetensors")):
         raise WeightsError(f"Weights {label}: a transformers config.json without model.safetensors. {fix}")
     try:
-        config = json.loads((folder / transformers_format.CONFIG_FILE).read_bytes().decode("utf-8"))
+        config = json.loads((folder / TRANSFORMERS_CONFIG_FILE).read_bytes().decode("utf-8"))
         decoder = config["decoder"]
         sizes = {
             "dim": decoder["hidden_size"],

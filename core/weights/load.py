@@ -18,10 +18,16 @@ from core.catalogue import SPEC, find
 from core.devices import default_device
 from core.errors import ModelUnavailableError, WeightsError
 from core.loaded import LoadedModel
-from core.weights import peft_format, transformers_format
 from core.weights.cache import DEFAULT_MIN_FREE_BYTES, FreeBytes, classify, unpack
 from core.weights.format import FINETUNE_FILE, base_of, read_finetune_info
 from core.weights.integrity import check_lm_config, verify_architecture
+from core.weights.peft_format import check_peft_folder, is_peft_folder, merge_peft
+from core.weights.transformers_format import (
+    from_transformers,
+    is_transformers_folder,
+    to_transformers,
+    unsupported_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +93,9 @@ def open_weights(
     A caller can do this while another model still serves, and build only weights that passed."""
     label = classify(weights).label
     folder = unpack(weights, keep=keep, min_free_bytes=min_free_bytes, free_bytes=free_bytes)
-    if peft_format.is_peft_folder(folder):
+    if is_peft_folder(folder):
         return OpenedWeights(folder, *_peft_base(folder, label), label, True, "peft")
-    if transformers_format.is_transformers_folder(folder) and not (folder / "state_dict.bin").is_file():
+    if is_transformers_folder(folder) and not (folder / "state_dict.bin").is_file():
         info = {"method": "transformers", "format": "transformers"}
         return OpenedWeights(folder, info, "", label, False, "transformers")
     info = read_finetune_info(folder, label)
@@ -116,9 +122,9 @@ def open_weights(
 def _peft_base(folder: Path, label: str) -> tuple[dict[str, tp.Any], str]:
     """(info, base model_version) of a PEFT adapter: its base must be a model we can load and write in transformers'
     format (a facebook/musicgen-* model, or a model version such as `tiny-t5`)."""
-    named = peft_format.check_peft_folder(folder, label)
+    named = check_peft_folder(folder, label)
     spec = find(named)
-    reason = transformers_format.unsupported_reason(spec) if spec is not None else None
+    reason = unsupported_reason(spec) if spec is not None else None
     if spec is None or reason:
         raise WeightsError(
             f"Weights {label}: a PEFT adapter on {named!r}, "
@@ -222,7 +228,7 @@ def _load_with_adapter(
 
 def _load_transformers(weights: OpenedWeights, device: str, lora_scale: float) -> LoadedModel:
     """A transformers MusicGen, or a PEFT adapter merged (at `lora_scale`) into the transformers form of its base,
-    converted into audiocraft's LM and EnCodec (`transformers_format.from_transformers`)."""
+    converted into audiocraft's LM and EnCodec (`from_transformers`)."""
     from audiocraft.models import MusicGen
 
     folder, label = weights.folder, weights.label
@@ -231,16 +237,16 @@ def _load_transformers(weights: OpenedWeights, device: str, lora_scale: float) -
         if weights.format == "peft":
             base = versions.load_musicgen(weights.base, device)
             spec = base.spec
-            model = transformers_format.to_transformers(base.lm, base.musicgen.compression_model)
+            model = to_transformers(base.lm, base.musicgen.compression_model)
             del base
-            model = peft_format.merge_peft(model, folder, label, lora_scale)
+            model = merge_peft(model, folder, label, lora_scale)
             source: tp.Any = model
         else:
             if lora_scale != 1.0:
                 logger.warning("lora_scale=%g is ignored: %s is a whole transformers model, not an adapter",
                                lora_scale, label)  # fmt: skip
             source = folder
-        lm, compression, _cfg = transformers_format.from_transformers(source, device)
+        lm, compression, _cfg = from_transformers(source, device)
     except (WeightsError, ModelUnavailableError):
         raise
     except Exception as e:  # noqa: BLE001 - anyone's files: one message naming them
