@@ -2,8 +2,10 @@
 
 Compare weights (base versions such as `small`, `tiny`, or `trained_model.tar` files, LoRA ones included) on
 held-out tracks (an archive, an audio file or a prepared folder) with the trainer's validation loss, the Fréchet
-distance of generated samples to the held-out clips (EnCodec latents) and, with `--training`, the copy check: one
-table on stdout, everything as JSON with `--json`, the samples as WAV files with `--samples_dir`.
+distance of generated samples to the held-out clips (EnCodec latents; and in CLAP's space with the KAD, beside
+CLAP prompt adherence, when `laion/larger_clap_music` is cached), each sample's health flags (silence, clipping,
+DC, noise, loop; "indistinguishable" from the first weights) and, with `--training`, the copy checks: one table on
+stdout, everything as JSON with `--json`, the samples as WAV files with `--samples_dir`.
 
 `--segment` and `--duration` default to what the first trained tar's training report used (the table says what
 was used and where from). Where `--json` and `--samples_dir` go is checked (and created) before any work; the JSON
@@ -22,6 +24,7 @@ from pathlib import Path
 from core.catalogue import SAMPLER_PRECISIONS
 from core.errors import cli_errors
 from core.logs import configure_logging
+from evaluation.clap import CLAP_REPO
 from evaluation.compare import MAX_SAMPLES, check_destination, compare, format_table
 from generation.params import MAX_DURATION
 from training.export import write_beside
@@ -57,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=SAMPLER_PRECISIONS,
         help="the samples' sampler precision, as predict's input of that name (auto: int8 on CPU, fp16 on CUDA)",
     )
+    parser.add_argument(
+        "--clap",
+        default=CLAP_REPO,
+        help="the CLAP model of the prompt adherence and CLAP distances: a Hugging Face repo read from the local "
+        "cache or a local folder (default %(default)s; 'none': skip them)",
+    )
     parser.add_argument("--json", default=None, help="write the whole report as JSON here")
     parser.add_argument(
         "--samples_dir", default=None, help="write the samples here as WAV, normalized as predict's outputs"
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             sampler_precision=args.sampler_precision,
             samples_dir=args.samples_dir,
+            clap=None if args.clap.lower() == "none" else args.clap,
         )
         print(format_table(report))
         if destination is not None:

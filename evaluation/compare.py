@@ -10,7 +10,15 @@ For each weights (a base version such as `small` or `tiny`, or a `trained_model.
 - `frechet_effnet`: the same in essentia's discogs-effnet space when its model file is present
   (evaluation/effnet.py; else `frechet_effnet_skipped` says why);
 - `copy_check` (with `training`): each generated sample's nearest training clip, flagged when it is closer to it
-  than training clips are to each other (`evaluation.embed.copy_check`).
+  than training clips are to each other (`evaluation.embed.copy_check`);
+- in CLAP's space (evaluation/clap.py, `laion/larger_clap_music` or the folder `clap` names; skipped, saying why and
+  how to add it, when it is not on the disk): `clap_prompt_adherence` (the mean similarity of each sample to its
+  prompt), `clap_frechet` and `clap_kad` to the held-out clips (2 samples and 2 clips at least), and with
+  `training` `clap_copy_check`;
+- sample health (evaluation/health.py): each sample's flags and measures (`samples[i].health_flags`, `.health`),
+  their counts (`health_flags`), and for every weights after the first, `indistinguishable_from_first`: its samples
+  cannot be told from the first weights' (the same prompts and seeds: each batch is generated from seed `SEED` +
+  its first index, the same for every weights).
 
 Settings left out are those of the training report of the first `trained_model.tar` given (`report_settings`): the
 validation loss on crops of its `segment_duration`, samples of its `sample_duration`, so that the numbers are the
@@ -33,14 +41,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.audio import load_audio
+from core.audio import load_audio, resample
 from core.devices import default_device
 from core.params import InputError
 from core.versions import load_musicgen
 from core.weights import load_trained_model, read_finetune_info, unpack
+from evaluation.clap import CLAP_REPO, Clap, ClapLoadError, clap_skip_reason, kad, load_clap
+from evaluation.clap import copy_check as clap_copy_check
+from evaluation.clap import frechet as clap_frechet
 from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
 from evaluation.frechet import embedding_frechet
+from evaluation.health import indistinguishable, sample_health
 from generation.generate import generate_audio
 from generation.params import MAX_DURATION, MAX_OUTPUTS, PredictParams
 from generation.request import check_batch_memory, check_sampler_precision
@@ -76,6 +88,7 @@ __all__ = [
 MAX_SAMPLES = 64
 DEFAULT_SEGMENT = 30.0  # without a trained tar: audiocraft's training crop
 DEFAULT_DURATION = 8.0
+SEED = 0  # the samples' seed: every weights generates from the same seeds, so that their samples pair up
 
 
 def _seconds(value: tp.Any, low: float, high: float) -> float | None:
@@ -222,10 +235,12 @@ def compare(
     work_dir: Path | None = None,
     sampler_precision: str = "auto",
     samples_dir: str | os.PathLike[str] | None = None,
+    clap: str | os.PathLike[str] | None = CLAP_REPO,
 ) -> dict[str, tp.Any]:
     """Every metric for every weights on `dataset`; see the module docstring. `duration` / `segment` None: the
     first trained tar's report's (`report_settings`), else `DEFAULT_DURATION` / `DEFAULT_SEGMENT`. With
-    `samples_dir`, each weights' samples are written there as `sample_<j>_<i>-<weights>.wav`."""
+    `samples_dir`, each weights' samples are written there as `sample_<j>_<i>-<weights>.wav`. `clap`: the CLAP
+    model's Hugging Face repo or local folder (None: no CLAP metrics)."""
     if not weights:
         raise InputError("weights", "give at least one: a base version (e.g. small) or a trained_model.tar")
     if not 0 <= samples <= MAX_SAMPLES:
@@ -245,6 +260,7 @@ def compare(
         "duration": _setting(duration, settings.get("sample_duration"), DEFAULT_DURATION, "sample_duration", source),
     }
     segment, duration = chosen["segment"]["value"], chosen["duration"]["value"]
+    clap_model, clap_skipped = _load_clap(clap, device) if samples else (None, "no samples (--samples 0)")
     logger.info(
         "Settings: %s",
         "; ".join(f"{k} {v['value']:g} s ({v['from']})" for k, v in chosen.items()),
@@ -258,6 +274,9 @@ def compare(
         reference = None  # the first weights' EnCodec embeds everything
         clip_latents: list[np.ndarray] = []
         train_latents: list[np.ndarray] = []
+        clap_clips = _clap_embed(clap_model, held_out.clips)
+        clap_train = _clap_embed(clap_model, train_set.clips) if train_set is not None else None
+        first: tuple[list[torch.Tensor], int] | None = None  # the first weights' samples and rate
         results = []
         for i, spec in enumerate(weights):
             model = load_weights(spec, device)
@@ -275,12 +294,13 @@ def compare(
                 batch = sample_batch(model, len(prompts), duration)
                 if batch < min(len(prompts), MAX_OUTPUTS):
                     logger.info("Generating in batches of %d samples: that many fit in free memory", batch)
-                wav = torch.cat(
-                    [
+                pieces = []
+                for j in range(0, len(prompts), batch):
+                    torch.manual_seed(SEED + j)  # the same seeds for every weights: their samples pair up
+                    pieces.append(
                         generate_audio(model, prompts[j : j + batch], duration, sampler_precision=sampler_precision)
-                        for j in range(0, len(prompts), batch)
-                    ]
-                )  # [B, C, T] at the model's rate
+                    )
+                wav = torch.cat(pieces)  # [B, C, T] at the model's rate
                 generated = [encodec_latents(reference, w.float().cpu(), int(model.sample_rate)) for w in wav]
                 row["frechet"] = embedding_frechet(np.concatenate(generated), np.concatenate(clip_latents))
                 # in discogs-effnet space too when its model file is present (essentia, in its worker process)
@@ -290,6 +310,11 @@ def compare(
                 if "skipped" in effnet:
                     row["frechet_effnet_skipped"] = effnet["skipped"]
                 row["samples"] = [{"prompt": p} for p in prompts]
+                first = _sample_measures(row, wav, int(model.sample_rate), prompts, first, clap_model, clap_clips)
+                if clap_model is not None and clap_train is not None:
+                    names = [Path(str(c.path)).name for c in train_set.clips]
+                    row["clap_copy_check"] = clap_copy_check(None, row.pop("_clap"), clap_train, names=names)
+                row.pop("_clap", None)
                 if out_dir is not None:
                     rate = int(model.sample_rate)
                     files = {
@@ -307,6 +332,7 @@ def compare(
     return {
         "dataset": Path(dataset).name,
         "clips": len(held_out.clips),
+        "clap": {"source": clap_model.source} if clap_model is not None else {"skipped": clap_skipped},
         "training": Path(training).name if training else None,
         "samples": samples,
         "sample_duration": duration,
@@ -316,6 +342,66 @@ def compare(
         "samples_dir": str(out_dir) if out_dir is not None else None,
         "models": results,
     }
+
+
+def _load_clap(clap: str | os.PathLike[str] | None, device: str) -> tuple[Clap | None, str | None]:
+    """CLAP, or None and why not (not asked for, not on the disk, or there but unloadable: the run goes on)."""
+    if clap is None:
+        return None, "not asked for"
+    try:
+        model = load_clap(device, clap)
+    except ClapLoadError as e:
+        logger.warning("CLAP metrics skipped: %s", e)
+        return None, str(e)
+    return model, None if model is not None else clap_skip_reason(clap)
+
+
+def _clap_embed(clap: Clap | None, clips: tp.Sequence[tp.Any]) -> torch.Tensor | None:
+    """`[N, D]` CLAP embeddings of prepared clips (each at its own rate), None without CLAP."""
+    if clap is None:
+        return None
+    return torch.cat([clap.embed_audio([wav], rate) for wav, rate in map(_clip_audio, clips)])
+
+
+def _sample_measures(
+    row: dict[str, tp.Any],
+    wav: torch.Tensor,
+    rate: int,
+    prompts: tp.Sequence[str],
+    first: tuple[list[torch.Tensor], int] | None,
+    clap: Clap | None,
+    clap_clips: torch.Tensor | None,
+) -> tuple[list[torch.Tensor], int]:
+    """Health and CLAP metrics of one weights' samples `wav` `[B, C, T]` into `row`; returns the first weights'
+    samples (these, when `first` is None) to compare the next weights with. `row['_clap']`: the samples' CLAP
+    embeddings, for the copy check."""
+    wavs = [w.float().cpu() for w in wav]
+    flags: dict[str, int] = {}
+    for entry, w in zip(row["samples"], wavs, strict=True):
+        health = sample_health(w, rate)
+        entry["health_flags"], entry["health"] = list(health.flags), health.measures
+        for flag in health.flags:
+            flags[flag] = flags.get(flag, 0) + 1
+    row["health_flags"] = flags
+    if first is None:
+        first = (wavs, rate)
+    else:
+        base = first[0]
+        tuned = [resample(w, rate, first[1]) for w in wavs] if rate != first[1] else wavs
+        row["indistinguishable_from_first"] = indistinguishable(base, tuned, first[1])
+    if clap is not None and clap_clips is not None:
+        audio = clap.embed_audio(wavs, rate)
+        row["_clap"] = audio
+        similarities = (audio * clap.embed_text(prompts)).sum(dim=-1)
+        row["clap_prompt_adherence"] = float(similarities.mean())
+        for entry, value in zip(row["samples"], similarities.tolist(), strict=True):
+            entry["clap_similarity"] = value
+        if len(audio) >= 2 and len(clap_clips) >= 2:
+            row["clap_frechet"] = clap_frechet(audio, clap_clips)
+            row["clap_kad"] = kad(audio, clap_clips)
+        else:
+            row["clap_distance_skipped"] = "needs at least 2 samples and 2 held-out clips"
+    return first
 
 
 def _setting(given: float | None, report: float | None, default: float, field: str, source: str | None) -> dict:
@@ -331,8 +417,12 @@ def _setting(given: float | None, report: float | None, default: float, field: s
 
 
 def format_table(report: dict[str, tp.Any]) -> str:
-    """One line per weights: validation loss (conditional, unconditional), Fréchet distance, copies."""
-    header = f"{'weights':32s} {'val_loss':>9s} {'uncond':>9s} {'frechet':>9s} {'effnet':>9s} {'copies':>7s}"
+    """One line per weights: validation loss (conditional, unconditional), Fréchet distances, copies, CLAP prompt
+    adherence and KAD, the samples' health flags; then what was skipped and why."""
+    header = (
+        f"{'weights':32s} {'val_loss':>9s} {'uncond':>9s} {'frechet':>9s} {'effnet':>9s} {'copies':>7s} "
+        f"{'clap':>7s} {'kad':>8s}  flags"
+    )
     lines = [f"held-out: {report['dataset']} ({report['clips']} clips)"]
     for name, flag in (("segment", "--segment"), ("duration", "--duration")):
         chosen = (report.get("settings") or {}).get(name)
@@ -347,10 +437,24 @@ def format_table(report: dict[str, tp.Any]) -> str:
         checked = row.get("copy_check")
         copies = f"{checked['copies']}/{len(checked['samples'])}" if checked else "-"
         losses = f"{row['val_loss']:9.4f} {row['val_loss_uncond']:9.4f}"
-        lines.append(f"{row['weights'][:32]:32s} {losses} {frechet} {effnet} {copies:>7s}")
+        adherence = f"{row['clap_prompt_adherence']:7.3f}" if "clap_prompt_adherence" in row else f"{'-':>7s}"
+        kad_value = f"{row['clap_kad']:8.3f}" if "clap_kad" in row else f"{'-':>8s}"
+        flags = [f"{name} {count}/{len(row['samples'])}" for name, count in (row.get("health_flags") or {}).items()]
+        clap_copies = row.get("clap_copy_check")
+        if clap_copies and clap_copies["copies"]:
+            flags.append(f"copies in CLAP space {clap_copies['copies']}/{len(clap_copies['samples'])}")
+        if row.get("indistinguishable_from_first"):
+            flags.append(f"indistinguishable from {report['models'][0]['weights']}")
+        line = f"{row['weights'][:32]:32s} {losses} {frechet} {effnet} {copies:>7s} {adherence} {kad_value}"
+        lines.append(f"{line}  {', '.join(flags) or ('healthy' if 'health_flags' in row else '-')}")
     skipped = next((r["frechet_effnet_skipped"] for r in report["models"] if "frechet_effnet_skipped" in r), None)
     if skipped:
         lines.append(f"effnet: skipped ({skipped})")
+    clap = report.get("clap") or {}
+    if clap.get("skipped"):
+        lines.append(f"clap: skipped ({clap['skipped']})")
+    elif clap.get("source"):
+        lines.append(f"clap: {clap['source']} (clap: prompt adherence, higher is better; kad: to the held-out clips)")
     if report.get("samples_dir"):
         lines.append(f"samples: {report['samples_dir']}")
     return "\n".join(lines)

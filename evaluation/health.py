@@ -9,8 +9,9 @@ a `Health` with the measures below and the names of those past their threshold (
 Measures (all on the mono downmix, except clipping and DC, on every channel):
 
 - `silent_fraction`: the share of 50 ms frames quieter than `SILENCE_DBFS` (-60 dBFS RMS). Flag `silence`.
-- `clipped_fraction`: the share of samples at full scale (|x| >= 0.999) in runs of 3 or more: a peak-normalized
-  sample touches full scale at isolated peaks, a clipped one stays there. Flag `clipping`.
+- `clipped_fraction`: the share of samples held flat near full scale (|x| >= 0.99 and equal to both neighbours):
+  digital clipping cuts the waves' tops off flat; a peak-normalized sample touches full scale at a rounded crest.
+  Flag `clipping`.
 - `dc_offset`: the largest |mean| of a channel, in full-scale units. Flag `dc`.
 - `spectral_flatness`: the median over non-silent frames of the power spectrum's geometric / arithmetic mean
   between 50 Hz and 16 kHz (Wiener entropy): about 0.56 for white noise, near 0 for a tone. Flag `noise`.
@@ -62,8 +63,8 @@ THRESHOLDS: dict[str, float] = {
 THRESHOLD_REASONS: dict[str, str] = {
     "silence": "a quarter of the sample's 50 ms frames below -60 dBFS: a pause, a fade or a break in music is "
     "shorter; a sample that stops (a silent tail) or never starts is longer",
-    "clipping": "0.1 % of the samples held at full scale for 3+ samples in a row: peak normalization touches full "
-    "scale at single samples only; audible clipping flattens whole runs of them",
+    "clipping": "0.1 % of the samples held flat near full scale: a peak-normalized or full-scale sample has rounded "
+    "crests; audible clipping cuts them flat, a few samples at a time, on many crests",
     "dc": "a channel's mean above 2 % of full scale: music is centred on 0 (its DC is below 0.1 %); an offset "
     "this large takes headroom and clicks at the start and end",
     "noise": "median spectral flatness above 0.3: white noise measures about 0.56 and music with drums stays "
@@ -171,9 +172,9 @@ def sample_health(wav: torch.Tensor, sample_rate: int) -> Health:
     silent = rms < 10 ** (SILENCE_DBFS / 20)
     measures: dict[str, float] = {"silent_fraction": float(silent.float().mean())}
 
-    at_full_scale = wav.abs() >= 0.999  # [C, T]
-    # A run of 3: the sample and both its neighbours at full scale (isolated peaks do not count).
-    held = at_full_scale[:, 1:-1] & at_full_scale[:, :-2] & at_full_scale[:, 2:]
+    # Flat tops: near full scale and equal to both neighbours (a crest, however loud, is rounded).
+    middle = wav[:, 1:-1]
+    held = (middle.abs() >= 0.99) & ((middle - wav[:, :-2]).abs() < 1e-6) & ((middle - wav[:, 2:]).abs() < 1e-6)
     measures["clipped_fraction"] = float(held.float().mean()) if held.numel() else 0.0
     measures["dc_offset"] = float(wav.mean(dim=1).abs().max())
 

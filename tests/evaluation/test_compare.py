@@ -85,3 +85,42 @@ def test_python_m_evaluation_refuses_bad_flags_before_loading(tmp_path, capsys, 
     argv = ["--dataset", str(tmp_path / "missing.zip"), "--weights", "tiny", *flags]
     assert main(argv) == 2
     assert named in capsys.readouterr().err
+
+
+def test_python_m_evaluation_measures_clap_and_sample_health(tmp_path, capsys):
+    """The same weights twice: their samples (the same seeds) are flagged indistinguishable; CLAP prompt adherence,
+    Fréchet, KAD and copy check come from the tiny real-format CLAP; every sample has its health flags. Without
+    CLAP, the table says it was skipped and why."""
+    from core.tiny import tiny_clap
+    from evaluation.health import FLAGS
+
+    held = make_prepared(
+        tmp_path / "held", [{"seconds": 2.0, "freq": f, "description": f"tone {f}"} for f in (290, 350)]
+    )
+    train = make_prepared(tmp_path / "train", [{"seconds": 2.0, "freq": f, "description": "t"} for f in (200, 260)])
+    out = tmp_path / "report.json"
+    argv = ["--dataset", str(held), "--weights", "tiny", "tiny", "--training", str(train), "--samples", "2"]
+    argv += ["--duration", "1", "--segment", "2", "--clap", str(tiny_clap()), "--json", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    first, second = report["models"]
+    assert report["clap"] == {"source": str(tiny_clap())}
+    assert "indistinguishable_from_first" not in first and second["indistinguishable_from_first"] is True
+    assert "indistinguishable from tiny" in table and f"clap: {tiny_clap()}" in table
+    for row in (first, second):
+        assert -1.0 <= row["clap_prompt_adherence"] <= 1.0
+        assert row["clap_frechet"] >= 0 and np.isfinite(row["clap_kad"])
+        assert len(row["clap_copy_check"]["samples"]) == 2 and row["clap_copy_check"]["reference"] is not None
+        for sample in row["samples"]:
+            assert set(sample["health_flags"]) <= set(FLAGS) and "spectral_flatness" in sample["health"]
+            assert -1.0 <= sample["clap_similarity"] <= 1.0
+        assert sum(row["health_flags"].values()) == sum(len(s["health_flags"]) for s in row["samples"])
+        assert f"{row['clap_kad']:8.3f}" in table
+    assert first["clap_prompt_adherence"] == pytest.approx(second["clap_prompt_adherence"], abs=1e-6)
+
+    (tmp_path / "no-clap").mkdir()
+    argv = ["--dataset", str(held), "--weights", "tiny", "--samples", "2", "--duration", "1", "--segment", "2"]
+    assert main([*argv, "--clap", str(tmp_path / "no-clap")]) == 0
+    table = capsys.readouterr().out
+    assert f"clap: skipped ({tmp_path / 'no-clap'} holds no CLAP model" in table
