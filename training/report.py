@@ -551,7 +551,7 @@ def _timeline_html(validation: dict, during: dict, audio: tp.Mapping[str, bytes]
     parts = ["<h2>Samples during training</h2><table><tr>", *(f"<th>{escape(h)}</th>" for h in header), "</tr>"]
     for entry in during.get("entries") or []:
         step = entry.get("step")
-        cls = " class='exported'" if step == validation.get("exported_step") else ""
+        cls = " class='exported-step'" if step == validation.get("exported_step") else ""
         cells = [escape(str(step)), escape(_num(losses.get(step)))]
         files = entry.get("files") or []
         if files and all(f in audio for f in files):

@@ -236,9 +236,16 @@ def test_the_report_page_is_self_contained(validated_run):
     text = " ".join(parsed.text)
     assert all(src.startswith("data:") for _, src in parsed.sources)  # nothing to fetch: opens offline, anywhere
     kinds = [(tag, src.split(";")[0]) for tag, src in parsed.sources]
-    assert kinds == [("audio", "data:audio/wav")] * 7  # 2 samples, a training clip, 2 x (base, fine-tuned)
+    during = json.loads((validated_run["out"] / "metrics.json").read_text())["validation"]["samples_during_training"]
+    timeline = [f for e in during["entries"] for f in e.get("files") or []]  # as many as the time bound allowed
+    assert len(timeline) >= 2 and during["entries"][0]["step"] == 0  # the base model's are always made
+    # 2 samples, a training clip; the samples during training (MP3); 2 x (base, fine-tuned)
+    assert kinds == [("audio", "data:audio/wav")] * 3 + [("audio", "data:audio/mpeg")] * len(timeline) + [
+        ("audio", "data:audio/wav")
+    ] * 4
     for _, src in parsed.sources:
-        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"RIFF")
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data.startswith(b"RIFF" if src.startswith("data:audio/wav") else (b"ID3", b"\xff\xfb", b"\xff\xf3"))
     assert parsed.rows.count("svg") == 1 and "validation loss" in text  # the curves, inline (legend text)
     validation = _tar_json(validated_run["tar"], "finetune.json")["validation"]
     assert f"from {validation['base_loss']:.3f} (base model)" in text and "at step 12" in text
