@@ -240,9 +240,12 @@ def test_the_report_page_is_self_contained(validated_run):
     timeline = [f for e in during["entries"] for f in e.get("files") or []]  # as many as the time bound allowed
     assert len(timeline) >= 2 and during["entries"][0]["step"] == 0  # the base model's are always made
     # 2 samples, a training clip; the samples during training (MP3); 2 x (base, fine-tuned)
-    assert kinds == [("audio", "data:audio/wav")] * 3 + [("audio", "data:audio/mpeg")] * len(timeline) + [
-        ("audio", "data:audio/wav")
-    ] * 4
+    assert (
+        kinds
+        == [("audio", "data:audio/wav")] * 3
+        + [("audio", "data:audio/mpeg")] * len(timeline)
+        + [("audio", "data:audio/wav")] * 4
+    )
     for _, src in parsed.sources:
         data = base64.b64decode(src.split(",", 1)[1])
         assert data.startswith(b"RIFF" if src.startswith("data:audio/wav") else (b"ID3", b"\xff\xfb", b"\xff\xf3"))
