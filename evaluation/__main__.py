@@ -1,6 +1,7 @@
 """`python -m evaluation --dataset HELD_OUT --weights W [W ...] [--training TRAIN] [--json out.json]`
 
-Compare weights (base versions such as `small`, `tiny`, or `trained_model.tar` files, LoRA ones included) on
+Compare weights (base versions such as `small`, `tiny`, `trained_model.tar` files, LoRA ones included, or fine-tunes
+in transformers' format: a MusicGen or PEFT adapter folder, or its Hugging Face repo id) on
 held-out tracks (an archive, an audio file or a prepared folder) with the trainer's validation loss, the Fréchet
 distance of generated samples to the held-out clips (EnCodec latents; and in CLAP's space with the KAD, beside
 CLAP prompt adherence, when `laion/larger_clap_music` is cached), each sample's health flags (silence, clipping,
@@ -34,7 +35,12 @@ from training.report import finite_json
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="held-out tracks: archive, audio file or prepared folder")
-    parser.add_argument("--weights", nargs="+", required=True, help="base versions and/or trained_model.tar files")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        required=True,
+        help="base versions, trained_model.tar files, transformers MusicGen or PEFT adapter folders or repo ids",
+    )
     parser.add_argument("--training", default=None, help="the training tracks, for the copy check (optional)")
     parser.add_argument(
         "--samples", type=int, default=4, help=f"samples generated per weights, 0..{MAX_SAMPLES} (0: no Fréchet)"

@@ -42,10 +42,13 @@ import numpy as np
 import torch
 
 from core.audio import load_audio, resample
+from core.catalogue import find
 from core.devices import default_device
 from core.params import InputError
 from core.versions import load_musicgen
-from core.weights import load_trained_model, read_finetune_info, unpack
+from core.weights import classify, load_trained_model, read_finetune_info, unpack
+from core.weights.peft_format import is_peft_folder
+from core.weights.transformers_format import is_transformers_folder
 from evaluation.clap import CLAP_REPO, Clap, ClapLoadError, clap_skip_reason, kad, load_clap
 from evaluation.clap import copy_check as clap_copy_check
 from evaluation.clap import frechet as clap_frechet
@@ -159,10 +162,14 @@ def _file_part(name: str) -> str:
 
 
 def load_weights(spec: str, device: str) -> tp.Any:
-    """A MusicGen (audiocraft's) from a base version name, a local model folder or a `trained_model.tar`."""
+    """A MusicGen (audiocraft's) from a base version name, a local audiocraft model folder, a `trained_model.tar`,
+    or a fine-tune in transformers' format (a MusicGen folder or PEFT adapter folder, or a Hugging Face repo id of
+    either), converted on load as `replicate_weights` is."""
     path = Path(spec).expanduser()
-    if path.is_file():
+    if path.is_file() or (path.is_dir() and (is_transformers_folder(path) or is_peft_folder(path))):
         return load_trained_model(path, device).musicgen
+    if find(spec) is None and not spec.startswith("facebook/") and classify(spec).kind == "hf":
+        return load_trained_model(spec, device).musicgen
     return load_musicgen(spec, device).musicgen
 
 
