@@ -47,6 +47,7 @@ from generation.request import (
 from generation.windows import SampleFn, lm_generate, sample_windows
 
 logger = logging.getLogger(__name__)
+LOUDNESS_BLOCK_S = 0.4  # the gating block of loudness measurement (ITU-R BS.1770), in seconds
 
 __all__ = [
     "GenerationResult",
@@ -481,6 +482,15 @@ def normalize(wav: torch.Tensor, strategy: str, sample_rate: int) -> torch.Tenso
     wav = wav.float()
     if wav.abs().max() == 0:
         return wav  # nothing to scale; loudness of silence is undefined
+    if strategy == "loudness" and wav.shape[-1] < LOUDNESS_BLOCK_S * sample_rate:
+        # ITU-R BS.1770 loudness is measured over 400 ms blocks: torchaudio refuses anything shorter
+        logger.warning(
+            "normalization_strategy=loudness: %.2f s of audio is shorter than loudness's %.1f s measurement "
+            "block; normalized by peak instead",
+            wav.shape[-1] / sample_rate,
+            LOUDNESS_BLOCK_S,
+        )
+        strategy = "peak"
     return normalize_audio(
         wav,
         strategy=strategy,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
 
 from core.params import InputError, from_kwargs
-from generation.generate import Generator, generate_tokens
+from generation.generate import LOUDNESS_BLOCK_S, Generator, generate_tokens, normalize
 from generation.params import PredictParams
 from tests.helpers import write_wav
 
@@ -218,3 +219,20 @@ def test_int8_on_a_gpu_is_refused_before_loading():
         generator.generate(params(model_version="tiny", sampler_precision="int8"), progress=False)
     assert err.value.name == "sampler_precision" and "fp16" in str(err.value)
     assert generator._model is None
+
+
+def test_loudness_normalization_of_audio_shorter_than_its_block_falls_back_to_peak_and_says_so(caplog):
+    """Loudness is measured over 400 ms blocks (torchaudio raises on less): a shorter sample (a training's
+    `sample_duration` of 0.3) is peak-normalized, with a warning, instead of failing the export."""
+    rate = 32000
+    short = torch.sin(torch.arange(int(0.3 * rate)) / 10.0)[None] * 0.1  # [C, T]
+    with caplog.at_level(logging.WARNING):
+        out = normalize(short, "loudness", rate)
+    assert out.shape == short.shape and torch.isfinite(out).all()
+    assert out.abs().max().item() == pytest.approx(10 ** (-1 / 20), abs=1e-3)  # peak at 1 dB of headroom
+    assert "normalized by peak instead" in caplog.text
+    caplog.clear()
+    long = torch.sin(torch.arange(int(2 * LOUDNESS_BLOCK_S * rate)) / 10.0)[None] * 0.1
+    with caplog.at_level(logging.WARNING):
+        normalize(long, "loudness", rate)
+    assert "peak instead" not in caplog.text  # long enough: loudness, as asked
