@@ -188,9 +188,7 @@ def load_trained_model(
             f"Could not load the fine-tuned weights {label} (base {base or 'unknown'}): {type(e).__name__}: {e}. "
             "If the base is a facebook/musicgen-* model, its EnCodec must be downloadable or in the HF cache."
         ) from None
-    if "self_wav" in lm.condition_provider.conditioners:  # as MusicGen.get_pretrained does
-        lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
-        lm.condition_provider.conditioners["self_wav"]._use_masking = False
+    _as_get_pretrained_sets(lm)
     name = f"fine-tune of {base}" if base else label
     return LoadedModel(MusicGen(name, compression, lm), name, spec, label, info, folder)
 
@@ -255,9 +253,14 @@ def _load_transformers(weights: OpenedWeights, device: str, lora_scale: float) -
             f"{str(e)[:300]}). Give a folder or repo saved by transformers' MusicgenForConditionalGeneration (or "
             "MusicgenMelodyForConditionalGeneration), or a PEFT LoRA adapter on a facebook/musicgen-* model."
         ) from None
-    if "self_wav" in lm.condition_provider.conditioners:  # as MusicGen.get_pretrained does
-        lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
-        lm.condition_provider.conditioners["self_wav"]._use_masking = False
+    _as_get_pretrained_sets(lm)
     name = f"PEFT LoRA fine-tune of {weights.base}" if weights.format == "peft" else f"transformers model {label}"
     logger.info("Converted %s from transformers' format", label)
     return LoadedModel(MusicGen(name, compression, lm), name, spec, label, weights.info, folder)
+
+
+def _as_get_pretrained_sets(lm: tp.Any) -> None:
+    """The melody conditioner's eval settings `MusicGen.get_pretrained` sets after loading an LM."""
+    if "self_wav" in lm.condition_provider.conditioners:
+        lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
+        lm.condition_provider.conditioners["self_wav"]._use_masking = False
