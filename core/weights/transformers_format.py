@@ -58,6 +58,24 @@ _FRAME_RATE = 50  # 32 kHz EnCodec, hop 640: the frame rate of every MusicGen LM
 
 
 # ------------------------------------------------------------------------------------------- what fits
+# audiocraft `transformer_lm` settings that transformers' MusicGen decoder has built in: an LM with any other value
+# cannot be exported, and an imported LM gets exactly these.
+_DECODER_FIXED: dict[str, tp.Any] = {
+    "norm_first": True,
+    "bias_ff": False,
+    "bias_attn": False,
+    "bias_proj": False,
+    "activation": "gelu",
+    "positional_embedding": "sin",
+    "norm": "layer_norm",
+    "layer_scale": None,
+    "qk_layer_norm": False,
+    "qk_layer_norm_cross": False,
+    "xpos": False,
+    "kv_repeat": 1,
+}
+
+
 def unsupported_reason(spec_or_lm_cfg: tp.Any) -> str | None:
     """None when a model can be written in transformers' format, else one sentence saying why not.
 
@@ -122,21 +140,7 @@ def _cfg_reason(cfg: dict) -> str | None:
     if fuser.get("cross_attention_pos_emb"):
         return "the LM adds positions to the cross-attention input, which transformers' MusicGen does not"
     lm = cfg.get("transformer_lm") or {}
-    fixed = {
-        "norm_first": True,
-        "bias_ff": False,
-        "bias_attn": False,
-        "bias_proj": False,
-        "activation": "gelu",
-        "positional_embedding": "sin",
-        "norm": "layer_norm",
-        "layer_scale": None,
-        "qk_layer_norm": False,
-        "qk_layer_norm_cross": False,
-        "xpos": False,
-        "kv_repeat": 1,
-    }
-    for key, value in fixed.items():
+    for key, value in _DECODER_FIXED.items():
         if lm.get(key, value) != value:
             return f"the LM's transformer_lm.{key} is {lm.get(key)!r}; transformers' MusicGen decoder has {value!r}"
     if float(lm.get("hidden_scale", 4)) * lm["dim"] != int(float(lm.get("hidden_scale", 4)) * lm["dim"]):
@@ -518,29 +522,18 @@ def _lm_cfg(model: tp.Any) -> dict:
             "hidden_scale": dec.ffn_dim // dec.hidden_size,
             "dropout": float(dec.dropout),
             "emb_lr": None,
-            "activation": "gelu",
-            "norm_first": True,
-            "bias_ff": False,
-            "bias_attn": False,
-            "bias_proj": False,
+            **_DECODER_FIXED,
             "past_context": None,
             "causal": True,
             "custom": False,
             "memory_efficient": True,
             "attention_as_float32": False,
-            "layer_scale": None,
-            "positional_embedding": "sin",
-            "xpos": False,
             "checkpointing": "none",
             "weight_init": "gaussian",
             "depthwise_init": "current",
             "zero_bias_init": True,
-            "norm": "layer_norm",
             "cross_attention": not melody,
-            "qk_layer_norm": False,
-            "qk_layer_norm_cross": False,
             "attention_dropout": None,
-            "kv_repeat": 1,
             "two_step_cfg": False,
         },
         "classifier_free_guidance": {"training_dropout": 0.2, "inference_coef": float(gen.guidance_scale or 3.0)},
