@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from core import audio
-from core.catalogue import find
+from core.catalogue import MELODY_VERSIONS, find
 from core.params import InputError
 from generation import families, style
 from generation.conditions import is_melody_model
@@ -121,7 +121,7 @@ def validate_for_model(
     if input_audio is not None and not params.continuation and not is_melody_model(model):
         raise InputError(
             "input_audio",
-            "melody conditioning needs a melody model (melody, melody-large, stereo-melody, ...), and "
+            f"melody conditioning needs a melody model ({', '.join(MELODY_VERSIONS)}), and "
             f"{name or model.name} is not one: set continuation=true to continue the audio instead, or pick a melody "
             "model_version",
         )

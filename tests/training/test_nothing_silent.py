@@ -161,6 +161,27 @@ def test_train_cli_reports_every_missing_piece_at_once_and_leaves_nothing(tmp_pa
     assert not out.exists()
 
 
+def test_train_cli_refuses_an_uncached_style_model_before_preparing(tmp_path):
+    """`--model_version style` offline with nothing cached: refused at once, naming the model, its text encoder and
+    its style feature extractor (MERT) with the download commands; before, the check skipped style models and the
+    load failed after the whole preparation."""
+    upload = _zip(tmp_path / "songs.zip", TRACKS)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--dataset_path", str(upload), "--model_version", "style",
+         "--drop_vocals", "false", "--output_dir", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model_version 'style'" in errors[0], done.stderr[-3000:]
+    assert "facebook/musicgen-style" in done.stderr and "m-a-p/MERT-v1-95M" in done.stderr
+    assert "hf download" in done.stderr
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
