@@ -467,9 +467,19 @@ class RowTrainedEmbedding(nn.Module):
 
 
 def save_partial(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """`tensors` and `metadata` as safetensors bytes, the same bytes for the same input: safetensors writes the
+    metadata in its hash map's order, random per call, so the JSON header is written again with the metadata keys
+    sorted (the tensors' entries and data are untouched; their offsets count from the end of the header)."""
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    raw = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to an 8-byte boundary
+    return len(text).to_bytes(8, "little") + text + raw[8 + size :]
 
 
 def apply_partial_file(lm: nn.Module, folder: tp.Any) -> dict[str, str]:

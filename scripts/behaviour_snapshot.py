@@ -55,7 +55,8 @@ VOLATILE_KEYS = (
 )
 # safetensors writes its header's `__metadata__` from a Rust HashMap: with two keys or more their order (and so the
 # file's bytes and its sha256 in finetune.json's `integrity`) changes from process to process. Such members are
-# compared by their tensors and their parsed metadata; their integrity digests are masked.
+# compared by their tensors and their parsed metadata; their integrity digests are masked. (`core.adapters.save_partial`
+# now writes its metadata sorted, so its files are the same bytes; baselines taken before that are not.)
 NONCANONICAL_SUFFIXES = (".safetensors",)
 
 TRAININGS: dict[str, dict] = {
