@@ -1,7 +1,8 @@
 """The key and bpm that preparation writes, against the truth of a score: pieces rendered from scores we write
 (`bench/key_tempo_set.py`), uploaded at 44.1 kHz as a user's files are, prepared, and scored as `bench/key_tempo.py`
-scores the full set (MIREX weighted key score, tempo Acc1/Acc2). Also: the demo's descriptions name the key and
-tempo preparation finds in its audio, and key/bpm analysis does not run when nothing would use it."""
+scores the full set (MIREX weighted key score, tempo Acc1/Acc2). Also: the tempo's octave decision on pieces whose
+beat is known, the demo's descriptions name the key and tempo preparation finds in its audio, and key/bpm analysis
+does not run when nothing would use it."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bench.key_tempo_set import SOURCE_RATE, make_set, mirex_key_score, render, tempo_acc
+from bench.key_tempo import CLIP_RATE, load_worker
+from bench.key_tempo_set import SOURCE_RATE, compose, make_set, mirex_key_score, render, tempo_acc
 from core.params import from_kwargs
 from preprocessing import PrepareParams, demo, prepare
 
 # A set of its own (neither the seed the methods were chosen on, 0, nor the benchmark's report set, 1): 12 pieces
 # of 20 s, all timbres, 60-150 bpm.
 PIECES, SEED, SECONDS = 12, 2, 20.0
+PADS = Path("/usr/share/games/singularity/music/lose/March Thee to Dis.ogg")  # Debian's singularity-music
 
 
 def _params(path: Path, **kw) -> PrepareParams:
@@ -67,7 +70,39 @@ def test_key_and_tempo_of_pieces_rendered_from_scores(scores_prepared):
     # The goals of the full benchmark (key MIREX >= 0.95, Acc2 >= 0.95, Acc1 >= 0.85) at the size of this set.
     assert mirex >= 0.95, table
     assert acc2 >= 0.95, table
-    assert acc1 >= 0.8, table
+    assert acc1 >= 0.85, table  # Percival's reading alone: 0.833 here (10 of 12; one slow piece read doubled)
+
+
+def test_the_tempo_octave_decision_on_pieces_whose_beat_is_known():
+    """`beats_are_half_beats` on pieces composed at a known tempo (32 kHz, as the clips): a slow piece's eighth
+    notes are half-beats (with drums, and sustained voices without), its quarter notes are not; a fast piece's
+    quarter notes are not; a drum kit alone, whose kick and snare alternate on the beats, gives no evidence (its
+    chroma is noise and silence, not notes), so Percival's reading would stand."""
+    worker = load_worker()
+    rng = np.random.default_rng(0)
+    for timbre, drums in (("piano", True), ("voice", False), ("strings", False)):
+        audio = render(compose(f"slow_{timbre}", 2, "minor", 66.0, timbre, drums, 16.0, rng), CLIP_RATE)
+        assert worker.beats_are_half_beats(audio, CLIP_RATE, 132.0), timbre
+        assert not worker.beats_are_half_beats(audio, CLIP_RATE, 66.0), timbre
+    for timbre, drums in (("marimba", True), ("organ", False)):
+        audio = render(compose(f"fast_{timbre}", 7, "major", 140.0, timbre, drums, 16.0, rng), CLIP_RATE)
+        assert not worker.beats_are_half_beats(audio, CLIP_RATE, 140.0), timbre
+    for bpm in (130.0, 140.0):
+        kit = compose(f"kit_{bpm}", 0, "major", bpm, "pluck", True, 16.0, rng)
+        kit.notes = []
+        assert not worker.beats_are_half_beats(render(kit, CLIP_RATE), CLIP_RATE, bpm), bpm
+
+
+@pytest.mark.skipif(not PADS.is_file(), reason="Debian's singularity-music is not installed")
+def test_the_tempo_octave_stands_on_real_music_whose_pitch_barely_changes():
+    """A track of sustained pads (singularity-music's "March Thee to Dis": its chroma changes by 0.003 on average)
+    carries no evidence about its beat in its chroma: Percival's 100 bpm is not halved."""
+    import essentia.standard as es
+
+    worker = load_worker()
+    audio = es.MonoLoader(filename=str(PADS), sampleRate=CLIP_RATE)()[: CLIP_RATE * 60]
+    bpm = worker.estimate_bpm(audio, CLIP_RATE)
+    assert bpm == pytest.approx(100.0, abs=1.0)
 
 
 def test_the_demo_describes_the_key_and_tempo_preparation_finds(tmp_path):
