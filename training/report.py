@@ -392,7 +392,8 @@ def _forgot(validation: dict, clap: dict) -> tuple[str, str]:
     if not parts:
         return "skip", (
             "Not measured: forgetting_check was off (auto is off on CPU, where generating the base model's general "
-            "music is slow) and CLAP is not there; set forgetting_check=on to measure it."
+            "music is slow) and the CLAP model is not installed (how to add it: Still follows prompts?); set "
+            "forgetting_check=on to measure it."
         )
     return kind, " ".join(parts)
 

@@ -246,6 +246,8 @@ def test_clap_s_how_to_is_said_once():
     assert sum(text.count("hf download") for text in texts) == 1
     closer = _answers(_finetune())["Closer to your music?"][1]
     assert "CLAP distance skipped: the CLAP model is not installed (how to add it: Still follows prompts?)" in closer
+    forgot = _answers(_finetune(forgetting=None))["Forgot other music?"][1]
+    assert "the CLAP model is not installed (how to add it: Still follows prompts?)" in forgot
 
 
 def test_the_report_fits_its_page_in_a_browser(tmp_path):
