@@ -761,7 +761,13 @@ def _evaluations_html(validation: dict) -> str:
         cells = [e.get("step"), *(e.get(k) for k in keys)]
         text = ["-" if c is None else (f"{c:.4f}" if isinstance(c, float) else str(c)) for c in cells]
         parts.append(f"<tr{cls}>" + "".join(f"<td class='num'>{escape(t)}</td>" for t in text) + "</tr>")
-    parts.append("</table><p>Highlighted: the exported weights.</p>")
+    per_codebook = (
+        f" {codebooks[0]}..{codebooks[-1]}: the loss on each of EnCodec's codebooks, {codebooks[0]} the coarsest "
+        "(most of what is heard), the later ones finer detail."
+        if codebooks
+        else ""
+    )  # a column name a musician cannot read says what it is
+    parts.append(f"</table><p>Highlighted: the exported weights.{escape(per_codebook)}</p>")
     return "".join(parts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from html import unescape
 
 import pytest
 
@@ -263,6 +264,8 @@ def test_the_report_fits_its_page_in_a_browser(tmp_path):
     prompt = "zzq lofi, mellow electric piano chords, sine bass, soft kick and snare, 81 bpm, G minor"
     finetune = _finetune("tiny")
     validation = finetune["validation"]
+    for evaluation in validation["evaluations"]:  # tiny's 4 codebooks
+        evaluation.update({f"val_loss_q{k}": evaluation["val_loss"] for k in range(4)})
     validation["audio"].update(
         prompts=[prompt, prompt],
         copy_check={
@@ -288,6 +291,8 @@ def test_the_report_fits_its_page_in_a_browser(tmp_path):
     html = render_html(finetune, [{"step": 1, "loss": 5.0, "lr": 1e-3}], [], None, comparison, timeline).decode()
     page = tmp_path / "report.html"
     page.write_text(html)
+    codebooks = "val_loss_q0..val_loss_q3: the loss on each of EnCodec's codebooks, val_loss_q0 the coarsest"
+    assert codebooks in unescape(html)  # the per-codebook columns say what they are
     skipped = next(t for t in _Page(html).tables if t and t[0][:2] == ["step", "validation loss"] and len(t[0]) == 5)
     assert skipped[2] == ["10", "4.0000", "over the bound: samples may cost 5 % of the training time", ""]
     assert "(again, sample 2 of this prompt)" in skipped[0][3]  # the same held-out description, sampled twice
