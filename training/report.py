@@ -20,6 +20,7 @@ from html import escape
 from pathlib import Path
 
 from core.catalogue import SPEC
+from evaluation.frechet import fmt_distance
 
 __all__ = [
     "plot_history",
@@ -33,7 +34,6 @@ __all__ = [
     "summary_lines",
     "verdicts",
     "CLOSER_MIN",
-    "fmt_distance",
     "PROMPT_GAIN_KEPT",
 ]
 
@@ -306,14 +306,6 @@ def _answer(answer: str, text: str) -> str:
     if text[:2].istitle():
         text = text[0].lower() + text[1:]
     return f"{answer}: {text}"
-
-
-def fmt_distance(value: float | None) -> str:
-    """A distance as the report prints it: 3 decimals from 0.1 up, else 3 significant digits (the EnCodec Fréchet
-    distance of a tiny model is about 0.0007: `0.001 -> 0.001` hid every change)."""
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if abs(value) >= 0.1 or value == 0 else f"{value:#.3g}"
 
 
 def _change(base: float | None, value: float | None) -> str:

@@ -10,6 +10,7 @@ from html import unescape
 import pytest
 
 from core.versions import load_musicgen
+from evaluation.frechet import fmt_distance
 from tests.training.conftest import make_prepared, tiny_params
 from tests.training.test_validation import SIX, _Page
 from training import evaluate
@@ -17,7 +18,6 @@ from training.report import (
     CLOSER_MIN,
     PROMPT_GAIN_KEPT,
     comparison_rows,
-    fmt_distance,
     render_html,
     summary_lines,
     verdicts,
