@@ -54,7 +54,7 @@ from evaluation.clap import copy_check as clap_copy_check
 from evaluation.clap import frechet as clap_frechet
 from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
-from evaluation.frechet import embedding_frechet
+from evaluation.frechet import embedding_frechet, fmt_distance
 from evaluation.health import indistinguishable, sample_health
 from generation.generate import generate_audio
 from generation.params import MAX_DURATION, MAX_OUTPUTS, PredictParams
@@ -439,8 +439,8 @@ def format_table(report: dict[str, tp.Any]) -> str:
         lines.append(f"the report's held-out tracks: {', '.join(report['report_held_out'])}")
     lines += [header, "-" * len(header)]
     for row in report["models"]:
-        frechet = f"{row['frechet']:9.3f}" if "frechet" in row else f"{'-':>9s}"
-        effnet = f"{row['frechet_effnet']:9.3f}" if row.get("frechet_effnet") is not None else f"{'-':>9s}"
+        frechet = f"{fmt_distance(row.get('frechet')):>9s}"  # a tiny model's 0.0007 keeps its digits
+        effnet = f"{fmt_distance(row.get('frechet_effnet')):>9s}"
         checked = row.get("copy_check")
         copies = f"{checked['copies']}/{len(checked['samples'])}" if checked else "-"
         losses = f"{row['val_loss']:9.4f} {row['val_loss_uncond']:9.4f}"

@@ -46,7 +46,7 @@ from evaluation.clap import copy_check as clap_copy_check
 from evaluation.clap import frechet as clap_frechet
 from evaluation.effnet import effnet_frechet
 from evaluation.embed import copy_check, encodec_latents
-from evaluation.frechet import embedding_frechet
+from evaluation.frechet import embedding_frechet, fmt_distance
 from evaluation.health import THRESHOLDS as HEALTH_THRESHOLDS
 from evaluation.health import indistinguishable, pair_correlations, sample_health
 from generation.generate import generate_audio, normalize, resolved_precision
@@ -852,10 +852,10 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
         "effnet": effnet,
     }
     logger.info(
-        "Audio check on the held-out prompts: Fréchet distance to the held-out clips %.3f (base) -> %.3f "
+        "Audio check on the held-out prompts: Fréchet distance to the held-out clips %s (base) -> %s "
         "(fine-tuned); %d of %d samples flagged as near copies of a training clip",
-        summary["frechet_base"],
-        summary["frechet_finetuned"],
+        fmt_distance(summary["frechet_base"]),
+        fmt_distance(summary["frechet_finetuned"]),
         copies["copies"],
         len(copies["samples"]),
     )
@@ -875,9 +875,9 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
         logger.info("Audio check in discogs-effnet space skipped: %s", effnet["skipped"])
     else:
         logger.info(
-            "Audio check in discogs-effnet space: Fréchet distance %.3f (base) -> %.3f (fine-tuned)",
-            effnet["frechet_base"],
-            effnet["frechet_finetuned"],
+            "Audio check in discogs-effnet space: Fréchet distance %s (base) -> %s (fine-tuned)",
+            fmt_distance(effnet["frechet_base"]),
+            fmt_distance(effnet["frechet_finetuned"]),
         )
     return {**summary, "audio": {"base": list(reference["base"]), "finetuned": list(tuned), "rate": sample_rate}}
 

@@ -20,6 +20,7 @@ from html import escape
 from pathlib import Path
 
 from core.catalogue import SPEC
+from evaluation.frechet import fmt_distance
 
 __all__ = [
     "plot_history",
@@ -182,8 +183,9 @@ def _rows(pairs: tp.Iterable[tuple[str, tp.Any]]) -> str:
     return "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>" for k, v in pairs)
 
 
-def _verdict(validation: dict | None) -> tuple[str, str]:
-    """One sentence a musician reads first: did the fine-tune get better on tracks it never heard?"""
+def _verdict(validation: dict | None, threshold: str = "") -> tuple[str, str]:
+    """One sentence a musician reads first: did the fine-tune get better on tracks it never heard? `threshold`
+    (what counts as better) follows the percentage it judges."""
     if not validation:
         return "warn", "No validation: nothing measured on held-out tracks (fewer than 5 tracks, or turned off)."
     base, best, step = validation.get("base_loss"), validation.get("best_loss"), validation.get("exported_step")
@@ -198,7 +200,7 @@ def _verdict(validation: dict | None) -> tuple[str, str]:
         )
     text = (
         f"On {tracks} held-out track(s) never trained on, the validation loss went from {base:.3f} (base model) to "
-        f"{best:.3f} at step {step}, {100 * (base - best) / base:.1f} % lower; those weights were exported."
+        f"{best:.3f} at step {step}, {100 * (base - best) / base:.1f} % lower{threshold}; those weights were exported."
     )
     flags = validation.get("flags") or []
     if "validation up" in flags:
@@ -250,32 +252,70 @@ def verdicts(finetune: dict[str, tp.Any]) -> list[tuple[str, str, str]]:
 
 
 def _closer(validation: dict, audio: dict, clap: dict) -> tuple[str, str]:
-    kind, text = _verdict(validation)
+    """Yes / No / Not clearly, from the validation loss (at least `CLOSER_MIN` lower) and the samples' distances to
+    the held-out clips; samples the base model's cannot be told from take the yes back (the loss fell, the music did
+    not change)."""
     base, best = validation.get("base_loss"), validation.get("best_loss")
-    if kind == "" and base and best is not None and (base - best) / base < CLOSER_MIN:
-        kind = "warn"
+    kind, text = _verdict(validation, f" (counted closer from {100 * CLOSER_MIN:.0f} % lower)")
+    if base is None or best is None:
+        answer = "Not measured"
+    elif validation.get("exported_step") == 0:
+        answer = "No"
+    elif base and (base - best) / base < CLOSER_MIN:
+        kind, answer = "warn", "Not clearly"
         text += f" That is under the {100 * CLOSER_MIN:.0f} % a fine-tune should gain."
-    elif kind == "" and base:
-        text += f" (counted closer from {100 * CLOSER_MIN:.0f} % lower)."
+    else:
+        answer = "Yes"
     if audio.get("frechet_base") is not None:
         fb, ft = audio["frechet_base"], audio.get("frechet_finetuned")
         text += (
             f" Fréchet distance of generated samples to the held-out clips (EnCodec latents, lower is closer): "
-            f"{_num(fb, 3)} (base) -> {_num(ft, 3)} (fine-tuned)."
+            f"{fmt_distance(fb)} (base) -> {fmt_distance(ft)} (fine-tuned), {_change(fb, ft)}."
         )
-        if ft is not None and ft > fb:
+        if ft is not None and fb and (ft - fb) / fb > CLOSER_MIN:
             kind = "warn"
     if clap.get("frechet_base") is not None:
         text += (
-            f" In CLAP's audio space: Fréchet {_num(clap['frechet_base'], 3)} -> "
-            f"{_num(clap.get('frechet_finetuned'), 3)}"
+            f" In CLAP's audio space: Fréchet {fmt_distance(clap['frechet_base'])} -> "
+            f"{fmt_distance(clap.get('frechet_finetuned'))}"
             f", KAD {_num(clap.get('kad_base'), 4)} -> {_num(clap.get('kad_finetuned'), 4)}."
         )
         if (clap.get("frechet_finetuned") or 0) > clap["frechet_base"]:
             kind = "warn"
+    elif clap.get("skipped"):  # the model is absent: "Still follows prompts?" says why and how to add it, once
+        text += " CLAP distance skipped: the CLAP model is not installed (how to add it: Still follows prompts?)."
     elif audio:
-        text += f" CLAP distance skipped: {clap.get('skipped') or clap.get('distance_skipped') or 'not computed'}."
-    return kind, text
+        text += f" CLAP distance skipped: {clap.get('distance_skipped') or 'not computed'}."
+    if answer == "Yes" and (audio.get("health") or {}).get("indistinguishable"):
+        kind = "warn"
+        text += (
+            " But the fine-tune's samples cannot be told from the base model's (Healthy audio?): the lower loss is "
+            "not audible yet."
+        )
+    return kind, _answer(answer, text)
+
+
+def _fixed(value: float, digits: int) -> str:
+    """`value` to `digits` decimals, without the `-0.000` of a value that rounds to zero from below."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _answer(answer: str, text: str) -> str:
+    """`Yes: the ...`: the answer first, the sentence it comes from after it (its capital lowered, not an acronym's)."""
+    if text[:2].istitle():
+        text = text[0].lower() + text[1:]
+    return f"{answer}: {text}"
+
+
+def _change(base: float | None, value: float | None) -> str:
+    """How far `value` moved from `base`, in % of it: the scale a distance with no natural unit is read on."""
+    if base is None or value is None or not base:
+        return "no change measured"
+    share = (value - base) / base
+    if abs(share) < CLOSER_MIN:
+        return f"unchanged (under {100 * CLOSER_MIN:.0f} % apart)"
+    return f"{100 * abs(share):.0f} % {'lower' if share < 0 else 'higher'}"
 
 
 def _gain(evaluation: dict | None) -> float | None:
@@ -285,16 +325,19 @@ def _gain(evaluation: dict | None) -> float | None:
 
 
 def _prompts(validation: dict, clap: dict) -> tuple[str, str]:
-    """CLAP prompt adherence when measured; else the text's gain in the held-out loss, base vs fine-tuned."""
+    """Yes / No from CLAP prompt adherence when measured, and from the text's gain in the held-out loss, base vs
+    fine-tuned; Not measured when neither was."""
     evaluations = validation.get("evaluations") or []
     base = next((e for e in evaluations if e.get("step") == 0), None)
     exported = next((e for e in evaluations if e.get("step") == validation.get("exported_step")), None)
     g0, g1 = _gain(base), _gain(exported)
     kind, parts = "", []
     if g0 is not None and g1 is not None:
+        kept = f", {_fixed(100 * g1 / g0, 0)} % of the base's gain" if g0 > 0 else ""  # no share of a gain not there
         parts.append(
-            f"The prompts lower the held-out loss by {g0:.3f} with the base model and {g1:.3f} with the fine-tune "
-            f"(flagged under {100 * PROMPT_GAIN_KEPT:.0f} % of the base's)."
+            f"The prompts lower the held-out loss by {_fixed(g0, 3)} with the base model and {_fixed(g1, 3)} with the "
+            "fine-tune"
+            f"{kept} (flagged under {100 * PROMPT_GAIN_KEPT:.0f} % of the base's)."
         )
         if g0 > 0 and g1 < PROMPT_GAIN_KEPT * g0:
             kind = "warn"
@@ -311,8 +354,9 @@ def _prompts(validation: dict, clap: dict) -> tuple[str, str]:
     else:  # evaluation/clap.py's reason says how to add it; without one, CLAP_HOW does
         why = clap.get("skipped")
         parts.append(f"CLAP prompt adherence skipped: {why}." if why else f"CLAP not measured; to add it, {CLAP_HOW}.")
-        kind = kind or ("skip" if g0 is None else "")
-    return kind, " ".join(parts)
+        if g0 is None:
+            return kind or "skip", _answer("Not measured", " ".join(parts))
+    return kind, _answer("No" if kind == "warn" else "Yes", " ".join(parts))
 
 
 def _forgot(validation: dict, clap: dict) -> tuple[str, str]:
@@ -340,7 +384,8 @@ def _forgot(validation: dict, clap: dict) -> tuple[str, str]:
     if not parts:
         return "skip", (
             "Not measured: forgetting_check was off (auto is off on CPU, where generating the base model's general "
-            "music is slow) and CLAP is not there; set forgetting_check=on to measure it."
+            "music is slow) and the CLAP model is not installed (how to add it: Still follows prompts?); set "
+            "forgetting_check=on to measure it."
         )
     return kind, " ".join(parts)
 
@@ -362,29 +407,103 @@ def _copies(audio: dict, clap: dict) -> tuple[str, str]:
     return ("warn" if n else ""), text
 
 
+# Each health flag (evaluation/health.py) as a musician reads it: its name, and its measure against its threshold
+# with the scale that number is read on.
+HEALTH_NAMES = {"silence": "silence", "clipping": "clipping", "dc": "a DC offset", "noise": "noise", "loop": "a loop"}
+
+
+def _health_measure(flag: str, values: list[float], threshold: float | None) -> str:
+    """`values` (one per flagged sample) of `flag`'s measure, in words, and the threshold it was judged by."""
+    if threshold is None:
+        return ""
+
+    def numbers(scale: float, digits: int) -> str:
+        return ", ".join(f"{v * scale:.{digits}f}" for v in values)
+
+    return {
+        "silence": f"silent for {numbers(100, 0)} % of it; flagged over {100 * threshold:g} %",
+        "clipping": f"{numbers(100, 2)} % of its samples cut flat at full scale; flagged over {100 * threshold:g} %",
+        "dc": f"the waveform sits {numbers(100, 1)} % of full scale off centre, music under 0.1 %; flagged over "
+        f"{100 * threshold:g} %",
+        "noise": f"spectral flatness {numbers(1, 2)}, where white noise measures 0.56 and music under 0.2; flagged "
+        f"over {threshold:g}",
+        "loop": f"it repeats itself with a correlation of {numbers(1, 2)}, 1 for an exact replay; flagged over "
+        f"{threshold:g}",
+    }.get(flag, f"flagged over {threshold:g}")
+
+
+HEALTH_MEASURES = {
+    "silence": "silent_fraction",
+    "clipping": "clipped_fraction",
+    "dc": "dc_offset",
+    "noise": "spectral_flatness",
+    "loop": "loop_correlation",
+}
+
+
 def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
+    """Yes / No from the fine-tuned samples' health flags, each said in words with its measure and threshold, and
+    whether base and fine-tuned samples can be told apart."""
     health = audio.get("health")
     if not health:
         why = "sample_duration is 0" if not audio else (audio.get("health_skipped") or "not computed")
         return "skip", f"Not measured: {why}."
-    flagged = [
-        f"sample {i + 1}: {', '.join(h['flags'])}" for i, h in enumerate(health.get("finetuned") or []) if h["flags"]
-    ]
+    tuned = health.get("finetuned") or []
     thresholds = health.get("thresholds") or {}
-    rule = ", ".join(f"{k} {v:g}" for k, v in sorted(thresholds.items()))
-    text = ("No: " + "; ".join(flagged) + ".") if flagged else "Yes: no fine-tuned sample was flagged."
+    flagged = []
+    for flag in dict.fromkeys(f for h in tuned for f in h["flags"]):  # in the order the samples raise them
+        which = [i for i, h in enumerate(tuned) if flag in h["flags"]]
+        values = [tuned[i].get("measures", {}).get(HEALTH_MEASURES.get(flag, "")) for i in which]
+        measure = _health_measure(flag, values, thresholds.get(flag)) if None not in values else ""
+        samples = "sample" + ("s " if len(which) > 1 else " ") + " and ".join(str(i + 1) for i in which)
+        flagged.append(
+            f"{HEALTH_NAMES.get(flag, flag)} in {samples} of {len(tuned)}" + (f" ({measure})" if measure else "")
+        )
+    if flagged:
+        text = "No: " + "; ".join(flagged) + "."
+    else:
+        checked = ", ".join(HEALTH_NAMES.get(f, f) for f in HEALTH_MEASURES)
+        text = f"Yes: none of the {len(tuned)} fine-tuned samples has {checked.replace(', a loop', ' or a loop')}."
     if health.get("indistinguishable"):
-        text += " Base and fine-tuned samples are indistinguishable: the fine-tune changed nothing audible."
+        pairs = ", ".join(f"{c:.2f}" for c in health.get("correlations") or [])
+        limit = thresholds.get("indistinguishable_correlation")
+        scale = f" (base/fine-tuned pairs correlate {pairs}, 1 for the same audio" if pairs else ""
+        scale += (f"; flagged over {limit:g})" if limit is not None else ")") if scale else ""
+        text += f" Base and fine-tuned samples are indistinguishable{scale}: the fine-tune changed nothing audible."
     during = [
-        f"step {e['step']}: {', '.join(e['flags'])}"
+        f"step {e['step']}{' (the base model)' if e['step'] == 0 else ''}: {_plain_flags(e['flags'])}"
         for e in (validation.get("samples_during_training") or {}).get("entries") or []
         if e.get("flags")
     ]
     if during:
         text += f" Samples during training flagged at {'; '.join(during)}."
-    if rule:
-        text += f" (Thresholds: {rule}.)"
+    if not flagged and thresholds:
+        text += f" (Flagged over: {_threshold_words(thresholds)}; docs/metrics.md says why there.)"
     return ("warn" if flagged or health.get("indistinguishable") else ""), text
+
+
+def _threshold_words(thresholds: dict[str, float]) -> str:
+    """Each threshold with its unit: `silence 25 % of the sample, ...`."""
+    units = {
+        "silence": (100, " % of the sample"),
+        "clipping": (100, " % of its samples"),
+        "dc": (100, " % of full scale"),
+        "noise": (1, " spectral flatness"),
+        "loop": (1, " self-correlation"),
+    }
+    words = [f"{HEALTH_NAMES.get(k, k)} {thresholds[k] * units[k][0]:g}{units[k][1]}" for k in units if k in thresholds]
+    if "indistinguishable_correlation" in thresholds:
+        words.append(f"base/fine-tuned correlation {thresholds['indistinguishable_correlation']:g}")
+    return ", ".join(words)
+
+
+def _plain_flags(flags: tp.Iterable[str]) -> str:
+    """Flags as the timeline lists them (`dc (prompt 1)`) with each flag's name in words (`a DC offset (prompt 1)`)."""
+    out = []
+    for flag in flags:
+        name, _, rest = flag.partition(" ")
+        out.append(f"{HEALTH_NAMES.get(name, name)} {rest}".strip())
+    return ", ".join(out)
 
 
 def _pct(base: float | None, value: float | None) -> str:
@@ -442,10 +561,10 @@ def comparison_rows(validation: dict) -> list[tuple[str, str, str, str, str]]:
             rows.append(
                 (
                     f"Fréchet distance to the held-out clips, {space}",
-                    _num(scores.get("frechet_base"), 3),
-                    _num(scores.get("frechet_finetuned"), 3),
+                    fmt_distance(scores.get("frechet_base")),
+                    fmt_distance(scores.get("frechet_finetuned")),
                     "-",
-                    "",
+                    f"fine-tuned vs base: {_change(scores.get('frechet_base'), scores.get('frechet_finetuned'))}",
                 )
             )
         if effnet.get("frechet_base") is None:
@@ -547,24 +666,22 @@ def _timeline_html(validation: dict, during: dict, audio: tp.Mapping[str, bytes]
     """Samples during training: the same prompts and seeds at each evaluation, next to its validation loss."""
     losses = {e.get("step"): e.get("val_loss") for e in validation.get("evaluations") or []}
     prompts = during.get("prompts") or []
-    header = ["step", "validation loss", *(p or "(unconditional)" for p in prompts), "flags"]
+    header = ["step", "validation loss", *_prompt_labels(prompts), "flags"]
     parts = ["<h2>Samples during training</h2><table><tr>", *(f"<th>{escape(h)}</th>" for h in header), "</tr>"]
     for entry in during.get("entries") or []:
         step = entry.get("step")
         cls = " class='exported-step'" if step == validation.get("exported_step") else ""
-        cells = [escape(str(step)), escape(_num(losses.get(step)))]
+        cells = [f"<td>{escape(str(step))}</td>", f"<td>{escape(_num(losses.get(step)))}</td>"]
         files = entry.get("files") or []
         if files and all(f in audio for f in files):
-            cells += [_player(audio[f], "audio/mpeg") for f in files]
-        else:
+            cells += [f"<td>{_player(audio[f], 'audio/mpeg')}</td>" for f in files]
+        else:  # one note across the prompts' columns, in the note's grey (not the exported row's bold)
             note = entry.get("skipped") or (
                 "thinned: only some evaluations keep their audio" if entry.get("thinned") else "-"
             )
-            cells += [escape(note)] + [""] * (len(prompts) - 1)
-        flag = ", ".join(entry.get("flags") or [])
-        parts.append(
-            f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td class='flag'>{escape(flag)}</td></tr>"
-        )
+            cells.append(f"<td class='note' colspan='{max(1, len(prompts))}'>{escape(note)}</td>")
+        flag = _plain_flags(entry.get("flags") or [])
+        parts.append(f"<tr{cls}>" + "".join(cells) + f"<td class='flag'>{escape(flag)}</td></tr>")
     parts.append(
         f"</table><p>The same prompts and seeds at each evaluation ({_num(during.get('seconds'), 1)} s each): listen "
         "for where they stop improving or start to copy. Highlighted: the exported weights. The samples may cost at "
@@ -573,6 +690,17 @@ def _timeline_html(validation: dict, during: dict, audio: tp.Mapping[str, bytes]
         "later ones are skipped past it.</p>"
     )
     return "".join(parts)
+
+
+def _prompt_labels(prompts: tp.Sequence[str]) -> list[str]:
+    """The prompts as column or row labels; one held-out description used again (fewer descriptions than samples)
+    says so, so that two equal labels do not read as a mistake."""
+    labels = []
+    for i, prompt in enumerate(prompts):
+        label = prompt or "(unconditional)"
+        before = list(prompts[:i]).count(prompt)
+        labels.append(f"{label} (again, sample {before + 1} of this prompt)" if before else label)
+    return labels
 
 
 def _uri(kind: str, data: bytes) -> str:
@@ -625,7 +753,13 @@ def _evaluations_html(validation: dict) -> str:
         cells = [e.get("step"), *(e.get(k) for k in keys)]
         text = ["-" if c is None else (f"{c:.4f}" if isinstance(c, float) else str(c)) for c in cells]
         parts.append(f"<tr{cls}>" + "".join(f"<td class='num'>{escape(t)}</td>" for t in text) + "</tr>")
-    parts.append("</table><p>Highlighted: the exported weights.</p>")
+    per_codebook = (
+        f" {codebooks[0]}..{codebooks[-1]}: the loss on each of EnCodec's codebooks, {codebooks[0]} the coarsest "
+        "(most of what is heard), the later ones finer detail."
+        if codebooks
+        else ""
+    )  # a column name a musician cannot read says what it is
+    parts.append(f"</table><p>Highlighted: the exported weights.{escape(per_codebook)}</p>")
     return "".join(parts)
 
 
@@ -653,21 +787,29 @@ def _audio_check_html(check: dict, comparison: dict[str, tp.Any]) -> str:
     parts.append(
         _rows(
             [
-                ("Fréchet distance to the held-out clips, base model", f"{check['frechet_base']:.3f}"),
-                ("Fréchet distance to the held-out clips, fine-tuned", f"{check['frechet_finetuned']:.3f}"),
+                ("Fréchet distance to the held-out clips, base model", fmt_distance(check["frechet_base"])),
+                (
+                    "Fréchet distance to the held-out clips, fine-tuned",
+                    f"{fmt_distance(check['frechet_finetuned'])} "
+                    f"({_change(check['frechet_base'], check['frechet_finetuned'])})",
+                ),
                 ("fine-tuned samples flagged as near copies of a training clip", check["copy_check"]["copies"]),
             ]
         )
     )
     parts.append("</table><p>Lower Fréchet distance: closer to the held-out music (EnCodec latents).</p>")
-    parts.append("<table><tr><th>prompt</th><th>base model</th><th>fine-tuned</th><th>nearest training clip</th></tr>")
+    copies = check["copy_check"]
+    limit = copies.get("ratio", 0) * copies.get("reference", 0)
+    nearest = "nearest training clip (distance" + (f"; a near copy under {fmt_distance(limit)})" if limit else ")")
+    parts.append(f"<table><tr><th>prompt</th><th>base model</th><th>fine-tuned</th><th>{escape(nearest)}</th></tr>")
     rate = comparison["rate"]
-    for i, prompt in enumerate(check["prompts"]):
-        cells = [escape(prompt or "(unconditional)")]
+    for i, prompt in enumerate(_prompt_labels(check["prompts"])):
+        cells = [escape(prompt)]
         for wav in (comparison["base"][i], comparison["finetuned"][i]):
             cells.append(_player(_wav_bytes(wav, rate)))
-        near = check["copy_check"]["samples"][i]
-        cells.append(escape(f"{near['nearest']} ({near['distance']:.3f}{', near copy' if near['copy'] else ''})"))
+        near = copies["samples"][i]
+        copy = ", near copy" if near["copy"] else ""
+        cells.append(escape(f"{near['nearest']} ({fmt_distance(near['distance'])}{copy})"))
         parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     parts.append("</table>")
     return "".join(parts)

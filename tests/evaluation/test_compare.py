@@ -12,6 +12,7 @@ import torch
 from core.versions import load_musicgen
 from evaluation.__main__ import main
 from evaluation.embed import copy_check, encodec_latents
+from evaluation.frechet import fmt_distance
 from preprocessing.analysis import ENV_MODELS
 from tests.preprocessing import fake_essentia
 from tests.training.conftest import make_prepared, tiny_params
@@ -69,6 +70,8 @@ def test_python_m_evaluation_reproduces_the_trainers_validation(tmp_path, capsys
         assert len(row["copy_check"]["samples"]) == 2 and row["copy_check"]["reference"] > 0
         assert row["frechet_effnet"] > 0 and "frechet_effnet_skipped" not in row  # discogs-effnet space
     assert "effnet" in table and f"{tuned['frechet_effnet']:9.3f}" in table
+    # the EnCodec distances with their significant digits (these are about 0.003: 3 decimals said 0.003 for both)
+    assert all(f" {fmt_distance(row['frechet']):>9s} " in table for row in (base, tuned))
     assert main(["--dataset", str(tmp_path / "missing.zip"), "--weights", "tiny"]) == 2  # names the input
 
 

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import json
 import tarfile
+from html import unescape
 
 import pytest
 
 from core.versions import load_musicgen
+from evaluation.frechet import fmt_distance
 from tests.training.conftest import make_prepared, tiny_params
 from tests.training.test_validation import SIX, _Page
 from training import evaluate
-from training.report import CLOSER_MIN, PROMPT_GAIN_KEPT, render_html, summary_lines, verdicts
+from training.report import (
+    CLOSER_MIN,
+    PROMPT_GAIN_KEPT,
+    comparison_rows,
+    render_html,
+    summary_lines,
+    verdicts,
+)
 from training.run import run_training
 
 QUESTIONS = [
@@ -139,6 +148,162 @@ def test_the_page_opens_with_the_answers():
     page = _Page(render_html(finetune, [{"step": 1, "loss": 5.0, "lr": 1e-3}], []).decode())
     for question, _, text in verdicts(finetune):
         assert f"{question} {text}" in page.verdict
+
+
+def _health(flags: list[list[str]], measures: list[dict], correlations: list[float], indistinguishable: bool) -> dict:
+    thresholds = {"silence": 0.25, "clipping": 0.001, "dc": 0.02, "noise": 0.3, "loop": 0.9}
+    return {
+        "finetuned": [{"flags": f, "measures": m} for f, m in zip(flags, measures, strict=True)],
+        "correlations": correlations,
+        "indistinguishable": indistinguishable,
+        "thresholds": {**thresholds, "indistinguishable_correlation": 0.9},
+    }
+
+
+def test_each_answer_opens_with_yes_no_or_not_measured():
+    answers = _answers(_finetune())
+    assert answers["Closer to your music?"][1].startswith("Yes: on 2 held-out track(s)")
+    assert answers["Still follows prompts?"][1].startswith("Yes: the prompts lower")
+    assert _answers(_finetune(best_loss=4.99))["Closer to your music?"][1].startswith("Not clearly: ")
+    never = _answers(_finetune(best_loss=5.0, exported_step=0))["Closer to your music?"]
+    assert never[0] == "warn" and never[1].startswith("No: the fine-tune never beat the base model")
+    evaluations = [
+        {"step": 0, "val_loss": 5.0, "val_loss_uncond": 5.6},
+        {"step": 10, "val_loss": 4.0, "val_loss_uncond": 4.1},
+    ]
+    kind, text = _answers(_finetune(evaluations=evaluations))["Still follows prompts?"]
+    assert kind == "warn" and text.startswith("No: the prompts lower")
+    kind, text = _answers(_finetune(evaluations=[]))["Still follows prompts?"]
+    assert kind == "skip" and text.startswith("Not measured: CLAP prompt adherence skipped")
+
+
+def test_the_prompts_gain_is_read_as_a_share_of_the_bases():
+    kind, text = _answers(_finetune())["Still follows prompts?"]  # gains 0.6 (base) and 0.5 (fine-tuned)
+    assert kind == "" and "0.500 with the fine-tune, 83 % of the base's gain (flagged under 50 %" in text
+    # a fine-tune whose prompts no longer matter: 0.000, never a negative zero
+    evaluations = [
+        {"step": 0, "val_loss": 5.0, "val_loss_uncond": 5.6},
+        {"step": 10, "val_loss": 4.0, "val_loss_uncond": 3.99996},
+    ]
+    kind, text = _answers(_finetune(evaluations=evaluations))["Still follows prompts?"]
+    assert kind == "warn" and "0.000 with the fine-tune, 0 % of the base's gain" in text and "-0" not in text
+
+
+def test_a_small_distance_keeps_its_digits_and_says_its_change():
+    """The demo's EnCodec Fréchet distances are about 0.0007: printed to 3 decimals, every change read 0.001 ->
+    0.001. They keep 3 significant digits, and the change is said in % of the base's."""
+    assert fmt_distance(0.000734241) == "0.000734" and fmt_distance(2.0) == "2.000" and fmt_distance(None) == "-"
+    audio = {**_finetune()["validation"]["audio"], "frechet_base": 0.000734, "frechet_finetuned": 0.000712}
+    finetune = _finetune(audio=audio)
+    kind, text = _answers(finetune)["Closer to your music?"]
+    assert kind == "" and "0.000734 (base) -> 0.000712 (fine-tuned), 3 % lower." in text
+    row = next(r for r in comparison_rows(finetune["validation"]) if r[0].startswith("Fréchet distance to"))
+    assert row[1:3] == ("0.000734", "0.000712") and row[4] == "fine-tuned vs base: 3 % lower"
+    # under CLOSER_MIN apart: unchanged, not flagged; farther: flagged
+    audio["frechet_finetuned"] = 0.000734 * (1 + CLOSER_MIN / 2)
+    kind, text = _answers(_finetune(audio=audio))["Closer to your music?"]
+    assert kind == "" and f"unchanged (under {100 * CLOSER_MIN:.0f} % apart)" in text
+    audio["frechet_finetuned"] = 0.000734 * (1 + 2 * CLOSER_MIN)
+    kind, text = _answers(_finetune(audio=audio))["Closer to your music?"]
+    assert kind == "warn" and "2 % higher" in text
+
+
+def test_healthy_audio_says_each_flag_in_words_with_its_measure_and_threshold():
+    calm = {"silent_fraction": 0.0, "clipped_fraction": 0.0, "dc_offset": 0.001, "spectral_flatness": 0.01}
+    measures = [
+        {**calm, "dc_offset": 0.038, "spectral_flatness": 0.56, "loop_correlation": 0.2},
+        {**calm, "dc_offset": 0.041, "loop_correlation": 0.97, "silent_fraction": 0.4},
+    ]
+    health = _health([["dc", "noise"], ["silence", "dc", "loop"]], measures, [0.95, 0.93], True)
+    during = {"entries": [{"step": 0, "flags": ["dc (prompt 1)"]}, {"step": 10, "flags": ["loop (prompt 2)"]}]}
+    audio = {**_finetune()["validation"]["audio"], "health": health}
+    answers = _answers(_finetune(audio=audio, samples_during_training=during))
+    kind, text = answers["Healthy audio?"]
+    assert kind == "warn" and text.startswith("No: a DC offset in samples 1 and 2 of 2 (the waveform sits 3.8, 4.1 % ")
+    assert "of full scale off centre, music under 0.1 %; flagged over 2 %)" in text
+    assert "noise in sample 1 of 2 (spectral flatness 0.56, where white noise measures 0.56" in text
+    assert "silence in sample 2 of 2 (silent for 40 % of it; flagged over 25 %)" in text
+    assert "a loop in sample 2 of 2 (it repeats itself with a correlation of 0.97, 1 for an exact replay" in text
+    assert "indistinguishable (base/fine-tuned pairs correlate 0.95, 0.93, 1 for the same audio; flagged over 0.9)" in (
+        text
+    )
+    assert "step 0 (the base model): a DC offset (prompt 1); step 10: a loop (prompt 2)" in text
+    assert "dc" not in text.replace("DC", "")  # no bare flag name
+    # the fine-tune's gain in loss is not audible: the closer answer says so
+    kind, text = answers["Closer to your music?"]
+    assert kind == "warn" and "cannot be told from the base model's" in text
+    # healthy samples: each threshold with its unit
+    health = _health([[], []], [calm, calm], [0.2, 0.3], False)
+    audio = {**_finetune()["validation"]["audio"], "health": health}
+    kind, text = _answers(_finetune(audio=audio))["Healthy audio?"]
+    assert kind == "" and text.startswith("Yes: none of the 2 fine-tuned samples has silence, clipping, a DC offset")
+    assert "a DC offset 2 % of full scale" in text and "base/fine-tuned correlation 0.9" in text
+
+
+def test_clap_s_how_to_is_said_once():
+    """CLAP absent: its reason and how to add it (a long line) is said under "Still follows prompts?" only; the
+    distance's line points there."""
+    texts = [text for _, _, text in verdicts(_finetune("tiny"))]
+    assert sum(text.count("hf download") for text in texts) == 1
+    closer = _answers(_finetune())["Closer to your music?"][1]
+    assert "CLAP distance skipped: the CLAP model is not installed (how to add it: Still follows prompts?)" in closer
+    forgot = _answers(_finetune(forgetting=None))["Forgot other music?"][1]
+    assert "the CLAP model is not installed (how to add it: Still follows prompts?)" in forgot
+
+
+def test_the_report_fits_its_page_in_a_browser(tmp_path):
+    """The page in headless Chromium: its tables (the timeline's players and long prompts, the held-out table's
+    four columns) stay inside the text's width, as the verdicts do; a step whose samples were skipped says why
+    across the prompts' columns."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tests.helpers import render_in_chromium
+
+    prompt = "zzq lofi, mellow electric piano chords, sine bass, soft kick and snare, 81 bpm, G minor"
+    finetune = _finetune("tiny")
+    validation = finetune["validation"]
+    for evaluation in validation["evaluations"]:  # tiny's 4 codebooks
+        evaluation.update({f"val_loss_q{k}": evaluation["val_loss"] for k in range(4)})
+    validation["audio"].update(
+        prompts=[prompt, prompt],
+        copy_check={
+            "ratio": 0.5,
+            "reference": 0.0063,
+            "copies": 0,
+            "samples": [{"nearest": "demo_track_06_000.wav", "distance": 0.0055, "copy": False}] * 2,
+        },
+    )
+    validation["samples_during_training"] = {
+        "prompts": [prompt, prompt],
+        "seconds": 2.0,
+        "bound_share": 0.05,
+        "spent_s": 8.4,
+        "entries": [
+            {"step": 0, "files": ["samples/during/a.mp3", "samples/during/b.mp3"], "flags": ["dc (prompt 1)"]},
+            {"step": 10, "skipped": "over the bound: samples may cost 5 % of the training time"},
+        ],
+    }
+    wav = torch.zeros(1, 32000)
+    comparison = {"base": [wav, wav], "finetuned": [wav, wav], "rate": 32000}
+    timeline = {"samples/during/a.mp3": b"ID3", "samples/during/b.mp3": b"ID3"}
+    html = render_html(finetune, [{"step": 1, "loss": 5.0, "lr": 1e-3}], [], None, comparison, timeline).decode()
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    codebooks = "val_loss_q0..val_loss_q3: the loss on each of EnCodec's codebooks, val_loss_q0 the coarsest"
+    assert codebooks in unescape(html)  # the per-codebook columns say what they are
+    skipped = next(t for t in _Page(html).tables if t and t[0][:2] == ["step", "validation loss"] and len(t[0]) == 5)
+    assert skipped[2] == ["10", "4.0000", "over the bound: samples may cost 5 % of the training time", ""]
+    assert "(again, sample 2 of this prompt)" in skipped[0][3]  # the same held-out description, sampled twice
+    console = render_in_chromium(page, tmp_path / "page.png", width=1200, height=2600)
+    assert not [line for line in console if "rror" in line], console
+    pixels = np.asarray(Image.open(tmp_path / "page.png").convert("RGB")).astype(int)
+    drawn = (pixels < 250).any(axis=2)  # anything but the white page
+    verdict_box = np.nonzero((np.abs(pixels - [0xFF, 0xF4, 0xE5]) <= 2).all(axis=2))[1]  # the warn boxes' colour
+    right = int(verdict_box.max())  # the verdicts span the text's width: nothing may reach past them
+    beyond = drawn[:, right + 3 : pixels.shape[1] - 20]  # (the last 20 px: a scrollbar)
+    assert not beyond.any(), f"drawn {int(beyond.sum())} px right of the text's width (x > {right})"
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 
 from core.params import InputError
 from core.versions import load_musicgen
+from evaluation.frechet import fmt_distance
 from preprocessing import load_prepared
 from tests.training.conftest import make_prepared, tiny_params
 from training import checkpoint as ckpt
@@ -178,10 +179,28 @@ def validated_run(six_tracks, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("validated")
     params = tiny_params(six_tracks, epochs=2, updates_per_epoch=6, save_every=6, optimizer="adamw", lr=3e-3)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ENV_MODELS, str(fake_essentia.write_models(tmp_path_factory.mktemp("essentia"))))
-        tar = run_training(params, out)
-    return {"params": params, "out": out, "tar": tar}
+    logs = _Lines()  # the evaluation's log lines (a module fixture cannot use caplog)
+    evaluate_logger = logging.getLogger("training.evaluate")
+    level = evaluate_logger.level
+    evaluate_logger.addHandler(logs)
+    evaluate_logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(ENV_MODELS, str(fake_essentia.write_models(tmp_path_factory.mktemp("essentia"))))
+            tar = run_training(params, out)
+    finally:
+        evaluate_logger.removeHandler(logs)
+        evaluate_logger.setLevel(level)
+    return {"params": params, "out": out, "tar": tar, "logs": logs.lines}
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
 
 
 def test_a_run_reports_its_validation(validated_run):
@@ -269,6 +288,11 @@ def test_the_report_page_is_self_contained(validated_run):
     assert effnet["vectors"]["base"] == effnet["vectors"]["finetuned"] == 2  # a 0.5 s sample fills one patch
     assert effnet["frechet_base"] > 0 and effnet["frechet_finetuned"] > 0
     assert "discogs-effnet (essentia)" in text and f"{effnet['frechet_finetuned']:.3f}" in text
+    # the log says the same distances as the report, with their significant digits (these are about 0.003)
+    check = next(line for line in validated_run["logs"] if line.startswith("Audio check on the held-out prompts"))
+    assert f"{fmt_distance(audio['frechet_base'])} (base) -> {fmt_distance(audio['frechet_finetuned'])}" in check
+    check = next(line for line in validated_run["logs"] if line.startswith("Audio check in discogs-effnet space"))
+    assert f"{fmt_distance(effnet['frechet_base'])} (base) -> {fmt_distance(effnet['frechet_finetuned'])}" in check
     assert "Base vs fine-tuned" in text and "not measured (forgetting_check" in text  # auto is off on CPU
     metrics = json.loads((validated_run["out"] / "metrics.json").read_text())
     assert metrics["validation"]["audio"]["effnet"] == effnet  # metrics.json has the whole table too
