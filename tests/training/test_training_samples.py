@@ -123,7 +123,8 @@ def test_samples_during_training_do_not_change_the_training(version, six_tracks,
 def test_fsdp_runs_sample_during_training(six_tracks, tmp_path, capfd):
     """FSDP over 2 gloo processes: the base model's samples (step 0, always made) are generated from the LM gathered
     from both ranks' pieces, into the timeline of metrics.json and the tar, and sound exactly as one process's; the
-    later evaluations are made or skipped by the time bound, every rank in step."""
+    later evaluations are made or skipped by the time bound, every rank in step; the trained weights are bitwise
+    those of the same FSDP run without samples."""
     params = tiny_params(
         six_tracks, epochs=1, updates_per_epoch=4, eval_every=2, save_every=4, validation_split=0.5,
         optimizer="adamw", lr=3e-3, parallel="fsdp",
@@ -131,7 +132,12 @@ def test_fsdp_runs_sample_during_training(six_tracks, tmp_path, capfd):
     sharded = run_training(params, tmp_path / "fsdp", nproc=2)
     log = capfd.readouterr().err
     assert "FSDP" in log and "All 2 ranks hold identical weights" in log, log[-3000:]
-    single = run_training(dataclasses.replace(params, parallel="auto"), tmp_path / "single", nproc=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same float sums, the same samples
+    try:
+        single = run_training(dataclasses.replace(params, parallel="auto"), tmp_path / "single", nproc=1)
+    finally:
+        torch.set_num_threads(threads)
     during = _during(tmp_path / "fsdp")
     assert [e["step"] for e in during["entries"]] == [0, 2, 4]
     assert all(e.get("files") or "over the bound" in e["skipped"] for e in during["entries"])
@@ -140,3 +146,8 @@ def test_fsdp_runs_sample_during_training(six_tracks, tmp_path, capfd):
     with tarfile.open(sharded) as a, tarfile.open(single) as b:
         for name in first:
             assert a.extractfile(name).read() == b.extractfile(name).read(), name
+    # without samples (nor the audio check before training, which sample_duration also turns off): the same weights
+    run_training(dataclasses.replace(params, sample_duration=0.0), tmp_path / "quiet", nproc=2)
+    with_samples, without = _weights(tmp_path / "fsdp"), _weights(tmp_path / "quiet")
+    for k, v in with_samples.items():
+        assert torch.equal(v, without[k]), k
