@@ -918,7 +918,9 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
 # the same seeds, so the report's timeline and wandb let a user hear when the fine-tune started to copy or overfit.
 # Their cost is bounded: the base model's samples (step 0, the reference) are always made; a later evaluation's are
 # made only while everything spent on samples stays within TIMELINE_SHARE of the training time so far, and skipped
-# with a log line when the next ones would pass it.
+# with a log line when the next ones would pass it. Melody and style models generate with their conditioners set as
+# predict has them and set back to the training's after (`SampleConditions`); under FSDP rank 0 generates with a
+# copy of the LM gathered from every rank's pieces (`Evaluator._sample`).
 
 TIMELINE_PROMPTS = 2
 TIMELINE_SECONDS = 4.0  # each sample's length, at most sample_duration
