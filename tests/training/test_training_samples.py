@@ -102,7 +102,12 @@ def test_samples_during_training_do_not_change_the_training(version, six_tracks,
     tar = run_training(params, tmp_path / "on")
     during = _during(tmp_path / "on")
     assert [e["step"] for e in during["entries"]] == [0, 2, 3] and all(len(e["files"]) == 2 for e in during["entries"])
-    assert during["conditions"]["kind"] == ("melody" if version == "tiny-melody" else "style")
+    kind = "melody" if version == "tiny-melody" else "style"
+    assert during["conditions"]["kind"] == kind
+    assert during["conditions"]["clips"] == ["track03_000.wav", "track04_000.wav"]  # the clips of 'tone 3', 'tone 4'
+    assert [f"tone {i}" for i in (3, 4)] == during["prompts"]
+    page = (tmp_path / "on" / "report.html").read_text()  # the timeline's columns say whose melody / style
+    assert all(f"<th>tone {i} ({kind} of track0{i}_000.wav)</th>" in page for i in (3, 4))
     with tarfile.open(tar) as archive:
         assert {f for e in during["entries"] for f in e["files"]} <= set(archive.getnames())
     monkeypatch.setattr(evaluate, "training_samples", lambda *a, **k: None)  # samples off, nothing else
