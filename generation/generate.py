@@ -528,6 +528,7 @@ def generate_audio(
     cfg_coef: float = 3.0,
     sampler_precision: str = "auto",
     progress: bool = False,
+    melody_wavs: tp.Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """`[B, C, T]` audio (decoded with EnCodec, not normalized) of one sample per description, for the trainer.
 
@@ -536,7 +537,9 @@ def generate_audio(
     same windowing beyond `max_duration`, one batch for all descriptions. Uses the global torch RNG (seed it before).
     The LM is put in eval mode for the call and back in its previous mode after. A prepared fast model is built
     per call (the weights may have changed since the last one). Empty descriptions are unconditional.
-    `top_k` None: 250 or the codebook size if smaller.
+    `top_k` None: 250 or the codebook size if smaller. `melody_wavs`: one `[C, T]` audio (at the model's rate and
+    channels) or None per description, the `self_wav` condition as predict gives it (a melody model's melody, a
+    style model's style audio).
     """
     lm = model.lm
     was_training = lm.training
@@ -550,7 +553,8 @@ def generate_audio(
             "cfg_coef": cfg_coef,
             "two_step_cfg": False,
         }
-        attributes, _ = model._prepare_tokens_and_attributes([d if d else None for d in descriptions], None)
+        texts = [d if d else None for d in descriptions]
+        attributes, _ = model._prepare_tokens_and_attributes(texts, None, melody_wavs=melody_wavs)
         tokens = sample_windows(
             model,
             attributes,

@@ -27,6 +27,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import logging
 import math
 import random
@@ -50,16 +53,19 @@ from evaluation.frechet import embedding_frechet, fmt_distance
 from evaluation.health import THRESHOLDS as HEALTH_THRESHOLDS
 from evaluation.health import indistinguishable, pair_correlations, sample_health
 from generation.generate import generate_audio, normalize, resolved_precision
+from generation.params import PredictParams
 from preprocessing.dataset import PreparedClip, load_prepared
 from preprocessing.fingerprint import SOURCE_KEY, Fingerprints, fingerprint
 from preprocessing.params import PrepareParams, is_url, url_message
 from preprocessing.prepare import prepare
 from training.data import TokenDataset
 from training.dist import DistInfo, barrier
-from training.melody import restore_for_generation
+from training.melody import generation_setup as melody_generation
+from training.melody import melody_conditioners, restore_for_generation
 from training.methods.prior import example_key, save_examples
 from training.params import TrainParams, prepare_kwargs
 from training.report import finite_json
+from training.style import generation_setup as style_generation
 from training.style import style_conditioners
 
 logger = logging.getLogger(__name__)
@@ -428,6 +434,9 @@ class EvalContext:
     sharded: bool
     gather: tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (piece, param) -> whole on rank 0
     shard_of: tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (whole, param) -> this rank's piece
+    # FSDP: a collective (every rank sends its pieces); rank 0 gets a plain copy of the LM with the weights as they
+    # are now, None elsewhere (the samples during training generate with it). None: the LM is whole in each process.
+    whole_lm: tp.Callable[[], torch.nn.Module | None] | None = None
 
 
 class Evaluator:
@@ -560,7 +569,8 @@ class Evaluator:
                     forgot = self._losses(ctx, self.forgetting, self.forget_crops)
                     metrics["forget_loss"] = forgot["val_loss"]
                     metrics["forget_loss_uncond"] = forgot["val_loss_uncond"]
-                if self.samples is not None and ctx.dist.is_main:  # the weights evaluated above: EMA when on
+                # the weights evaluated above (EMA when on); under FSDP every rank takes part in gathering them
+                if ctx.sharded or (self.samples is not None and ctx.dist.is_main):
                     sampled = self._sample(step, ctx, started)
         finally:
             if swapped is not None:
@@ -626,15 +636,28 @@ class Evaluator:
         return metrics
 
     def _sample(self, step: int, ctx: EvalContext, started: float) -> dict[str, tp.Any] | None:
-        """This evaluation's samples during training (rank 0), within their bound; None when the run cannot."""
-        why = "FSDP shards the LM over the processes" if ctx.sharded else None
-        if why is not None:
-            logger.info("No samples during training: %s", why)
-            self.samples = None
+        """This evaluation's samples during training, within their bound (rank 0 generates; None elsewhere).
+
+        Under FSDP each rank holds a piece of the LM: rank 0 decides whether the samples are due and tells the
+        others (a broadcast); when they are, every rank sends its pieces, one weight at a time, into a plain copy
+        of the LM on rank 0 (`EvalContext.whole_lm`), which generates and is dropped. The ranks stay in lockstep
+        (the same collectives in the same order) and only rank 0 holds a whole copy, for the length of the call.
+        """
+        training_seconds = 0.0
+        if self.samples is not None:  # wall time since the base, less evaluating and sampling
+            training_seconds = started - self._clock - self.seconds - self.samples.spent
+        if not ctx.sharded:
+            return self.samples.sample(step, training_seconds)
+        due = torch.tensor([int(self.samples is not None and self.samples.due(step, training_seconds))])
+        if ctx.dist.distributed:
+            due = due.to(ctx.device)
+            torch.distributed.broadcast(due, src=0)
+        if not bool(due.item()):
+            return self.samples.sample(step, training_seconds) if self.samples is not None else None  # the skip
+        if self.samples is None:  # another rank: its pieces go to rank 0's copy
+            ctx.whole_lm()
             return None
-        spent = self.samples.spent
-        training_seconds = started - self._clock - self.seconds - spent  # wall time since the base, less evaluating
-        return self.samples.sample(step, training_seconds)
+        return self.samples.sample(step, training_seconds, whole_lm=ctx.whole_lm)
 
     # ---- the best weights
     @torch.no_grad()
@@ -783,15 +806,23 @@ def audio_prompts(clips: tp.Sequence[tp.Any], n: int = AUDIO_PROMPTS) -> list[st
 
 
 def generate_for_check(
-    model: tp.Any, prompts: list[str], seconds: float, seed: int, sampler_precision: str
+    model: tp.Any,
+    prompts: list[str],
+    seconds: float,
+    seed: int,
+    sampler_precision: str,
+    melody_wavs: tp.Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`[B, C, T]` CPU float audio from `prompts` with predict's sampler, seeded; the caller's RNG states kept."""
+    """`[B, C, T]` CPU float audio from `prompts` (and `melody_wavs`: each one's `self_wav` audio, see
+    `generate_audio`) with predict's sampler, seeded (torch's and Python's `random`, from which demucs' shifts and a
+    style excerpt's start are drawn); the caller's RNG states kept."""
     restore_for_generation(model.lm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = random.getstate()
+        random.seed(seed)
         try:
-            wav = generate_audio(model, prompts, seconds, sampler_precision=sampler_precision)
+            wav = generate_audio(model, prompts, seconds, sampler_precision=sampler_precision, melody_wavs=melody_wavs)
         finally:
             random.setstate(state)
     return wav.float().cpu()
@@ -887,7 +918,9 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
 # the same seeds, so the report's timeline and wandb let a user hear when the fine-tune started to copy or overfit.
 # Their cost is bounded: the base model's samples (step 0, the reference) are always made; a later evaluation's are
 # made only while everything spent on samples stays within TIMELINE_SHARE of the training time so far, and skipped
-# with a log line when the next ones would pass it.
+# with a log line when the next ones would pass it. Melody and style models generate with their conditioners set as
+# predict has them and set back to the training's after (`SampleConditions`); under FSDP rank 0 generates with a
+# copy of the LM gathered from every rank's pieces (`Evaluator._sample`).
 
 TIMELINE_PROMPTS = 2
 TIMELINE_SECONDS = 4.0  # each sample's length, at most sample_duration
@@ -898,17 +931,35 @@ TIMELINE_FOLDER = "samples/during"
 LOUDNESS_GATE_S = 0.4  # torchaudio's loudness measures 400 ms blocks: shorter audio cannot be loudness-normalized
 
 
-def timeline_skip_reason(model_version: str) -> str | None:
-    """Why this model cannot generate during training (None: it can). Melody models switch their chroma conditioner
-    to training from cached chroma and style models train their style conditioner on each example's own audio:
-    generating would have to undo that set-up in the middle of the run. (FSDP, which holds a shard of the LM per
-    rank, is found at the first evaluation: `Evaluator._sample`.)"""
-    known = SPEC.get(model_version)
-    if known is not None and known.melody:
-        return "melody models' conditioners are set up for training from cached chroma"
-    if known is not None and known.style:
-        return "style models' conditioners train on each example's own audio"
-    return None
+# Melody and style models: each prompt also gets the audio condition predict's request would give, from the held-out
+# clip whose description the prompt is: its audio as the melody (chroma from its demucs stems, computed from the
+# audio as predict's `input_audio` is) or as the style audio (an excerpt of predict's default length, from the seed).
+_PREDICT = {f.name: f.default for f in dataclasses.fields(PredictParams)}
+STYLE_EXCERPT_S = float(_PREDICT["style_excerpt_length"])
+STYLE_EVAL_Q = int(_PREDICT["style_eval_q"])
+
+
+@dataclass
+class SampleConditions:
+    """The `self_wav` condition of each prompt: `kind` "melody" or "style", `audio` one `[C, T]` at the model's rate
+    and channels per prompt, `clips` the held-out clip each comes from, `excerpt_s` the style excerpt's length."""
+
+    kind: str
+    audio: list[torch.Tensor]
+    clips: list[str]
+    excerpt_s: float | None = None
+
+    def setup(self, lm: tp.Any) -> tp.ContextManager:
+        """`lm`'s conditioners as predict has them for the block, and back to the training's set-up after."""
+        if self.kind == "melody":
+            return melody_generation(lm)
+        return style_generation(lm, float(self.excerpt_s or STYLE_EXCERPT_S), STYLE_EVAL_Q)
+
+    def summary(self) -> dict[str, tp.Any]:
+        out = {"kind": self.kind, "clips": list(self.clips)}
+        if self.excerpt_s is not None:
+            out["style_excerpt_s"] = self.excerpt_s
+        return out
 
 
 class TrainingSamples:
@@ -916,14 +967,24 @@ class TrainingSamples:
 
     `entries`: one per evaluation, `{"step", "files", "seconds" (generation time), "flags"}` or `{"step",
     "skipped": why}`; `audio`: file name -> MP3 bytes (thinned to `TIMELINE_KEPT` evaluations). `on_samples`, when
-    set, gets `(step, [(prompt, [C, T] normalized audio)], rate, flags)` after each generation (wandb)."""
+    set, gets `(step, [(prompt, [C, T] normalized audio)], rate, flags)` after each generation (wandb).
+    `conditions`: melody and style models' audio condition of each prompt (None: text only)."""
 
-    def __init__(self, model: tp.Any, prompts: list[str], seconds: float, seed: int, sampler_precision: str):
+    def __init__(
+        self,
+        model: tp.Any,
+        prompts: list[str],
+        seconds: float,
+        seed: int,
+        sampler_precision: str,
+        conditions: SampleConditions | None = None,
+    ):
         self.model = model
         self.prompts = list(prompts)
         self.seconds = float(seconds)
         self.seed = int(seed)
         self.sampler_precision = sampler_precision
+        self.conditions = conditions
         self.entries: list[dict[str, tp.Any]] = []
         self.audio: dict[str, bytes] = {}
         self.spent = 0.0  # seconds spent generating
@@ -933,10 +994,20 @@ class TrainingSamples:
         """Seconds the samples may have cost in all after `training_seconds` of training."""
         return TIMELINE_SHARE * max(0.0, training_seconds)
 
-    def sample(self, step: int, training_seconds: float) -> dict[str, tp.Any]:
-        """Generate this evaluation's samples, or skip them when they would pass the bound. Returns the entry."""
-        expected = max((e["seconds"] for e in self.entries if "seconds" in e), default=0.0)  # the slowest so far
-        if step > 0 and self.spent + expected > self.bound(training_seconds):
+    def _expected(self) -> float:
+        return max((e["seconds"] for e in self.entries if "seconds" in e), default=0.0)  # the slowest so far
+
+    def due(self, step: int, training_seconds: float) -> bool:
+        """Whether this evaluation's samples are made (the base model's always; later ones within the bound)."""
+        return step == 0 or self.spent + self._expected() <= self.bound(training_seconds)
+
+    def sample(
+        self, step: int, training_seconds: float, whole_lm: tp.Callable[[], tp.Any] | None = None
+    ) -> dict[str, tp.Any]:
+        """Generate this evaluation's samples, or skip them when they would pass the bound. Returns the entry.
+        `whole_lm` (FSDP): builds the LM to generate with (gathered from every rank's pieces), inside the timing."""
+        expected = self._expected()
+        if not self.due(step, training_seconds):
             entry = {
                 "step": step,
                 "skipped": (
@@ -949,7 +1020,16 @@ class TrainingSamples:
             self.entries.append(entry)
             return entry
         started = time.perf_counter()
-        wav = generate_for_check(self.model, self.prompts, self.seconds, self.seed, self.sampler_precision)
+        model = self.model
+        if whole_lm is not None:  # the same MusicGen (compression model, conditioners) around the gathered LM
+            model = copy.copy(self.model)
+            model.lm = whole_lm()
+        with self.conditions.setup(model.lm) if self.conditions is not None else contextlib.nullcontext():
+            melody = self.conditions.audio if self.conditions is not None else None
+            wav = generate_for_check(
+                model, self.prompts, self.seconds, self.seed, self.sampler_precision, melody_wavs=melody
+            )
+        del model
         rate = int(self.model.sample_rate)
         # as predict's default output sounds; loudness needs one 400 ms gate block, a shorter sample is peak-scaled
         strategy = "loudness" if wav.shape[-1] >= LOUDNESS_GATE_S * rate else "peak"
@@ -1001,6 +1081,7 @@ class TrainingSamples:
             "bound_share": TIMELINE_SHARE,
             "spent_s": round(self.spent, 3),
             "entries": [dict(e) for e in self.entries],
+            **({"conditions": self.conditions.summary()} if self.conditions is not None else {}),
         }
 
     def state_dict(self) -> dict[str, tp.Any]:
@@ -1026,7 +1107,44 @@ def training_samples(model: tp.Any, held_out: tp.Sequence[tp.Any], params: Train
         100 * TIMELINE_SHARE,
         prompts,
     )
-    return TrainingSamples(model, prompts, seconds, params.seed, params.sampler_precision)
+    conditions = sample_conditions(model, held_out, prompts)
+    return TrainingSamples(model, prompts, seconds, params.seed, params.sampler_precision, conditions)
+
+
+def sample_conditions(model: tp.Any, held_out: tp.Sequence[tp.Any], prompts: list[str]) -> SampleConditions | None:
+    """Melody and style models: for each prompt, the first held-out clip with that description (the one
+    `audio_prompts` took it from), its audio at the model's rate and channels as predict loads `input_audio` /
+    `style_audio`. None for the other models (text only)."""
+    from audiocraft.data.audio_utils import convert_audio
+
+    if melody_conditioners(model.lm):
+        kind = "melody"
+    elif style_conditioners(model.lm):
+        kind = "style"
+    else:
+        return None
+    chosen = [next(c for c in held_out if (c.description or "") == p) for p in prompts]
+    audio = []
+    for clip in chosen:
+        wav, sr = load_audio(clip.path)
+        audio.append(convert_audio(wav, sr, int(model.sample_rate), int(model.audio_channels)))
+    excerpt = None
+    if kind == "style":  # predict's default excerpt; a held-out clip shorter than it is the whole excerpt
+        excerpt = min(STYLE_EXCERPT_S, min(a.shape[-1] for a in audio) / model.sample_rate)
+        if excerpt < STYLE_EXCERPT_S:
+            logger.info(
+                "Samples during training: style excerpt of %.2f s (predict's default is %.1f s): the shortest "
+                "held-out clip is that long",
+                excerpt,
+                STYLE_EXCERPT_S,
+            )
+    names = [Path(str(c.path)).name for c in chosen]
+    logger.info(
+        "Samples during training: each prompt conditioned on its held-out clip's audio as the %s: %s",
+        kind,
+        ", ".join(f"{p!r} <- {n}" for p, n in zip(prompts, names, strict=True)),
+    )
+    return SampleConditions(kind, audio, names, excerpt)
 
 
 # ------------------------------------------------------------------------------------------ health and CLAP

@@ -474,6 +474,7 @@ def _eval_context(run: _Training) -> evaluation.EvalContext:
         sharded=parallel.sharded,
         gather=parallel.gather,
         shard_of=parallel.shard_of,
+        whole_lm=parallel.whole_lm if parallel.sharded else None,
     )
 
 

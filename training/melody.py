@@ -9,6 +9,7 @@ way `ChromaStemConditioner._extract_chroma_chunk` cuts it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import typing as tp
@@ -24,7 +25,13 @@ from training.dist import DistInfo, barrier
 logger = logging.getLogger(__name__)
 CHROMA_SEED = 0
 
-__all__ = ["ChromaCache", "melody_conditioners", "prepare_melody_training", "restore_for_generation"]
+__all__ = [
+    "ChromaCache",
+    "melody_conditioners",
+    "prepare_melody_training",
+    "restore_for_generation",
+    "generation_setup",
+]
 
 
 def melody_conditioners(lm: tp.Any) -> dict[str, tp.Any]:
@@ -117,3 +124,21 @@ def restore_for_generation(lm: tp.Any) -> None:
         cond.cache = None
         cond.match_len_on_eval = True
         cond._use_masking = False
+
+
+@contextlib.contextmanager
+def generation_setup(lm: tp.Any) -> tp.Iterator[None]:
+    """For the length of the block, the melody conditioners as `restore_for_generation` leaves them (a melody's
+    chroma computed from its audio, padded or cut to the conditioner's length, no training cache); afterwards back
+    to the training's set-up (`prepare_melody_training`: the cached chroma, length masking), whatever happened."""
+    saved = {
+        name: (cond.cache, cond.match_len_on_eval, cond._use_masking) for name, cond in melody_conditioners(lm).items()
+    }
+    restore_for_generation(lm)
+    try:
+        yield
+    finally:
+        conditioners = melody_conditioners(lm)
+        for name, (cache, match_len, masking) in saved.items():
+            cond = conditioners[name]
+            cond.cache, cond.match_len_on_eval, cond._use_masking = cache, match_len, masking

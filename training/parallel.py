@@ -219,6 +219,14 @@ class FullySharded(Parallel):
     def eval_module(self, train_step: nn.Module) -> nn.Module:
         return self.module  # the sharded root, whose hooks gather the weights
 
+    def whole_lm(self) -> nn.Module | None:
+        """A collective: every rank sends its pieces, one weight at a time; rank 0 gets a new plain LM holding the
+        weights as they are now (a copy of its skeleton: the caller drops it), other ranks None."""
+        state = fsdp_mod.full_state_dict(self.lm, self.dist)
+        if self.skeleton is None:
+            return None
+        return fsdp_mod.materialize(fsdp_mod.skeleton(self.skeleton), state, self.dist.device)
+
 
 def parallel_for(params: TrainParams, dist: DistInfo) -> Parallel:
     """The strategy of this run (the decision is logged on rank 0)."""

@@ -666,7 +666,13 @@ def _timeline_html(validation: dict, during: dict, audio: tp.Mapping[str, bytes]
     """Samples during training: the same prompts and seeds at each evaluation, next to its validation loss."""
     losses = {e.get("step"): e.get("val_loss") for e in validation.get("evaluations") or []}
     prompts = during.get("prompts") or []
-    header = ["step", "validation loss", *_prompt_labels(prompts), "flags"]
+    conditions = during.get("conditions") or {}  # melody and style models: each prompt's held-out clip
+    clips = conditions.get("clips") or [None] * len(prompts)
+    named = [
+        label + (f" ({conditions['kind']} of {c})" if c else "")
+        for label, c in zip(_prompt_labels(prompts), clips, strict=True)
+    ]
+    header = ["step", "validation loss", *named, "flags"]
     parts = ["<h2>Samples during training</h2><table><tr>", *(f"<th>{escape(h)}</th>" for h in header), "</tr>"]
     for entry in during.get("entries") or []:
         step = entry.get("step")

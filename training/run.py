@@ -376,12 +376,8 @@ def setup_training(
     tokens = token_dataset(clips)
     evaluator = None
     samples = None  # samples during training (rank 0): the report's timeline and wandb
-    if held_out and params.sample_duration > 0 and dist.is_main:
-        why = evaluation.timeline_skip_reason(params.model_version)
-        if why is None:
-            samples = evaluation.training_samples(model, split.validation, params)
-        else:
-            logger.info("No samples during training: %s", why)
+    if held_out and params.sample_duration > 0 and dist.is_main:  # melody and style: their held-out clip's audio too
+        samples = evaluation.training_samples(model, split.validation, params)
     if held_out:
         evaluator = evaluation.Evaluator(
             token_dataset(held_out),

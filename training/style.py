@@ -15,6 +15,7 @@ audio in, when the conditioner tokenizes the batch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import typing as tp
@@ -27,7 +28,7 @@ from training.data import load_clip_audio
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClipAudioSource", "prepare_style_training", "style_conditioners"]
+__all__ = ["ClipAudioSource", "prepare_style_training", "style_conditioners", "generation_setup"]
 
 
 class ClipAudioSource:
@@ -85,3 +86,22 @@ def prepare_style_training(lm: tp.Any, seed: int) -> dict[str, tp.Any]:
         )
     random.seed(seed)
     return conditioners
+
+
+@contextlib.contextmanager
+def generation_setup(lm: tp.Any, excerpt_length: float, eval_q: int) -> tp.Iterator[None]:
+    """For the length of the block, `lm`'s style conditioners set as predict sets them for a request
+    (`generation.style.configure`: `excerpt_length` seconds of the style audio, `eval_q` codebooks); afterwards
+    each is back as training left it: its mode, excerpt length, codebooks and last excerpt (which the training's
+    loss mask reads), whatever happened."""
+    conditioners = style_conditioners(lm)
+    saved = {name: (c.training, c.length_subwav, c.eval_q, c.last_excerpt) for name, c in conditioners.items()}
+    try:
+        for conditioner in conditioners.values():
+            conditioner.set_params(eval_q=max(1, min(eval_q, conditioner.n_q_out)), excerpt_length=excerpt_length)
+        yield
+    finally:
+        for name, (training, length, eval_q_was, excerpt) in saved.items():
+            c = conditioners[name]
+            c.length_subwav, c.eval_q, c.last_excerpt = length, eval_q_was, excerpt
+            c.train(training)
