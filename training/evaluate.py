@@ -532,8 +532,9 @@ class Evaluator:
             metrics[f"val_loss_uncond_q{q}"] = float(per_codebook[1, q])
         return metrics
 
-    def evaluate(self, step: int, ctx: EvalContext) -> dict[str, float]:
+    def evaluate(self, step: int, ctx: EvalContext, final: bool = False) -> dict[str, float]:
         """Evaluate the weights after `step` steps (0: the base model), update the best, return the metrics.
+        `final`: the run's last evaluation (its samples during training are made whatever their bound).
 
         Training sees no trace of it: the RNG states (torch, Python's `random`) and every module's train/eval mode
         are restored, and with EMA the EMA weights are evaluated (they are what the export writes) and swapped back.
@@ -571,7 +572,7 @@ class Evaluator:
                     metrics["forget_loss_uncond"] = forgot["val_loss_uncond"]
                 # the weights evaluated above (EMA when on); under FSDP every rank takes part in gathering them
                 if ctx.sharded or (self.samples is not None and ctx.dist.is_main):
-                    sampled = self._sample(step, ctx, started)
+                    sampled = self._sample(step, ctx, started, final)
         finally:
             if swapped is not None:
                 with torch.no_grad():
@@ -635,7 +636,7 @@ class Evaluator:
                 )
         return metrics
 
-    def _sample(self, step: int, ctx: EvalContext, started: float) -> dict[str, tp.Any] | None:
+    def _sample(self, step: int, ctx: EvalContext, started: float, final: bool) -> dict[str, tp.Any] | None:
         """This evaluation's samples during training, within their bound (rank 0 generates; None elsewhere).
 
         Under FSDP each rank holds a piece of the LM: rank 0 decides whether the samples are due and tells the
@@ -647,17 +648,17 @@ class Evaluator:
         if self.samples is not None:  # wall time since the base, less evaluating and sampling
             training_seconds = started - self._clock - self.seconds - self.samples.spent
         if not ctx.sharded:
-            return self.samples.sample(step, training_seconds)
-        due = torch.tensor([int(self.samples is not None and self.samples.due(step, training_seconds))])
+            return self.samples.sample(step, training_seconds, final=final)
+        due = torch.tensor([int(self.samples is not None and self.samples.due(step, training_seconds, final))])
         if ctx.dist.distributed:
             due = due.to(ctx.device)
             torch.distributed.broadcast(due, src=0)
         if not bool(due.item()):
-            return self.samples.sample(step, training_seconds) if self.samples is not None else None  # the skip
+            return self.samples.sample(step, training_seconds, final=final) if self.samples is not None else None
         if self.samples is None:  # another rank: its pieces go to rank 0's copy
             ctx.whole_lm()
             return None
-        return self.samples.sample(step, training_seconds, whole_lm=ctx.whole_lm)
+        return self.samples.sample(step, training_seconds, whole_lm=ctx.whole_lm, final=final)
 
     # ---- the best weights
     @torch.no_grad()
@@ -916,11 +917,13 @@ def audio_check(model: tp.Any, reference: dict[str, tp.Any], training_clips: tp.
 # ------------------------------------------------------------------------------------- samples during training
 # At every evaluation a few fixed held-out prompts are generated with the weights as they are (the EMA when on), from
 # the same seeds, so the report's timeline and wandb let a user hear when the fine-tune started to copy or overfit.
-# Their cost is bounded: the base model's samples (step 0, the reference) are always made; a later evaluation's are
-# made only while everything spent on samples stays within TIMELINE_SHARE of the training time so far, and skipped
-# with a log line when the next ones would pass it. Melody and style models generate with their conditioners set as
-# predict has them and set back to the training's after (`SampleConditions`); under FSDP rank 0 generates with a
-# copy of the LM gathered from every rank's pieces (`Evaluator._sample`).
+# Their cost is bounded: the base model's samples (step 0, the reference) and the last evaluation's (the fine-tune as
+# it ended: without them a short run's timeline would hold the base model alone) are always made; the evaluations
+# between are made only while everything spent on samples stays within TIMELINE_SHARE of the training time so far,
+# and skipped with a log line when the next ones would pass it (so the bound can be passed by one set, at the end).
+# Melody and style models generate with their conditioners set as predict has them and set back to the training's
+# after (`SampleConditions`); under FSDP rank 0 generates with a copy of the LM gathered from every rank's pieces
+# (`Evaluator._sample`).
 
 TIMELINE_PROMPTS = 2
 TIMELINE_SECONDS = 4.0  # each sample's length, at most sample_duration
@@ -997,17 +1000,34 @@ class TrainingSamples:
     def _expected(self) -> float:
         return max((e["seconds"] for e in self.entries if "seconds" in e), default=0.0)  # the slowest so far
 
-    def due(self, step: int, training_seconds: float) -> bool:
-        """Whether this evaluation's samples are made (the base model's always; later ones within the bound)."""
-        return step == 0 or self.spent + self._expected() <= self.bound(training_seconds)
+    def due(self, step: int, training_seconds: float, final: bool = False) -> bool:
+        """Whether this evaluation's samples are made (the base model's and the last evaluation's always; those
+        between within the bound)."""
+        return step == 0 or final or self._within(training_seconds)
+
+    def _within(self, training_seconds: float) -> bool:
+        return self.spent + self._expected() <= self.bound(training_seconds)
 
     def sample(
-        self, step: int, training_seconds: float, whole_lm: tp.Callable[[], tp.Any] | None = None
+        self,
+        step: int,
+        training_seconds: float,
+        whole_lm: tp.Callable[[], tp.Any] | None = None,
+        final: bool = False,
     ) -> dict[str, tp.Any]:
         """Generate this evaluation's samples, or skip them when they would pass the bound. Returns the entry.
         `whole_lm` (FSDP): builds the LM to generate with (gathered from every rank's pieces), inside the timing."""
         expected = self._expected()
-        if not self.due(step, training_seconds):
+        if step > 0 and final and not self._within(training_seconds):
+            logger.info(
+                "Samples at step %d: the last evaluation's are made over their bound (%.1f s spent of the %.1f s "
+                "allowed, ~%.1f s more), so the timeline ends with the fine-tune as it ended",
+                step,
+                self.spent,
+                self.bound(training_seconds),
+                expected,
+            )
+        if not self.due(step, training_seconds, final):
             entry = {
                 "step": step,
                 "skipped": (

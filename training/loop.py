@@ -569,7 +569,7 @@ def _save(run: _Training, step_done: int) -> Path | None:
 
 
 def _evaluate(run: _Training, step_done: int) -> None:
-    metrics = run.evaluator.evaluate(step_done, run.eval_ctx)
+    metrics = run.evaluator.evaluate(step_done, run.eval_ctx, final=step_done == run.plan.total_steps)
     if run.dist.is_main and run.on_metrics is not None:
         run.on_metrics(metrics)
 

@@ -175,7 +175,7 @@ def _check_model_available(params: TrainParams) -> None:
     one request now: `core.versions.check_available`, as predict uses it. Tiny, scratch and folder models need
     nothing from the hub here."""
     spec = SPEC.get(params.model_version)
-    if spec is None or spec.tiny or spec.loader not in ("audiocraft", "style"):
+    if spec is None or not spec.hub_id:  # a folder, or a model built here (tiny, from scratch)
         return
     problems = versions.check_available(params.model_version)
     if problems:

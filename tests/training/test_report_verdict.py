@@ -328,6 +328,9 @@ def test_samples_during_training_are_fixed_and_bounded(tiny_model):
     for i in range(2):
         assert samples.audio[again["files"][i]] == samples.audio[first["files"][i]]
     assert [e["step"] for e in samples.summary()["entries"]] == [0, 2, 4]
+    # the run's last evaluation: made over the bound, so the timeline ends with the fine-tune as it ended
+    last = samples.sample(6, 0.0, final=True)
+    assert last["files"] == ["samples/during/step_000006_0.mp3", "samples/during/step_000006_1.mp3"]
 
 
 def test_the_timeline_is_thinned_keeping_its_ends(tiny_model, monkeypatch):
