@@ -124,6 +124,7 @@ def test_real_music_is_not_static():
         )
         health = sample_health(torch.from_numpy(data.T.copy()), info.samplerate)
         assert "static" not in health.flags, (path.name, health.measures)
+        assert health.measures["level_spread_db"] > 5 * THRESHOLDS["static"], path.name  # far from it, not near
 
 
 def test_clipping_is_flagged_and_a_normalized_peak_is_not(clips):
