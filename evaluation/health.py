@@ -47,6 +47,7 @@ __all__ = [
     "THRESHOLDS",
     "THRESHOLD_REASONS",
     "FLAGS",
+    "BELOW_FLAGS",
     "sample_health",
     "pair_correlations",
     "indistinguishable",

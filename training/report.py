@@ -20,6 +20,7 @@ from html import escape
 from pathlib import Path
 
 from core.catalogue import SPEC
+from evaluation.health import BELOW_FLAGS
 
 __all__ = [
     "plot_history",
@@ -371,7 +372,8 @@ def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
         f"sample {i + 1}: {', '.join(h['flags'])}" for i, h in enumerate(health.get("finetuned") or []) if h["flags"]
     ]
     thresholds = health.get("thresholds") or {}
-    rule = ", ".join(f"{k} {v:g}" for k, v in sorted(thresholds.items()))
+    # `static` is raised below its threshold (the sample does not change: a held drone), the others above theirs.
+    rule = ", ".join(f"{k} {'below ' if k in BELOW_FLAGS else ''}{v:g}" for k, v in sorted(thresholds.items()))
     text = ("No: " + "; ".join(flagged) + ".") if flagged else "Yes: no fine-tuned sample was flagged."
     if health.get("indistinguishable"):
         text += " Base and fine-tuned samples are indistinguishable: the fine-tune changed nothing audible."
