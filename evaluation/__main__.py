@@ -5,8 +5,8 @@ in transformers' format: a MusicGen or PEFT adapter folder, or its Hugging Face 
 held-out tracks (an archive, an audio file or a prepared folder) with the trainer's validation loss, the Fréchet
 distance of generated samples to the held-out clips (EnCodec latents; and in CLAP's space with the KAD, beside
 CLAP prompt adherence, when `laion/larger_clap_music` is cached), each sample's health flags (silence, clipping,
-DC, noise, loop; "indistinguishable" from the first weights) and, with `--training`, the copy checks: one table on
-stdout, everything as JSON with `--json`, the samples as WAV files with `--samples_dir`.
+DC, noise, loop, static; "indistinguishable" from the first weights) and, with `--training`, the copy checks: one
+table on stdout, everything as JSON with `--json`, the samples as WAV files with `--samples_dir`.
 
 `--segment` and `--duration` default to what the first trained tar's training report used (the table says what
 was used and where from). Where `--json` and `--samples_dir` go is checked (and created) before any work; the JSON

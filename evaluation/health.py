@@ -1,5 +1,5 @@
-"""Sample health: is a generated sample silence, clipped, offset, noise, or a stuck loop? And did fine-tuning change
-what the model generates at all?
+"""Sample health: is a generated sample silence, clipped, offset, noise, a stuck loop or a held drone? And did
+fine-tuning change what the model generates at all?
 
 The failures users of MusicGen fine-tuners report most (a fine-tune that makes noise, silence, a loop, or the base
 model's music) are found here by measuring, not by listening. Every sample gets `sample_health(wav, sample_rate)`:
@@ -20,6 +20,14 @@ Measures (all on the mono downmix, except clipping and DC, on every channel):
   1 s to 8 s (at most half the sample, so that at least two periods are seen); the highest correlation and its
   lag. Music repeats bars, but played or produced music varies within them (melody, fills, noise of the drums);
   a stuck generation replays the same second of audio almost exactly. Flag `loop`.
+- `level_spread_db`: how much the sample changes at all. Over its audible spectrogram frames (RMS above
+  `SILENCE_DBFS`), each mel band's level (dB) has a standard deviation over time; their mean, each band weighted by
+  its share of the power, so that the bands one hears count and a faint noise floor does not. A held tone, chord or
+  drone measures near 0 dB; white noise about 1.7 (its narrow bands fluctuate); music several dB (notes start and
+  stop, chords move). Flag `static` when it is *below* its threshold: the degenerate stuck loop, a sample that
+  repeats itself at every lag, which `loop` misses because it measures changes only. A sample with less than
+  `STATIC_MIN_AUDIBLE_S` of audible frames is not judged (it measures 0, unflagged: a silent sample is
+  `silence`, not `static`).
 
 `indistinguishable(base_wavs, tuned_wavs, sample_rate)` compares the base model's and the fine-tune's samples for
 the same prompts and seeds: the same correlation of log-mel changes, pair by pair. The fine-tune "changed
@@ -39,10 +47,12 @@ __all__ = [
     "THRESHOLDS",
     "THRESHOLD_REASONS",
     "FLAGS",
+    "BELOW_FLAGS",
     "sample_health",
     "pair_correlations",
     "indistinguishable",
     "loop_measure",
+    "level_spread",
 ]
 
 SILENCE_DBFS = -60.0  # a 50 ms frame quieter than this is silent (16-bit dither sits near -90 dBFS)
@@ -51,6 +61,7 @@ HOP_S = 0.025  # spectrogram hop (40 frames per second: onsets and notes, not si
 N_MELS = 64
 LOOP_LAGS_S = (1.0, 8.0)
 FLATNESS_BAND_HZ = (50.0, 16000.0)
+STATIC_MIN_AUDIBLE_S = 1.0  # too little sound to say it does not change
 
 THRESHOLDS: dict[str, float] = {
     "silence": 0.25,
@@ -58,6 +69,7 @@ THRESHOLDS: dict[str, float] = {
     "dc": 0.02,
     "noise": 0.3,
     "loop": 0.9,
+    "static": 0.3,
     "indistinguishable_correlation": 0.9,
 }
 THRESHOLD_REASONS: dict[str, str] = {
@@ -71,10 +83,14 @@ THRESHOLD_REASONS: dict[str, str] = {
     "below 0.2 (pitched sound concentrates its power in harmonics, which flatness measures)",
     "loop": "log-mel changes correlating above 0.9 with themselves 1-8 s later: an exact replay measures near 1; "
     "music that repeats bars while varying its melody, drums or mix measures well below",
+    "static": "mel band levels varying by less than 0.3 dB over time (standard deviation, power-weighted mean over "
+    "bands): a held sine, chord or drone measures under 0.1 (under 0.01 without noise), white noise 0.8-1.7 "
+    "(48-16 kHz), music 3 or more, ambient pads included; flagged when below",
     "indistinguishable_correlation": "the median base/fine-tuned pair above 0.9 on the same measure: the fine-tune "
     "replays what the base model generates for the same prompt and seed",
 }
-FLAGS = ("silence", "clipping", "dc", "noise", "loop")
+FLAGS = ("silence", "clipping", "dc", "noise", "loop", "static")
+BELOW_FLAGS = ("static",)  # raised when the measure is below its threshold (the others: above)
 
 
 @dataclass(frozen=True)
@@ -123,13 +139,17 @@ def _spectrogram(mono: torch.Tensor, sample_rate: int) -> torch.Tensor:
     return spec.abs().square()
 
 
-def _log_mel(power: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """`[N_MELS, frames]` log-mel (dB, floored 80 dB below the sample's loudest cell)."""
+def _mel(power: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """`[N_MELS, frames]` mel power of a power spectrogram `[F, frames]`."""
     from torchaudio.functional import melscale_fbanks
 
     banks = melscale_fbanks(power.shape[0], 30.0, sample_rate / 2, N_MELS, sample_rate)  # [F, N_MELS]
-    mel = banks.T @ power
-    db = 10 * torch.log10(mel.clamp_min(1e-12))
+    return banks.T @ power
+
+
+def _log_mel(power: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """`[N_MELS, frames]` log-mel (dB, floored 80 dB below the sample's loudest cell)."""
+    db = 10 * torch.log10(_mel(power, sample_rate).clamp_min(1e-12))
     return db.clamp_min(db.max() - 80.0)
 
 
@@ -160,6 +180,24 @@ def loop_measure(log_mel: torch.Tensor, frame_rate: float) -> tuple[float, float
         if value > best:
             best, best_lag = value, lag
     return max(best, 0.0), best_lag / frame_rate
+
+
+def level_spread(mono: torch.Tensor, power: torch.Tensor, sample_rate: int) -> float | None:
+    """How much a sample changes, in dB: each mel band's standard deviation over the audible frames of `power`
+    `[F, frames]` (the spectrogram of `mono` `[T]`), averaged with each band weighted by its share of the power.
+    None when fewer than `STATIC_MIN_AUDIBLE_S` of frames are audible (nothing to judge)."""
+    n_fft, hop = 2 * (power.shape[0] - 1), max(1, round(HOP_S * sample_rate))
+    if len(mono) < n_fft:
+        mono = torch.nn.functional.pad(mono, (0, n_fft - len(mono)))
+    rms = _frames(mono, n_fft, hop).square().mean(dim=1).sqrt()  # the spectrogram's frames, one to one
+    audible = rms >= 10 ** (SILENCE_DBFS / 20)
+    if int(audible.sum()) * HOP_S < STATIC_MIN_AUDIBLE_S:
+        return None
+    mel = _mel(power[:, audible], sample_rate).double()  # [N_MELS, audible frames]
+    db = 10 * torch.log10(mel.clamp_min(1e-20))
+    db = db.clamp_min(db.max() - 80.0)  # bands the window's leakage barely reaches do not swing wildly
+    weight = mel.mean(dim=1) / mel.mean(dim=1).sum()
+    return float((weight * db.std(dim=1)).sum())
 
 
 def sample_health(wav: torch.Tensor, sample_rate: int) -> Health:
@@ -193,6 +231,9 @@ def sample_health(wav: torch.Tensor, sample_rate: int) -> Health:
     else:
         correlation, period = 0.0, 0.0  # nothing to repeat
     measures["loop_correlation"], measures["loop_period_s"] = correlation, period
+    spread = level_spread(mono, power, sample_rate)
+    # Too little sound to judge (0 dB: nothing sounds, so nothing changes) is not `static`: it is `silence`.
+    measures["level_spread_db"] = spread if spread is not None else 0.0
 
     values = {
         "silence": measures["silent_fraction"],
@@ -200,8 +241,13 @@ def sample_health(wav: torch.Tensor, sample_rate: int) -> Health:
         "dc": measures["dc_offset"],
         "noise": measures["spectral_flatness"],
         "loop": measures["loop_correlation"],
+        "static": measures["level_spread_db"] if spread is not None else math.inf,
     }
-    flags = tuple(name for name in FLAGS if values[name] > THRESHOLDS[name])
+    flags = tuple(
+        name
+        for name in FLAGS
+        if (values[name] < THRESHOLDS[name] if name in BELOW_FLAGS else values[name] > THRESHOLDS[name])
+    )
     return Health(flags=flags, measures=measures)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from core.catalogue import SPEC
 from evaluation.frechet import fmt_distance
+from evaluation.health import BELOW_FLAGS
 
 __all__ = [
     "plot_history",
@@ -409,7 +410,14 @@ def _copies(audio: dict, clap: dict) -> tuple[str, str]:
 
 # Each health flag (evaluation/health.py) as a musician reads it: its name, and its measure against its threshold
 # with the scale that number is read on.
-HEALTH_NAMES = {"silence": "silence", "clipping": "clipping", "dc": "a DC offset", "noise": "noise", "loop": "a loop"}
+HEALTH_NAMES = {
+    "silence": "silence",
+    "clipping": "clipping",
+    "dc": "a DC offset",
+    "noise": "noise",
+    "loop": "a loop",
+    "static": "a held drone",
+}
 
 
 def _health_measure(flag: str, values: list[float], threshold: float | None) -> str:
@@ -429,6 +437,8 @@ def _health_measure(flag: str, values: list[float], threshold: float | None) -> 
         f"over {threshold:g}",
         "loop": f"it repeats itself with a correlation of {numbers(1, 2)}, 1 for an exact replay; flagged over "
         f"{threshold:g}",
+        "static": f"its sound changes by {numbers(1, 3)} dB over time, music by 3 dB and more; flagged under "
+        f"{threshold:g} dB",
     }.get(flag, f"flagged over {threshold:g}")
 
 
@@ -438,6 +448,7 @@ HEALTH_MEASURES = {
     "dc": "dc_offset",
     "noise": "spectral_flatness",
     "loop": "loop_correlation",
+    "static": "level_spread_db",
 }
 
 
@@ -463,7 +474,9 @@ def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
         text = "No: " + "; ".join(flagged) + "."
     else:
         checked = ", ".join(HEALTH_NAMES.get(f, f) for f in HEALTH_MEASURES)
-        text = f"Yes: none of the {len(tuned)} fine-tuned samples has {checked.replace(', a loop', ' or a loop')}."
+        text = f"Yes: none of the {len(tuned)} fine-tuned samples has {checked.rpartition(', ')[0]} or " + (
+            f"{checked.rpartition(', ')[2]}."
+        )
     if health.get("indistinguishable"):
         pairs = ", ".join(f"{c:.2f}" for c in health.get("correlations") or [])
         limit = thresholds.get("indistinguishable_correlation")
@@ -490,8 +503,14 @@ def _threshold_words(thresholds: dict[str, float]) -> str:
         "dc": (100, " % of full scale"),
         "noise": (1, " spectral flatness"),
         "loop": (1, " self-correlation"),
+        "static": (1, " dB of change"),
     }
-    words = [f"{HEALTH_NAMES.get(k, k)} {thresholds[k] * units[k][0]:g}{units[k][1]}" for k in units if k in thresholds]
+    # `static` is raised under its threshold (the sample does not change), the others over theirs
+    words = [
+        f"{HEALTH_NAMES.get(k, k)} {'under ' if k in BELOW_FLAGS else ''}{thresholds[k] * units[k][0]:g}{units[k][1]}"
+        for k in units
+        if k in thresholds
+    ]
     if "indistinguishable_correlation" in thresholds:
         words.append(f"base/fine-tuned correlation {thresholds['indistinguishable_correlation']:g}")
     return ", ".join(words)

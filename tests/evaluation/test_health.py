@@ -76,6 +76,57 @@ def test_white_noise_is_flagged():
     assert health.measures["spectral_flatness"] == pytest.approx(0.56, abs=0.05)  # exp(-Euler's gamma)
 
 
+def test_a_held_tone_chord_or_drone_is_static():
+    """A sample that does not change at all (the degenerate stuck loop: it repeats itself at every lag) is flagged
+    `static`, though `loop` (changes only) reads it low: a steady sine, a steady chord, a tone with noise 20 dB
+    below it, and a drone whose level wanders by 0.6 % as a tiny fine-tune's did (50 ms RMS 0.178-0.180)."""
+    t = torch.arange(6 * SR) / SR
+    sine = 0.5 * torch.sin(2 * torch.pi * 220.0 * t)
+    chord = sum(0.2 * torch.sin(2 * torch.pi * f * t) for f in (220.0, 277.18, 329.63))  # A major, held
+    noisy = sine + 0.05 * torch.randn(len(t), generator=torch.Generator().manual_seed(3))
+    saw = sum(torch.sin(2 * torch.pi * 110.0 * k * t) / k for k in range(1, 20))
+    drone = 0.2 * (1 + 0.006 * torch.sin(2 * torch.pi * 0.7 * t)) * saw
+    for name, wav in (("sine", sine), ("chord", chord), ("noisy tone", noisy), ("drone", drone)):
+        health = sample_health(torch.stack([wav, wav]), SR)
+        assert health.flags == ("static",), (name, health.measures)
+        assert health.measures["loop_correlation"] < THRESHOLDS["loop"], name  # what `loop` alone missed
+    assert sample_health(noisy[None], SR).measures["level_spread_db"] > 0.05  # the noise moves it, a little
+
+
+def test_music_noise_and_silence_are_not_static(clips):
+    """Music changes (the demo's tracks measure about 20 dB); white noise is `noise` and silence is `silence`,
+    neither `static` as well, at the rates samples come at."""
+    for clip in clips:
+        assert sample_health(clip, SR).measures["level_spread_db"] > 10.0
+    for rate in (16000, 32000, 48000):
+        noise = 0.3 * torch.randn(1, 6 * rate, generator=torch.Generator().manual_seed(rate))
+        health = sample_health(noise, rate)
+        assert health.flags == ("noise",), (rate, health.measures)
+        silent = sample_health(torch.zeros(1, 6 * rate), rate)
+        assert silent.flags == ("silence",) and silent.measures["level_spread_db"] == 0.0
+    blip = torch.zeros(1, 6 * SR)
+    blip[:, : SR // 2] = 0.5 * torch.sin(2 * torch.pi * 220.0 * torch.arange(SR // 2) / SR)
+    assert sample_health(blip, SR).flags == ("silence",)  # half a second of tone: too little to call it held
+
+
+@pytest.mark.skipif(not GAME_MUSIC.is_dir(), reason="Debian's singularity-music is not installed")
+def test_real_music_is_not_static():
+    """Every singularity-music track (ambient ones and the sustained pads of "March Thee to Dis" included), 10 s
+    from 40 % in: the lowest measured 3.0 dB (Advanced Simulacra), ten times the threshold."""
+    import soundfile as sf
+
+    paths = sorted(GAME_MUSIC.rglob("*.ogg"))
+    assert GAME_MUSIC / "lose" / "March Thee to Dis.ogg" in paths
+    for path in paths:
+        info = sf.info(str(path))
+        data, _ = sf.read(
+            str(path), start=int(0.4 * info.frames), frames=10 * info.samplerate, dtype="float32", always_2d=True
+        )
+        health = sample_health(torch.from_numpy(data.T.copy()), info.samplerate)
+        assert "static" not in health.flags, (path.name, health.measures)
+        assert health.measures["level_spread_db"] > 5 * THRESHOLDS["static"], path.name  # far from it, not near
+
+
 def test_clipping_is_flagged_and_a_normalized_peak_is_not(clips):
     loud = clips[2] / clips[2].abs().max()  # peak-normalized, as predict writes its outputs: touches 1.0 once
     assert sample_health(loud, SR).flags == ()
