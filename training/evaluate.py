@@ -1121,7 +1121,7 @@ def training_samples(model: tp.Any, held_out: tp.Sequence[tp.Any], params: Train
     prompts = audio_prompts(held_out, TIMELINE_PROMPTS)
     logger.info(
         "Samples during training: %d held-out prompts of %.1f s at each evaluation, within %.0f %% of the training "
-        "time (later ones are skipped past it): %s",
+        "time (an evaluation past it is skipped, but for the base model's and the last): %s",
         len(prompts),
         seconds,
         100 * TIMELINE_SHARE,
