@@ -138,48 +138,43 @@ def test_copies_of_a_track_in_one_upload_stay_on_one_side_of_the_split():
 # ------------------------------------------------------------------------------------------------ fail fast, at once
 
 
-def test_train_cli_reports_every_missing_piece_at_once_and_leaves_nothing(tmp_path):
-    """`--model_version stereo-melody` offline, with no cached model and no demucs weights: one refusal naming both
-    (not demucs after the preparation started, then the model after its retries), and no `out/work` left."""
+def _refused_offline(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """train.py on an upload, offline with an empty Hugging Face cache: it must refuse with exit 2, one `error:`
+    line and no traceback, leaving no output folder. Returns its stderr and that one line."""
     upload = _zip(tmp_path / "songs.zip", TRACKS)
-    env = {k: v for k, v in os.environ.items() if k != "MGFT_DEMUCS_REPO"}
-    env.update(
-        PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch")
-    )
+    env = dict(env if env is not None else os.environ)
+    env.update(PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--dataset_path", str(upload), "--model_version", "stereo-melody",
-         "--output_dir", str(out)],
+        [sys.executable, str(ROOT / "train.py"), "--dataset_path", str(upload), "--output_dir", str(out), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "2 problems (ModelUnavailableError)" in errors[0], done.stderr[-3000:]
-    assert "facebook/musicgen-stereo-melody" in done.stderr and "hf download" in done.stderr
-    assert "htdemucs" in done.stderr
+    assert len(errors) == 1, done.stderr[-3000:]
     assert not out.exists()
+    return done.stderr, errors[0]
+
+
+def test_train_cli_reports_every_missing_piece_at_once_and_leaves_nothing(tmp_path):
+    """`--model_version stereo-melody` offline, with no cached model and no demucs weights: one refusal naming both
+    (not demucs after the preparation started, then the model after its retries), and no `out/work` left."""
+    env = {k: v for k, v in os.environ.items() if k != "MGFT_DEMUCS_REPO"}
+    env["TORCH_HOME"] = str(tmp_path / "torch")
+    stderr, error = _refused_offline(tmp_path, "--model_version", "stereo-melody", env=env)
+    assert "2 problems (ModelUnavailableError)" in error, stderr[-3000:]
+    assert "facebook/musicgen-stereo-melody" in stderr and "hf download" in stderr
+    assert "htdemucs" in stderr
 
 
 def test_train_cli_refuses_an_uncached_style_model_before_preparing(tmp_path):
     """`--model_version style` offline with nothing cached: refused at once, naming the model, its text encoder and
     its style feature extractor (MERT) with the download commands; before, the check skipped style models and the
     load failed after the whole preparation."""
-    upload = _zip(tmp_path / "songs.zip", TRACKS)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--dataset_path", str(upload), "--model_version", "style",
-         "--drop_vocals", "false", "--output_dir", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "model_version 'style'" in errors[0], done.stderr[-3000:]
-    assert "facebook/musicgen-style" in done.stderr and "m-a-p/MERT-v1-95M" in done.stderr
-    assert "hf download" in done.stderr
-    assert not out.exists()
+    stderr, error = _refused_offline(tmp_path, "--model_version", "style", "--drop_vocals", "false")
+    assert "model_version 'style'" in error, stderr[-3000:]
+    assert "facebook/musicgen-style" in stderr and "m-a-p/MERT-v1-95M" in stderr and "hf download" in stderr
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
