@@ -48,6 +48,7 @@ __all__ = [
     "THRESHOLD_REASONS",
     "FLAGS",
     "BELOW_FLAGS",
+    "FLAG_MEASURES",
     "sample_health",
     "pair_correlations",
     "indistinguishable",
@@ -90,6 +91,14 @@ THRESHOLD_REASONS: dict[str, str] = {
     "replays what the base model generates for the same prompt and seed",
 }
 FLAGS = ("silence", "clipping", "dc", "noise", "loop", "static")
+FLAG_MEASURES = {  # the measure in `Health.measures` each flag is judged on
+    "silence": "silent_fraction",
+    "clipping": "clipped_fraction",
+    "dc": "dc_offset",
+    "noise": "spectral_flatness",
+    "loop": "loop_correlation",
+    "static": "level_spread_db",
+}
 BELOW_FLAGS = ("static",)  # raised when the measure is below its threshold (the others: above)
 
 
@@ -235,14 +244,9 @@ def sample_health(wav: torch.Tensor, sample_rate: int) -> Health:
     # Too little sound to judge (0 dB: nothing sounds, so nothing changes) is not `static`: it is `silence`.
     measures["level_spread_db"] = spread if spread is not None else 0.0
 
-    values = {
-        "silence": measures["silent_fraction"],
-        "clipping": measures["clipped_fraction"],
-        "dc": measures["dc_offset"],
-        "noise": measures["spectral_flatness"],
-        "loop": measures["loop_correlation"],
-        "static": measures["level_spread_db"] if spread is not None else math.inf,
-    }
+    values = {name: measures[FLAG_MEASURES[name]] for name in FLAGS}
+    if spread is None:  # too little sound to judge: not static (silence says it)
+        values["static"] = math.inf
     flags = tuple(
         name
         for name in FLAGS

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from core.catalogue import SPEC
 from evaluation.frechet import fmt_distance
-from evaluation.health import BELOW_FLAGS
+from evaluation.health import BELOW_FLAGS, FLAG_MEASURES
 
 __all__ = [
     "plot_history",
@@ -442,16 +442,6 @@ def _health_measure(flag: str, values: list[float], threshold: float | None) -> 
     }.get(flag, f"flagged over {threshold:g}")
 
 
-HEALTH_MEASURES = {
-    "silence": "silent_fraction",
-    "clipping": "clipped_fraction",
-    "dc": "dc_offset",
-    "noise": "spectral_flatness",
-    "loop": "loop_correlation",
-    "static": "level_spread_db",
-}
-
-
 def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
     """Yes / No from the fine-tuned samples' health flags, each said in words with its measure and threshold, and
     whether base and fine-tuned samples can be told apart."""
@@ -464,7 +454,7 @@ def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
     flagged = []
     for flag in dict.fromkeys(f for h in tuned for f in h["flags"]):  # in the order the samples raise them
         which = [i for i, h in enumerate(tuned) if flag in h["flags"]]
-        values = [tuned[i].get("measures", {}).get(HEALTH_MEASURES.get(flag, "")) for i in which]
+        values = [tuned[i].get("measures", {}).get(FLAG_MEASURES.get(flag, "")) for i in which]
         measure = _health_measure(flag, values, thresholds.get(flag)) if None not in values else ""
         samples = "sample" + ("s " if len(which) > 1 else " ") + " and ".join(str(i + 1) for i in which)
         flagged.append(
@@ -473,10 +463,8 @@ def _healthy(validation: dict, audio: dict) -> tuple[str, str]:
     if flagged:
         text = "No: " + "; ".join(flagged) + "."
     else:
-        checked = ", ".join(HEALTH_NAMES.get(f, f) for f in HEALTH_MEASURES)
-        text = f"Yes: none of the {len(tuned)} fine-tuned samples has {checked.rpartition(', ')[0]} or " + (
-            f"{checked.rpartition(', ')[2]}."
-        )
+        *others, last = (HEALTH_NAMES.get(f, f) for f in FLAG_MEASURES)
+        text = f"Yes: none of the {len(tuned)} fine-tuned samples has {', '.join(others)} or {last}."
     if health.get("indistinguishable"):
         pairs = ", ".join(f"{c:.2f}" for c in health.get("correlations") or [])
         limit = thresholds.get("indistinguishable_correlation")
