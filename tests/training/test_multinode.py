@@ -75,9 +75,13 @@ def test_two_nodes_on_loopback_train_to_the_weights_of_one_process(tmp_path):
             if node.poll() is None:
                 os.killpg(node.pid, 9)
                 node.wait()
-    output = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
-    assert [node.returncode for node in nodes] == [0, 0], output
-    assert "All 2 ranks hold identical weights" in output, output
+    texts = [log.read_text(errors="replace") for log in logs]
+    # The assertions read the whole logs, the messages only their tails: a launcher that leaves the rendezvous after
+    # the store's host has closed it prints a long c10d traceback (a warning; it still exits 0), which pushed the
+    # result lines out of a 3000-character tail in CI.
+    tails = "\n".join(f"--- {log.name}\n{text[-3000:]}" for log, text in zip(logs, texts))
+    assert [node.returncode for node in nodes] == [0, 0], tails
+    assert any("All 2 ranks hold identical weights" in text for text in texts), tails
     assert (run / "trained_model.tar").is_file()
 
     run_training(params, tmp_path / "single", nproc=1)
