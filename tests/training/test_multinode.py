@@ -79,7 +79,7 @@ def test_two_nodes_on_loopback_train_to_the_weights_of_one_process(tmp_path):
     # The assertions read the whole logs, the messages only their tails: a launcher that leaves the rendezvous after
     # the store's host has closed it prints a long c10d traceback (a warning; it still exits 0), which pushed the
     # result lines out of a 3000-character tail in CI.
-    tails = "\n".join(f"--- {log.name}\n{text[-3000:]}" for log, text in zip(logs, texts))
+    tails = "\n".join(f"--- {log.name}\n{text[-3000:]}" for log, text in zip(logs, texts, strict=True))
     assert [node.returncode for node in nodes] == [0, 0], tails
     assert any("All 2 ranks hold identical weights" in text for text in texts), tails
     assert (run / "trained_model.tar").is_file()
