@@ -241,11 +241,10 @@ def sample_health(wav: torch.Tensor, sample_rate: int) -> Health:
         correlation, period = 0.0, 0.0  # nothing to repeat
     measures["loop_correlation"], measures["loop_period_s"] = correlation, period
     spread = level_spread(mono, power, sample_rate)
-    # Too little sound to judge (0 dB: nothing sounds, so nothing changes) is not `static`: it is `silence`.
-    measures["level_spread_db"] = spread if spread is not None else 0.0
+    measures["level_spread_db"] = spread if spread is not None else 0.0  # 0 dB: nothing sounds, so nothing changes
 
     values = {name: measures[FLAG_MEASURES[name]] for name in FLAGS}
-    if spread is None:  # too little sound to judge: not static (silence says it)
+    if spread is None:  # too little sound to judge is not `static`: it is `silence`
         values["static"] = math.inf
     flags = tuple(
         name

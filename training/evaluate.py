@@ -816,9 +816,9 @@ def generate_for_check(
 ) -> torch.Tensor:
     """`[B, C, T]` CPU float audio from `prompts` (and `melody_wavs`: each one's `self_wav` audio, see
     `generate_audio`) with predict's sampler, seeded (torch's and Python's `random`, from which demucs' shifts and a
-    style excerpt's start are drawn); the caller's RNG states kept."""
-    restore_for_generation(model.lm)
-    with torch.random.fork_rng(devices=[]):
+    style excerpt's start are drawn); the caller's RNG states kept, and a melody model's conditioners set back to
+    how the call found them (before training, during it, or at export)."""
+    with melody_generation(model.lm), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = random.getstate()
         random.seed(seed)
@@ -953,9 +953,10 @@ class SampleConditions:
     excerpt_s: float | None = None
 
     def setup(self, lm: tp.Any) -> tp.ContextManager:
-        """`lm`'s conditioners as predict has them for the block, and back to the training's set-up after."""
+        """A style model's conditioners as predict has them for the block, and back to the training's set-up after
+        (a melody model's: `generate_for_check` sets them so and back itself)."""
         if self.kind == "melody":
-            return melody_generation(lm)
+            return contextlib.nullcontext()
         return style_generation(lm, float(self.excerpt_s or STYLE_EXCERPT_S), STYLE_EVAL_Q)
 
     def summary(self) -> dict[str, tp.Any]:
