@@ -254,8 +254,8 @@ def verdicts(finetune: dict[str, tp.Any]) -> list[tuple[str, str, str]]:
 
 def _closer(validation: dict, audio: dict, clap: dict) -> tuple[str, str]:
     """Yes / No / Not clearly, from the validation loss (at least `CLOSER_MIN` lower) and the samples' distances to
-    the held-out clips; samples the base model's cannot be told from take the yes back (the loss fell, the music did
-    not change)."""
+    the held-out clips; samples the base model's cannot be told from turn a yes into "Not clearly" (the loss fell,
+    the music did not change)."""
     base, best = validation.get("base_loss"), validation.get("best_loss")
     kind, text = _verdict(validation, f" (counted closer from {100 * CLOSER_MIN:.0f} % lower)")
     if base is None or best is None:
@@ -288,7 +288,7 @@ def _closer(validation: dict, audio: dict, clap: dict) -> tuple[str, str]:
     elif audio:
         text += f" CLAP distance skipped: {clap.get('distance_skipped') or 'not computed'}."
     if answer == "Yes" and (audio.get("health") or {}).get("indistinguishable"):
-        kind = "warn"
+        kind, answer = "warn", "Not clearly"
         text += (
             " But the fine-tune's samples cannot be told from the base model's (Healthy audio?): the lower loss is "
             "not audible yet."

@@ -229,9 +229,10 @@ def test_healthy_audio_says_each_flag_in_words_with_its_measure_and_threshold():
     )
     assert "step 0 (the base model): a DC offset (prompt 1); step 10: a loop (prompt 2)" in text
     assert "dc" not in text.replace("DC", "")  # no bare flag name
-    # the fine-tune's gain in loss is not audible: the closer answer says so
+    # the fine-tune's gain in loss is not audible: the closer answer takes its yes back and says why
     kind, text = answers["Closer to your music?"]
-    assert kind == "warn" and "cannot be told from the base model's" in text
+    assert kind == "warn" and text.startswith("Not clearly: ") and "cannot be told from the base model's" in text
+    assert _answers(_finetune())["Closer to your music?"][1].startswith("Yes: ")
     # healthy samples: each threshold with its unit
     health = _health([[], []], [calm, calm], [0.2, 0.3], False)
     audio = {**_finetune()["validation"]["audio"], "health": health}
