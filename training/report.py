@@ -609,7 +609,7 @@ def headline(validation: dict | None, exported_step: int | None) -> str:
             f"(exported), last {_num(forgetting.get('final_loss'))}"
         )
     flags = validation.get("flags") or []
-    line += f"; flags: {', '.join(flags)}" if flags else "; no flags"
+    line += f"; flags: {', '.join(flags)}" if flags else "; no loss flags"  # loss flags: the samples' own come next
     samples = validation.get("sample_flags")
     if samples is not None:  # the health of the fine-tuned samples (measured when sample_duration > 0)
         line += f"; sample flags: {', '.join(samples)}" if samples else "; samples healthy"

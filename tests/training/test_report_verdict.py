@@ -18,6 +18,7 @@ from training.report import (
     CLOSER_MIN,
     PROMPT_GAIN_KEPT,
     comparison_rows,
+    headline,
     render_html,
     summary_lines,
     verdicts,
@@ -239,6 +240,15 @@ def test_healthy_audio_says_each_flag_in_words_with_its_measure_and_threshold():
     kind, text = _answers(_finetune(audio=audio))["Healthy audio?"]
     assert kind == "" and text.startswith("Yes: none of the 2 fine-tuned samples has silence, clipping, a DC offset")
     assert "a DC offset 2 % of full scale" in text and "base/fine-tuned correlation 0.9" in text
+
+
+def test_the_result_line_says_which_flags_it_means():
+    """The log's last line holds two kinds of flags: the loss's (validation, forgetting) and the samples' health.
+    "no flags" before "sample flags: dc" read as a contradiction; each part names its kind."""
+    validation = {"base_loss": 5.0, "best_loss": 4.0, "final_loss": 4.1, "flags": [], "sample_flags": ["dc (2 of 2)"]}
+    assert headline(validation, 10).endswith("last 4.1000; no loss flags; sample flags: dc (2 of 2)")
+    validation.update(flags=["validation up"], sample_flags=[])
+    assert headline(validation, 10).endswith("; flags: validation up; samples healthy")
 
 
 def test_clap_s_how_to_is_said_once():
