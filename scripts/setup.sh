@@ -44,22 +44,22 @@ ln -sfn "$venv" .venv
 # Debian packages some tests use, installed where this is Debian and we are root: headless Chromium (a test
 # renders the training report in a real browser) and singularity-music, real music (a game's soundtrack, 51 MB)
 # on which the sample-health flags and the tempo's octave decision are checked (those tests skip without it).
-missing=()
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-[ -d /usr/share/games/singularity/music ] || missing+=(singularity-music)
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq || echo "warning: apt-get update failed; trying the package lists there are" >&2
-    for package in "${missing[@]}"; do  # one at a time: one that cannot be had does not keep the other out
-      echo "Installing $package (Debian) for the tests"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null || \
-        echo "warning: could not install $package" >&2
-    done
-  else
-    echo "warning: not installed: ${missing[*]} (e.g. apt-get install ${missing[*]})" >&2
-  fi
-  command -v chromium >/dev/null 2>&1 || echo "warning: no chromium: the report's browser test will fail" >&2
-  [ -d /usr/share/games/singularity/music ] || \
-    echo "warning: no singularity-music: the tests on real music will skip" >&2
+missing_packages() {
+  command -v chromium >/dev/null 2>&1 || echo chromium
+  [ -d /usr/share/games/singularity/music ] || echo singularity-music
+}
+missing=($(missing_packages))
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq || echo "warning: apt-get update failed; trying the package lists there are" >&2
+  for package in "${missing[@]}"; do  # one at a time: one that cannot be had does not keep the other out
+    echo "Installing $package (Debian) for the tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null || true
+  done
 fi
+for package in $(missing_packages); do
+  case $package in
+    chromium) echo "warning: no chromium: the report's browser test will fail (apt-get install chromium)" >&2 ;;
+    *) echo "warning: no $package: the tests on real music will skip (apt-get install $package)" >&2 ;;
+  esac
+done
 echo "Ready: .venv -> $venv"
